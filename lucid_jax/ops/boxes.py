@@ -1,0 +1,205 @@
+"""Box arithmetic for one image: area, IoU, the R-CNN box coder, clipping, size masks.
+
+Boxes are ``[..., 4]`` arrays in pixel ``xyxy`` with continuous coordinates and no
+"+1" in widths, the convention of torchvision (``torchvision/ops/boxes.py``) and
+detectron2. The box coder is the parameterisation of R-CNN (Girshick et al., 2014,
+appendix C) as used by Faster R-CNN (Ren et al., 2015, eq. 2), with the per-coordinate
+weights and the dw/dh clamp of torchvision's ``BoxCoder`` and detectron2's
+``Box2BoxTransform``.
+
+Every function is pure, static-shape and safe under ``jit``, ``vmap`` and ``grad``.
+Argument checks are plain Python on shapes and dtypes, so bad input fails at trace
+time, before anything runs.
+"""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+# Largest log-scale change allowed when decoding: a box may grow at most 1000/16
+# times per side, which keeps exp() finite for wild early-training deltas.
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+def _check_boxes(fn: str, name: str, boxes, rank: int | None = None) -> None:
+    shape = np.shape(boxes)
+    expected = "[N, 4]" if rank == 2 else "[..., 4]"
+    if (rank is not None and len(shape) != rank) or len(shape) < 1 or shape[-1] != 4:
+        raise ValueError(f"{fn}: {name} must have shape {expected}, got {tuple(shape)}")
+    if not jnp.issubdtype(jnp.result_type(boxes), jnp.floating):
+        raise TypeError(f"{fn}: {name} must be a floating-point array, got dtype {jnp.result_type(boxes)}")
+
+
+def _check_weights(fn: str, weights) -> tuple[float, float, float, float]:
+    if len(weights) != 4:
+        raise ValueError(f"{fn}: weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}")
+    return tuple(float(w) for w in weights)
+
+
+def box_area(boxes):
+    """Area of each box.
+
+    Args:
+      boxes: [..., 4] xyxy.
+
+    Returns:
+      [...] ``(x2 - x1) * (y2 - y1)``; negative for inverted boxes, as torchvision.
+    """
+    _check_boxes("box_area", "boxes", boxes)
+    return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
+
+
+def box_iou(boxes1, boxes2):
+    """Pairwise intersection over union.
+
+    Args:
+      boxes1: [N, 4] xyxy.
+      boxes2: [M, 4] xyxy.
+
+    Returns:
+      [N, M] IoU. Where the union is not positive (two degenerate boxes) the IoU is 0,
+      where torchvision would give NaN; the gradient stays finite there too.
+    """
+    _check_boxes("box_iou", "boxes1", boxes1, rank=2)
+    _check_boxes("box_iou", "boxes2", boxes2, rank=2)
+    area1 = box_area(boxes1)  # [N]
+    area2 = box_area(boxes2)  # [M]
+    lt = jnp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # [N, M, 2]
+    rb = jnp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])  # [N, M, 2]
+    wh = jnp.maximum(rb - lt, 0)  # [N, M, 2]
+    inter = wh[..., 0] * wh[..., 1]  # [N, M]
+    union = area1[:, None] + area2[None, :] - inter  # [N, M]
+    positive = union > 0
+    # Divide by a safe value so that neither the value nor its gradient is NaN.
+    return jnp.where(positive, inter / jnp.where(positive, union, 1), 0)
+
+
+def encode_boxes(reference_boxes, proposals, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Regression targets that turn ``proposals`` into ``reference_boxes``.
+
+    Same arithmetic as torchvision's ``BoxCoder.encode_single``.
+
+    Args:
+      reference_boxes: [..., 4] xyxy, the targets (e.g. matched ground truth).
+      proposals: [..., 4] xyxy, the boxes the deltas are relative to; same shape.
+      weights: (wx, wy, ww, wh) multiplying (dx, dy, dw, dh).
+
+    Returns:
+      [..., 4] deltas (dx, dy, dw, dh).
+    """
+    _check_boxes("encode_boxes", "reference_boxes", reference_boxes)
+    _check_boxes("encode_boxes", "proposals", proposals)
+    if np.shape(reference_boxes) != np.shape(proposals):
+        raise ValueError(
+            "encode_boxes: reference_boxes and proposals must have the same shape [..., 4], "
+            f"got {tuple(np.shape(reference_boxes))} and {tuple(np.shape(proposals))}"
+        )
+    wx, wy, ww, wh = _check_weights("encode_boxes", weights)
+    ex_w = proposals[..., 2] - proposals[..., 0]  # [...]
+    ex_h = proposals[..., 3] - proposals[..., 1]
+    ex_cx = proposals[..., 0] + 0.5 * ex_w
+    ex_cy = proposals[..., 1] + 0.5 * ex_h
+    gt_w = reference_boxes[..., 2] - reference_boxes[..., 0]
+    gt_h = reference_boxes[..., 3] - reference_boxes[..., 1]
+    gt_cx = reference_boxes[..., 0] + 0.5 * gt_w
+    gt_cy = reference_boxes[..., 1] + 0.5 * gt_h
+    dx = wx * (gt_cx - ex_cx) / ex_w
+    dy = wy * (gt_cy - ex_cy) / ex_h
+    dw = ww * jnp.log(gt_w / ex_w)
+    dh = wh * jnp.log(gt_h / ex_h)
+    return jnp.stack([dx, dy, dw, dh], axis=-1)  # [..., 4]
+
+
+def decode_boxes(deltas, boxes, weights=(1.0, 1.0, 1.0, 1.0), clamp=BBOX_XFORM_CLIP):
+    """Apply regression deltas to boxes; the inverse of :func:`encode_boxes`.
+
+    Same arithmetic as torchvision's ``BoxCoder.decode_single``. Runs in float32
+    whatever the input dtype, because bfloat16 box arithmetic loses whole pixels.
+
+    Args:
+      deltas: [..., 4] (dx, dy, dw, dh), any float dtype.
+      boxes: [..., 4] xyxy, broadcastable against ``deltas``.
+      weights: (wx, wy, ww, wh) dividing (dx, dy, dw, dh).
+      clamp: upper bound on dw and dh after dividing by the weights.
+
+    Returns:
+      [..., 4] float32 xyxy.
+    """
+    _check_boxes("decode_boxes", "deltas", deltas)
+    _check_boxes("decode_boxes", "boxes", boxes)
+    try:
+        np.broadcast_shapes(np.shape(deltas), np.shape(boxes))
+    except ValueError:
+        raise ValueError(
+            "decode_boxes: deltas [..., 4] and boxes [..., 4] must broadcast, "
+            f"got {tuple(np.shape(deltas))} and {tuple(np.shape(boxes))}"
+        ) from None
+    wx, wy, ww, wh = _check_weights("decode_boxes", weights)
+    deltas = jnp.asarray(deltas, jnp.float32)
+    boxes = jnp.asarray(boxes, jnp.float32)
+    widths = boxes[..., 2] - boxes[..., 0]  # [...]
+    heights = boxes[..., 3] - boxes[..., 1]
+    ctr_x = boxes[..., 0] + 0.5 * widths
+    ctr_y = boxes[..., 1] + 0.5 * heights
+    dx = deltas[..., 0] / wx
+    dy = deltas[..., 1] / wy
+    dw = jnp.minimum(deltas[..., 2] / ww, clamp)
+    dh = jnp.minimum(deltas[..., 3] / wh, clamp)
+    pred_cx = dx * widths + ctr_x
+    pred_cy = dy * heights + ctr_y
+    half_w = 0.5 * (jnp.exp(dw) * widths)
+    half_h = 0.5 * (jnp.exp(dh) * heights)
+    return jnp.stack(
+        [pred_cx - half_w, pred_cy - half_h, pred_cx + half_w, pred_cy + half_h], axis=-1
+    )  # [..., 4]
+
+
+def clip_boxes(boxes, image_size):
+    """Clamp boxes to the image: x into [0, width], y into [0, height].
+
+    Args:
+      boxes: [..., 4] xyxy.
+      image_size: (height, width) as Python numbers, 0-d arrays or one [2] array;
+        arrays may be traced, so per-image sizes work under ``vmap``.
+
+    Returns:
+      [..., 4] clipped boxes, same dtype as ``boxes``.
+    """
+    _check_boxes("clip_boxes", "boxes", boxes)
+    if isinstance(image_size, (tuple, list)):
+        if len(image_size) != 2 or any(np.ndim(s) != 0 for s in image_size):
+            raise ValueError(f"clip_boxes: image_size must be (height, width), got {image_size!r}")
+        height, width = image_size
+    elif np.shape(image_size) == (2,):
+        height, width = image_size[0], image_size[1]
+    else:
+        raise ValueError(
+            f"clip_boxes: image_size must be (height, width) or an array of shape [2], "
+            f"got shape {tuple(np.shape(image_size))}"
+        )
+    dtype = boxes.dtype
+    height = jnp.asarray(height, dtype)
+    width = jnp.asarray(width, dtype)
+    x = jnp.clip(boxes[..., 0::2], 0, width)  # [..., 2]
+    y = jnp.clip(boxes[..., 1::2], 0, height)  # [..., 2]
+    return jnp.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], axis=-1)
+
+
+def min_size_mask(boxes, min_size):
+    """Which boxes are at least ``min_size`` wide and high.
+
+    The rule of torchvision's ``remove_small_boxes``, returned as a mask so that the
+    shape stays static.
+
+    Args:
+      boxes: [..., 4] xyxy.
+      min_size: minimum width and height in pixels.
+
+    Returns:
+      [...] bool.
+    """
+    _check_boxes("min_size_mask", "boxes", boxes)
+    widths = boxes[..., 2] - boxes[..., 0]
+    heights = boxes[..., 3] - boxes[..., 1]
+    return (widths >= min_size) & (heights >= min_size)
