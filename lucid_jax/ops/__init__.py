@@ -13,8 +13,10 @@ from lucid_jax.ops.boxes import (
     encode_boxes,
     min_size_mask,
 )
+from lucid_jax.ops.matching import MatchLabel, match_boxes
 from lucid_jax.ops.nms import batched_nms, nms
 from lucid_jax.ops.roi_align import fpn_level_of_boxes, multiscale_roi_align, roi_align
+from lucid_jax.ops.sampling import sample_balanced, sample_balanced_indices
 
 __all__ = [
     "BBOX_XFORM_CLIP",
@@ -29,4 +31,8 @@ __all__ = [
     "roi_align",
     "multiscale_roi_align",
     "fpn_level_of_boxes",
+    "MatchLabel",
+    "match_boxes",
+    "sample_balanced",
+    "sample_balanced_indices",
 ]
