@@ -7,7 +7,7 @@ and TPU, and its variables convert to and from Lucid's state-dict names.
 import jax
 import numpy as np
 
-from lucid_jax import ops
+from lucid_jax import models, ops, state_dict
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,4 @@ def count_params(params) -> int:
     return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["count_params", "ops", "__version__"]
+__all__ = ["count_params", "models", "ops", "state_dict", "__version__"]

@@ -1,0 +1,30 @@
+"""Models: ResNet classifiers and Faster R-CNN detectors, by name or by builder."""
+
+from lucid_jax.models.faster_rcnn import FasterRCNN
+from lucid_jax.models.fpn import FPN, ResNetFPN
+from lucid_jax.models.registry import (
+    TORCHVISION_FASTER_RCNN,
+    build_resnet_fpn_faster_rcnn,
+    faster_rcnn_resnet_50_fpn,
+    faster_rcnn_resnet_101_fpn,
+    get_model,
+    list_models,
+    resnet_50,
+    resnet_101,
+)
+from lucid_jax.models.resnet import ResNet
+
+__all__ = [
+    "FasterRCNN",
+    "FPN",
+    "ResNet",
+    "ResNetFPN",
+    "TORCHVISION_FASTER_RCNN",
+    "build_resnet_fpn_faster_rcnn",
+    "faster_rcnn_resnet_50_fpn",
+    "faster_rcnn_resnet_101_fpn",
+    "get_model",
+    "list_models",
+    "resnet_50",
+    "resnet_101",
+]

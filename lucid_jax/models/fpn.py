@@ -1,0 +1,84 @@
+"""Feature Pyramid Network (Lin et al., "Feature Pyramid Networks for Object
+Detection", CVPR 2017) on a ResNet, as Lucid's ``backbone`` module.
+
+Lateral 1x1 convs bring C2..C5 to a common width, a top-down path adds the 2x
+nearest-neighbour upsampled coarser map, and a 3x3 conv smooths each sum into
+P2..P5. Optionally a P6 is taken from P5 by a stride-2 subsample, as torchvision's
+``LastLevelMaxPool`` does for its RPN.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lucid_jax.models.resnet import ResNet
+
+
+def upsample_nearest_2x(x: jax.Array) -> jax.Array:
+    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2."""
+    b, h, w, c = x.shape
+    x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+    return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class FPN(nn.Module):
+    """Top-down pyramid: ``lateral_convs.i`` (1x1) and ``output_convs.i`` (3x3).
+
+    Attributes:
+      out_channels: width of every pyramid level (256).
+      extra_p6: also return P6 = P5[::2, ::2] (torchvision's extra RPN level).
+      dtype: computation dtype.
+    """
+
+    out_channels: int = 256
+    extra_p6: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: list[jax.Array]) -> list[jax.Array]:
+        """C2..C5 -> P2..P5 (and P6).
+
+        Args:
+          features: [c2 [B, H/4, W/4, C2], ..., c5 [B, H/32, W/32, C5]].
+
+        Returns:
+          [p2 [B, H/4, W/4, out], ..., p5 [B, H/32, W/32, out]] (+ p6 [B, H/64, W/64, out]).
+        """
+        n = len(features)
+        laterals = [
+            nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name=f"lateral_convs.{i}")(f)
+            for i, f in enumerate(features)
+        ]
+        merged = [None] * n
+        merged[-1] = laterals[-1]
+        for i in range(n - 2, -1, -1):
+            merged[i] = laterals[i] + upsample_nearest_2x(merged[i + 1])
+        outputs = [
+            nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"output_convs.{i}")(m)
+            for i, m in enumerate(merged)
+        ]
+        if self.extra_p6:
+            outputs.append(outputs[-1][:, ::2, ::2, :])  # max-pool with a 1x1 window, stride 2
+        return outputs
+
+
+class ResNetFPN(nn.Module):
+    """Lucid's detector backbone: ``net`` (a ResNet classifier) and ``fpn``.
+
+    ``net`` is a dataclass field, so ``model.backbone.net`` is reachable on the
+    unbound module, as Lucid's Training Notes use it.
+    """
+
+    net: ResNet
+    out_channels: int = 256
+    extra_p6: bool = False
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.fpn = FPN(self.out_channels, self.extra_p6, dtype=self.dtype)
+
+    def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+        """x: [B, H, W, 3] NHWC -> [P2, P3, P4, P5(, P6)], each [B, H/s, W/s, out]."""
+        return self.fpn(self.net.features(x, train))

@@ -1,0 +1,94 @@
+"""Trace-time validation of the detector's inputs.
+
+Every check here looks only at shapes and dtypes, so it runs once while tracing and
+costs nothing inside a compiled function.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_images(images, multiple: int = 32) -> jax.Array:
+    """Validate ``[B, 3, H, W]`` float images and return them as NHWC.
+
+    Args:
+      images: [B, 3, H, W] float array (Lucid's layout).
+      multiple: H and W must be divisible by this (32 for the FPN's five strides).
+
+    Returns:
+      [B, H, W, 3] array, same dtype.
+
+    Raises:
+      TypeError: images are not a floating-point array.
+      ValueError: wrong rank, channels not in dimension 1, or H/W not multiples.
+    """
+    shape = tuple(np.shape(images))
+    dtype = getattr(images, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"images must be a floating-point array of shape [B, 3, H, W], got dtype {dtype}; "
+            "convert with images.astype(np.float32) (and normalise) first"
+        )
+    if len(shape) != 4:
+        raise ValueError(f"images must have shape [B, 3, H, W], got {shape}")
+    if shape[1] != 3:
+        if shape[-1] == 3:
+            raise ValueError(
+                f"images must have shape [B, 3, H, W] (channels first, Lucid's layout), got {shape}, "
+                "which looks like NHWC; pass images.transpose(0, 3, 1, 2)"
+            )
+        raise ValueError(f"images must have 3 channels in dimension 1, [B, 3, H, W], got {shape}")
+    h, w = shape[2], shape[3]
+    if h % multiple or w % multiple:
+        raise ValueError(
+            f"images height and width must be multiples of {multiple}, got {h}x{w} in shape {shape}; "
+            "pad them (bottom/right) to a multiple and pass the true sizes as image_sizes"
+        )
+    return jnp.transpose(jnp.asarray(images), (0, 2, 3, 1))
+
+
+def check_image_sizes(image_sizes, batch: int, height: int, width: int) -> jax.Array:
+    """Validate ``image_sizes`` and default it to the padded size.
+
+    Args:
+      image_sizes: None or [B, 2] (height, width) of each image before padding.
+      batch, height, width: the padded batch's shape.
+
+    Returns:
+      [B, 2] float32 (height, width).
+    """
+    if image_sizes is None:
+        return jnp.broadcast_to(jnp.asarray([height, width], jnp.float32), (batch, 2))
+    shape = tuple(np.shape(image_sizes))
+    if shape != (batch, 2):
+        raise ValueError(f"image_sizes must have shape [B, 2] = ({batch}, 2) as (height, width), got {shape}")
+    return jnp.asarray(image_sizes, jnp.float32)
+
+
+def check_targets(targets, images) -> int:
+    """Validate the shapes and dtypes of padded targets against the images.
+
+    Args:
+      targets: {"boxes": [B, M, 4] float, "labels": [B, M] int, "valid": [B, M] bool}.
+      images: [B, 3, H, W].
+
+    Returns:
+      B.
+    """
+    if not isinstance(targets, dict) or not {"boxes", "labels", "valid"} <= set(targets):
+        got = sorted(targets) if isinstance(targets, dict) else type(targets).__name__
+        raise ValueError(f'targets must be a dict with "boxes" [B, M, 4], "labels" [B, M] and "valid" [B, M], got {got}')
+    b = np.shape(images)[0]
+    boxes, labels, valid = (np.shape(targets[k]) for k in ("boxes", "labels", "valid"))
+    if len(boxes) != 3 or boxes[-1] != 4 or boxes[0] != b:
+        raise ValueError(f'targets["boxes"] must have shape [B, M, 4] with B = {b} images, got {boxes}')
+    m = boxes[1]
+    for name, shape in (("labels", labels), ("valid", valid)):
+        if shape != (b, m):
+            raise ValueError(f'targets["{name}"] must have shape [B, M] = ({b}, {m}) like targets["boxes"], got {shape}')
+    if not jnp.issubdtype(jnp.result_type(targets["boxes"]), jnp.floating):
+        raise TypeError(f'targets["boxes"] must be floating point, got {jnp.result_type(targets["boxes"])}')
+    if not jnp.issubdtype(jnp.result_type(targets["labels"]), jnp.integer):
+        raise TypeError(f'targets["labels"] must be integers, got {jnp.result_type(targets["labels"])}')
+    return b

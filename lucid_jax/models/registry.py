@@ -1,0 +1,114 @@
+"""Model registry: names to keyword builders, as Lucid's ``@register_model``."""
+
+from typing import Any, Callable, Sequence
+
+import jax.numpy as jnp
+
+from lucid_jax.models.faster_rcnn import FasterRCNN
+from lucid_jax.models.fpn import ResNetFPN
+from lucid_jax.models.resnet import ResNet
+
+_REGISTRY: dict[str, Callable[..., Any]] = {}
+
+# Keyword arguments that make a model reproduce torchvision's
+# ``FasterRCNN(resnet_fpn_backbone(...))`` on identical weights: 3 anchors per
+# location, a P6 level for the RPN, rounded anchors, RoIAlign with aligned=False,
+# torchvision's proposal counts, frozen BN and no dropout in the box head.
+TORCHVISION_FASTER_RCNN = dict(
+    anchor_sizes=((32,), (64,), (128,), (256,), (512,)),
+    aspect_ratios=(0.5, 1.0, 2.0),
+    round_anchors=True,
+    extra_p6=True,
+    rpn_pre_nms_top_n=(2000, 1000),
+    rpn_post_nms_top_n=(2000, 1000),
+    roi_aligned=False,
+    dropout_rate=0.0,
+    norm_mode="frozen",
+)
+
+
+def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add a builder to the registry under its function name."""
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_model(name: str, **kwargs) -> Any:
+    """Build a registered model by name.
+
+    Raises:
+      KeyError: the name is unknown; the message lists the known names.
+    """
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _REGISTRY[name](**kwargs)
+
+
+def build_resnet_fpn_faster_rcnn(
+    stage_sizes: Sequence[int],
+    num_classes: int = 21,
+    backbone_num_classes: int = 1000,
+    *,
+    widths: Sequence[int] = (64, 128, 256, 512),
+    stem_width: int = 64,
+    fpn_channels: int = 256,
+    extra_p6: bool = False,
+    norm_mode: str = "batch",
+    bn_axis_name: str | None = None,
+    dtype: Any = jnp.float32,
+    **kwargs,
+) -> FasterRCNN:
+    """A Faster R-CNN on any bottleneck ResNet depth (``stage_sizes``).
+
+    Backbone keywords are listed; every other keyword goes to ``FasterRCNN``.
+    """
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (background + at least one class), got {num_classes!r}")
+    net = ResNet(
+        stage_sizes=tuple(stage_sizes),
+        num_classes=backbone_num_classes,
+        widths=tuple(widths),
+        stem_width=stem_width,
+        norm_mode=norm_mode,
+        bn_axis_name=bn_axis_name,
+        dtype=dtype,
+    )
+    backbone = ResNetFPN(net=net, out_channels=fpn_channels, extra_p6=extra_p6, dtype=dtype)
+    return FasterRCNN(backbone=backbone, num_classes=num_classes, dtype=dtype, **kwargs)
+
+
+@register_model
+def resnet_50(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-50 classifier (25,557,032 parameters at 1000 classes)."""
+    return ResNet(stage_sizes=(3, 4, 6, 3), num_classes=num_classes, **kwargs)
+
+
+@register_model
+def resnet_101(num_classes: int = 1000, **kwargs) -> ResNet:
+    """ResNet-101 classifier (44,549,160 parameters at 1000 classes)."""
+    return ResNet(stage_sizes=(3, 4, 23, 3), num_classes=num_classes, **kwargs)
+
+
+@register_model
+def faster_rcnn_resnet_50_fpn(num_classes: int = 21, backbone_num_classes: int = 1000, **kwargs) -> FasterRCNN:
+    """Faster R-CNN with a ResNet-50 FPN backbone."""
+    return build_resnet_fpn_faster_rcnn((3, 4, 6, 3), num_classes, backbone_num_classes, **kwargs)
+
+
+@register_model
+def faster_rcnn_resnet_101_fpn(num_classes: int = 21, backbone_num_classes: int = 1000, **kwargs) -> FasterRCNN:
+    """Faster R-CNN with a ResNet-101 FPN backbone: Lucid's model, 62,498,494 parameters.
+
+    Args:
+      num_classes: object classes, background included (21 for PASCAL VOC).
+      backbone_num_classes: outputs of the backbone classifier ``backbone.net.fc``;
+        must match the classifier whose weights you load.
+      **kwargs: backbone keywords (``norm_mode``, ``dtype``, ``extra_p6``, ...)
+        and every ``FasterRCNN`` hyperparameter.
+    """
+    return build_resnet_fpn_faster_rcnn((3, 4, 23, 3), num_classes, backbone_num_classes, **kwargs)

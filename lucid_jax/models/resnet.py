@@ -1,0 +1,207 @@
+"""ResNet classifiers (He et al., "Deep Residual Learning", CVPR 2016).
+
+The bottleneck puts its stride on the 3x3 conv (the "v1.5" variant used by Lucid
+and torchvision). Every layer is named as in Lucid's state dict, so that
+``stem.0``, ``layer3.22.conv2.conv``, ``layer1.0.conv3.1``, ``layer2.0.downsample.0``
+and ``fc`` are pytree paths here too.
+
+Images come in Lucid's layout, ``[B, 3, H, W]``; inside, activations are NHWC, the
+layout XLA's convolutions prefer on every backend.
+"""
+
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lucid_jax.models.inputs import check_images
+
+NORM_MODES = ("batch", "frozen")
+
+# torchvision's and Lucid's ResNet init: He-normal on fan_out for convs.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class ConvNorm(nn.Module):
+    """A bias-free conv, BatchNorm and optional ReLU; ``child_names`` are Lucid's.
+
+    Lucid names this pair ``conv``/``bn`` in ``conv1``/``conv2`` and ``0``/``1`` in
+    ``stem``, ``conv3`` and ``downsample``.
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    relu: bool = True
+    child_names: tuple[str, str] = ("conv", "bn")
+    zero_init_scale: bool = False
+    norm_mode: str = "batch"
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: [B, H, W, C_in] -> [B, H / stride, W / stride, features]."""
+        pad = self.kernel_size // 2
+        x = nn.Conv(
+            self.features,
+            (self.kernel_size, self.kernel_size),
+            strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)),
+            use_bias=False,
+            dtype=self.dtype,
+            kernel_init=_conv_init,
+            name=self.child_names[0],
+        )(x)
+        # Frozen BN normalises with the stored statistics and never updates them,
+        # in training too (torchvision's FrozenBatchNorm2d, for fine-tuning).
+        use_running_average = (not train) or self.norm_mode == "frozen"
+        x = nn.BatchNorm(
+            use_running_average=use_running_average,
+            momentum=0.9,  # torch's momentum=0.1 in flax's convention
+            epsilon=1e-5,
+            dtype=self.dtype,
+            axis_name=None if use_running_average else self.bn_axis_name,
+            scale_init=nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones,
+            name=self.child_names[1],
+        )(x)
+        return nn.relu(x) if self.relu else x
+
+
+class Bottleneck(nn.Module):
+    """1x1 -> 3x3 (strided) -> 1x1 with a projection shortcut where shapes change."""
+
+    width: int
+    stride: int = 1
+    project: bool = False
+    norm_mode: str = "batch"
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """x: [B, H, W, C_in] -> [B, H / stride, W / stride, 4 * width]."""
+        conv = partial(ConvNorm, norm_mode=self.norm_mode, bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+        out_ch = self.width * self.expansion
+        y = conv(self.width, 1, name="conv1")(x, train)
+        y = conv(self.width, 3, self.stride, name="conv2")(y, train)
+        # The residual branch starts as zero (Goyal et al., 2017, section 5.1), so
+        # an untrained network is a chain of identities and its activations stay
+        # bounded even with the inference-mode BN of a fresh model.
+        y = conv(out_ch, 1, relu=False, child_names=("0", "1"), zero_init_scale=True, name="conv3")(y, train)
+        if self.project:
+            x = conv(out_ch, 1, self.stride, relu=False, child_names=("0", "1"), name="downsample")(x, train)
+        return nn.relu(x + y)
+
+
+class ResNetStage(nn.Module):
+    """``num_blocks`` bottlenecks named ``0``, ``1``, ...; the first one strides."""
+
+    num_blocks: int
+    width: int
+    stride: int
+    norm_mode: str = "batch"
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for i in range(self.num_blocks):
+            x = Bottleneck(
+                self.width,
+                stride=self.stride if i == 0 else 1,
+                project=i == 0,
+                norm_mode=self.norm_mode,
+                bn_axis_name=self.bn_axis_name,
+                dtype=self.dtype,
+                name=str(i),
+            )(x, train)
+        return x
+
+
+class ResNet(nn.Module):
+    """ResNet classifier with Lucid's layer names.
+
+    Attributes:
+      stage_sizes: bottlenecks per stage, (3, 4, 23, 3) for ResNet-101.
+      num_classes: outputs of the classifier ``fc``.
+      widths: bottleneck widths per stage; stage outputs are 4x these.
+      stem_width: channels of the 7x7 stem conv.
+      norm_mode: "batch" (trained BatchNorm) or "frozen" (fixed statistics).
+      bn_axis_name: a pmap/shard_map axis over which BN averages batch statistics.
+      dtype: computation dtype (parameters stay float32).
+    """
+
+    stage_sizes: Sequence[int] = (3, 4, 23, 3)
+    num_classes: int = 1000
+    widths: Sequence[int] = (64, 128, 256, 512)
+    stem_width: int = 64
+    norm_mode: str = "batch"
+    bn_axis_name: str | None = None
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        if self.norm_mode not in NORM_MODES:
+            raise ValueError(f"norm_mode must be one of {NORM_MODES}, got {self.norm_mode!r}")
+        if len(self.stage_sizes) != 4 or len(self.widths) != 4:
+            raise ValueError(
+                f"stage_sizes and widths must have 4 entries (layer1..layer4), "
+                f"got {tuple(self.stage_sizes)} and {tuple(self.widths)}"
+            )
+        common = dict(norm_mode=self.norm_mode, bn_axis_name=self.bn_axis_name, dtype=self.dtype)
+        self.stem = ConvNorm(self.stem_width, 7, 2, child_names=("0", "1"), **common)
+        self.layer1 = ResNetStage(self.stage_sizes[0], self.widths[0], 1, **common)
+        self.layer2 = ResNetStage(self.stage_sizes[1], self.widths[1], 2, **common)
+        self.layer3 = ResNetStage(self.stage_sizes[2], self.widths[2], 2, **common)
+        self.layer4 = ResNetStage(self.stage_sizes[3], self.widths[3], 2, **common)
+        self.fc = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
+
+    @property
+    def out_channels(self) -> tuple[int, ...]:
+        """Channels of C2..C5."""
+        return tuple(w * Bottleneck.expansion for w in self.widths)
+
+    def features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
+        """The feature hierarchy C2..C5 (strides 4, 8, 16, 32).
+
+        Args:
+          x: [B, H, W, 3] NHWC images.
+          train: use batch statistics and update them.
+
+        Returns:
+          [c2 [B, H/4, W/4, 4*w1], c3 [.., H/8 ..], c4 [.., H/16 ..], c5 [.., H/32 ..]].
+        """
+        x = self.stem(x, train)
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        c2 = self.layer1(x, train)
+        c3 = self.layer2(c2, train)
+        c4 = self.layer3(c3, train)
+        c5 = self.layer4(c4, train)
+        if self.is_initializing():
+            # The detector never calls the classifier, but it is part of the
+            # backbone (Lucid keeps and trains it), so create its parameters.
+            self.fc(jnp.zeros((1, c5.shape[-1]), self.dtype))
+        return [c2, c3, c4, c5]
+
+    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+        """Classify images.
+
+        Args:
+          images: [B, 3, H, W] float images (Lucid's layout).
+          train: use batch statistics and update them.
+
+        Returns:
+          logits [B, num_classes] (float32).
+        """
+        x = check_images(images, multiple=1)
+        c5 = self.features(x.astype(self.dtype), train)[-1]
+        pooled = jnp.mean(c5, axis=(1, 2))  # [B, 4*w4]
+        return self.fc(pooled).astype(jnp.float32)
+
+
+ResNet50 = partial(ResNet, stage_sizes=(3, 4, 6, 3))
+ResNet101 = partial(ResNet, stage_sizes=(3, 4, 23, 3))

@@ -1,0 +1,169 @@
+"""Region Proposal Network (Ren et al., "Faster R-CNN", NeurIPS 2015, section 3.1)
+shared across FPN levels (Lin et al., 2017, section 4.1).
+
+One head (a 3x3 conv, then 1x1 objectness and box-delta convs) runs on every
+level. Proposals are chosen with static shapes: top-k per level, decode, clip, a
+small-box mask, then NMS batched over levels, padded to ``post_nms_top_n``.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lucid_jax import ops
+from lucid_jax.models.anchors import cell_anchors, grid_anchors
+
+
+class RPNHead(nn.Module):
+    """``conv`` (3x3 + ReLU), ``cls_logits`` (1x1, A) and ``bbox_pred`` (1x1, 4A)."""
+
+    num_anchors: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Per level: [B, H, W, C] -> objectness [B, H*W*A], deltas [B, H*W*A, 4]."""
+        init = nn.initializers.normal(0.01)  # Faster R-CNN's RPN init
+        conv = nn.Conv(features[0].shape[-1], (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, dtype=self.dtype, name="conv")
+        cls = nn.Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="cls_logits")
+        box = nn.Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="bbox_pred")
+        objectness, deltas = [], []
+        for f in features:
+            b = f.shape[0]
+            t = nn.relu(conv(f))
+            objectness.append(cls(t).reshape(b, -1).astype(jnp.float32))  # [B, H*W*A]
+            deltas.append(box(t).reshape(b, -1, 4).astype(jnp.float32))  # [B, H*W*A, 4]
+        return objectness, deltas
+
+
+def select_proposals(
+    objectness: Sequence[jax.Array],
+    deltas: Sequence[jax.Array],
+    anchors: Sequence[jax.Array],
+    image_size: jax.Array,
+    *,
+    pre_nms_top_n: int,
+    post_nms_top_n: int,
+    nms_thresh: float,
+    min_size: float,
+    score_thresh: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Turn one image's RPN outputs into a fixed number of proposals.
+
+    Args:
+      objectness: per level, [N_l] logits.
+      deltas: per level, [N_l, 4] box deltas (weights 1).
+      anchors: per level, [N_l, 4] xyxy.
+      image_size: [2] (height, width) to clip to.
+      pre_nms_top_n: boxes kept per level before NMS.
+      post_nms_top_n: proposals returned.
+      nms_thresh: IoU threshold of the per-level NMS.
+      min_size: boxes narrower or shorter than this are dropped.
+      score_thresh: proposals whose probability is below this are dropped.
+
+    Returns:
+      boxes [P, 4], probabilities [P] (0 where invalid), valid [P] bool, with
+      P = post_nms_top_n, sorted by decreasing probability.
+    """
+    boxes, logits, levels = [], [], []
+    for level, (o, d, a) in enumerate(zip(objectness, deltas, anchors)):
+        k = min(pre_nms_top_n, o.shape[0])
+        top, idx = jax.lax.top_k(o, k)  # [k], [k]
+        boxes.append(ops.decode_boxes(d[idx], a[idx]))  # [k, 4]
+        logits.append(top)
+        levels.append(jnp.full((k,), level, jnp.int32))
+    boxes = ops.clip_boxes(jnp.concatenate(boxes), image_size)  # [K, 4]
+    scores = jax.nn.sigmoid(jnp.concatenate(logits))  # [K]
+    levels = jnp.concatenate(levels)  # [K]
+    valid = ops.min_size_mask(boxes, min_size) & (scores >= score_thresh) & jnp.isfinite(scores)
+    keep, keep_valid = ops.batched_nms(boxes, scores, levels, nms_thresh, post_nms_top_n, valid=valid)
+    return (
+        jnp.where(keep_valid[:, None], boxes[keep], 0.0),
+        jnp.where(keep_valid, scores[keep], 0.0),
+        keep_valid,
+    )
+
+
+class RPN(nn.Module):
+    """Lucid's ``rpn``: the shared ``head`` plus anchor generation and proposals.
+
+    Attributes:
+      anchor_sizes: per level, the anchor sizes in pixels.
+      aspect_ratios: anchor height / width ratios, shared by all levels.
+      round_anchors: round cell anchors to integers (torchvision does).
+      strides: per level, the feature stride in pixels.
+      pre_nms_top_n: (train, test) boxes kept per level before NMS.
+      post_nms_top_n: (train, test) proposals kept after NMS.
+      nms_thresh, min_size, score_thresh: see ``select_proposals``.
+    """
+
+    anchor_sizes: Sequence[Sequence[float]]
+    aspect_ratios: Sequence[float]
+    round_anchors: bool
+    strides: Sequence[int]
+    pre_nms_top_n: tuple[int, int]
+    post_nms_top_n: tuple[int, int]
+    nms_thresh: float
+    min_size: float
+    score_thresh: float
+    dtype: Any = jnp.float32
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per location (the same on every level)."""
+        return len(self.anchor_sizes[0]) * len(self.aspect_ratios)
+
+    def cell_anchors(self) -> list:
+        """Per level, [A, 4] anchors centred on the origin."""
+        return [cell_anchors(s, self.aspect_ratios, self.round_anchors) for s in self.anchor_sizes]
+
+    def setup(self):
+        counts = {len(s) for s in self.anchor_sizes}
+        if len(counts) != 1:
+            raise ValueError(f"every level needs the same number of anchor sizes, got {self.anchor_sizes}")
+        self.head = RPNHead(self.num_anchors, dtype=self.dtype)
+
+    def __call__(self, features: Sequence[jax.Array], image_sizes: jax.Array, train: bool = False) -> dict:
+        """Run the head on every level and select proposals.
+
+        Args:
+          features: per level, [B, H_l, W_l, C] (P2.. in order).
+          image_sizes: [B, 2] (height, width) of the unpadded images.
+          train: use the training proposal counts.
+
+        Returns:
+          dict with "proposals" [B, P, 4], "proposal_scores" [B, P],
+          "proposal_valid" [B, P], and for the losses "objectness" [B, N],
+          "deltas" [B, N, 4], "anchors" [N, 4], N = sum_l H_l * W_l * A.
+        """
+        if len(features) != len(self.anchor_sizes):
+            raise ValueError(
+                f"the RPN has anchor sizes for {len(self.anchor_sizes)} levels but got {len(features)} feature maps"
+            )
+        objectness, deltas = self.head(features)
+        anchors = [
+            grid_anchors(base, f.shape[1], f.shape[2], stride)
+            for base, f, stride in zip(self.cell_anchors(), features, self.strides)
+        ]
+        select = lambda o, d, size: select_proposals(  # noqa: E731
+            jax.lax.stop_gradient(o),
+            jax.lax.stop_gradient(d),
+            anchors,
+            size,
+            pre_nms_top_n=self.pre_nms_top_n[0 if train else 1],
+            post_nms_top_n=self.post_nms_top_n[0 if train else 1],
+            nms_thresh=self.nms_thresh,
+            min_size=self.min_size,
+            score_thresh=self.score_thresh,
+        )
+        proposals, scores, valid = jax.vmap(select)(objectness, deltas, image_sizes)
+        return {
+            "proposals": proposals,
+            "proposal_scores": scores,
+            "proposal_valid": valid,
+            "objectness": jnp.concatenate(objectness, axis=1),
+            "deltas": jnp.concatenate(deltas, axis=1),
+            "anchors": jnp.concatenate(anchors, axis=0),
+        }

@@ -1,0 +1,292 @@
+"""Flat, Lucid-named state dicts for flax variables, and torchvision imports.
+
+Module paths are Lucid's names already, so the conversion is a flat key map:
+the pytree path joined with dots, the leaf renamed, and one explicit list of
+transposes (flax keeps conv kernels HWIO and dense kernels (in, out); Lucid and
+torch keep OIHW and (out, in)).
+
+    params/...conv/kernel  [kh, kw, in, out] <-> ...conv.weight  [out, in, kh, kw]
+    params/...fc/kernel    [in, out]         <-> ...fc.weight    [out, in]
+    params/...bn/scale                       <-> ...bn.weight
+    params/.../bias                          <-> ....bias
+    batch_stats/...bn/mean, var              <-> ...bn.running_mean, running_var
+
+A detector's dict also carries Lucid's buffers (``bbox_reg_means``,
+``bbox_reg_stds``, ``anchor_generator.base_anchors``,
+``rpn.anchor_generator.base_anchors``) and Lucid's second copy of the stem under
+``backbone.stem``. They are written so Lucid can load our dicts; on load they are
+checked for shape only, since here they follow from the model's configuration.
+"""
+
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+_LEAF_NAMES = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+# flax layout -> torch layout, by rank; the inverse permutation goes back.
+_TRANSPOSES = {4: (3, 2, 0, 1), 2: (1, 0)}
+_INVERSE = {4: (2, 3, 1, 0), 2: (1, 0)}
+_IGNORED_SUFFIXES = (".num_batches_tracked",)
+_STEM_ALIAS = ("backbone.stem.", "backbone.net.stem.")
+
+
+class StateDictError(ValueError):
+    """A state dict does not fit the model; the message lists every offending key."""
+
+
+def _entries(variables: Mapping) -> dict[str, tuple[tuple, Any]]:
+    """Lucid name -> ((collection, *path), flax leaf) for params and batch_stats."""
+    out = {}
+    for collection in ("params", "batch_stats"):
+        for path, leaf in flatten_dict(dict(variables.get(collection, {}))).items():
+            name = ".".join(path[:-1] + (_LEAF_NAMES[(collection, path[-1])],))
+            out[name] = ((collection,) + path, leaf)
+    return out
+
+
+def _is_detector(variables: Mapping) -> bool:
+    params = variables.get("params", {})
+    return "backbone" in params and "rpn" in params
+
+
+def _buffers(model=None) -> dict[str, np.ndarray]:
+    """Lucid's derived buffers for a detector (default configuration if no model)."""
+    from lucid_jax.models.anchors import cell_anchors, octave_sizes
+
+    sizes = getattr(model, "anchor_sizes", octave_sizes((32, 64, 128, 256)))
+    ratios = getattr(model, "aspect_ratios", (0.5, 1.0, 2.0))
+    rounded = getattr(model, "round_anchors", False)
+    stds = getattr(model, "bbox_reg_stds", (0.1, 0.1, 0.2, 0.2))
+    anchors = cell_anchors(sizes[0], ratios, rounded)
+    return {
+        "bbox_reg_means": np.zeros(4, np.float32),
+        "bbox_reg_stds": np.asarray(stds, np.float32),
+        "anchor_generator.base_anchors": anchors,
+        "rpn.anchor_generator.base_anchors": anchors.copy(),
+    }
+
+
+def to_state_dict(variables: Mapping, *, model=None) -> dict[str, np.ndarray]:
+    """Flat ``{lucid_name: np.ndarray}`` in Lucid's (torch) layouts.
+
+    Args:
+      variables: ``{"params": ..., "batch_stats": ...}`` of a detector, a ResNet
+        or any module built from this package.
+      model: the detector, to write its own buffers (anchors, stds); defaults
+        to the default configuration's.
+
+    Returns:
+      A new dict of float32 numpy arrays, e.g. ``"backbone.net.stem.0.weight"``
+      of shape (64, 3, 7, 7).
+    """
+    flat = {}
+    for name, (_, leaf) in _entries(variables).items():
+        arr = np.asarray(leaf)
+        flat[name] = np.ascontiguousarray(arr.transpose(_TRANSPOSES[arr.ndim]) if arr.ndim in _TRANSPOSES else arr)
+    if _is_detector(variables):
+        for name in [k for k in flat if k.startswith(_STEM_ALIAS[1])]:
+            flat[_STEM_ALIAS[0] + name[len(_STEM_ALIAS[1]) :]] = flat[name].copy()
+        flat.update(_buffers(model))
+    return flat
+
+
+def _fmt(keys, limit=20) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def from_state_dict(variables: Mapping, flat: Mapping[str, Any], strict: bool = True, *, model=None) -> dict:
+    """Load a flat Lucid-named state dict into a copy of ``variables``.
+
+    Args:
+      variables: template ``{"params", "batch_stats"}`` giving names, shapes, dtypes.
+      flat: ``{name: array}`` (numpy, torch tensors via ``np.asarray``, ...).
+      strict: fail on missing or unexpected keys (shape mismatches always fail).
+      model: the detector, to check its buffers' shapes against.
+
+    Returns:
+      New variables with every given entry replaced.
+
+    Raises:
+      StateDictError: lists missing, unexpected and mis-shaped keys by name,
+        with both shapes for the latter.
+    """
+    entries = _entries(variables)
+    buffers = _buffers(model) if _is_detector(variables) else {}
+    given = {k: v for k, v in flat.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if buffers:
+        for alias in [k for k in given if k.startswith(_STEM_ALIAS[0])]:
+            canonical = _STEM_ALIAS[1] + alias[len(_STEM_ALIAS[0]) :]
+            value = given.pop(alias)
+            given.setdefault(canonical, value)
+    new_leaves, missing, mismatched = {}, [], []
+    for name, (path, leaf) in entries.items():
+        if name not in given:
+            missing.append(name)
+            continue
+        arr = np.asarray(given[name])
+        expected = np.shape(leaf)
+        torch_shape = tuple(expected[i] for i in _TRANSPOSES[len(expected)]) if len(expected) in _TRANSPOSES else expected
+        if arr.shape != torch_shape:
+            mismatched.append(f"{name}: state dict has shape {arr.shape}, model expects {torch_shape}{_hint(name)}")
+            continue
+        if arr.ndim in _INVERSE:
+            arr = arr.transpose(_INVERSE[arr.ndim])
+        new_leaves[path] = np.asarray(arr, dtype=np.asarray(leaf).dtype)
+    for name, value in buffers.items():
+        if name in given and np.shape(given[name]) != value.shape:
+            mismatched.append(f"{name}: state dict has shape {np.shape(given[name])}, model expects {value.shape}")
+    unexpected = [k for k in given if k not in entries and k not in buffers]
+    problems = []
+    if mismatched:
+        problems.append("mis-shaped keys:\n  " + "\n  ".join(mismatched))
+    if strict and missing:
+        problems.append(f"missing keys ({len(missing)}): {_fmt(missing)}")
+    if strict and unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_fmt(unexpected)}")
+    if problems:
+        raise StateDictError("state dict does not fit the model; " + "\n".join(problems))
+    out = {}
+    for collection in variables:
+        tree = flatten_dict(dict(variables[collection]))
+        for path in tree:
+            if (collection,) + path in new_leaves:
+                tree[path] = new_leaves[(collection,) + path]
+        out[collection] = unflatten_dict(tree)
+    return out
+
+
+def _hint(name: str) -> str:
+    if name.endswith(("fc.weight", "fc.bias")):
+        return " (the backbone's fc must match backbone_num_classes of the classifier the weights came from)"
+    if name.startswith(("cls_score", "bbox_pred")):
+        return " (num_classes differs)"
+    return ""
+
+
+def backbone_state_dict(variables: Mapping) -> dict[str, np.ndarray]:
+    """The state dict of ``model.backbone.net`` (names like ``layer1.0.conv1.conv.weight``)."""
+    return to_state_dict(backbone_variables(variables))
+
+
+def backbone_variables(variables: Mapping) -> dict:
+    """The variables of ``model.backbone.net``, a subtree of the detector's."""
+    return {c: variables[c]["backbone"]["net"] for c in variables if "backbone" in variables[c]}
+
+
+def load_backbone(variables: Mapping, flat: Mapping[str, Any], strict: bool = True) -> dict:
+    """Load a ResNet classifier state dict into a detector's ``backbone.net``."""
+    net = from_state_dict(backbone_variables(variables), flat, strict=strict)
+    out = {c: dict(variables[c]) for c in variables}
+    for c in net:
+        out[c]["backbone"] = {**variables[c]["backbone"], "net": net[c]}
+    return out
+
+
+# --- torchvision names -------------------------------------------------------
+
+_TV_RESNET_RULES = [
+    (r"^conv1\.", "stem.0."),
+    (r"^bn1\.", "stem.1."),
+    (r"^(layer\d+\.\d+)\.conv([12])\.", r"\1.conv\2.conv."),
+    (r"^(layer\d+\.\d+)\.bn([12])\.", r"\1.conv\2.bn."),
+    (r"^(layer\d+\.\d+)\.conv3\.", r"\1.conv3.0."),
+    (r"^(layer\d+\.\d+)\.bn3\.", r"\1.conv3.1."),
+]
+_TV_DETECTOR_RULES = [
+    (r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.", r"backbone.fpn.lateral_convs.\1."),
+    (r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.", r"backbone.fpn.output_convs.\1."),
+    (r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv."),
+    (r"^roi_heads\.box_head\.fc6\.", "fc1."),
+    (r"^roi_heads\.box_head\.fc7\.", "fc2."),
+    (r"^roi_heads\.box_predictor\.", ""),
+]
+
+
+def _rename(name: str, rules) -> str:
+    for pattern, repl in rules:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def from_torchvision_resnet(tv_state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Rename a torchvision ResNet-50/101 state dict to Lucid's classifier names."""
+    return {
+        _rename(k, _TV_RESNET_RULES): np.asarray(v)
+        for k, v in tv_state_dict.items()
+        if not k.endswith(_IGNORED_SUFFIXES)
+    }
+
+
+def from_torchvision_faster_rcnn(tv_state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Rename torchvision ``FasterRCNN`` (ResNet FPN backbone) keys to Lucid's.
+
+    The result loads with ``from_state_dict(..., strict=False)`` into a model built
+    with ``TORCHVISION_FASTER_RCNN``; only ``backbone.net.fc`` is missing, since
+    torchvision's detector drops the classifier.
+    """
+    out = {}
+    for k, v in tv_state_dict.items():
+        if k.endswith(_IGNORED_SUFFIXES):
+            continue
+        if k.startswith("backbone.body."):
+            k = "backbone.net." + _rename(k[len("backbone.body.") :], _TV_RESNET_RULES)
+        out[_rename(k, _TV_DETECTOR_RULES)] = np.asarray(v)
+    return out
+
+
+# --- files ------------------------------------------------------------------
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a flat state dict from ``.safetensors``, ``.npz`` or ``.pth``/``.pt``.
+
+    ``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses
+    arbitrary pickled objects; ``.npz`` with ``allow_pickle=False``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"state dict file not found: {path}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(path))
+    if ext == ".npz":
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    if ext in (".pth", ".pt", ".bin"):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(f"reading {path} needs torch; convert it to .safetensors or .npz instead") from e
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(obj, Mapping):
+            raise StateDictError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
+    raise ValueError(f"unknown state dict format {ext!r} for {path}; use .safetensors, .npz or .pth")
+
+
+def save_state_dict_file(flat: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Write a flat state dict as ``.safetensors`` or ``.npz`` (by extension)."""
+    path = os.fspath(path)
+    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".safetensors":
+        from safetensors.numpy import save_file
+
+        save_file(arrays, path)
+    elif ext == ".npz":
+        np.savez(path, **arrays)
+    else:
+        raise ValueError(f"unknown state dict format {ext!r} for {path}; use .safetensors or .npz")

@@ -1,0 +1,213 @@
+"""Faster R-CNN on a tiny ResNet: predict against a float64 reference, invariants,
+compile-once, mixed precision, the Training Notes flow and bad input."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lucid_jax import state_dict
+from lucid_jax.models import faster_rcnn_resnet_101_fpn, get_model, list_models
+from tests.models.conftest import random_images, tiny_detector
+
+
+@pytest.fixture(scope="module")
+def forward(tiny):
+    model, _ = tiny
+    return jax.jit(lambda v, x, s: model.apply(v, x, s, method="forward_with_proposals"))
+
+
+@pytest.fixture(scope="module")
+def predict(tiny):
+    model, _ = tiny
+    return jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", score_thresh=0.0))
+
+
+def _sizes(batch):
+    return np.array([[128, 128], [96, 112]][:batch], np.float32)
+
+
+def _iou(a, b):
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    u = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / u if u > 0 else 0.0
+
+
+def _reference_postprocess(logits, deltas, proposals, valid, size, thresh, nms_thresh, k):
+    """Loop-based float64 post-processing of one image (softmax, decode, clip, NMS)."""
+    logits, deltas, proposals = (np.asarray(a, np.float64) for a in (logits, deltas, proposals))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    h, w = size
+    cands = []
+    for r in range(len(proposals)):
+        if not valid[r]:
+            continue
+        x1, y1, x2, y2 = proposals[r]
+        pw, ph = x2 - x1, y2 - y1
+        cx, cy = x1 + pw / 2, y1 + ph / 2
+        for c in range(1, logits.shape[1]):
+            dx, dy = deltas[r, c, 0] * 0.1, deltas[r, c, 1] * 0.1
+            dw = min(deltas[r, c, 2] * 0.2, math.log(1000 / 16))
+            dh = min(deltas[r, c, 3] * 0.2, math.log(1000 / 16))
+            ncx, ncy, nw, nh = cx + dx * pw, cy + dy * ph, pw * math.exp(dw), ph * math.exp(dh)
+            box = [min(max(ncx - nw / 2, 0), w), min(max(ncy - nh / 2, 0), h), min(max(ncx + nw / 2, 0), w), min(max(ncy + nh / 2, 0), h)]
+            if probs[r, c] > thresh and box[2] - box[0] >= 1e-2 and box[3] - box[1] >= 1e-2:
+                cands.append((probs[r, c], c, box))
+    cands.sort(key=lambda t: -t[0])
+    kept = []
+    for score, c, box in cands:
+        if all(kc != c or _iou(kb, box) <= nms_thresh for _, kc, kb in kept):
+            kept.append((score, c, box))
+    return kept[:k]
+
+
+def test_predict_matches_float64_reference(tiny, forward, predict):
+    model, variables = tiny
+    x, sizes = random_images(1, batch=2), _sizes(2)
+    raw = forward(variables, x, sizes)
+    dets = predict(variables, x, sizes)
+    for i in range(2):
+        ref = _reference_postprocess(
+            raw["cls_logits"][i], raw["class_deltas"][i], raw["proposals"][i], np.asarray(raw["proposal_valid"][i]),
+            sizes[i], 0.0, 0.5, 100,
+        )
+        n = int(dets["valid"][i].sum())
+        assert n == len(ref) and n > 0
+        np.testing.assert_allclose(np.asarray(dets["scores"][i, :n]), [s for s, _, _ in ref], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(dets["labels"][i, :n]), [c for _, c, _ in ref])
+        np.testing.assert_allclose(np.asarray(dets["boxes"][i, :n]), [b for _, _, b in ref], rtol=1e-4, atol=1e-3)
+        assert not np.asarray(dets["valid"][i, n:]).any()
+        assert (np.asarray(dets["scores"][i, n:]) == 0).all() and (np.asarray(dets["labels"][i, n:]) == 0).all()
+
+
+def test_forward_invariants(tiny, forward):
+    model, variables = tiny
+    x, sizes = random_images(2, batch=2), _sizes(2)
+    raw = forward(variables, x, sizes)
+    assert raw["cls_logits"].shape == (2, 300, 5) and raw["class_deltas"].shape == (2, 300, 5, 4)
+    for i in range(2):
+        valid = np.asarray(raw["proposal_valid"][i])
+        props = np.asarray(raw["proposals"][i])[valid]
+        h, w = sizes[i]
+        assert valid.sum() > 100
+        assert (props[:, [0, 2]] <= w).all() and (props[:, [1, 3]] <= h).all() and (props >= 0).all()
+        scores = np.asarray(raw["proposal_scores"][i])[valid]
+        assert (np.diff(scores) <= 0).all()
+    # the per-image result does not depend on the other images of the batch
+    single = forward(variables, x[1:], sizes[1:])
+    np.testing.assert_allclose(np.asarray(single["cls_logits"][0]), np.asarray(raw["cls_logits"][1]), rtol=1e-4, atol=1e-5)
+
+
+def test_compiles_once_per_shape(tiny):
+    model, variables = tiny
+    traces = []
+
+    @jax.jit
+    def fn(v, x):
+        traces.append(1)
+        return model.apply(v, x, method="predict")
+
+    for seed in range(3):
+        jax.block_until_ready(fn(variables, random_images(10 + seed)))
+    assert len(traces) == 1
+    assert fn._cache_size() == 1
+
+
+def test_bfloat16_computation_keeps_float32_params():
+    model = tiny_detector(dtype=jnp.bfloat16)
+    x = random_images(3)
+    variables = jax.jit(model.init)(jax.random.key(0), x)
+    assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(variables))
+    out = jax.jit(lambda v, x: model.apply(v, x, method="forward_with_proposals"))(variables, x)
+    assert out["cls_logits"].dtype == jnp.float32 and out["proposals"].dtype == jnp.float32
+    ref_model = tiny_detector()
+    ref = jax.jit(lambda v, x: ref_model.apply(v, x, method="forward_with_proposals"))(variables, x)
+    # the RPN's objectness agrees to bf16 precision
+    np.testing.assert_allclose(np.asarray(out["objectness"]), np.asarray(ref["objectness"]), atol=0.05, rtol=0.05)
+
+
+def test_training_notes_flow(tiny):
+    """Seed: take model.backbone.net, train it as a classifier, load its state dict back."""
+    model, variables = tiny
+    net = model.backbone.net
+    net_vars = state_dict.backbone_variables(variables)
+    x = random_images(4, batch=2, size=64)
+    labels = jnp.array([1, 7])
+
+    @jax.jit
+    def loss_fn(params):
+        logits, updates = net.apply({"params": params, "batch_stats": net_vars["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels]), updates
+
+    (loss0, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(net_vars["params"])
+    trained = {"params": jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, net_vars["params"], grads), **updates}
+    assert float(loss_fn(trained["params"])[0]) < float(loss0)
+    saved = state_dict.to_state_dict(trained)
+    assert saved["stem.0.weight"].shape == (8, 3, 7, 7) and "fc.weight" in saved
+    loaded = state_dict.load_backbone(variables, saved)
+    np.testing.assert_array_equal(
+        np.asarray(loaded["params"]["backbone"]["net"]["layer2"]["0"]["conv2"]["conv"]["kernel"]),
+        np.asarray(trained["params"]["layer2"]["0"]["conv2"]["conv"]["kernel"]),
+    )
+    np.testing.assert_array_equal(
+        np.asarray(loaded["batch_stats"]["backbone"]["net"]["stem"]["1"]["mean"]),
+        np.asarray(trained["batch_stats"]["stem"]["1"]["mean"]),
+    )
+    # the rest of the detector is untouched
+    np.testing.assert_array_equal(np.asarray(loaded["params"]["fc1"]["kernel"]), np.asarray(variables["params"]["fc1"]["kernel"]))
+    classify = jax.jit(net.apply)
+    logits = classify(state_dict.backbone_variables(loaded), x)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(classify(trained, x)), rtol=1e-6)
+
+
+def test_registry():
+    assert {"faster_rcnn_resnet_101_fpn", "faster_rcnn_resnet_50_fpn", "resnet_50", "resnet_101"} <= set(list_models())
+    with pytest.raises(KeyError, match="faster_rcnn_resnet_101_fpn"):
+        get_model("faster_rcnn_resnet_102_fpn")
+    assert get_model("faster_rcnn_resnet_101_fpn", num_classes=3).num_classes == 3
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, error, match",
+    [
+        ((1, 128, 128, 3), np.float32, ValueError, "looks like NHWC"),
+        ((1, 3, 100, 128), np.float32, ValueError, "multiples of 32"),
+        ((1, 4, 128, 128), np.float32, ValueError, "3 channels"),
+        ((3, 128, 128), np.float32, ValueError, r"\[B, 3, H, W\]"),
+        ((1, 3, 128, 128), np.uint8, TypeError, "floating-point"),
+    ],
+)
+def test_bad_images(tiny, shape, dtype, error, match):
+    model, variables = tiny
+    with pytest.raises(error, match=match):
+        model.apply(variables, np.zeros(shape, dtype))
+
+
+def test_bad_image_sizes(tiny):
+    model, variables = tiny
+    with pytest.raises(ValueError, match="image_sizes"):
+        model.apply(variables, random_images(0), np.zeros((1, 3), np.float32))
+
+
+@pytest.mark.parametrize("num_classes", [1, 0, -3])
+def test_num_classes_below_two(num_classes):
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+        faster_rcnn_resnet_101_fpn(num_classes=num_classes)
+
+
+def test_state_dict_of_another_architecture_is_refused(tiny):
+    model, variables = tiny
+    other = tiny_detector(num_classes=5, stem_width=16)
+    other_vars = jax.eval_shape(other.init, jax.random.key(0), random_images(0))
+    flat = state_dict.to_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), other_vars))
+    flat["extra.weight"] = np.zeros(3)
+    del flat["fc1.bias"]
+    with pytest.raises(state_dict.StateDictError) as err:
+        state_dict.from_state_dict(variables, flat)
+    msg = str(err.value)
+    assert "backbone.net.stem.0.weight: state dict has shape (16, 3, 7, 7), model expects (8, 3, 7, 7)" in msg
+    assert "missing keys (1): fc1.bias" in msg and "unexpected keys (1): extra.weight" in msg

@@ -1,0 +1,152 @@
+"""End-to-end parity with torchvision on identical (random) weights.
+
+(a) our ResNet-101 classifier against ``torchvision.models.resnet101``;
+(b) our detector, built with ``TORCHVISION_FASTER_RCNN``, against torchvision's
+    ``FasterRCNN`` on a ResNet FPN backbone: RPN proposals, RoI-head scores and the
+    final detections, on the same normalised image.
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from lucid_jax import state_dict
+from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn, resnet_101
+from tests.models.conftest import TV_REASON
+
+torch = pytest.importorskip("torch", reason=TV_REASON)
+torchvision = pytest.importorskip("torchvision", reason=TV_REASON)
+
+from torchvision.models.detection import FasterRCNN  # noqa: E402
+from torchvision.models.detection.backbone_utils import BackboneWithFPN  # noqa: E402
+from torchvision.models.detection.image_list import ImageList  # noqa: E402
+from torchvision.models.resnet import Bottleneck, ResNet  # noqa: E402
+from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
+
+
+def _randomise_bn(module, gen):
+    """Give every BN non-trivial statistics so the conversion of all four BN tensors is tested."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
+            c = m.weight.shape[0]
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
+            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+    # Damp each residual branch so a random ResNet-101's activations stay bounded
+    # (otherwise they grow ~2x per block and every proposal degenerates).
+    for m in module.modules():
+        if isinstance(m, Bottleneck):
+            m.bn3.weight.data.mul_(0.2)
+
+
+def test_resnet101_logits_match_torchvision():
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet101(weights=None).eval()
+    _randomise_bn(tv, torch.Generator().manual_seed(1))
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    with torch.no_grad():
+        expected = tv(torch.from_numpy(x)).numpy()
+    model = resnet_101()
+    template = jax.eval_shape(model.init, jax.random.key(0), x)
+    template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+    variables = state_dict.from_state_dict(template, state_dict.from_torchvision_resnet(tv.state_dict()))
+    got = np.asarray(jax.jit(model.apply)(variables, x))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def _torchvision_detector(layers, num_classes, seed):
+    torch.manual_seed(seed)
+    body = ResNet(Bottleneck, layers, norm_layer=FrozenBatchNorm2d)
+    _randomise_bn(body, torch.Generator().manual_seed(seed + 1))
+    backbone = BackboneWithFPN(
+        body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [256, 512, 1024, 2048], 256
+    )
+    tv = FasterRCNN(backbone, num_classes=num_classes).eval()
+    with torch.no_grad():
+        # Spread the RPN's and the classifier's outputs, so that scores are far
+        # apart compared with float rounding and rankings are unambiguous.
+        tv.rpn.head.cls_logits.weight.mul_(30.0)
+        tv.roi_heads.box_predictor.cls_score.weight.mul_(30.0)
+    return tv
+
+
+def _run_torchvision(tv, x):
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        images = ImageList(torch.from_numpy(x), [(h, w)])
+        features = tv.backbone(images.tensors)
+        proposals, _ = tv.rpn(images, features)
+        pooled = tv.roi_heads.box_roi_pool(features, proposals, images.image_sizes)
+        logits, regression = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
+        boxes, scores, labels = tv.roi_heads.postprocess_detections(logits, regression, proposals, images.image_sizes)
+    return proposals[0].numpy(), logits.numpy(), boxes[0].numpy(), scores[0].numpy(), labels[0].numpy()
+
+
+def _ours(tv, layers, num_classes, x):
+    model = build_resnet_fpn_faster_rcnn(layers, num_classes, 1000, **TORCHVISION_FASTER_RCNN)
+    template = jax.eval_shape(model.init, jax.random.key(0), x)
+    template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+    flat = state_dict.from_torchvision_faster_rcnn(tv.state_dict())
+    variables = state_dict.from_state_dict(template, flat, strict=False, model=model)
+    raw = jax.jit(lambda v, x: model.apply(v, x, method="forward_with_proposals"))(variables, x)
+    dets = jax.jit(lambda v, x: model.apply(v, x, method="predict"))(variables, x)
+    return raw, dets
+
+
+def _match(ours, theirs, scores, atol):
+    """Pair each of our boxes with torchvision's nearest one, one to one.
+
+    Float rounding may swap two entries whose scores are within 1e-5 of each
+    other; anything else is a mismatch.
+
+    Returns:
+      perm such that ours[i] corresponds to theirs[perm[i]].
+    """
+    n = len(ours)
+    perm = np.arange(n)
+    moved = np.nonzero(np.abs(ours - theirs).max(-1) > atol + 1e-5 * np.abs(theirs).max(-1))[0]
+    assert len(moved) <= max(2, n // 100), f"{len(moved)} of {n} entries differ"
+    for i in moved:
+        perm[i] = moved[np.abs(ours[i] - theirs[moved]).max(-1).argmin()]
+    assert len(set(perm[moved].tolist())) == len(moved), "two of our boxes match the same torchvision box"
+    np.testing.assert_allclose(ours, theirs[perm], rtol=1e-5, atol=atol)
+    np.testing.assert_allclose(scores[moved], scores[perm[moved]], atol=1e-5)
+    return perm
+
+
+def _check_parity(layers, num_classes, size, seed):
+    tv = _torchvision_detector(layers, num_classes, seed)
+    x = np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
+    tv_props, tv_logits, tv_boxes, tv_scores, tv_labels = _run_torchvision(tv, x)
+    raw, dets = _ours(tv, layers, num_classes, x)
+
+    # RPN proposals: the same boxes in the same order (up to near-ties)
+    valid = np.asarray(raw["proposal_valid"][0])
+    n = int(valid.sum())
+    assert n == len(tv_props) > 100 and valid[:n].all()
+    perm = _match(np.asarray(raw["proposals"][0, :n]), tv_props, np.asarray(raw["proposal_scores"][0, :n]), 2e-3)
+
+    # RoI-head class probabilities for every proposal
+    logits = np.asarray(raw["cls_logits"][0, :n])
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    tv_probs = torch.softmax(torch.from_numpy(tv_logits), -1).numpy()
+    np.testing.assert_allclose(probs, tv_probs[perm], atol=1e-4)
+
+    # final detections
+    k = int(np.asarray(dets["valid"][0]).sum())
+    assert k == len(tv_scores) and k > 10
+    scores = np.asarray(dets["scores"][0, :k])
+    perm = _match(np.asarray(dets["boxes"][0, :k]), tv_boxes, scores, 2e-3)
+    np.testing.assert_array_equal(np.asarray(dets["labels"][0, :k]), tv_labels[perm])
+    np.testing.assert_allclose(scores, tv_scores[perm], atol=1e-4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_faster_rcnn_small_depth_matches_torchvision(seed):
+    _check_parity((1, 1, 1, 1), num_classes=4, size=160, seed=seed)
+
+
+def test_faster_rcnn_resnet101_matches_torchvision():
+    _check_parity((3, 4, 23, 3), num_classes=6, size=192, seed=5)
