@@ -1,0 +1,230 @@
+"""Fixed-shape batches and a seeded, resumable, prefetching loader.
+
+Every batch has the same shapes, ``images [B, 3, S, S]`` and targets padded to
+``max_boxes`` with a ``valid`` mask, so a jit-compiled step compiles once (the static
+shape rule of DESIGN.md; torchvision instead batches lists of varying size). A short
+final batch is padded with empty rows flagged by ``image_valid`` rather than dropped
+or shrunk, which would change the shape.
+
+The loader is a pure function of ``(seed, step)``: step s reads epoch
+``s // steps_per_epoch`` of a per-epoch permutation, and each example's random
+transform (the flip) is seeded by ``(seed, epoch, index)``. So resuming at step k
+gives exactly the batches a fresh run gives after k steps, and the number of
+prefetch threads changes nothing but speed. Host sharding (``num_shards``,
+``shard_index``; e.g. ``jax.process_count()`` and ``jax.process_index()``) splits
+every epoch's permutation the same way on every host.
+"""
+
+import collections
+import functools
+import itertools
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from lucid_jax.data.dataset import Dataset
+from lucid_jax.data.transforms import preprocess, round_up
+
+# The arrays the train step needs; the rest of a batch ("ids", "difficult", ...) is for evaluation.
+TRAIN_KEYS = ("images", "boxes", "labels", "valid", "image_sizes")
+
+
+def largest_boxes(boxes: np.ndarray, max_boxes: int) -> np.ndarray:
+    """Indices of the ``max_boxes`` largest boxes by area, in their original order.
+
+    Args:
+      boxes: [M, 4] xyxy.
+
+    Returns:
+      [min(M, max_boxes)] int indices, increasing. Ties keep the earlier box.
+    """
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return np.sort(np.argsort(-area, kind="stable")[:max_boxes])
+
+
+def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = None) -> dict:
+    """Stack preprocessed examples into one fixed-shape batch.
+
+    Args:
+      examples: outputs of :func:`lucid_jax.data.transforms.preprocess` (image
+        [3, H, W] float32, boxes [M, 4], labels [M], difficult [M], image_size [2],
+        optional scale [2], id), all with the same image shape.
+      max_boxes: M of the padded targets; an example with more objects keeps its
+        ``max_boxes`` largest, with a warning.
+      batch_size: pad to this many rows with empty, ``image_valid=False`` examples.
+
+    Returns:
+      {"images": [B, 3, H, W] float32, "boxes": [B, M, 4] float32, "labels": [B, M]
+      int32 (0 where padded), "valid": [B, M] bool, "difficult": [B, M] bool,
+      "image_sizes": [B, 2] float32 (h, w), "scales": [B, 2] float32 (sy, sx),
+      "image_valid": [B] bool, "ids": list of B ids (None for padding rows)}.
+    """
+    if not examples:
+        raise ValueError("collate: no examples")
+    b = len(examples) if batch_size is None else batch_size
+    if len(examples) > b:
+        raise ValueError(f"collate: {len(examples)} examples do not fit a batch of {b}")
+    shape = examples[0]["image"].shape
+    if len(shape) != 3 or shape[0] != 3:
+        raise ValueError(f"collate: images must be [3, H, W] (use transforms.preprocess), got {shape}")
+    batch = {
+        "images": np.zeros((b, *shape), np.float32),
+        "boxes": np.zeros((b, max_boxes, 4), np.float32),
+        "labels": np.zeros((b, max_boxes), np.int32),
+        "valid": np.zeros((b, max_boxes), bool),
+        "difficult": np.zeros((b, max_boxes), bool),
+        "image_sizes": np.tile(np.array(shape[1:], np.float32), (b, 1)),  # padding rows: the whole canvas
+        "scales": np.ones((b, 2), np.float32),
+        "image_valid": np.zeros(b, bool),
+        "ids": [None] * b,
+    }
+    for i, ex in enumerate(examples):
+        if ex["image"].shape != shape:
+            raise ValueError(
+                f"collate: example {ex.get('id')!r} has image shape {ex['image'].shape}, expected {shape}; "
+                "preprocess every example onto the same canvas"
+            )
+        boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
+        keep = np.arange(len(boxes))
+        if len(boxes) > max_boxes:
+            warnings.warn(
+                f"example {ex.get('id')!r} has {len(boxes)} objects; keeping the {max_boxes} largest "
+                "(raise max_boxes to keep them all)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            keep = largest_boxes(boxes, max_boxes)
+        m = len(keep)
+        batch["images"][i] = ex["image"]
+        batch["boxes"][i, :m] = boxes[keep]
+        batch["labels"][i, :m] = np.asarray(ex["labels"])[keep]
+        batch["valid"][i, :m] = True
+        if "difficult" in ex:
+            batch["difficult"][i, :m] = np.asarray(ex["difficult"], bool)[keep]
+        batch["image_sizes"][i] = ex.get("image_size", shape[1:])
+        batch["scales"][i] = ex.get("scale", (1.0, 1.0))
+        batch["image_valid"][i] = True
+        batch["ids"][i] = ex.get("id")
+    return batch
+
+
+def model_inputs(batch: dict, keys: Sequence[str] = TRAIN_KEYS) -> dict:
+    """The array entries a jitted step takes (``ids`` is a Python list, not a JAX type)."""
+    return {k: batch[k] for k in keys}
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """[n] dataset indices in the order epoch ``epoch`` reads them."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class Loader:
+    """Iterates over a dataset in fixed-shape batches, prefetching on a thread pool.
+
+    Args:
+      dataset: a :class:`lucid_jax.data.Dataset`.
+      batch_size: rows per batch (per host when sharded).
+      transform: ``(example, rng) -> preprocessed example``; default
+        :func:`preprocess` with no resize onto a canvas rounded up to 32 (fine when all
+        images share one size, as the shapes dataset's do).
+      max_boxes: targets per image (see :func:`collate`).
+      shuffle: a new seeded permutation every epoch.
+      seed: seeds the permutations and the per-example transform rngs.
+      drop_remainder: drop the examples that do not fill a last batch; otherwise the
+        last batch is padded with ``image_valid=False`` rows (use for evaluation).
+      num_workers: threads decoding and transforming; 0 loads in the calling thread.
+      prefetch: batches submitted ahead of the one being consumed.
+      num_shards, shard_index: this host's share of every epoch.
+
+    ``for batch in loader`` is an endless stream from step 0; use :meth:`epoch` or
+    ``iterate(start_step, num_steps)`` for a finite one.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, transform: Callable | None = None, max_boxes: int = 100,
+                 shuffle: bool = False, seed: int = 0, drop_remainder: bool = True, num_workers: int = 4,
+                 prefetch: int = 2, num_shards: int = 1, shard_index: int = 0):
+        if batch_size < 1 or max_boxes < 1 or num_workers < 0 or prefetch < 1:
+            raise ValueError(f"need batch_size, max_boxes, prefetch >= 1 and num_workers >= 0, got "
+                             f"{batch_size}, {max_boxes}, {prefetch}, {num_workers}")
+        if not 0 <= shard_index < num_shards:
+            raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
+        self.dataset, self.batch_size, self.max_boxes = dataset, batch_size, max_boxes
+        self.transform = transform or _default_transform
+        self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
+        self.num_workers, self.prefetch = num_workers, prefetch
+        self.num_shards, self.shard_index = num_shards, shard_index
+        n = len(dataset)
+        # Every shard reads the same number of examples, so hosts stay in lockstep.
+        self._per_shard = n // num_shards if drop_remainder else math.ceil(n / num_shards)
+        rounding = math.floor if drop_remainder else math.ceil
+        self.steps_per_epoch = rounding(self._per_shard / batch_size)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"a dataset of {n} examples gives no full batch of {batch_size} on {num_shards} shard(s); "
+                             "use a smaller batch or drop_remainder=False")
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def batch_indices(self, step: int) -> tuple[int, list[int]]:
+        """(epoch, dataset indices) of global step ``step``; fewer than batch_size only in a padded last batch."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = _epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
+        shard = order[self.shard_index :: self.num_shards][: self._per_shard]
+        return epoch, [int(i) for i in shard[pos * self.batch_size : (pos + 1) * self.batch_size]]
+
+    def _load(self, index: int, epoch: int) -> dict:
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return self.transform(self.dataset[index], rng)
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict]:
+        """Batches of global steps ``start_step, start_step + 1, ...``, across epochs.
+
+        Args:
+          start_step: first step (resume a run here; nothing before it is loaded).
+          num_steps: how many batches; None for an endless stream.
+
+        Yields:
+          :func:`collate` batches.
+        """
+        steps = itertools.count(start_step) if num_steps is None else iter(range(start_step, start_step + num_steps))
+        if self.num_workers == 0:
+            for step in steps:
+                epoch, indices = self.batch_indices(step)
+                yield collate([self._load(i, epoch) for i in indices], self.max_boxes, self.batch_size)
+            return
+        pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="lucid_jax-loader")
+        pending = collections.deque()  # bounded: at most prefetch + 1 batches in flight
+
+        def submit() -> None:
+            step = next(steps, None)
+            if step is not None:
+                epoch, indices = self.batch_indices(step)
+                pending.append([pool.submit(self._load, i, epoch) for i in indices])
+
+        try:
+            for _ in range(self.prefetch):
+                submit()
+            while pending:
+                futures = pending.popleft()
+                submit()
+                yield collate([f.result() for f in futures], self.max_boxes, self.batch_size)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def epoch(self, epoch: int = 0) -> Iterator[dict]:
+        """The batches of one epoch (e.g. one evaluation pass)."""
+        return self.iterate(epoch * self.steps_per_epoch, self.steps_per_epoch)
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.iterate()
+
+
+def _default_transform(example: dict, rng: np.random.Generator) -> dict:
+    h, w = example["image"].shape[:2]
+    return preprocess(example, rng, canvas=(round_up(h), round_up(w)))

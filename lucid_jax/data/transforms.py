@@ -1,0 +1,201 @@
+"""Host-side image transforms that move boxes with the pixels, and the fixed-canvas preprocess.
+
+The recipe is the one of torchvision's ``GeneralizedRCNNTransform`` and detectron2's
+``ResizeShortestEdge``: resize (by the longer side, or by the shorter side with a cap
+on the longer), random horizontal flip, ImageNet normalisation, then bottom/right
+padding. Unlike those, the padding goes to one fixed canvas, a multiple of 32, so
+every batch has the same shape and the jit-compiled step never recompiles; the real
+content size travels along as ``image_size``.
+
+Images are ``[H, W, 3]`` (uint8, or float in [0, 1]) until the last step, which
+returns the model's channels-first ``[3, H, W]`` float32. Boxes are ``[M, 4]`` xyxy
+in continuous pixels, so a pixel-exact transform of the image is an affine map of
+the boxes: no "+1" anywhere.
+"""
+
+import math
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIZE_DIVISIBILITY = 32  # the FPN's coarsest stride
+
+
+def round_up(n: int | float, multiple: int = SIZE_DIVISIBILITY) -> int:
+    """Smallest multiple of ``multiple`` that is >= n."""
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def resized_shape(height: int, width: int, *, longer_side=None, shorter_side=None, max_size=None) -> tuple[int, int]:
+    """Target (height, width) that keeps the aspect ratio.
+
+    Args:
+      height, width: the input size.
+      longer_side: make the longer side this long; or
+      shorter_side: make the shorter side this long, then shrink further so the longer
+        side is at most ``max_size`` (if given).
+
+    Returns:
+      (new_height, new_width), each rounded to the nearest integer and at least 1.
+    """
+    if (longer_side is None) == (shorter_side is None):
+        raise ValueError(f"give exactly one of longer_side and shorter_side, got {longer_side}, {shorter_side}")
+    if longer_side is not None:
+        scale = longer_side / max(height, width)
+    else:
+        scale = shorter_side / min(height, width)
+        if max_size is not None:
+            scale = min(scale, max_size / max(height, width))
+    return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
+
+
+def resize(image: np.ndarray, boxes: np.ndarray, size: tuple[int, int]):
+    """Bilinear resize of the image, with the boxes scaled per axis to match.
+
+    Args:
+      image: [H, W, 3] uint8 or float.
+      boxes: [M, 4] xyxy.
+      size: (new_height, new_width).
+
+    Returns:
+      (image [new_h, new_w, 3] same dtype, boxes [M, 4] float32).
+    """
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    nh, nw = size
+    if (nh, nw) == (h, w):
+        return image, np.asarray(boxes, np.float32)
+    if image.dtype == np.uint8:
+        out = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    else:  # Pillow resizes float data one 32-bit channel ("F" mode) at a time
+        chans = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)) for c in range(image.shape[2])]
+        out = np.stack([np.asarray(c.resize((nw, nh), Image.BILINEAR)) for c in chans], axis=-1).astype(image.dtype)
+    scale = np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
+    return out, np.asarray(boxes, np.float32) * scale
+
+
+def hflip(image: np.ndarray, boxes: np.ndarray):
+    """Mirror left-right: column c goes to W - 1 - c, so x goes to W - x.
+
+    Args:
+      image: [H, W, C].
+      boxes: [M, 4] xyxy.
+
+    Returns:
+      (image [H, W, C], boxes [M, 4] float32).
+    """
+    w = image.shape[1]
+    boxes = np.asarray(boxes, np.float32)
+    flipped = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+    return image[:, ::-1], flipped.reshape(-1, 4)
+
+
+def random_hflip(rng: np.random.Generator, image: np.ndarray, boxes: np.ndarray, prob: float = 0.5):
+    """:func:`hflip` with probability ``prob``.
+
+    Returns:
+      (image, boxes, flipped: bool).
+    """
+    if rng.random() < prob:
+        return (*hflip(image, boxes), True)
+    return image, np.asarray(boxes, np.float32), False
+
+
+def clip_boxes(boxes: np.ndarray, height: float, width: float) -> np.ndarray:
+    """Clamp [M, 4] xyxy boxes to the image ``[0, width] x [0, height]``."""
+    limits = np.array([width, height, width, height], np.float32)
+    return np.clip(np.asarray(boxes, np.float32), 0.0, limits)
+
+
+def normalize(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """Per-channel ``(x - mean) / std`` on [0, 1] RGB.
+
+    Args:
+      image: [H, W, 3] uint8 (divided by 255 first) or float already in [0, 1].
+
+    Returns:
+      [H, W, 3] float32.
+    """
+    x = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def pad_to(image: np.ndarray, canvas: tuple[int, int], value: float = 0.0) -> np.ndarray:
+    """Pad at the bottom and right onto a ``canvas`` (height, width), so boxes do not move.
+
+    Args:
+      image: [H, W, C] with H <= canvas height and W <= canvas width.
+      canvas: (height, width).
+      value: fill; 0 after :func:`normalize` is the mean colour.
+
+    Returns:
+      [canvas_h, canvas_w, C], same dtype.
+    """
+    h, w, c = image.shape
+    ch, cw = canvas
+    if h > ch or w > cw:
+        raise ValueError(f"image of size {(h, w)} does not fit the canvas {(ch, cw)}; resize it first")
+    out = np.full((ch, cw, c), value, image.dtype)
+    out[:h, :w] = image
+    return out
+
+
+def preprocess(example: dict, rng: np.random.Generator | None = None, *, canvas=None, longer_side=None,
+               shorter_side=None, max_size=None, flip_prob: float = 0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+    """Resize, flip, normalise and pad one example onto a fixed canvas.
+
+    Args:
+      example: a dataset example: image [H, W, 3] uint8, boxes [M, 4], labels [M],
+        optional difficult [M], id.
+      rng: draws the flip; required when ``flip_prob > 0``.
+      canvas: (height, width) or int (square), multiples of 32; by default the
+        smallest such square that holds any resized image (from ``longer_side`` or
+        ``max_size``).
+      longer_side / shorter_side, max_size: see :func:`resized_shape`; neither keeps
+        the input size.
+      flip_prob: probability of a horizontal flip (0 for evaluation).
+      mean, std: normalisation on [0, 1] RGB.
+
+    Returns:
+      {"image": [3, Hc, Wc] float32, "boxes": [M', 4] float32 (clipped; boxes left
+      with no area dropped), "labels": [M'] int32, "difficult": [M'] bool,
+      "image_size": [2] float32 (h, w) of the content, "scale": [2] float32 (sy, sx)
+      from the original image, "flipped": bool, "id"}.
+    """
+    image = example["image"]
+    h0, w0 = image.shape[:2]
+    boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
+    labels = np.asarray(example["labels"], np.int32)
+    difficult = np.asarray(example.get("difficult", np.zeros(len(labels), bool)), bool)
+    if longer_side is not None or shorter_side is not None:
+        image, boxes = resize(image, boxes, resized_shape(h0, w0, longer_side=longer_side, shorter_side=shorter_side, max_size=max_size))
+    flipped = False
+    if flip_prob > 0:
+        if rng is None:
+            raise ValueError("preprocess: flip_prob > 0 needs an rng")
+        image, boxes, flipped = random_hflip(rng, image, boxes, flip_prob)
+    h, w = image.shape[:2]
+    boxes = clip_boxes(boxes, h, w)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+
+    if canvas is None:
+        side = longer_side if longer_side is not None else max_size
+        if side is None:
+            raise ValueError("preprocess: give canvas, or longer_side / max_size to derive it")
+        canvas = round_up(side)
+    canvas = (int(canvas), int(canvas)) if np.isscalar(canvas) else tuple(int(c) for c in canvas)
+    if canvas[0] % SIZE_DIVISIBILITY or canvas[1] % SIZE_DIVISIBILITY:
+        raise ValueError(f"canvas must be multiples of {SIZE_DIVISIBILITY}, got {canvas}")
+    image = pad_to(normalize(image, mean, std), canvas)
+    return {
+        "image": np.ascontiguousarray(image.transpose(2, 0, 1)),
+        "boxes": boxes[keep],
+        "labels": labels[keep],
+        "difficult": difficult[keep],
+        "image_size": np.array([h, w], np.float32),
+        "scale": np.array([h / h0, w / w0], np.float32),
+        "flipped": flipped,
+        "id": example.get("id"),
+    }

@@ -1,0 +1,255 @@
+"""Detection metrics on the detector's padded outputs: COCO AP and PASCAL VOC AP50.
+
+- COCO AP@[.5:.95], AP50, AP75, the size breakdown and AR come from pycocotools'
+  ``COCOeval`` (Lin et al., ECCV 2014), fed with ground truth and detections built in
+  memory. Ground-truth ``area`` is the box area (there are no masks), and difficult
+  objects count as ordinary ones, since COCO has no such flag.
+- VOC AP50 follows the VOC development kit's ``VOCevaldet`` (Everingham et al., IJCV
+  2010): detections of a class sorted by score, each matched greedily to the unmatched
+  ground truth of highest IoU when IoU > 0.5; a detection whose best match is
+  ``difficult`` counts neither way, and difficult objects are not in the recall's
+  denominator. AP is the 11-point interpolated average (VOC2007) or the area under the
+  monotone precision envelope (VOC2010+). Unlike the devkit, IoU uses the project's
+  continuous boxes, without the devkit's "+1" on widths.
+
+Predictions and targets are the padded arrays of the model and of the loader, NumPy
+or JAX: ``{"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K], "valid": [B, K]}``
+and ``{"boxes": [B, M, 4], "labels": [B, M], "valid": [B, M]}`` with optional
+``difficult`` [B, M] and ``image_valid`` [B] (rows that are batch padding). A class
+with no ground truth has an undefined AP, reported as NaN and left out of the means.
+"""
+
+import contextlib
+import io
+from typing import Sequence
+
+import numpy as np
+
+
+def _images(predictions, targets) -> list[tuple[dict, dict]]:
+    """Split (batched or per-image, dict or list of dicts) inputs into per-image (pred, gt) pairs."""
+    if isinstance(predictions, (list, tuple)) or isinstance(targets, (list, tuple)):
+        if not (isinstance(predictions, (list, tuple)) and isinstance(targets, (list, tuple))) or len(predictions) != len(targets):
+            raise ValueError("predictions and targets must both be dicts, or lists of the same length")
+        return [pair for p, t in zip(predictions, targets) for pair in _images(p, t)]
+    pred = {k: np.asarray(v) for k, v in predictions.items() if k in ("boxes", "scores", "labels", "valid")}
+    gt = {k: np.asarray(v) for k, v in targets.items() if k in ("boxes", "labels", "valid", "difficult", "image_valid")}
+    if pred["scores"].ndim == 1:  # a single image: add the batch axis
+        pred = {k: v[None] for k, v in pred.items()}
+        gt = {k: v[None] for k, v in gt.items()}
+    b = pred["scores"].shape[0]
+    if gt["labels"].shape[0] != b:
+        raise ValueError(f"{b} images of predictions but {gt['labels'].shape[0]} of targets")
+    out = []
+    for i in range(b):
+        if "image_valid" in gt and not gt["image_valid"][i]:
+            continue
+        keep = pred["labels"][i] > 0
+        if "valid" in pred:
+            keep &= pred["valid"][i].astype(bool)
+        real = gt["valid"][i].astype(bool) if "valid" in gt else np.ones(gt["labels"].shape[1], bool)
+        difficult = gt["difficult"][i].astype(bool) if "difficult" in gt else np.zeros_like(real)
+        out.append((
+            {"boxes": pred["boxes"][i][keep].astype(np.float64), "scores": pred["scores"][i][keep].astype(np.float64),
+             "labels": pred["labels"][i][keep].astype(np.int64)},
+            {"boxes": gt["boxes"][i][real].astype(np.float64), "labels": gt["labels"][i][real].astype(np.int64),
+             "difficult": difficult[real]},
+        ))
+    return out
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of box [4] with boxes [N, 4] xyxy; [N]."""
+    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0.0, None)
+    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0.0, None)
+    inter = w * h
+    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
+    """Average precision from a ranked list's cumulative recall and precision.
+
+    Args:
+      recall, precision: [N] after each of the N ranked detections.
+      use_07_metric: VOC2007's mean of the best precision at recall >= 0, 0.1, ..., 1;
+        otherwise VOC2010's area under the precision envelope (the max precision at
+        any recall >= r), summed where recall changes.
+
+    Returns:
+      AP in [0, 1].
+    """
+    recall, precision = np.asarray(recall, np.float64), np.asarray(precision, np.float64)
+    if use_07_metric:
+        return float(sum(precision[recall >= t].max(initial=0.0) for t in np.linspace(0.0, 1.0, 11)) / 11.0)
+    mrec = np.concatenate([[0.0], recall, [1.0]])
+    mpre = np.concatenate([[0.0], precision, [0.0]])
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # envelope: best precision at this recall or beyond
+    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+
+
+def voc_pr_curve(images: list[tuple[dict, dict]], label: int, iou_threshold: float = 0.5):
+    """Ranked-detection recall and precision of one class, VOC style.
+
+    Args:
+      images: per-image (prediction, ground truth) pairs, as from ``_images``.
+      label: the class.
+
+    Returns:
+      (recall [N], precision [N], npos): N detections of the class, npos the number
+      of non-difficult ground-truth objects.
+    """
+    gts, dets = [], []
+    for k, (pred, gt) in enumerate(images):
+        sel = gt["labels"] == label
+        gts.append((gt["boxes"][sel], gt["difficult"][sel], np.zeros(sel.sum(), bool)))
+        for box, score in zip(pred["boxes"][pred["labels"] == label], pred["scores"][pred["labels"] == label]):
+            dets.append((score, k, box))
+    npos = int(sum((~d).sum() for _, d, _ in gts))
+    order = np.argsort([-d[0] for d in dets], kind="stable")  # ties keep input order
+    tp, fp = np.zeros(len(dets)), np.zeros(len(dets))
+    for rank, j in enumerate(order):
+        _, k, box = dets[j]
+        boxes, difficult, matched = gts[k]
+        ious = _iou(box, boxes) if len(boxes) else np.zeros(0)
+        best = int(np.argmax(ious)) if len(ious) else -1
+        if best >= 0 and ious[best] > iou_threshold:
+            if difficult[best]:
+                continue  # neither a hit nor a miss
+            if not matched[best]:
+                tp[rank], matched[best] = 1.0, True
+                continue
+        fp[rank] = 1.0
+    tp, fp = np.cumsum(tp), np.cumsum(fp)
+    recall = tp / max(npos, 1)
+    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+    return recall, precision, npos
+
+
+def voc_evaluate(images: list[tuple[dict, dict]], num_classes: int, iou_threshold: float = 0.5) -> dict:
+    """VOC AP per foreground class 1..num_classes-1, 11-point and all-point.
+
+    Returns:
+      {"11pt": [C-1] float, "all": [C-1] float}, NaN for classes with no (non-difficult) ground truth.
+    """
+    out = {"11pt": np.full(num_classes - 1, np.nan), "all": np.full(num_classes - 1, np.nan)}
+    for label in range(1, num_classes):
+        recall, precision, npos = voc_pr_curve(images, label, iou_threshold)
+        if npos:
+            out["11pt"][label - 1] = voc_ap(recall, precision, use_07_metric=True)
+            out["all"][label - 1] = voc_ap(recall, precision)
+    return out
+
+
+_COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -> dict:
+    """COCO box metrics through pycocotools, image ids 1..N and category ids = labels.
+
+    Returns:
+      {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+      "ARl": float (NaN where pycocotools reports -1), "per_class_AP": {name: float}}.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(b):
+        return [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
+
+    annotations, results = [], []
+    for image_id, (pred, gt) in enumerate(images, start=1):
+        for box, label in zip(gt["boxes"], gt["labels"]):
+            # ids start at 1: COCOeval uses 0 for "unmatched".
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                "bbox": xywh(box), "area": float((box[2] - box[0]) * (box[3] - box[1])), "iscrowd": 0})
+        results += [{"image_id": image_id, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
+                    for box, score, label in zip(pred["boxes"], pred["scores"], pred["labels"])]
+    categories = [{"id": k, "name": name} for k, name in enumerate(class_names, start=1)]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt = COCO()
+        coco_gt.dataset = {"images": [{"id": i} for i in range(1, len(images) + 1)], "categories": categories,
+                           "annotations": annotations}
+        coco_gt.createIndex()
+        if results:
+            coco_dt = coco_gt.loadRes(results)
+        else:  # loadRes cannot take an empty list
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": categories, "annotations": []}
+            coco_dt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {name: float(v) if v > -1 else float("nan") for name, v in zip(_COCO_STATS, evaluator.stats)}
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]: IoU thresholds, recalls, classes, areas, maxDets
+    per_class = {}
+    for k, name in enumerate(class_names):
+        p = precision[:, :, k, 0, -1]  # area "all", maxDets 100
+        per_class[name] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    metrics["per_class_AP"] = per_class
+    return metrics
+
+
+class DetectionEvaluator:
+    """Accumulates padded batches, then computes COCO and VOC metrics in one go.
+
+    Args:
+      class_names: foreground names, label k is ``class_names[k - 1]`` (e.g. a
+        dataset's ``class_names``), or the number of foreground classes.
+      voc_iou_threshold: VOC's matching threshold.
+
+    Example::
+
+        evaluator = DetectionEvaluator(dataset.class_names)
+        for batch in loader.epoch():
+            evaluator.add(predict(variables, batch["images"], batch["image_sizes"]), batch)
+        metrics = evaluator.compute()
+    """
+
+    def __init__(self, class_names: Sequence[str] | int, voc_iou_threshold: float = 0.5):
+        if isinstance(class_names, int):
+            class_names = [str(k) for k in range(1, class_names + 1)]
+        self.class_names = tuple(class_names)
+        self.voc_iou_threshold = voc_iou_threshold
+        self.reset()
+
+    def reset(self) -> None:
+        self._images: list[tuple[dict, dict]] = []
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def add(self, predictions, targets) -> None:
+        """Add one batch (or a list of batches, or one image's unbatched arrays)."""
+        images = _images(predictions, targets)
+        k = len(self.class_names)
+        for pred, gt in images:
+            if (gt["labels"] < 1).any() or (gt["labels"] > k).any():
+                raise ValueError(f"ground-truth labels must be in 1..{k}, got {sorted(set(gt['labels'].tolist()))}")
+            pred_keep = pred["labels"] <= k  # predictions of unknown classes cannot match anything
+            self._images.append(({key: v[pred_keep] for key, v in pred.items()}, gt))
+
+    def compute(self) -> dict:
+        """Metrics over every image added so far.
+
+        Returns:
+          The :func:`coco_evaluate` dict plus "voc_AP50_11pt", "voc_AP50_all" (means over
+          classes with ground truth) and "per_class_voc_AP50" ({name: all-point AP}).
+        """
+        if not self._images:
+            raise ValueError("DetectionEvaluator.compute: no images were added")
+        metrics = coco_evaluate(self._images, self.class_names)
+        voc = voc_evaluate(self._images, len(self.class_names) + 1, self.voc_iou_threshold)
+        for key, name in (("11pt", "voc_AP50_11pt"), ("all", "voc_AP50_all")):
+            metrics[name] = float(np.nanmean(voc[key])) if np.isfinite(voc[key]).any() else float("nan")
+        metrics["per_class_voc_AP50"] = {n: float(v) for n, v in zip(self.class_names, voc["all"])}
+        return metrics
+
+
+def evaluate(predictions, targets, class_names: Sequence[str] | int) -> dict:
+    """One-shot :class:`DetectionEvaluator`: ``add(predictions, targets)`` then ``compute()``."""
+    evaluator = DetectionEvaluator(class_names)
+    evaluator.add(predictions, targets)
+    return evaluator.compute()

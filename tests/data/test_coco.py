@@ -1,0 +1,94 @@
+"""COCO reader on a tiny annotation file: xywh -> xyxy, contiguous labels, crowds, empty images, errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lucid_jax.data import COCODataset, Dataset, DatasetError
+
+
+@pytest.fixture
+def coco(tmp_path):
+    """Three images (ids 9, 2, 5; 5 has no annotations) and categories 3 cat, 7 dog, 1 zebra."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, (h, w) in {"a.png": (20, 30), "b.png": (16, 16), "c.png": (8, 12)}.items():
+        Image.fromarray(np.full((h, w, 3), 40, np.uint8)).save(images / name)
+    data = {
+        "images": [
+            {"id": 9, "file_name": "a.png", "height": 20, "width": 30},
+            {"id": 2, "file_name": "b.png", "height": 16, "width": 16},
+            {"id": 5, "file_name": "c.png", "height": 8, "width": 12},
+        ],
+        "categories": [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 1, "name": "zebra"}],
+        "annotations": [
+            {"id": 1, "image_id": 9, "category_id": 3, "bbox": [1.5, 2, 3, 4.25], "iscrowd": 0, "area": 12.75},
+            {"id": 2, "image_id": 9, "category_id": 7, "bbox": [0, 0, 30, 20], "iscrowd": 1, "area": 600},
+            {"id": 3, "image_id": 9, "category_id": 7, "bbox": [10, 10, 5, 5], "iscrowd": 0, "area": 25},
+            {"id": 4, "image_id": 2, "category_id": 1, "bbox": [0, 0, 16, 16], "iscrowd": 0, "area": 256},
+            {"id": 5, "image_id": 2, "category_id": 3, "bbox": [4, 4, 0, 3], "iscrowd": 0, "area": 0},
+        ],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path, images
+
+
+def test_converts_boxes_labels_and_keeps_empty_images(coco):
+    ds = COCODataset(*coco)
+    assert isinstance(ds, Dataset) and len(ds) == 3 and ds.image_ids == [2, 5, 9]
+    assert ds.class_names == ("zebra", "cat", "dog")  # category ids 1, 3, 7
+    assert ds.cat_id_to_label == {1: 1, 3: 2, 7: 3} and ds.label_to_cat_id == {1: 1, 2: 3, 3: 7}
+    a = ds[2]
+    assert a["id"] == 9 and a["image"].shape == (20, 30, 3)
+    # The crowd dog is left out; xywh [1.5, 2, 3, 4.25] becomes xyxy [1.5, 2, 4.5, 6.25].
+    np.testing.assert_array_equal(a["boxes"], [[1.5, 2, 4.5, 6.25], [10, 10, 15, 15]])
+    np.testing.assert_array_equal(a["labels"], [2, 3])
+    b = ds[0]  # the zero-width cat is dropped
+    np.testing.assert_array_equal(b["boxes"], [[0, 0, 16, 16]])
+    np.testing.assert_array_equal(b["labels"], [1])
+    empty = ds[1]
+    assert empty["id"] == 5 and empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
+    assert empty["boxes"].dtype == np.float32 and empty["labels"].dtype == np.int32
+
+
+def test_results_map_back_to_category_ids_and_xywh(coco):
+    ds = COCODataset(*coco)
+    out = ds.to_coco_results(9, [[1.0, 2.0, 4.0, 6.5], [0, 0, 1, 1]], [0.9, 0.1], [3, 0])
+    assert out == [{"image_id": 9, "category_id": 7, "bbox": [1.0, 2.0, 3.0, 4.5], "score": pytest.approx(0.9)}]
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "bad.json"
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def test_errors_name_the_file_and_the_problem(coco, tmp_path):
+    _, images = coco
+    with pytest.raises(DatasetError, match=r"missing\.json: annotation file not found"):
+        COCODataset(tmp_path / "missing.json", images)
+    with pytest.raises(DatasetError, match=r"image folder not found"):
+        COCODataset(coco[0], tmp_path / "noimages")
+    with pytest.raises(DatasetError, match=r"bad\.json: malformed JSON") as err:
+        COCODataset(_write(tmp_path, '{"images": [1, 2'), images)
+    assert "\n" not in str(err.value)
+    with pytest.raises(DatasetError, match="has no 'categories'"):
+        COCODataset(_write(tmp_path, {"images": []}), images)
+    base = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 4, "name": "x"}]}
+    with pytest.raises(DatasetError, match=r"annotations\[0\] refers to unknown category id 5"):
+        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1]}]}), images)
+    with pytest.raises(DatasetError, match=r"annotations\[0\] refers to unknown image id 3"):
+        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 3, "category_id": 4, "bbox": [0, 0, 1, 1]}]}), images)
+    with pytest.raises(DatasetError, match=r"bbox must be \[x, y, width, height\]"):
+        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1]}]}), images)
+
+
+def test_missing_image_file_raises_on_access(coco, tmp_path):
+    path, images = coco
+    (images / "c.png").unlink()
+    ds = COCODataset(path, images)
+    with pytest.raises(DatasetError, match=r"c\.png: image file not found"):
+        ds[1]
