@@ -1,0 +1,359 @@
+"""Checkpoints of the full training state on orbax-checkpoint, with checksums.
+
+One step directory holds two orbax items: ``state`` (params, batch_stats and
+opt_state as a flax state dict, written by ``StandardSave``) and ``meta`` (JSON:
+step, the training loop's RNG key data and implementation, metrics and the
+caller's metadata). Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and
+renames it when complete, so a killed save never shows up as a step.
+
+Orbax does not checksum tensor files, so after orbax has committed a step we add
+``lucid_manifest.json`` (size and sha256 of every file in the step directory).
+The manifest is the seal: ``latest_step`` only counts sealed steps, and
+``restore`` verifies every file before reading any of them. A step orbax
+committed but we never sealed (the process died between the two) is skipped,
+and replaced if the same step is saved again.
+
+Retention (orbax preservation policies): the union of the ``keep_last`` newest
+steps and, when ``best_metric`` is given, the ``keep_best`` best steps by that
+metric. Orbax's legacy ``max_to_keep`` + ``best_fn`` would instead keep only the
+N best and may delete the newest step, which a resume needs.
+"""
+
+import hashlib
+import json
+import logging
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import serialization
+
+from lucid_jax import state_dict as state_dict_lib
+
+MANIFEST_NAME = "lucid_manifest.json"
+FORMAT_VERSION = 1
+_STATE, _META = "state", "meta"
+_LIST_LIMIT = 3  # keys named per kind of problem, so an error stays one line
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, unsealed or does not fit the model."""
+
+
+def _sha256(path: epath.Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
+    """Relative posix name -> path of every file in a step directory but the manifest."""
+    found, pending = {}, [step_dir]
+    while pending:  # epath has no recursive glob (it would be slow on GCS)
+        for path in pending.pop().iterdir():
+            rel = path.relative_to(step_dir).as_posix()
+            if path.is_dir():
+                pending.append(path)
+            elif rel != MANIFEST_NAME:
+                found[rel] = path
+    return found
+
+
+def write_manifest(step_dir) -> None:
+    """Seal a committed step: write size and sha256 of each of its files."""
+    step_dir = epath.Path(step_dir)
+    files = {rel: {"size": p.stat().length, "sha256": _sha256(p)} for rel, p in sorted(_files(step_dir).items())}
+    tmp = step_dir / (MANIFEST_NAME + ".tmp")
+    tmp.write_text(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1))
+    tmp.rename(step_dir / MANIFEST_NAME)  # atomic on POSIX: a manifest is whole or absent
+
+
+def verify_checkpoint(step_dir) -> None:
+    """Check every file of a step directory against its manifest.
+
+    Raises:
+      CheckpointError: naming the directory and the first problems found (no
+        manifest, a missing, truncated or modified file).
+    """
+    step_dir = epath.Path(step_dir)
+    manifest_path = step_dir / MANIFEST_NAME
+    if not manifest_path.exists():
+        raise CheckpointError(
+            f"checkpoint {step_dir} has no {MANIFEST_NAME}: the save was interrupted before it was "
+            "sealed, or the manifest was deleted; this checkpoint cannot be trusted"
+        )
+    try:
+        expected = json.loads(manifest_path.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: {MANIFEST_NAME} is unreadable ({e})") from e
+    present = _files(step_dir)
+    problems = []
+    for rel, want in expected.items():
+        if rel not in present:
+            problems.append(f"{rel} is missing")
+            continue
+        size = present[rel].stat().length
+        if size != want["size"]:
+            problems.append(f"{rel} has {size} bytes, expected {want['size']} (truncated or overwritten)")
+        elif _sha256(present[rel]) != want["sha256"]:
+            problems.append(f"{rel} is corrupted (sha256 mismatch)")
+    if problems:
+        more = f" (and {len(problems) - _LIST_LIMIT} more)" if len(problems) > _LIST_LIMIT else ""
+        raise CheckpointError(f"checkpoint {step_dir} is corrupt: " + "; ".join(problems[:_LIST_LIMIT]) + more)
+
+
+def _flat_shapes(tree, prefix: str = "") -> dict[str, tuple]:
+    """'a/b/c' -> shape for every array leaf of a nested dict (orbax metadata or arrays)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flat_shapes(value, path + "/"))
+        elif value is not None:
+            out[path] = tuple(value.shape)
+    return out
+
+
+def check_compatible(saved: Mapping, template: Mapping, where: str) -> None:
+    """Raise a one-line CheckpointError if two flat {path: shape} dicts differ.
+
+    Args:
+      saved, template: {"params/hidden/kernel": shape} of the checkpoint and the model.
+      where: the checkpoint directory, for the message.
+    """
+    # params first: an optimizer-state key only repeats what the params already say.
+    order = lambda key: ({"params": 0, "batch_stats": 1}.get(key.split("/")[0], 2), key)  # noqa: E731
+    missing = sorted(set(template) - set(saved), key=order)
+    unexpected = sorted(set(saved) - set(template), key=order)
+    common = sorted(set(saved) & set(template), key=order)
+    shapes = [f"{k} {saved[k]} vs {template[k]}" for k in common if saved[k] != template[k]]
+
+    def part(label, items):
+        more = f" (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
+        return f"{len(items)} {label}: {', '.join(items[:_LIST_LIMIT])}{more}" if items else ""
+
+    parts = [part("missing from the checkpoint", missing), part("unexpected in the checkpoint", unexpected),
+             part("shape mismatches (checkpoint vs model)", shapes)]
+    if any(parts):
+        raise CheckpointError(f"checkpoint {where} does not fit the model: " + "; ".join(p for p in parts if p))
+
+
+def _abstract(leaf):
+    """The restore target for one template leaf: shape, dtype and sharding."""
+    sharding = getattr(leaf, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
+
+
+def _state_tree(state) -> dict:
+    """params, batch_stats and opt_state as nested dicts with string keys (step travels in JSON)."""
+    tree = serialization.to_state_dict(state)
+    tree.pop("step")
+    return tree
+
+
+def _encode_rng(rng) -> dict | None:
+    if rng is None:
+        return None
+    rng = jnp.asarray(rng)
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)  # a legacy uint32 key, of the default implementation
+    return {"impl": str(jax.random.key_impl(rng)), "data": np.asarray(jax.random.key_data(rng)).tolist()}
+
+
+def _decode_rng(encoded: dict | None):
+    return None if encoded is None else jax.random.wrap_key_data(np.asarray(encoded["data"], np.uint32),
+                                                                 impl=encoded["impl"])
+
+
+class Checkpointer:
+    """Save and restore ``TrainState`` + RNG key + metadata under one directory.
+
+    Usage::
+
+        with Checkpointer("runs/x/ckpt", keep_last=3, best_metric="mAP") as ckpt:
+            if ckpt.latest_step() is not None:
+                state, rng, meta = ckpt.restore(state)
+            ...
+            ckpt.save(int(state.step), state, rng, metrics={"mAP": 0.41}, metadata={"model": "..."})
+
+    Args:
+      directory: root directory; step ``s`` lives in ``directory/s``.
+      keep_last: the newest steps kept (at least 1, so a resume is always possible).
+      best_metric: a key of the ``metrics`` given to ``save``; the ``keep_best``
+        best steps by it are kept as well as the ``keep_last`` newest ones.
+      best_mode: "max" or "min": which direction of ``best_metric`` is better.
+      keep_best: how many best steps to keep (used only with ``best_metric``).
+      read_only: open for restoring only (an evaluation job beside training).
+    """
+
+    def __init__(self, directory, *, keep_last: int = 3, best_metric: str | None = None, best_mode: str = "max",
+                 keep_best: int = 1, read_only: bool = False):
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        if best_mode not in ("max", "min"):
+            raise ValueError(f'best_mode must be "max" or "min", got {best_mode!r}')
+        self.directory = epath.Path(directory).absolute()
+        self.best_metric = best_metric
+        policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
+        best_fn = None
+        if best_metric is not None:
+            best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
+            # BestN sorts ascending and keeps the tail; reverse=True keeps the smallest.
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            best_fn=best_fn,  # orbax's best_step() and its metrics item need it
+            best_mode=best_mode,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=False,  # save() returns once the step is on disk
+            read_only=read_only,
+            create=not read_only,
+        )
+        handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finish pending work (deletions) and release orbax's threads."""
+        self._manager.close()
+
+    def step_dir(self, step: int) -> epath.Path:
+        return self.directory / str(step)
+
+    def is_sealed(self, step: int) -> bool:
+        return (self.step_dir(step) / MANIFEST_NAME).exists()
+
+    def all_steps(self) -> list[int]:
+        """Sealed (complete) steps, oldest first; tmp and unsealed steps are left out."""
+        self._manager.reload()  # another process may have written since
+        return sorted(s for s in self._manager.all_steps() if self.is_sealed(s))
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The best step by ``best_metric`` (the latest one without ``best_metric``)."""
+        self._manager.reload()
+        return self._manager.best_step() if self.best_metric else self.latest_step()
+
+    def metrics(self, step: int) -> dict | None:
+        """The metrics saved with ``step`` (read without verifying the tensor files)."""
+        return self._read_meta(step)["metrics"]
+
+    def save(self, step: int, state, rng=None, *, metrics: Mapping[str, Any] | None = None,
+             metadata: Mapping[str, Any] | None = None) -> None:
+        """Write step ``step`` and wait until it is on disk and sealed.
+
+        Args:
+          step: the step number (usually ``int(state.step)``).
+          state: a ``TrainState`` (step, params, batch_stats, opt_state).
+          rng: the training loop's key (typed or legacy uint32), or None.
+          metrics: scalar metrics, e.g. {"mAP": 0.41}; ranks steps for ``best_metric``.
+          metadata: any JSON-able dict (model name and config, class names, ...).
+        """
+        step = int(step)
+        metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
+        if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
+            raise ValueError(f"metrics {sorted(metrics)} lack best_metric {self.best_metric!r}")
+        meta = {"format": FORMAT_VERSION, "step": step, "rng": _encode_rng(rng), "metrics": metrics,
+                "metadata": dict(metadata or {})}
+        try:
+            json.dumps(meta)
+        except TypeError as e:
+            raise TypeError(f"checkpoint metadata must be JSON-serialisable: {e}") from e
+        self._manager.reload()
+        if step in self._manager.all_steps():
+            if self.is_sealed(step):
+                raise CheckpointError(f"checkpoint {self.step_dir(step)} already exists")
+            log.warning("replacing %s, left unsealed by an interrupted save", self.step_dir(step))
+            self._manager.delete(step)
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_state_tree(state)), _META: ocp.args.JsonSave(meta)})
+        if not self._manager.save(step, args=args, metrics=metrics, force=True):
+            raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
+        self._manager.wait_until_finished()
+        if jax.process_index() == 0:
+            write_manifest(self.step_dir(step))
+        if jax.process_count() > 1:
+            ocp.multihost.sync_global_processes(f"lucid_jax_checkpoint_sealed_{step}")
+
+    def _checked_step(self, step: int | None) -> int:
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        if not self.step_dir(step).exists():
+            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
+                                  f"complete steps: {self.all_steps()}")
+        verify_checkpoint(self.step_dir(step))
+        return step
+
+    def _read_meta(self, step: int) -> dict:
+        try:
+            return self._manager.restore(step, args=ocp.args.Composite(**{_META: ocp.args.JsonRestore()}))[_META]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {self.step_dir(step)}: cannot read {_META}: {e}") from e
+
+    def restore(self, state_template, step: int | None = None):
+        """Restore a step (default: the latest complete one) into ``state_template``.
+
+        Args:
+          state_template: a ``TrainState`` with the target structure, shapes and
+            shardings (arrays or ``jax.ShapeDtypeStruct``s, e.g. from
+            ``jax.eval_shape``); its ``tx`` and ``apply_fn`` are kept.
+          step: the step to restore.
+
+        Returns:
+          (state, rng, metadata): the restored state; the typed RNG key (None if
+          none was saved); the ``metadata`` dict given to ``save``.
+
+        Raises:
+          CheckpointError: no checkpoint, a corrupt or unsealed one, or one whose
+            tree structure or shapes differ from the template (naming the keys).
+        """
+        step = self._checked_step(step)
+        where = str(self.step_dir(step))
+        meta = self._read_meta(step)
+        template_tree = _state_tree(state_template)
+        try:
+            saved = self._manager.item_metadata(step)[_STATE].tree
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where}: cannot read the {_STATE} metadata: {e}") from e
+        check_compatible(_flat_shapes(saved), _flat_shapes(template_tree), where)
+        target = jax.tree.map(_abstract, template_tree)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where}: orbax failed to restore {_STATE}: {e}") from e
+        old_step = state_template.step  # keep the template's kind of step: array or Python int
+        step_value = jnp.asarray(meta["step"], old_step.dtype) if hasattr(old_step, "dtype") else int(meta["step"])
+        state = serialization.from_state_dict(state_template, {**restored[_STATE], "step": step_value})
+        return state, _decode_rng(meta["rng"]), meta["metadata"]
+
+
+def export_inference_weights(variables: Mapping, path, *, model=None) -> dict[str, np.ndarray]:
+    """Write Lucid-named weights for inference (no optimizer state) to a file.
+
+    Args:
+      variables: {"params": ..., "batch_stats": ...}, e.g. from a ``TrainState``.
+      path: ``.safetensors`` or ``.npz``.
+      model: the detector, to write its own buffers (see ``state_dict.to_state_dict``).
+
+    Returns:
+      The flat state dict that was written.
+    """
+    flat = state_dict_lib.to_state_dict(variables, model=model)
+    state_dict_lib.save_state_dict_file(flat, path)
+    return flat
