@@ -249,6 +249,10 @@ class Checkpointer:
         self._manager.reload()
         return self._manager.best_step() if self.best_metric else self.latest_step()
 
+    def metadata(self, step: int | None = None) -> dict:
+        """The ``metadata`` saved with ``step`` (default: the latest complete step)."""
+        return self._read_meta(self._checked_step(step))["metadata"]
+
     def metrics(self, step: int) -> dict | None:
         """The metrics saved with ``step`` (read without verifying the tensor files)."""
         return self._read_meta(step)["metrics"]

@@ -1,15 +1,153 @@
 """The ``lucid-jax`` command line.
 
-    lucid-jax seed [--size 224 512] [--num-classes 21]
+    lucid-jax demo     [--out runs/demo] [--steps 800]
+    lucid-jax train    --data {shapes|voc:DIR|coco:ANN.json:IMG_DIR} --model NAME --image-size N
+                       --batch-size B --steps N --lr LR --out DIR
+    lucid-jax eval     --data ... --checkpoint DIR
+    lucid-jax predict  IMAGE... --checkpoint DIR --out DIR
+    lucid-jax bench    [ops|predict|train]
+    lucid-jax seed     [--size 224 512]
 
-``seed`` runs the seed document's example with the full ResNet-101 FPN detector:
-build, init, apply, and print the output shapes, the parameter count, the compile
-time and the steady-state time of ``predict``.
+Errors in the user's input (a missing path, malformed XML or JSON, an unknown
+class or model, a checkpoint of another architecture) are one line on stderr and
+a non-zero exit code.
 """
 
 import argparse
+import dataclasses
+import json
+import os
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _config(args):
+    from lucid_jax.runner import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
+def _demo(args) -> int:
+    from lucid_jax import runner, viz
+
+    config = _config(args)
+    out = Path(args.out)
+    start = time.perf_counter()
+    print(f"training {config.model} on synthetic shapes for {config.steps} steps "
+          f"(batch {config.batch_size}, {config.image_size}x{config.image_size}) into {out}")
+    runner.train(config, out, progress=not args.no_progress)
+    train_s = time.perf_counter() - start
+    model, variables, class_names, config = runner.load_trained(out)
+    held_out = runner.open_dataset("shapes", "val", shapes_examples=config.shapes_train_examples, image_size=config.image_size)
+    metrics = runner.evaluate(model, variables, held_out, config, progress=not args.no_progress)
+    images, preds, examples = runner.predictions_on(model, variables, held_out, config, range(8))
+    png = out / "detections.png"
+    # Drawn 3x larger than the 128-pixel inputs, so labels stay legible.
+    up = 3
+    pictures = viz.denormalize(images).repeat(up, axis=1).repeat(up, axis=2)
+    preds = dict(preds, boxes=preds["boxes"] * up)
+    targets = _pad_targets({"boxes": [e["boxes"] * up for e in examples], "labels": [e["labels"] for e in examples]})
+    viz.save_detections_grid(pictures, preds, png, ["background", *class_names], targets, ncols=4, score_thresh=0.5)
+    summary = {k: metrics[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")}
+    summary.update(per_class_AP=metrics["per_class_AP"], held_out_images=len(held_out),
+                   train_seconds=round(train_s, 1), total_seconds=round(time.perf_counter() - start, 1),
+                   detections_png=str(png))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _pad_targets(targets: dict) -> dict:
+    import numpy as np
+
+    m = max(1, max(len(b) for b in targets["boxes"]))
+    n = len(targets["boxes"])
+    boxes, labels, valid = np.zeros((n, m, 4), np.float32), np.zeros((n, m), np.int32), np.zeros((n, m), bool)
+    for i, (b, l) in enumerate(zip(targets["boxes"], targets["labels"])):
+        boxes[i, : len(b)], labels[i, : len(l)], valid[i, : len(b)] = b, l, True
+    return {"boxes": boxes, "labels": labels, "valid": valid}
+
+
+def _train(args) -> int:
+    from lucid_jax import runner
+
+    last = runner.train(_config(args), args.out, progress=not args.no_progress)
+    print(json.dumps(last))
+    return 0
+
+
+def _eval(args) -> int:
+    from lucid_jax import runner
+
+    model, variables, class_names, config = runner.load_trained(args.checkpoint, args.model)
+    dataset = runner.open_dataset(args.data, args.split, shapes_examples=config.shapes_train_examples,
+                                  image_size=config.image_size)
+    unknown = sorted(set(dataset.class_names) - set(class_names))
+    if unknown:
+        raise runner.JobError(f"the data has classes the checkpoint was not trained on: {', '.join(unknown)}")
+    if list(dataset.class_names) != list(class_names):
+        raise runner.JobError(f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}")
+    if args.batch_size:
+        config = dataclasses.replace(config, batch_size=args.batch_size)
+    metrics = runner.evaluate(model, variables, dataset, config, progress=not args.no_progress)
+    keys = ("AP", "AP50", "AP75", "voc_AP50_all", "voc_AP50_11pt", "per_class_AP")
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
+    return 0
+
+
+def _predict(args) -> int:
+    import numpy as np
+
+    from lucid_jax import runner, viz
+    from lucid_jax.data import load_image, preprocess
+
+    model, variables, class_names, config = runner.load_trained(args.checkpoint, args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = [load_image(p) for p in args.images]  # fails on the first unreadable path
+    import jax
+
+    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", score_thresh=args.score_thresh))
+    results = []
+    for path, image in zip(args.images, images):
+        ex = preprocess({"image": image, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
+                        canvas=config.image_size, longer_side=config.image_size)
+        dets = jax.device_get(predict(variables, ex["image"][None], ex["image_size"][None]))
+        sy, sx = ex["scale"]
+        keep = dets["valid"][0]
+        boxes = dets["boxes"][0][keep] / np.array([sx, sy, sx, sy], np.float32)  # back to the file's pixels
+        scores, labels = dets["scores"][0][keep], dets["labels"][0][keep]
+        png = out / (Path(path).stem + "_detections.png")
+        viz.save_detections(image, {"boxes": boxes, "scores": scores, "labels": labels}, png, ["background", *class_names])
+        results.append({
+            "image": str(path),
+            "detections_png": str(png),
+            "detections": [
+                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(l),
+                 "class": class_names[int(l) - 1]}
+                for b, s, l in zip(boxes, scores, labels)
+            ],
+        })
+    (out / "detections.json").write_text(json.dumps(results, indent=2))
+    print(f"wrote {len(results)} PNG(s) and {out / 'detections.json'}")
+    return 0
+
+
+def _bench(args) -> int:
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    scripts = {"ops": "bench_ops.py", "predict": "bench_predict.py", "train": "bench_train.py"}
+    names = args.which or list(scripts)
+    if not root.is_dir():
+        raise FileNotFoundError(f"the benchmarks are in the source checkout ({root} not found); run from a clone")
+    code = 0
+    for name in names:
+        print(f"== {scripts[name]}", flush=True)
+        code |= subprocess.call([sys.executable, str(root / scripts[name]), *args.extra])
+    return code
 
 
 def _seed(args) -> int:
@@ -43,24 +181,103 @@ def _seed(args) -> int:
     return 0
 
 
+def _add_training_flags(p, *, steps: int, batch_size: int) -> None:
+    p.add_argument("--model", default="faster_rcnn_mini_fpn", help="a registered model name (see lucid_jax.models.list_models())")
+    p.add_argument("--image-size", dest="image_size", type=int, default=128, help="square canvas, a multiple of 32")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=batch_size)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
+    p.add_argument("--backbone-lr-mult", dest="backbone_lr_mult", type=float, default=1.0)
+    p.add_argument("--max-boxes", dest="max_boxes", type=int, default=16, help="objects per image kept (padding size)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=200)
+    p.add_argument("--log-every", dest="log_every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lucid-jax", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lucid-jax", description="Faster R-CNN (ResNet FPN) in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    seed = sub.add_parser("seed", help="run the seed example with the full ResNet-101 FPN detector")
-    seed.add_argument("--size", type=int, nargs="+", default=[224, 512], help="square input sizes (multiples of 32)")
-    seed.add_argument("--num-classes", type=int, default=21)
-    seed.add_argument("--repeats", type=int, default=3, help="timed predict calls per size")
-    seed.set_defaults(func=_seed)
+
+    p = sub.add_parser("demo", help="train on synthetic shapes, report AP on held-out images, draw detections")
+    p.add_argument("--out", default="runs/demo")
+    _add_training_flags(p, steps=800, batch_size=8)
+    p.set_defaults(func=_demo, data="shapes")
+
+    p = sub.add_parser("train", help="train a detector; resumes from --out")
+    p.add_argument("--data", required=True, help="shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl)")
+    _add_training_flags(p, steps=1000, batch_size=8)
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="AP, AP50, AP75 and per-class AP of a trained checkpoint, as JSON")
+    p.add_argument("--data", required=True)
+    p.add_argument("--checkpoint", required=True, help="a train --out directory")
+    p.add_argument("--split", default="val", help="shapes: val (held out); VOC: ImageSets/Main/<split>.txt if present")
+    p.add_argument("--model", default=None, help="expected architecture (default: the checkpoint's)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("predict", help="draw detections on image files and write them as PNG and JSON")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=0.5)
+    p.set_defaults(func=_predict)
+
+    p = sub.add_parser("bench", help="run the side-by-side benchmarks against torchvision")
+    p.add_argument("which", nargs="*", choices=["ops", "predict", "train"])
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to the scripts")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("seed", help="the seed example on the full ResNet-101 FPN detector, with timings")
+    p.add_argument("--size", type=int, nargs="+", default=[224, 512], help="square input sizes (multiples of 32)")
+    p.add_argument("--num-classes", type=int, default=21)
+    p.add_argument("--repeats", type=int, default=3, help="timed predict calls per size")
+    p.set_defaults(func=_seed)
     return parser
 
 
+def _check_args(args) -> str | None:
+    sizes = list(getattr(args, "size", None) or []) + ([args.image_size] if getattr(args, "image_size", None) else [])
+    if any(s <= 0 or s % 32 for s in sizes):
+        return f"image sizes must be positive multiples of 32, got {sizes}"
+    for name in ("steps", "batch_size"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    return None
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "size", None) and any(s % 32 for s in args.size):
-        print(f"lucid-jax: error: --size must be multiples of 32, got {args.size}", file=sys.stderr)
-        return 2
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _check_args(args)
+    if problem:
+        print(f"lucid-jax: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    import absl.logging
+
+    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's informational warnings are not for users
+    from lucid_jax.checkpoint import CheckpointError
+    from lucid_jax.data import DatasetError
+    from lucid_jax.runner import JobError
+    from lucid_jax.state_dict import StateDictError
+
+    try:
+        return args.func(args)
+    except (JobError, DatasetError, CheckpointError, StateDictError, FileNotFoundError) as e:
+        print(f"lucid-jax: error: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lucid-jax: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

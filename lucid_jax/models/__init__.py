@@ -5,6 +5,7 @@ from lucid_jax.models.fpn import FPN, ResNetFPN
 from lucid_jax.models.registry import (
     TORCHVISION_FASTER_RCNN,
     build_resnet_fpn_faster_rcnn,
+    faster_rcnn_mini_fpn,
     faster_rcnn_resnet_50_fpn,
     faster_rcnn_resnet_101_fpn,
     get_model,
@@ -21,6 +22,7 @@ __all__ = [
     "ResNetFPN",
     "TORCHVISION_FASTER_RCNN",
     "build_resnet_fpn_faster_rcnn",
+    "faster_rcnn_mini_fpn",
     "faster_rcnn_resnet_50_fpn",
     "faster_rcnn_resnet_101_fpn",
     "get_model",

@@ -4,6 +4,7 @@ from typing import Any, Callable, Sequence
 
 import jax.numpy as jnp
 
+from lucid_jax.models.anchors import octave_sizes
 from lucid_jax.models.faster_rcnn import FasterRCNN
 from lucid_jax.models.fpn import ResNetFPN
 from lucid_jax.models.resnet import ResNet
@@ -112,3 +113,22 @@ def faster_rcnn_resnet_101_fpn(num_classes: int = 21, backbone_num_classes: int 
         and every ``FasterRCNN`` hyperparameter.
     """
     return build_resnet_fpn_faster_rcnn((3, 4, 23, 3), num_classes, backbone_num_classes, **kwargs)
+
+
+@register_model
+def faster_rcnn_mini_fpn(num_classes: int = 21, backbone_num_classes: int = 1000, **kwargs) -> FasterRCNN:
+    """A small Faster R-CNN for CPU demos and tests: one narrow bottleneck per stage,
+    a 64-channel FPN, a 256-wide box head, anchors from 16 to 128 pixels and fewer
+    proposals and sampled RoIs, suited to ~128x128 images with a few objects. The
+    architecture and names are the ResNet FPN's."""
+    defaults = dict(
+        widths=(16, 32, 64, 128),
+        stem_width=16,
+        fpn_channels=64,
+        representation_size=256,
+        anchor_sizes=octave_sizes((16, 32, 64, 128)),
+        rpn_pre_nms_top_n=(600, 300),
+        rpn_post_nms_top_n=(300, 100),
+        box_batch_size_per_image=128,
+    )
+    return build_resnet_fpn_faster_rcnn((1, 1, 1, 1), num_classes, backbone_num_classes, **{**defaults, **kwargs})

@@ -1,0 +1,270 @@
+"""Training: train state, optimizer builder and the jit-compiled train step.
+
+``step(state, batch, rng) -> (state, metrics)`` is one pure function, compiled
+once per batch shape with the state's buffers donated. Given a
+``jax.sharding.Mesh`` it shards the batch over the mesh's data axis and keeps the
+state replicated; XLA inserts the gradient all-reduce, and BatchNorm's batch
+statistics are computed over the global batch. On a multi-host TPU pod, call
+``jax.distributed.initialize()`` first and build the mesh with ``data_mesh()``.
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+TARGET_KEYS = ("boxes", "labels", "valid")
+
+
+class TrainState(train_state.TrainState):
+    """flax's TrainState (step, params, opt_state, tx) plus BatchNorm statistics."""
+
+    batch_stats: Any = None
+
+
+def create_train_state(model, variables, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh train state at step 0.
+
+    Args:
+      model: the detector (its ``apply`` becomes the state's ``apply_fn``).
+      variables: {"params": ..., "batch_stats": ...} from ``model.init``.
+      optimizer: e.g. from ``build_optimizer``.
+    """
+    state = TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        tx=optimizer,
+        batch_stats=variables.get("batch_stats", {}),
+    )
+    # An int32 array from the start, so the step's input signature never changes.
+    return state.replace(step=jnp.asarray(0, jnp.int32))
+
+
+# --- optimizer -----------------------------------------------------------------------
+
+# torchvision's ``trainable_layers`` order: the last stages are trained first.
+_BACKBONE_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
+
+
+def learning_rate_schedule(
+    learning_rate: float,
+    *,
+    schedule: str = "step",
+    total_steps: int = 1,
+    warmup_steps: int = 0,
+    warmup_factor: float = 1e-3,
+    decay_steps: tuple[int, ...] = (),
+    decay_factor: float = 0.1,
+) -> optax.Schedule:
+    """Linear warmup from ``warmup_factor * lr``, then "step", "cosine" or "constant"."""
+    if schedule == "step":
+        main = optax.piecewise_constant_schedule(
+            learning_rate, {max(s - warmup_steps, 1): decay_factor for s in decay_steps}
+        )
+    elif schedule == "cosine":
+        main = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
+    elif schedule == "constant":
+        main = optax.constant_schedule(learning_rate)
+    else:
+        raise ValueError(f'schedule must be "step", "cosine" or "constant", got {schedule!r}')
+    if warmup_steps <= 0:
+        return main
+    warmup = optax.linear_schedule(learning_rate * warmup_factor, learning_rate, warmup_steps)
+    return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def param_labels(params, *, trainable_backbone_layers: int = 5, freeze_batchnorm: bool = False) -> Any:
+    """Label every parameter "backbone", "heads" or "frozen" (a pytree like ``params``).
+
+    Args:
+      params: the detector's params.
+      trainable_backbone_layers: 0..5 backbone stages trained, from the top:
+        5 trains all, 3 (torchvision's default) freezes the stem and layer1, 0
+        freezes the whole ResNet.
+      freeze_batchnorm: also freeze every BatchNorm scale and bias (with
+        ``norm_mode="frozen"``, as torchvision's FrozenBatchNorm2d).
+    """
+    if not 0 <= trainable_backbone_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
+    frozen_stages = set(_BACKBONE_STAGES[trainable_backbone_layers:])
+    flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+    bn_modules = {path[:-1] for path in flat if path[-1] == "scale"}
+    labels = {}
+    for path in flat:
+        in_net = path[:2] == ("backbone", "net")
+        if in_net and len(path) > 2 and path[2] in frozen_stages:
+            labels[path] = "frozen"
+        elif freeze_batchnorm and path[:-1] in bn_modules:
+            labels[path] = "frozen"
+        else:
+            labels[path] = "backbone" if path[0] == "backbone" else "heads"
+    return flax.traverse_util.unflatten_dict(labels)
+
+
+def build_optimizer(
+    params,
+    *,
+    optimizer: str = "sgd",
+    learning_rate: float = 0.02,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    backbone_lr_mult: float = 1.0,
+    clip_grad_norm: float | None = None,
+    trainable_backbone_layers: int = 5,
+    freeze_batchnorm: bool = False,
+    **schedule_kwargs,
+) -> optax.GradientTransformation:
+    """SGD with momentum or AdamW, with warmup and decay, built on optax.
+
+    The backbone gets ``backbone_lr_mult`` times the heads' learning rate (the
+    seed's tip for fine-tuning a pretrained backbone), through
+    ``optax.multi_transform`` over the ``backbone`` subtree; frozen parameters get
+    ``optax.set_to_zero``.
+
+    Args:
+      params: the params to optimise (only their tree structure is used).
+      optimizer: "sgd" or "adamw".
+      learning_rate: the heads' peak learning rate.
+      momentum: SGD momentum (AdamW's b1 stays 0.9).
+      weight_decay: decoupled for AdamW, L2-style (added to the gradient) for SGD.
+      backbone_lr_mult: backbone learning rate / heads' learning rate.
+      clip_grad_norm: clip the global gradient norm to this, if given.
+      trainable_backbone_layers, freeze_batchnorm: see ``param_labels``.
+      **schedule_kwargs: ``learning_rate_schedule`` keywords (schedule,
+        total_steps, warmup_steps, decay_steps, ...).
+    """
+    if optimizer not in ("sgd", "adamw"):
+        raise ValueError(f'optimizer must be "sgd" or "adamw", got {optimizer!r}')
+
+    def make(mult: float) -> optax.GradientTransformation:
+        lr = learning_rate_schedule(learning_rate * mult, **schedule_kwargs)
+        if optimizer == "adamw":
+            return optax.adamw(lr, weight_decay=weight_decay)
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
+
+    labels = param_labels(
+        params, trainable_backbone_layers=trainable_backbone_layers, freeze_batchnorm=freeze_batchnorm
+    )
+    tx = optax.multi_transform(
+        {"backbone": make(backbone_lr_mult), "heads": make(1.0), "frozen": optax.set_to_zero()}, labels
+    )
+    if clip_grad_norm is not None:
+        tx = optax.chain(optax.clip_by_global_norm(clip_grad_norm), tx)
+    return tx
+
+
+# --- the step ---------------------------------------------------------------------
+
+
+def validate_batch(batch: dict, num_classes: int) -> None:
+    """Check a host batch's values before any compute; raise ValueError naming the problem.
+
+    Checks: the same batch size everywhere, labels in 1..num_classes-1 and
+    x1 <= x2, y1 <= y2 where valid, and no NaN or infinity in images or boxes.
+    """
+    images = np.asarray(batch["images"])
+    b = images.shape[0]
+    for key in ("boxes", "labels", "valid", "image_sizes"):
+        if key in batch and np.shape(batch[key])[0] != b:
+            raise ValueError(f'batch["{key}"] has {np.shape(batch[key])[0]} entries but batch["images"] has {b} images')
+    if not np.isfinite(images).all():
+        raise ValueError(f"batch images contain {np.size(images) - np.isfinite(images).sum()} NaN or infinite values")
+    boxes, labels, valid = (np.asarray(batch[k]) for k in TARGET_KEYS)
+    if not np.isfinite(boxes).all():
+        raise ValueError("batch boxes contain NaN or infinite values")
+    bad = valid & ((labels < 1) | (labels >= num_classes))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(
+            f"label {labels[i, j]} of box {j} in image {i} is outside 1..{num_classes - 1} "
+            f"(num_classes={num_classes}, 0 is background)"
+        )
+    bad = valid & ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise ValueError(f"box {j} of image {i} has x2 < x1 or y2 < y1: {boxes[i, j].tolist()} (boxes are xyxy)")
+
+
+def data_mesh(devices=None, axis: str = "data") -> Mesh:
+    """A 1-D mesh over all (global) devices, for data parallelism."""
+    devices = jax.devices() if devices is None else devices
+    return Mesh(np.asarray(devices), (axis,))
+
+
+def shard_batch(batch: dict, mesh: Mesh, axis: str = "data") -> dict:
+    """Place this process's part of a batch on the mesh, split along the data axis.
+
+    On one host the local batch is the global batch; on a pod each host passes
+    its own slice (``jax.make_array_from_process_local_data``).
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(axis))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def make_train_step(
+    model,
+    *,
+    mesh: Mesh | None = None,
+    data_axis: str = "data",
+    donate: bool = True,
+    validate: bool = True,
+) -> Callable:
+    """Build ``step(state, batch, rng) -> (state, metrics)``, jit-compiled.
+
+    Args:
+      model: the detector.
+      mesh: shard the batch over ``mesh``'s ``data_axis``, replicate the state.
+      donate: donate the incoming state's buffers (do not reuse it afterwards).
+      validate: check the batch's values on the host first (``validate_batch``).
+
+    The batch is {"images": [B, 3, H, W], "boxes": [B, M, 4], "labels": [B, M],
+    "valid": [B, M]} plus optional "image_sizes" [B, 2]. Metrics hold every loss,
+    "grad_norm" and "finite"; a step whose loss or gradient is not finite leaves
+    the state unchanged (and reports finite=False).
+    """
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        dropout_key, sampling_key = jax.random.split(rng)
+        targets = {k: batch[k] for k in TARGET_KEYS}
+
+        def loss_fn(params):
+            losses, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                batch["images"],
+                targets,
+                batch.get("image_sizes"),
+                method="loss",
+                rngs={"dropout": dropout_key, "sampling": sampling_key},
+                mutable=["batch_stats"],
+            )
+            return losses["total_loss"], (losses, updates)
+
+        grads, (losses, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
+        finite = jnp.isfinite(losses["total_loss"]) & jnp.isfinite(grad_norm)
+        new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+        # Skipping a non-finite update keeps the state (and any checkpoint of it) sound.
+        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        return new_state, {**losses, "grad_norm": grad_norm, "finite": finite}
+
+    kwargs = {"donate_argnums": (0,) if donate else ()}
+    if mesh is not None:
+        replicated = NamedSharding(mesh, PartitionSpec())
+        kwargs.update(
+            in_shardings=(replicated, NamedSharding(mesh, PartitionSpec(data_axis)), replicated),
+            out_shardings=(replicated, replicated),
+        )
+    jitted = jax.jit(train_step, **kwargs)
+
+    def step(state: TrainState, batch: dict, rng: jax.Array):
+        if validate:
+            validate_batch(batch, model.num_classes)
+        return jitted(state, batch, rng)
+
+    step.jitted = jitted  # for lowering, export and cost analysis
+    return step

@@ -1,0 +1,160 @@
+"""The lucid-jax command line: train -> eval end to end, resume after a kill, and
+one-line errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lucid_jax import cli, runner
+
+SMALL = ["--batch-size", "8", "--image-size", "128", "--no-progress", "--num-workers", "2"]
+
+
+def _run(*args, timeout=600):
+    """Run the console script in a fresh interpreter; (returncode, stdout, stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lucid_jax.cli", *args], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A mini detector trained on synthetic shapes through the CLI."""
+    out = tmp_path_factory.mktemp("run")
+    assert cli.main(["train", "--data", "shapes", "--steps", "300", "--out", str(out), "--checkpoint-every", "150", *SMALL]) == 0
+    return out
+
+
+def test_train_then_eval_reaches_ap50_on_held_out_images(trained, capsys):
+    capsys.readouterr()
+    assert cli.main(["eval", "--data", "shapes", "--checkpoint", str(trained), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    print("held-out shapes:", {k: round(result[k], 3) for k in ("AP", "AP50", "AP75")})
+    assert result["AP50"] >= 0.5
+    assert set(result["per_class_AP"]) == {"rectangle", "ellipse", "triangle"}
+    log = [json.loads(line) for line in open(trained / "log.jsonl")]
+    assert log[-1]["step"] == 300 and log[-1]["total_loss"] < log[0]["total_loss"]
+
+
+def test_predict_writes_pngs_and_json(trained, tmp_path):
+    from PIL import Image
+
+    from lucid_jax.data import ShapesDataset, preprocess
+
+    ds = ShapesDataset(num_examples=2, seed=5, image_size=(96, 160))
+    paths = []
+    for i in range(2):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(ds[i]["image"]).save(paths[-1])
+    assert cli.main(["predict", *map(str, paths), "--checkpoint", str(trained), "--out", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert [r["image"] for r in results] == list(map(str, paths))
+    model, variables, class_names, config = runner.load_trained(trained)
+    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", score_thresh=0.5))
+    for r, i in zip(results, range(2)):
+        assert Image.open(r["detections_png"]).size == Image.open(paths[i]).size
+        # the JSON holds the model's detections mapped back to the file's 160x96 pixels
+        ex = preprocess(ds[i], canvas=128, longer_side=128)
+        dets = jax.device_get(predict(variables, ex["image"][None], ex["image_size"][None]))
+        keep = dets["valid"][0]
+        sy, sx = ex["scale"]
+        expected = dets["boxes"][0][keep] / np.array([sx, sy, sx, sy])
+        got = np.array([d["box_xyxy"] for d in r["detections"]]).reshape(-1, 4)
+        np.testing.assert_allclose(got, expected, atol=0.01)
+        assert [d["class"] for d in r["detections"]] == [class_names[l - 1] for l in dets["labels"][0][keep]]
+        assert ((got[:, 2] <= 160.01) & (got[:, 3] <= 96.01)).all()
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path):
+    args = ["train", "--data", "shapes", "--steps", "30", "--checkpoint-every", "10", "--log-every", "1",
+            "--batch-size", "4", "--no-progress", "--num-workers", "1"]
+    straight = tmp_path / "straight"
+    assert _run(*args, "--out", str(straight))[0] == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "lucid_jax.cli", *args, "--out", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = [json.loads(l)["step"] for l in open(killed / "log.jsonl")] if (killed / "log.jsonl").exists() else []
+        if done and done[-1] >= 15:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 15 <= done[-1] < 30, done
+    assert _run(*args, "--out", str(killed))[0] == 0
+
+    _, a, _, _ = runner.load_trained(straight)
+    _, b, _, _ = runner.load_trained(killed)
+    same = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)
+    assert all(jax.tree_util.tree_leaves(same))
+    log = [json.loads(l) for l in open(killed / "log.jsonl")]
+    print(f"killed after step {done[-1]}, resumed from step 10's checkpoint; log steps {[r['step'] for r in log]}")
+
+
+def _voc(root, xml):
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    (root / "Annotations" / "a.xml").write_text(xml)
+    from PIL import Image
+
+    Image.new("RGB", (64, 48)).save(root / "JPEGImages" / "a.jpg")
+    return root
+
+
+GOOD_XML = """<annotation><filename>a.jpg</filename><size><width>64</width><height>48</height></size>
+<object><name>dog</name><difficult>0</difficult><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>30</xmax><ymax>30</ymax></bndbox></object>
+</annotation>"""
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_voc", "not found|does not exist|no such"),
+        ("malformed_xml", "a.xml"),
+        ("malformed_json", "json"),
+        ("unknown_model", "unknown model 'faster_rcnn_nope'"),
+        ("unknown_class", "dog"),
+        ("other_architecture", "does not fit the model"),
+        ("missing_checkpoint", "checkpoint directory not found"),
+        ("bad_size", "multiples of 32"),
+    ],
+)
+def test_errors_are_one_line(case, match, tmp_path, trained):
+    if case == "missing_voc":
+        args = ["train", "--data", f"voc:{tmp_path / 'nope'}", "--out", str(tmp_path / "o")]
+    elif case == "malformed_xml":
+        root = _voc(tmp_path / "voc", "<annotation><object><name>dog</name>")
+        args = ["train", "--data", f"voc:{root}", "--out", str(tmp_path / "o")]
+    elif case == "malformed_json":
+        (tmp_path / "ann.json").write_text("{not json")
+        args = ["train", "--data", f"coco:{tmp_path / 'ann.json'}:{tmp_path}", "--out", str(tmp_path / "o")]
+    elif case == "unknown_model":
+        args = ["train", "--data", "shapes", "--model", "faster_rcnn_nope", "--out", str(tmp_path / "o")]
+    elif case == "unknown_class":
+        root = _voc(tmp_path / "voc", GOOD_XML)
+        args = ["eval", "--data", f"voc:{root}", "--checkpoint", str(trained)]
+    elif case == "other_architecture":
+        args = ["eval", "--data", "shapes", "--checkpoint", str(trained), "--model", "faster_rcnn_resnet_50_fpn"]
+    elif case == "missing_checkpoint":
+        args = ["eval", "--data", "shapes", "--checkpoint", str(tmp_path / "none")]
+    else:
+        args = ["train", "--data", "shapes", "--image-size", "100", "--out", str(tmp_path / "o")]
+    code, out, err = _run(*args)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert code != 0
+    assert len(lines) == 1 and lines[0].startswith("lucid-jax: error:"), err
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(match, lines[0], re.IGNORECASE), lines[0]
