@@ -63,9 +63,14 @@ def learning_rate_schedule(
 ) -> optax.Schedule:
     """Linear warmup from ``warmup_factor * lr``, then "step", "cosine" or "constant"."""
     if schedule == "step":
-        main = optax.piecewise_constant_schedule(
-            learning_rate, {max(s - warmup_steps, 1): decay_factor for s in decay_steps}
-        )
+        # The main schedule counts from the end of warmup. Decay steps inside the
+        # warmup all take effect when it ends, so they share boundary 0 and their
+        # factors multiply (a dict comprehension would keep only one of them).
+        boundaries: dict[int, float] = {}
+        for s in decay_steps:
+            b = max(s - warmup_steps, 0)
+            boundaries[b] = boundaries.get(b, 1.0) * decay_factor
+        main = optax.piecewise_constant_schedule(learning_rate, boundaries)
     elif schedule == "cosine":
         main = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
     elif schedule == "constant":
@@ -87,7 +92,11 @@ def param_labels(params, *, trainable_backbone_layers: int = 5, freeze_batchnorm
         5 trains all, 3 (torchvision's default) freezes the stem and layer1, 0
         freezes the whole ResNet.
       freeze_batchnorm: also freeze every BatchNorm scale and bias (with
-        ``norm_mode="frozen"``, as torchvision's FrozenBatchNorm2d).
+        ``norm_mode="frozen"``, as torchvision's FrozenBatchNorm2d). Meant for a
+        pretrained backbone: a fresh one starts its residual branches at zero
+        (zero-initialised last BN scale), which frozen BN would keep there.
+
+    The backbone classifier ``backbone.net.fc`` is always "frozen" here.
     """
     if not 0 <= trainable_backbone_layers <= 5:
         raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_backbone_layers}")
@@ -97,7 +106,9 @@ def param_labels(params, *, trainable_backbone_layers: int = 5, freeze_batchnorm
     labels = {}
     for path in flat:
         in_net = path[:2] == ("backbone", "net")
-        if in_net and len(path) > 2 and path[2] in frozen_stages:
+        # The classifier head is kept for backbone pretraining only; no detection
+        # loss reaches it, and freezing it keeps weight decay from eroding it.
+        if in_net and len(path) > 2 and (path[2] in frozen_stages or path[2] == "fc"):
             labels[path] = "frozen"
         elif freeze_batchnorm and path[:-1] in bn_modules:
             labels[path] = "frozen"

@@ -1,0 +1,430 @@
+"""The training step on the tiny detector: one compile per shape, export for
+CPU/GPU/TPU, BatchNorm statistics, the optimizer builder (learning-rate
+multiplier, frozen stages, schedules, AdamW, clipping), mixed precision, batch
+validation and the skipping of non-finite steps.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lucid_jax.train import (
+    build_optimizer,
+    create_train_state,
+    learning_rate_schedule,
+    make_train_step,
+    param_labels,
+    validate_batch,
+)
+from tests.models.conftest import random_images, tiny_detector
+
+NUM_CLASSES = 5
+
+
+class _CountingModel:
+    """The detector, counting how often the train step traces ``apply``."""
+
+    def __init__(self, model):
+        self.model = model
+        self.num_classes = model.num_classes
+        self.traces = 0
+
+    def apply(self, *args, **kwargs):
+        self.traces += 1
+        return self.model.apply(*args, **kwargs)
+
+
+def make_batch(seed, batch=2, m=4):
+    """Random images and 1..m random boxes per image, padded to m (with garbage labels)."""
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 80, (batch, m, 2))
+    wh = rng.uniform(16, 48, (batch, m, 2))
+    valid = np.arange(m)[None, :] < rng.integers(1, m + 1, (batch, 1))
+    labels = np.where(valid, rng.integers(1, NUM_CLASSES, (batch, m)), -1).astype(np.int32)
+    return {
+        "images": random_images(seed, batch=batch),
+        "boxes": np.concatenate([xy, xy + wh], -1).astype(np.float32),
+        "labels": labels,
+        "valid": valid,
+    }
+
+
+def _flat(tree):
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in flatten_dict(tree).items()}
+
+
+def _bits_equal(a, b):
+    """Bit-identical pytrees (NaN and inf included)."""
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        np.asarray(x).dtype == np.asarray(y).dtype and np.asarray(x).tobytes() == np.asarray(y).tobytes()
+        for x, y in zip(la, lb)
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = tiny_detector(num_classes=NUM_CLASSES)
+    variables = jax.jit(model.init)(jax.random.key(0), random_images(0))
+    return model, variables
+
+
+@pytest.fixture(scope="module")
+def trainer(tiny):
+    """(counting model, step, initial state): one compiled SGD step shared by the tests,
+    always called with the same shapes."""
+    model, variables = tiny
+    counted = _CountingModel(model)
+    step = make_train_step(counted, donate=False)
+    state = create_train_state(model, variables, build_optimizer(variables["params"], learning_rate=0.01))
+    return counted, step, state
+
+
+@pytest.fixture(scope="module")
+def first_step(trainer):
+    """The shared step from the initial state on batch 0, key 1."""
+    _, step, state = trainer
+    new_state, metrics = step(state, make_batch(0), jax.random.key(1))
+    return new_state, jax.device_get(metrics)
+
+
+# --- compile once, export -------------------------------------------------------------
+
+
+def test_compiles_once_for_same_shapes(trainer):
+    counted, step, state = trainer
+    traces, cached = counted.traces, step.jitted._cache_size()
+    seen = []
+    for i in range(5):
+        batch = make_batch(100 + i)
+        seen.append(batch["valid"].sum(1).tolist())
+        state, metrics = step(state, batch, jax.random.key(i))
+        assert bool(metrics["finite"])
+    jax.block_until_ready(state)
+    assert len({str(s) for s in seen}) > 1  # the valid patterns did change
+    assert step.jitted._cache_size() == 1
+    assert counted.traces == traces + (0 if cached else 1)
+    assert int(state.step) == 5
+
+
+def test_export_for_cpu_cuda_tpu(trainer):
+    _, step, state = trainer
+    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a))  # noqa: E731
+    args = jax.tree_util.tree_map(spec, (state, make_batch(0), jax.random.key(0)))
+    exported = jax.export.export(step.jitted, platforms=("cpu", "cuda", "tpu"))(*args)
+    assert exported.platforms == ("cpu", "cuda", "tpu")
+    out_state, metrics = jax.tree_util.tree_unflatten(exported.out_tree, exported.out_avals)
+    assert jax.tree_util.tree_structure(out_state) == jax.tree_util.tree_structure(state)
+    assert metrics["total_loss"].shape == () and metrics["finite"].dtype == jnp.bool_
+    text = exported.mlir_module()
+    assert "callback" not in text  # no host callbacks anywhere in the step
+
+
+# --- BatchNorm -----------------------------------------------------------------------
+
+
+def test_batchnorm_statistics_follow_the_batch(trainer, first_step):
+    torch = pytest.importorskip("torch")
+    _, _, state = trainer
+    new_state, _ = first_step
+    old, new = _flat(state.batch_stats), _flat(new_state.batch_stats)
+    unchanged = [k for k in old if np.array_equal(old[k], new[k]) and not k.startswith("backbone/net/fc")]
+    assert not unchanged, f"BatchNorm statistics did not move: {unchanged}"
+    # the stem's statistics against a float64 conv of the global batch (momentum 0.1 as torch)
+    kernel = np.asarray(state.params["backbone"]["net"]["stem"]["0"]["kernel"], np.float64)  # [7, 7, 3, C]
+    x = torch.from_numpy(make_batch(0)["images"].astype(np.float64))
+    y = torch.nn.functional.conv2d(x, torch.from_numpy(kernel.transpose(3, 2, 0, 1)), stride=2, padding=3).numpy()
+    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3))
+    np.testing.assert_allclose(new["backbone/net/stem/1/mean"], 0.9 * old["backbone/net/stem/1/mean"] + 0.1 * mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(new["backbone/net/stem/1/var"], 0.9 * old["backbone/net/stem/1/var"] + 0.1 * var, rtol=1e-4)
+
+
+# --- optimizer builder, on synthetic gradients --------------------------------------------
+
+
+# A cross-section of the detector's parameters: every label group, real paths. The
+# optimizer tests run eagerly on it, as compiling a whole-tree update per
+# optimizer costs more than the arithmetic.
+_SECTION = (
+    "backbone/net/stem/0/kernel",
+    "backbone/net/stem/1/scale",
+    "backbone/net/layer1/0/conv2/conv/kernel",
+    "backbone/net/layer2/0/conv1/conv/kernel",
+    "backbone/net/layer4/0/downsample/1/bias",
+    "backbone/fpn/lateral_convs.0/kernel",
+    "rpn/head/conv/kernel",
+    "fc1/kernel",
+    "cls_score/bias",
+    "bbox_pred/kernel",
+)
+
+
+@pytest.fixture(scope="module")
+def section(tiny):
+    flat = flatten_dict(tiny[1]["params"])
+    return unflatten_dict({tuple(k.split("/")): flat[tuple(k.split("/"))] for k in _SECTION})
+
+
+def _grads(params, seed=0, scale=1.0):
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_unflatten(tree, [jnp.asarray(rng.normal(0, scale, np.shape(p)), jnp.float32) for p in leaves])
+
+
+def _first_update(params, grads, **kwargs):
+    tx = build_optimizer(params, **kwargs)
+    updates, _ = tx.update(grads, tx.init(params), params)  # eager: cheaper than a compile per optimizer
+    return _flat(updates)
+
+
+def _is_backbone(path):
+    return path.startswith("backbone/")
+
+
+def test_backbone_lr_mult_scales_only_the_backbone(section):
+    params, lr, wd = section, 0.02, 1e-4
+    grads = _grads(params)
+    full = _first_update(params, grads, learning_rate=lr, weight_decay=wd, backbone_lr_mult=1.0)
+    tenth = _first_update(params, grads, learning_rate=lr, weight_decay=wd, backbone_lr_mult=0.1)
+    flat_p, flat_g = _flat(params), _flat(grads)
+    assert any(_is_backbone(k) for k in full) and any(not _is_backbone(k) for k in full)
+    for k in full:
+        # SGD's first step with L2 weight decay: -lr * (g + wd * p)
+        np.testing.assert_allclose(full[k], -lr * (flat_g[k] + wd * flat_p[k]), rtol=1e-5, atol=1e-9, err_msg=k)
+        if _is_backbone(k):
+            np.testing.assert_allclose(tenth[k], 0.1 * full[k], rtol=1e-6, atol=0, err_msg=k)
+        else:
+            np.testing.assert_array_equal(tenth[k], full[k], err_msg=k)
+
+
+def test_param_labels_freeze_stages_from_the_bottom(tiny):
+    _, variables = tiny
+    for trainable, frozen in [(5, ()), (3, ("stem", "layer1")), (1, ("stem", "layer1", "layer2", "layer3")), (0, ("stem", "layer1", "layer2", "layer3", "layer4"))]:
+        labels = _flat(param_labels(variables["params"], trainable_backbone_layers=trainable))
+        for k, label in labels.items():
+            parts = k.split("/")
+            if parts[:2] == ["backbone", "net"] and (parts[2] in frozen or parts[2] == "fc"):
+                assert label == "frozen", (trainable, k)
+            elif parts[0] == "backbone":
+                assert label == "backbone", (trainable, k)
+            else:
+                assert label == "heads", (trainable, k)
+    with pytest.raises(ValueError, match="trainable_backbone_layers"):
+        param_labels(variables["params"], trainable_backbone_layers=6)
+
+
+def test_clip_grad_norm_caps_the_update(section):
+    params, lr = section, 0.02
+    grads = _grads(params, seed=1, scale=10.0)
+    norm = float(optax.tree.norm(grads))
+    assert norm > 20
+    kw = dict(learning_rate=lr, weight_decay=0.0)
+    free = _first_update(params, grads, **kw)
+    clipped = _first_update(params, grads, clip_grad_norm=1.0, **kw)
+    loose = _first_update(params, grads, clip_grad_norm=10 * norm, **kw)
+    clipped_norm = math.sqrt(sum(float(np.sum(u.astype(np.float64) ** 2)) for u in clipped.values()))
+    np.testing.assert_allclose(clipped_norm, lr * 1.0, rtol=1e-5)
+    for k in free:
+        np.testing.assert_allclose(clipped[k], free[k] / norm, rtol=1e-5, atol=1e-12, err_msg=k)
+        np.testing.assert_array_equal(loose[k], free[k], err_msg=k)
+
+
+def test_adamw_first_update(section):
+    params, lr, wd = section, 1e-3, 0.05
+    grads = _grads(params, seed=2)
+    up = _first_update(params, grads, optimizer="adamw", learning_rate=lr, weight_decay=wd, backbone_lr_mult=0.5)
+    flat_p, flat_g = _flat(params), _flat(grads)
+    for k in up:
+        step_lr = lr * (0.5 if _is_backbone(k) else 1.0)
+        # bias-corrected first step: m / sqrt(v) = sign(g), plus decoupled decay
+        expected = -step_lr * (flat_g[k] / (np.abs(flat_g[k]) + 1e-8) + wd * flat_p[k])
+        np.testing.assert_allclose(up[k], expected, rtol=1e-5, atol=1e-10, err_msg=k)
+    with pytest.raises(ValueError, match="optimizer"):
+        build_optimizer(params, optimizer="lamb")
+
+
+def test_warmup_step_and_cosine_schedules():
+    lr = 0.02
+    step = learning_rate_schedule(lr, schedule="step", warmup_steps=100, warmup_factor=1e-3, decay_steps=(1000, 1500))
+    expected = {0: lr * 1e-3, 50: lr * (1e-3 + (1 - 1e-3) * 0.5), 100: lr, 999: lr, 1000: lr * 0.1, 1499: lr * 0.1, 1500: lr * 0.01, 10**5: lr * 0.01}
+    for t, value in expected.items():
+        # float32 arithmetic: optax's warmup computes (init - end) * (1 - t / T) + end
+        np.testing.assert_allclose(float(step(t)), value, rtol=1e-5, atol=1e-7 * lr, err_msg=f"step schedule at {t}")
+    # decay steps at or before the end of warmup: all in force from its end, like any
+    # other decay step in force from its own index on
+    for decay_steps, factor in (((100,), 0.1), ((50, 80), 0.01), ((80, 100, 300), 0.01)):
+        early = learning_rate_schedule(lr, warmup_steps=100, decay_steps=decay_steps)
+        np.testing.assert_allclose(float(early(99)), lr * (1e-3 + (1 - 1e-3) * 0.99), rtol=1e-5, err_msg=str(decay_steps))
+        np.testing.assert_allclose([float(early(t)) for t in (100, 101, 299)], lr * factor, rtol=1e-5, err_msg=str(decay_steps))
+        np.testing.assert_allclose(float(early(300)), lr * 0.001 if len(decay_steps) == 3 else lr * factor, rtol=1e-5)
+    cosine = learning_rate_schedule(lr, schedule="cosine", total_steps=1100, warmup_steps=100)
+    expected = {0: lr * 1e-3, 100: lr, 350: lr * 0.5 * (1 + math.cos(math.pi * 0.25)), 600: lr / 2, 1100: 0.0, 2000: 0.0}
+    for t, value in expected.items():
+        np.testing.assert_allclose(float(cosine(t)), value, rtol=1e-5, atol=1e-7 * lr, err_msg=f"cosine schedule at {t}")
+    constant = learning_rate_schedule(lr, schedule="constant")
+    assert float(constant(0)) == float(constant(10**6)) == np.float32(lr)
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate_schedule(lr, schedule="linear")
+
+
+def test_warmup_reaches_the_optimizer(section):
+    params, lr = section, 0.02
+    grads = _grads(params)
+    warm = _first_update(params, grads, learning_rate=lr, weight_decay=0.0, warmup_steps=10, warmup_factor=0.01)
+    flat_g = _flat(grads)
+    for k in warm:
+        np.testing.assert_allclose(warm[k], -lr * 0.01 * flat_g[k], rtol=1e-5, err_msg=k)
+
+
+# --- fine-tuning: frozen BN, frozen stages, AdamW, several real steps ---------------------------
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tiny):
+    """Four AdamW steps of the frozen-BN detector with torchvision's fine-tuning
+    freezes (stem and layer1, every BN affine), on one fixed batch and key."""
+    _, variables = tiny
+    model = tiny_detector(num_classes=NUM_CLASSES, norm_mode="frozen")
+    tx = build_optimizer(
+        variables["params"], optimizer="adamw", learning_rate=1e-3, trainable_backbone_layers=3, freeze_batchnorm=True
+    )
+    state0 = create_train_state(model, variables, tx)
+    step = make_train_step(model, donate=False)
+    state, losses = state0, []
+    for _ in range(4):
+        state, metrics = step(state, make_batch(3), jax.random.key(7))
+        assert bool(metrics["finite"])
+        losses.append(float(metrics["total_loss"]))
+    return state0, state, losses
+
+
+def test_frozen_batchnorm_statistics_do_not_move(fine_tuned):
+    state0, state, _ = fine_tuned
+    assert _bits_equal(state0.batch_stats, state.batch_stats)
+
+
+def test_frozen_stages_and_batchnorm_affine_do_not_move(fine_tuned):
+    state0, state, _ = fine_tuned
+    before, after = _flat(state0.params), _flat(state.params)
+    bn = {k.rsplit("/", 1)[0] for k in before if k.endswith("/scale")}
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    for k in before:
+        parts = k.split("/")
+        if parts[:2] == ["backbone", "net"] and parts[2] in ("stem", "layer1"):
+            assert k not in moved, f"{k} belongs to a frozen stage but changed"
+        if k.rsplit("/", 1)[0] in bn:
+            assert k not in moved, f"{k} is a BatchNorm affine parameter but changed"
+    for k in ("backbone/net/layer2/0/downsample/0/kernel", "backbone/net/layer2/0/conv1/conv/kernel",
+              "backbone/fpn/lateral_convs.0/kernel", "rpn/head/conv/kernel", "fc1/kernel", "cls_score/bias"):
+        assert k in moved, f"{k} is trainable but did not change"
+
+
+def test_adamw_training_lowers_the_loss(fine_tuned):
+    _, _, losses = fine_tuned
+    assert losses[-1] < losses[0] - 0.01, losses
+
+
+# --- mixed precision -------------------------------------------------------------------
+
+
+def test_bfloat16_step_matches_float32(tiny, trainer, first_step):
+    model, variables = tiny
+    _, _, state = trainer
+    _, metrics32 = first_step
+    bf16 = tiny_detector(num_classes=NUM_CLASSES, dtype=jnp.bfloat16)
+    new_state, metrics = make_train_step(bf16, donate=False)(state, make_batch(0), jax.random.key(1))
+    assert bool(metrics["finite"])
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(new_state.params))
+    assert float(metrics["total_loss"]) != float(metrics32["total_loss"])  # it did compute in bfloat16
+    for name in ("total_loss", "rpn_cls_loss", "roi_cls_loss"):
+        np.testing.assert_allclose(float(metrics[name]), float(metrics32[name]), rtol=0.02, err_msg=name)
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def _bad(change):
+    batch = make_batch(0)
+    batch["labels"][~batch["valid"]] = 1
+    batch["valid"][:] = True
+    change(batch)
+    return batch
+
+
+def _set(key, index, value):
+    def change(batch):
+        batch[key][index] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "batch, match",
+    [
+        (_bad(_set("labels", (1, 2), NUM_CLASSES)), r"label 5 of box 2 in image 1 is outside 1\.\.4"),
+        (_bad(_set("labels", (0, 1), -1)), r"label -1 of box 1 in image 0 is outside 1\.\.4"),
+        (_bad(_set("labels", (0, 0), 0)), r"label 0 of box 0 in image 0 .*0 is background"),
+        (_bad(_set("boxes", (1, 3, 2), 0.0)), r"box 3 of image 1 has x2 < x1"),
+        (_bad(_set("boxes", (0, 0, 1), 1e3)), r"box 0 of image 0 has x2 < x1 or y2 < y1"),
+        (_bad(_set("images", (1, 0, 5, 5), np.nan)), r"images contain 1 NaN"),
+        (_bad(_set("images", (0, 2, 0, 0), np.inf)), r"images contain 1 NaN or infinite"),
+        (_bad(_set("boxes", (0, 1, 0), np.nan)), r"boxes contain NaN"),
+        (_bad(lambda b: b.update(boxes=b["boxes"][:1])), r'batch\["boxes"\] has 1 entries but batch\["images"\] has 2'),
+        (_bad(lambda b: b.update(labels=np.concatenate([b["labels"]] * 2))), r'batch\["labels"\] has 4 entries'),
+        (_bad(lambda b: b.update(image_sizes=np.full((3, 2), 128.0, np.float32))), r'batch\["image_sizes"\] has 3 entries'),
+    ],
+)
+def test_bad_batches_are_refused_before_compute(tiny, trainer, batch, match):
+    counted, step, state = trainer
+    traces = counted.traces
+    with pytest.raises(ValueError, match=match):
+        step(state, batch, jax.random.key(0))
+    assert counted.traces == traces
+    # a donating step refuses it too, before it could consume the state
+    donating = make_train_step(tiny[0])
+    with pytest.raises(ValueError, match=match):
+        donating(state, batch, jax.random.key(0))
+    assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(state.params))
+
+
+def test_garbage_in_padding_is_accepted(trainer):
+    _, step, state = trainer
+    batch = make_batch(5)
+    batch["valid"][:, -1] = False
+    batch["labels"][:, -1] = [99, -7]
+    batch["boxes"][:, -1] = [[50, 50, 10, 10], [0, 0, -5, 0]]
+    validate_batch(batch, NUM_CLASSES)
+    _, metrics = step(state, batch, jax.random.key(0))
+    assert bool(metrics["finite"]) and np.isfinite(float(metrics["total_loss"]))
+
+
+# --- non-finite steps ----------------------------------------------------------------
+
+
+def test_non_finite_step_keeps_the_state(trainer):
+    _, step, state = trainer
+    params = jax.tree_util.tree_map(lambda a: a, state.params)
+    params["cls_score"]["bias"] = params["cls_score"]["bias"].at[0].set(jnp.inf)
+    poisoned = state.replace(params=params)
+    new_state, metrics = step(poisoned, make_batch(0), jax.random.key(1))
+    assert not bool(metrics["finite"])
+    assert not np.isfinite(float(metrics["roi_cls_loss"]))
+    assert _bits_equal(new_state.params, poisoned.params)
+    assert _bits_equal(new_state.opt_state, poisoned.opt_state)
+    assert _bits_equal(new_state.batch_stats, poisoned.batch_stats)
+    assert int(new_state.step) == int(poisoned.step)
+
+
+def test_backbone_classifier_is_never_optimised_in_detection(tiny):
+    from lucid_jax.train import param_labels
+
+    for layers in (5, 3, 0):
+        labels = flatten_dict(param_labels(tiny[1]["params"], trainable_backbone_layers=layers))
+        assert labels[("backbone", "net", "fc", "kernel")] == "frozen"
+        assert labels[("backbone", "net", "layer4", "0", "conv1", "conv", "kernel")] == ("backbone" if layers else "frozen")
+        assert labels[("fc1", "kernel")] == "heads"
