@@ -27,22 +27,30 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
-def create_train_state(model, variables, optimizer: optax.GradientTransformation) -> TrainState:
+def create_train_state(model, variables, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None) -> TrainState:
     """A fresh train state at step 0.
+
+    The state holds copies of ``variables``: the train step donates its state,
+    and the caller's arrays stay usable.
 
     Args:
       model: the detector (its ``apply`` becomes the state's ``apply_fn``).
       variables: {"params": ..., "batch_stats": ...} from ``model.init``.
       optimizer: e.g. from ``build_optimizer``.
+      mesh: replicate the state over this mesh (what a sharded step returns).
     """
+    copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731
     state = TrainState.create(
         apply_fn=model.apply,
-        params=variables["params"],
+        params=copy(variables["params"]),
         tx=optimizer,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=copy(variables.get("batch_stats", {})),
     )
     # An int32 array from the start, so the step's input signature never changes.
-    return state.replace(step=jnp.asarray(0, jnp.int32))
+    state = state.replace(step=jnp.asarray(0, jnp.int32))
+    if mesh is not None:
+        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+    return state
 
 
 # --- optimizer -----------------------------------------------------------------------
@@ -264,6 +272,7 @@ def make_train_step(
         return new_state, {**losses, "grad_norm": grad_norm, "finite": finite}
 
     kwargs = {"donate_argnums": (0,) if donate else ()}
+    replicated = None
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
         kwargs.update(
@@ -275,6 +284,10 @@ def make_train_step(
     def step(state: TrainState, batch: dict, rng: jax.Array):
         if validate:
             validate_batch(batch, model.num_classes)
+        if replicated is not None:
+            # The step returns its state replicated on the mesh; a state placed
+            # anywhere else would be a new input signature and a second compile.
+            state = jax.device_put(state, replicated)
         return jitted(state, batch, rng)
 
     step.jitted = jitted  # for lowering, export and cost analysis

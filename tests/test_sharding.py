@@ -35,7 +35,10 @@ plain_state, plain = make_train_step(model, donate=False)(state, batch, rng)
 mesh = data_mesh()
 placed = shard_batch(batch, mesh)
 # the state as it comes (on one device): jit replicates it by its in_shardings
-sharded_state, sharded = make_train_step(model, mesh=mesh, donate=False)(state, placed, rng)
+sharded_step = make_train_step(model, mesh=mesh, donate=False)
+sharded_state, sharded = sharded_step(state, placed, rng)
+# a second step reuses the compiled program: the state it returned is already in place
+jax.block_until_ready(sharded_step(sharded_state, shard_batch(make_batch(22, batch=8), mesh), jax.random.key(4)))
 
 images = placed["images"]
 leaves = jax.tree_util.tree_leaves(sharded_state.params) + jax.tree_util.tree_leaves(sharded_state.batch_stats)
@@ -55,6 +58,7 @@ print("RESULT " + json.dumps({
     "targets_sharded": all(len(placed[k].sharding.device_set) == 8 and placed[k].sharding.spec == PartitionSpec("data") for k in placed),
     "state_replicated": all(leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8 for leaf in leaves),
     "step": int(sharded_state.step),
+    "compiles": sharded_step.jitted._cache_size(),
 }))
 """
 
@@ -90,6 +94,7 @@ def test_sharded_step_matches_unsharded():
     assert result["targets_sharded"] and result["state_replicated"]
     # the same update as on one device
     assert result["finite"] == [True, True] and result["step"] == 1
+    assert result["compiles"] == 1
     assert result["param_change"] > 1e-4  # the step did move the params
     assert result["params_diff"] <= 1e-5, result
     assert result["batch_stats_diff"] <= 1e-5, result
