@@ -24,6 +24,24 @@ NORM_MODES = ("batch", "frozen")
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+@jax.custom_jvp
+def residual_relu(x: jax.Array) -> jax.Array:
+    """``jax.nn.relu`` (same values, -0.0 -> 0.0 and NaN kept, same derivative, 0 at 0),
+    written as a select so that XLA materialises the residual stream.
+
+    ``max(x, 0)`` reads no more bytes than it writes, so XLA's fusion pass may
+    duplicate it, and with it the whole chain of BatchNorm + residual adds behind it,
+    into every consumer: on CPU each block's output was recomputed from the first
+    block of its stage, over and over (quadratic in depth: about half of the
+    ResNet-101 detector's training step at 512x512). A select also reads the
+    predicate, so XLA stores each block's output once and the consumers read it.
+    """
+    return jnp.where(x <= 0, jnp.zeros_like(x), x)
+
+
+residual_relu.defjvps(lambda g, ans, x: jnp.where(x > 0, g, jnp.zeros_like(g)))
+
+
 class ConvNorm(nn.Module):
     """A bias-free conv, BatchNorm and optional ReLU; ``child_names`` are Lucid's.
 
@@ -95,7 +113,7 @@ class Bottleneck(nn.Module):
         y = conv(out_ch, 1, relu=False, child_names=("0", "1"), zero_init_scale=True, name="conv3")(y, train)
         if self.project:
             x = conv(out_ch, 1, self.stride, relu=False, child_names=("0", "1"), name="downsample")(x, train)
-        return nn.relu(x + y)
+        return residual_relu(x + y)
 
 
 class ResNetStage(nn.Module):

@@ -1,0 +1,316 @@
+"""One training step of lucid_jax's Faster R-CNN ResNet-101 FPN against torchvision's, on CPU.
+
+    python benchmarks/bench_train.py [--size 512] [--batch 2] [--steps 5] [--trainable-layers 3]
+                                     [--config lucid|torchvision] [--profile] [--no-rss]
+
+Both sides train the same synthetic batch (random images in [0, 1], ``--boxes``
+random boxes per image, labels 1..20) at size x size with the same trainable stages:
+
+- ours: ``faster_rcnn_resnet_101_fpn(num_classes=21, norm_mode="frozen")``, the jitted
+  ``make_train_step`` step, SGD (lr 0.01, momentum 0.9, weight decay 1e-4) from
+  ``build_optimizer(trainable_backbone_layers=N, freeze_batchnorm=True)``. With
+  ``--config torchvision`` it uses ``TORCHVISION_FASTER_RCNN`` instead (3 anchors on
+  P2..P6, 2000 training proposals, ...), the same work as torchvision's model.
+- torchvision: ``FasterRCNN(resnet_fpn_backbone("resnet101", weights=None,
+  trainable_layers=N), num_classes=21, min_size=size, max_size=size)`` in train mode
+  (FrozenBatchNorm2d), loss = sum of the loss dict, backward, ``torch.optim.SGD``
+  (same lr, momentum and weight decay) over the parameters that require grad.
+  ``min_size = max_size = size`` is required: GeneralizedRCNNTransform's default
+  min_size=800 would upsample 512x512 images to 800x800. The script checks the
+  transformed batch is size x size.
+
+What it reports:
+
+- step times: medians over ``--steps`` steps per side, taken in this process with
+  the two sides interleaved (after ``--warmup`` untimed steps each), the ratio of
+  the medians ours / torchvision (below 1: we are faster), and the median of the
+  per-round ratios (each round runs both sides back to back, so it is the most
+  robust figure on a loaded machine);
+- our compile time: trace + lower, XLA compile, and the first call;
+- peak RSS of each side, from a fresh child process per side (``--side ours`` /
+  ``--side torchvision``: build, first step, ``--child-steps`` more steps, then
+  ``getrusage(RUSAGE_SELF).ru_maxrss``), with that child's own step times;
+- FLOPs per step: ours from XLA's ``cost_analysis()`` of the compiled step,
+  torchvision's from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
+  convolutions only), the achieved GFLOP/s, and a float32 ceiling measured as the
+  best of a few 4096x4096 matmuls (jnp.dot and torch.mm);
+- with ``--profile``: where our step's time goes, from a jax.profiler trace of
+  ``--profile-steps`` steps, per detector component (forward / backward) and per
+  op kind, plus torchvision's top ops from torch.profiler.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common as C  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=512, help="image height and width (multiple of 32)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per side (interleaved)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per side after the first call")
+    p.add_argument("--trainable-layers", type=int, default=3, help="trainable backbone stages, both sides")
+    p.add_argument("--boxes", type=int, default=4, help="ground-truth boxes per image")
+    p.add_argument("--config", choices=("lucid", "torchvision"), default="lucid",
+                   help="our model: the seed's (lucid) or TORCHVISION_FASTER_RCNN")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--no-rss", action="store_true", help="skip the per-side child processes")
+    p.add_argument("--child-steps", type=int, default=2, help="steps after the first one in each child")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling")
+    p.add_argument("--profile", action="store_true", help="also profile where our step's time goes")
+    p.add_argument("--profile-steps", type=int, default=1)
+    p.add_argument("--side", choices=("both", "ours", "torchvision"), default="both",
+                   help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)")
+    args = p.parse_args(argv)
+    if args.size % 32:
+        p.error(f"--size must be a multiple of 32, got {args.size}")
+    return args
+
+
+def child_argv(args):
+    """The arguments a child needs to build the same step."""
+    return [
+        "--size", str(args.size), "--batch", str(args.batch), "--boxes", str(args.boxes),
+        "--trainable-layers", str(args.trainable_layers), "--config", args.config,
+        "--lr", str(args.lr), "--child-steps", str(args.child_steps),
+    ]
+
+
+# --- the two steps ------------------------------------------------------------------
+
+
+def build_ours(args, batch):
+    """Our jitted train step on ``batch``, ready to call.
+
+    Returns a dict with "run" (one blocking step), "box" (the current "state" and
+    last "metrics"), "step", "batch" (on device), "init_s" and "model".
+    The parameters are initialised on a 1x3x64x64 image (they do not depend on the
+    image size), which compiles faster than an init at full size.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lucid_jax.train import build_optimizer, create_train_state, make_train_step
+
+    model = C.ours_model(args.config, norm_mode="frozen")
+    start = time.perf_counter()
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 3, 64, 64), jnp.float32))
+    jax.block_until_ready(variables)
+    init_s = time.perf_counter() - start
+    tx = build_optimizer(
+        variables["params"],
+        learning_rate=args.lr,
+        momentum=0.9,
+        weight_decay=1e-4,
+        trainable_backbone_layers=args.trainable_layers,
+        freeze_batchnorm=True,
+    )
+    box = {"state": create_train_state(model, variables, tx), "i": 0}
+    del variables
+    step = make_train_step(model)
+    jbatch = {k: jax.device_put(v) for k, v in batch.items()}
+    keys = [jax.random.key(i) for i in range(1000)]
+
+    def run():
+        box["state"], metrics = step(box["state"], jbatch, keys[box["i"] % len(keys)])
+        box["i"] += 1
+        jax.block_until_ready((box["state"], metrics))
+        box["metrics"] = metrics
+
+    return {"run": run, "box": box, "step": step, "batch": jbatch, "init_s": init_s, "model": model}
+
+
+def build_torchvision(args, batch):
+    """torchvision's training step on the same batch; returns a dict with "run"."""
+    import torch
+
+    model = C.torchvision_model(args.size, trainable_layers=args.trainable_layers)
+    images = [torch.from_numpy(x) for x in batch["images"]]
+    C.check_torchvision_size(model, images, args.size)
+    targets = C.torchvision_targets(batch)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    box = {}
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        loss.backward()
+        optimizer.step()
+        box["metrics"] = {k: float(v.detach()) for k, v in losses.items()}
+
+    return {"run": run, "box": box, "model": model, "params": params}
+
+
+def torchvision_flops(tv):
+    """FLOPs of one torchvision step (matmuls and convolutions, forward and backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        tv["run"]()
+    return float(counter.get_total_flops())
+
+
+# --- modes --------------------------------------------------------------------------
+
+
+def run_child_side(args):
+    """One side alone: build, first step, a few steps; print the JSON result."""
+    batch = C.synthetic_batch(args.batch, args.size, args.boxes)
+    if args.side == "ours":
+        side = build_ours(args, batch)
+    else:
+        side = build_torchvision(args, batch)
+    first = C.time_call(side["run"])
+    times = [C.time_call(side["run"]) for _ in range(args.child_steps)]
+    C.emit_result({
+        "side": args.side,
+        "first_call_s": first,
+        "times_s": times,
+        "median_s": C.median(times),
+        "peak_rss_mib": C.peak_rss_mib(),
+    })
+
+
+def profile_ours(ours, compiled_text, steps):
+    """Print where our step's time goes."""
+    op_times, wall = C.trace_op_times(ours["run"], steps, tempfile.mkdtemp(prefix="bench_train_trace_"))
+    rows, kinds, top = C.op_breakdown(compiled_text, op_times)
+    busy = sum(op_times.values())
+    print(f"\n## Profile of our step (jax.profiler, {steps} step(s), wall {wall:.2f} s/step, "
+          f"op busy time {busy:.2f} s/step; ops on the two threads overlap, so busy > wall)")
+    print("\nBy component (fwd = forward, bwd = backward; % of op busy time):")
+    C.print_table(
+        [(c, d or "-", f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}", n) for c, d, s, n in rows],
+        ["component", "pass", "ms/step", "%", "ops"],
+    )
+    print("\nBy op kind:")
+    C.print_table(
+        [(k, f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}") for k, s in sorted(kinds.items(), key=lambda kv: -kv[1])],
+        ["kind", "ms/step", "%"],
+    )
+    print("\nLargest single ops:")
+    C.print_table(
+        [(name, comp, d or "-", kind, f"{1e3 * s:.0f}") for s, name, comp, d, kind in top[:15]],
+        ["hlo op", "component", "pass", "kind", "ms/step"],
+    )
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        import torch  # noqa: F401
+        import torchvision  # noqa: F401
+    except ImportError:
+        sys.exit(C.TV_MISSING)
+    if args.side != "both":
+        return run_child_side(args)
+
+    import jax
+
+    print(f"# bench_train: Faster R-CNN ResNet-101 FPN training step, {args.batch}x3x{args.size}x{args.size}, "
+          f"trainable backbone layers {args.trainable_layers}, our config '{args.config}'")
+    print(C.environment_line())
+
+    children = {}
+    if not args.no_rss:
+        script = os.path.abspath(__file__)
+        for side in ("ours", "torchvision"):
+            print(f"running the '{side}' child for its peak RSS ...", flush=True)
+            children[side] = C.run_child(script, child_argv(args), side)
+
+    batch = C.synthetic_batch(args.batch, args.size, args.boxes)
+    print("building our step ...", flush=True)
+    ours = build_ours(args, batch)
+    state, jbatch = ours["box"]["state"], ours["batch"]
+    rng = jax.random.key(0)
+    start = time.perf_counter()
+    lowered = ours["step"].jitted.lower(state, jbatch, rng)
+    lower_s = time.perf_counter() - start
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start - lower_s
+    first_s = C.time_call(ours["run"])  # the jitted call reuses the executable compiled above
+    flops, bytes_accessed = C.xla_cost(compiled)
+    compiled_text = compiled.as_text() if args.profile else None
+    del lowered, compiled, state
+
+    print("building torchvision's step ...", flush=True)
+    tv = build_torchvision(args, batch)
+    tv_first_s = C.time_call(tv["run"])
+
+    print(f"timing {args.steps} interleaved steps per side ...", flush=True)
+    times = C.interleaved({"ours": ours["run"], "torchvision": tv["run"]}, args.steps, warmup=args.warmup)
+    tv_flops = torchvision_flops(tv)
+    ceiling = None if args.no_ceiling else C.matmul_ceiling()
+
+    ours_med, tv_med = C.median(times["ours"]), C.median(times["torchvision"])
+    round_ratios = [o / t for o, t in zip(times["ours"], times["torchvision"])]
+    best_ceiling = max(v for v in ceiling.values() if v) if ceiling else None
+
+    def pct(gflops):
+        return f"{100 * gflops / best_ceiling:.0f}%" if best_ceiling else "-"
+
+    print(f"\n## Step time ({args.steps} steps per side, interleaved in one process, after {args.warmup} warm-up)")
+    rows = []
+    for name, med, fl in (("ours (jit)", ours_med, flops), ("torchvision", tv_med, tv_flops)):
+        key = "ours" if name.startswith("ours") else "torchvision"
+        achieved = fl / med / 1e9
+        rows.append((name, f"{med:.2f}", C.spread(times[key]), f"{fl / 1e9:.0f}", f"{achieved:.0f}", pct(achieved)))
+    C.print_table(rows, ["side", "median s", "min..max s", "GFLOP/step", "GFLOP/s", "of ceiling"])
+    print(f"ratio ours / torchvision: {ours_med / tv_med:.2f}x (medians), "
+          f"{C.median(round_ratios):.2f}x (median of per-round ratios: "
+          f"{', '.join(f'{r:.2f}' for r in round_ratios)})")
+    print("GFLOP/step: ours from XLA cost_analysis (every HLO op, elementwise included), "
+          "torchvision from FlopCounterMode (matmuls and convolutions only).")
+    print(f"our step's bytes accessed (XLA): {bytes_accessed / 2**30:.1f} GiB; "
+          f"arithmetic intensity {flops / bytes_accessed:.1f} FLOP/byte")
+    if ceiling:
+        tv_part = f", torch.mm {ceiling['torch']:.0f}" if ceiling.get("torch") else ""
+        print(f"float32 ceiling (best 4096^3 matmul): jnp.dot {ceiling['jax']:.0f} GFLOP/s{tv_part}; "
+              f"'of ceiling' uses the larger, {best_ceiling:.0f} GFLOP/s")
+
+    print("\n## Compile time and memory")
+    rows = [
+        ("ours: init (jit(model.init) at 64x64)", f"{ours['init_s']:.1f} s"),
+        ("ours: trace + lower the step", f"{lower_s:.1f} s"),
+        ("ours: XLA compile", f"{compile_s:.1f} s"),
+        ("ours: first call after compile", f"{first_s:.1f} s"),
+        ("torchvision: first step", f"{tv_first_s:.1f} s"),
+    ]
+    for side in ("ours", "torchvision"):
+        res = children.get(side)
+        if res:
+            first = "first call incl. trace+compile" if side == "ours" else "first step"
+            rows += [
+                (f"{side} child: peak RSS", f"{res['peak_rss_mib']:.0f} MiB"),
+                (f"{side} child: {first}", f"{res['first_call_s']:.1f} s"),
+                (f"{side} child: median of {len(res['times_s'])} more steps (alone)", f"{res['median_s']:.2f} s"),
+            ]
+        elif not args.no_rss:
+            rows.append((f"{side} child", "failed (see stderr)"))
+    C.print_table(rows, ["what", "value"])
+    if children.get("ours") and children.get("torchvision"):
+        print(f"peak RSS ours / torchvision: {children['ours']['peak_rss_mib'] / children['torchvision']['peak_rss_mib']:.2f}x "
+              "(each side in its own process; ours includes XLA's compile)")
+
+    m_ours = {k: float(v) for k, v in ours["box"]["metrics"].items()}
+    print("\nlast losses, ours: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(m_ours.items())))
+    print("last losses, torchvision: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(tv["box"]["metrics"].items())))
+
+    if args.profile:
+        profile_ours(ours, compiled_text, args.profile_steps)
+        C.profile_torch(tv["run"], "torchvision's top ops over one step")
+    return {"ours_s": ours_med, "torchvision_s": tv_med, "ratio": ours_med / tv_med}
+
+
+if __name__ == "__main__":
+    main()
