@@ -7,7 +7,7 @@ Both sides train the same synthetic batch (random images in [0, 1], ``--boxes``
 random boxes per image, labels 1..20) at size x size with the same trainable stages:
 
 - ours: ``faster_rcnn_resnet_101_fpn(num_classes=21, norm_mode="frozen")``, the jitted
-  ``make_train_step`` step, SGD (lr 0.01, momentum 0.9, weight decay 1e-4) from
+  ``make_train_step(frozen=...)`` step (frozen parameters get no gradient work), SGD (lr 0.01, momentum 0.9, weight decay 1e-4) from
   ``build_optimizer(trainable_backbone_layers=N, freeze_batchnorm=True)``. With
   ``--config torchvision`` it uses ``TORCHVISION_FASTER_RCNN`` instead (3 anchors on
   P2..P6, 2000 training proposals, ...), the same work as torchvision's model.
@@ -97,7 +97,7 @@ def build_ours(args, batch):
     import jax
     import jax.numpy as jnp
 
-    from lucid_jax.train import build_optimizer, create_train_state, make_train_step
+    from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
 
     model = C.ours_model(args.config, norm_mode="frozen")
     start = time.perf_counter()
@@ -112,9 +112,11 @@ def build_ours(args, batch):
         trainable_backbone_layers=args.trainable_layers,
         freeze_batchnorm=True,
     )
+    # the same labels freeze parameters in the optimizer and skip their gradients in the step
+    frozen = param_labels(variables["params"], trainable_backbone_layers=args.trainable_layers, freeze_batchnorm=True)
     box = {"state": create_train_state(model, variables, tx), "i": 0}
     del variables
-    step = make_train_step(model)
+    step = make_train_step(model, frozen=frozen)
     jbatch = {k: jax.device_put(v) for k, v in batch.items()}
     keys = [jax.random.key(i) for i in range(1000)]
 

@@ -22,7 +22,7 @@ from lucid_jax.checkpoint import Checkpointer, CheckpointError
 from lucid_jax.data import COCODataset, DatasetError, Loader, ShapesDataset, VOCDataset, model_inputs, preprocess
 from lucid_jax.evaluation import DetectionEvaluator
 from lucid_jax.models import get_model, list_models
-from lucid_jax.train import build_optimizer, create_train_state, make_train_step
+from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
 
 
 class JobError(RuntimeError):
@@ -136,7 +136,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True)
             if saved.get("config", {}).get("model") != config.model:
                 raise JobError(f"{out} holds a checkpoint of {saved.get('config', {}).get('model')!r}, not {config.model!r}")
             start = int(state.step)
-        step_fn = make_train_step(model)
+        step_fn = make_train_step(model, frozen=param_labels(state.params))
         log = open(out / "log.jsonl", "a")
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
         last, started = {}, time.perf_counter()

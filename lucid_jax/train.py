@@ -209,6 +209,10 @@ def validate_batch(batch: dict, num_classes: int) -> None:
         raise ValueError(f"box {j} of image {i} has x2 < x1 or y2 < y1: {boxes[i, j].tolist()} (boxes are xyxy)")
 
 
+def _is_frozen(label) -> bool:
+    return label == "frozen" if isinstance(label, str) else bool(label)
+
+
 def data_mesh(devices=None, axis: str = "data") -> Mesh:
     """A 1-D mesh over all (global) devices, for data parallelism."""
     devices = jax.devices() if devices is None else devices
@@ -232,6 +236,7 @@ def make_train_step(
     data_axis: str = "data",
     donate: bool = True,
     validate: bool = True,
+    frozen: Any = None,
 ) -> Callable:
     """Build ``step(state, batch, rng) -> (state, metrics)``, jit-compiled.
 
@@ -240,6 +245,11 @@ def make_train_step(
       mesh: shard the batch over ``mesh``'s ``data_axis``, replicate the state.
       donate: donate the incoming state's buffers (do not reuse it afterwards).
       validate: check the batch's values on the host first (``validate_batch``).
+      frozen: the labels of ``param_labels`` (or a pytree of bools, True =
+        frozen) given to ``build_optimizer``. Frozen parameters are held
+        constant in the differentiation, so their gradients (and the backward
+        pass through frozen early stages) are never computed; their gradient is
+        zero and ``grad_norm`` covers the trainable parameters only.
 
     The batch is {"images": [B, 3, H, W], "boxes": [B, M, 4], "labels": [B, M],
     "valid": [B, M]} plus optional "image_sizes" [B, 2]. Metrics hold every loss,
@@ -252,6 +262,10 @@ def make_train_step(
         targets = {k: batch[k] for k in TARGET_KEYS}
 
         def loss_fn(params):
+            if frozen is not None:
+                params = jax.tree_util.tree_map(
+                    lambda p, f: jax.lax.stop_gradient(p) if _is_frozen(f) else p, params, frozen
+                )
             losses, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
                 batch["images"],

@@ -428,3 +428,23 @@ def test_backbone_classifier_is_never_optimised_in_detection(tiny):
         assert labels[("backbone", "net", "fc", "kernel")] == "frozen"
         assert labels[("backbone", "net", "layer4", "0", "conv1", "conv", "kernel")] == ("backbone" if layers else "frozen")
         assert labels[("fc1", "kernel")] == "heads"
+
+
+def test_frozen_parameters_get_no_gradient_work(tiny):
+    """With ``frozen=`` the step holds frozen params constant: same update, no grads for them."""
+    model, variables = tiny
+    labels = param_labels(variables["params"], trainable_backbone_layers=3)
+    optimizer = build_optimizer(variables["params"], learning_rate=0.01, trainable_backbone_layers=3)
+    batch, rng = make_batch(3), jax.random.key(7)
+    plain = make_train_step(model, donate=False)
+    skipping = make_train_step(model, donate=False, frozen=labels)
+    state = create_train_state(model, variables, optimizer)
+    a, ma = plain(state, batch, rng)
+    b, mb = skipping(state, batch, rng)
+    for x, y in zip(jax.tree_util.tree_leaves(a.params), jax.tree_util.tree_leaves(b.params)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(ma["total_loss"]), float(mb["total_loss"]), rtol=1e-6)
+    assert float(mb["grad_norm"]) < float(ma["grad_norm"])  # frozen stages no longer count
+    # the compiled step really has less work: fewer convolutions in the backward pass
+    count = lambda step: step.jitted.lower(state, batch, rng).as_text().count("stablehlo.convolution")  # noqa: E731
+    assert count(skipping) < count(plain)

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lucid_jax.models.conv import Conv
 from lucid_jax.models.resnet import ResNet
 
 
@@ -48,7 +49,7 @@ class FPN(nn.Module):
         """
         n = len(features)
         laterals = [
-            nn.Conv(self.out_channels, (1, 1), dtype=self.dtype, name=f"lateral_convs.{i}")(f)
+            Conv(self.out_channels, (1, 1), dtype=self.dtype, name=f"lateral_convs.{i}")(f)
             for i, f in enumerate(features)
         ]
         merged = [None] * n
@@ -56,7 +57,7 @@ class FPN(nn.Module):
         for i in range(n - 2, -1, -1):
             merged[i] = laterals[i] + upsample_nearest_2x(merged[i + 1])
         outputs = [
-            nn.Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"output_convs.{i}")(m)
+            Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"output_convs.{i}")(m)
             for i, m in enumerate(merged)
         ]
         if self.extra_p6:

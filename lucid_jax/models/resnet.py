@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lucid_jax.models.conv import Conv
 from lucid_jax.models.inputs import check_images
 
 NORM_MODES = ("batch", "frozen")
@@ -63,7 +64,7 @@ class ConvNorm(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         """x: [B, H, W, C_in] -> [B, H / stride, W / stride, features]."""
         pad = self.kernel_size // 2
-        x = nn.Conv(
+        x = Conv(
             self.features,
             (self.kernel_size, self.kernel_size),
             strides=(self.stride, self.stride),

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from lucid_jax import ops
 from lucid_jax.models.anchors import cell_anchors, grid_anchors
+from lucid_jax.models.conv import Conv
 
 
 class RPNHead(nn.Module):
@@ -26,9 +27,9 @@ class RPNHead(nn.Module):
     def __call__(self, features: Sequence[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
         """Per level: [B, H, W, C] -> objectness [B, H*W*A], deltas [B, H*W*A, 4]."""
         init = nn.initializers.normal(0.01)  # Faster R-CNN's RPN init
-        conv = nn.Conv(features[0].shape[-1], (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, dtype=self.dtype, name="conv")
-        cls = nn.Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="cls_logits")
-        box = nn.Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="bbox_pred")
+        conv = Conv(features[0].shape[-1], (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, dtype=self.dtype, name="conv")
+        cls = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="cls_logits")
+        box = Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="bbox_pred")
         objectness, deltas = [], []
         for f in features:
             b = f.shape[0]
