@@ -16,7 +16,6 @@ a non-zero exit code.
 import argparse
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
@@ -100,6 +99,7 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
+    import jax
     import numpy as np
 
     from lucid_jax import runner, viz
@@ -109,8 +109,6 @@ def _predict(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = [load_image(p) for p in args.images]  # fails on the first unreadable path
-    import jax
-
     predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", score_thresh=args.score_thresh))
     results = []
     for path, image in zip(args.images, images):
@@ -279,5 +277,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.exit(main())

@@ -8,7 +8,6 @@ a step budget that runs in well under three minutes on a 2-core CPU.
 import time
 
 import jax
-import pytest
 
 from lucid_jax.data import Loader, ShapesDataset, model_inputs
 from lucid_jax.evaluation import evaluate
