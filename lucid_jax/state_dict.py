@@ -53,9 +53,19 @@ def _entries(variables: Mapping) -> dict[str, tuple[tuple, Any]]:
     return out
 
 
-def _is_detector(variables: Mapping) -> bool:
+def is_detector(variables: Mapping) -> bool:
+    """True for a detector's variables (a backbone and an RPN), False for a bare ResNet."""
     params = variables.get("params", {})
     return "backbone" in params and "rpn" in params
+
+
+def _torch_shape(flax_shape: tuple) -> tuple:
+    return tuple(flax_shape[i] for i in _TRANSPOSES[len(flax_shape)]) if len(flax_shape) in _TRANSPOSES else flax_shape
+
+
+def torch_layout_shapes(variables: Mapping) -> dict[str, tuple]:
+    """Lucid name -> shape in Lucid's (torch) layout, for every parameter and statistic."""
+    return {name: _torch_shape(tuple(np.shape(leaf))) for name, (_, leaf) in _entries(variables).items()}
 
 
 def _buffers(model=None) -> dict[str, np.ndarray]:
@@ -92,7 +102,7 @@ def to_state_dict(variables: Mapping, *, model=None) -> dict[str, np.ndarray]:
     for name, (_, leaf) in _entries(variables).items():
         arr = np.asarray(leaf)
         flat[name] = np.ascontiguousarray(arr.transpose(_TRANSPOSES[arr.ndim]) if arr.ndim in _TRANSPOSES else arr)
-    if _is_detector(variables):
+    if is_detector(variables):
         for name in [k for k in flat if k.startswith(_STEM_ALIAS[1])]:
             flat[_STEM_ALIAS[0] + name[len(_STEM_ALIAS[1]) :]] = flat[name].copy()
         flat.update(_buffers(model))
@@ -122,7 +132,7 @@ def from_state_dict(variables: Mapping, flat: Mapping[str, Any], strict: bool = 
         with both shapes for the latter.
     """
     entries = _entries(variables)
-    buffers = _buffers(model) if _is_detector(variables) else {}
+    buffers = _buffers(model) if is_detector(variables) else {}
     given = {k: v for k, v in flat.items() if not k.endswith(_IGNORED_SUFFIXES)}
     if buffers:
         for alias in [k for k in given if k.startswith(_STEM_ALIAS[0])]:
@@ -135,8 +145,7 @@ def from_state_dict(variables: Mapping, flat: Mapping[str, Any], strict: bool = 
             missing.append(name)
             continue
         arr = np.asarray(given[name])
-        expected = np.shape(leaf)
-        torch_shape = tuple(expected[i] for i in _TRANSPOSES[len(expected)]) if len(expected) in _TRANSPOSES else expected
+        torch_shape = _torch_shape(tuple(np.shape(leaf)))
         if arr.shape != torch_shape:
             mismatched.append(f"{name}: state dict has shape {arr.shape}, model expects {torch_shape}{_hint(name)}")
             continue
@@ -219,10 +228,22 @@ def _rename(name: str, rules) -> str:
     return name
 
 
+def rename_torchvision_resnet_key(key: str) -> str:
+    """``layer1.0.bn2.weight`` -> ``layer1.0.conv2.bn.weight`` (Lucid's classifier names)."""
+    return _rename(key, _TV_RESNET_RULES)
+
+
+def rename_torchvision_faster_rcnn_key(key: str) -> str:
+    """``backbone.body.layer1.0.conv1.weight`` -> ``backbone.net.layer1.0.conv1.conv.weight``, etc."""
+    if key.startswith("backbone.body."):
+        key = "backbone.net." + rename_torchvision_resnet_key(key[len("backbone.body.") :])
+    return _rename(key, _TV_DETECTOR_RULES)
+
+
 def from_torchvision_resnet(tv_state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Rename a torchvision ResNet-50/101 state dict to Lucid's classifier names."""
     return {
-        _rename(k, _TV_RESNET_RULES): np.asarray(v)
+        rename_torchvision_resnet_key(k): np.asarray(v)
         for k, v in tv_state_dict.items()
         if not k.endswith(_IGNORED_SUFFIXES)
     }
@@ -235,58 +256,92 @@ def from_torchvision_faster_rcnn(tv_state_dict: Mapping[str, Any]) -> dict[str, 
     with ``TORCHVISION_FASTER_RCNN``; only ``backbone.net.fc`` is missing, since
     torchvision's detector drops the classifier.
     """
-    out = {}
-    for k, v in tv_state_dict.items():
-        if k.endswith(_IGNORED_SUFFIXES):
-            continue
-        if k.startswith("backbone.body."):
-            k = "backbone.net." + _rename(k[len("backbone.body.") :], _TV_RESNET_RULES)
-        out[_rename(k, _TV_DETECTOR_RULES)] = np.asarray(v)
-    return out
+    return {
+        rename_torchvision_faster_rcnn_key(k): np.asarray(v)
+        for k, v in tv_state_dict.items()
+        if not k.endswith(_IGNORED_SUFFIXES)
+    }
 
 
 # --- files ------------------------------------------------------------------
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a flat state dict from ``.safetensors``, ``.npz`` or ``.pth``/``.pt``.
+    """Read a flat state dict from ``.lcd``, ``.safetensors``, ``.npz`` or ``.pth``/``.pt``.
 
-    ``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses
-    arbitrary pickled objects; ``.npz`` with ``allow_pickle=False``.
+    ``.lcd`` (Lucid's own format) is read by a restricted unpickler
+    (``lucid_jax.lcd``); ``.pth`` with ``torch.load(weights_only=True)``, which
+    refuses arbitrary pickled objects; ``.npz`` with ``allow_pickle=False``. A
+    ``.pth`` holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+
+    Raises:
+      FileNotFoundError: no such file.
+      StateDictError: an unknown extension, a file that is not a state dict, a
+        refused pickle, or ``.pth`` without torch installed.
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"state dict file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
+    if ext == ".lcd":
+        from lucid_jax.lcd import read_lcd
+
+        return read_lcd(path)
     if ext == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
-        return dict(load_file(path))
-    if ext == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    if ext in (".pth", ".pt", ".bin"):
         try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"reading {path} needs torch; convert it to .safetensors or .npz instead") from e
+            return dict(load_file(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise StateDictError(f"{path} is not a readable .safetensors file ({e})") from None
+    if ext == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:
+            raise StateDictError(f"{path} is not a readable .npz state dict ({e})") from None
+    if ext in (".pth", ".pt", ".bin"):
+        return _load_torch_file(path)
+    raise StateDictError(f"unknown state dict format {ext!r} for {path}; use .lcd, .safetensors, .npz or .pth")
+
+
+def _load_torch_file(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise StateDictError(
+            f"reading {path} needs torch (pip install torch), or convert it to .safetensors first: "
+            "safetensors.torch.save_file(torch.load(PATH, weights_only=True), 'weights.safetensors')"
+        ) from None
+    try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(obj, Mapping):
-            raise StateDictError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-        return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
-    raise ValueError(f"unknown state dict format {ext!r} for {path}; use .safetensors, .npz or .pth")
+    except Exception as e:  # weights_only refuses pickled code with an UnpicklingError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise StateDictError(f"{path}: torch.load(weights_only=True) refused or failed to read it: {first}") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(hasattr(v, "detach") for v in obj.values()):
+        raise StateDictError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+            for k, v in obj.items()}
 
 
 def save_state_dict_file(flat: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a flat state dict as ``.safetensors`` or ``.npz`` (by extension)."""
+    """Write a flat state dict as ``.lcd`` (Lucid's format), ``.safetensors`` or ``.npz`` (by extension)."""
     path = os.fspath(path)
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".safetensors":
+    if ext == ".lcd":
+        from lucid_jax.lcd import write_lcd
+
+        write_lcd(arrays, path)
+    elif ext == ".safetensors":
         from safetensors.numpy import save_file
 
         save_file(arrays, path)
     elif ext == ".npz":
         np.savez(path, **arrays)
     else:
-        raise ValueError(f"unknown state dict format {ext!r} for {path}; use .safetensors or .npz")
+        raise StateDictError(f"unknown state dict format {ext!r} for {path}; use .lcd, .safetensors or .npz")
