@@ -310,6 +310,20 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.step_dir(step)}: cannot read {_META}: {e}") from e
 
+    def restore_variables(self, step: int | None = None) -> dict:
+        """``{"params", "batch_stats"}`` of a step as NumPy arrays, without a model template.
+
+        For reading a run's weights into another model (``lucid_jax.weights``);
+        the step is verified against its manifest first.
+        """
+        step = self._checked_step(step)
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore()}))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {self.step_dir(step)}: orbax failed to restore {_STATE}: {e}") from e
+        tree = restored[_STATE]
+        return {c: jax.tree.map(np.asarray, tree.get(c) or {}) for c in ("params", "batch_stats")}
+
     def restore(self, state_template, step: int | None = None):
         """Restore a step (default: the latest complete one) into ``state_template``.
 

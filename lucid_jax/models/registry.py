@@ -132,3 +132,18 @@ def faster_rcnn_mini_fpn(num_classes: int = 21, backbone_num_classes: int = 1000
         box_batch_size_per_image=128,
     )
     return build_resnet_fpn_faster_rcnn((1, 1, 1, 1), num_classes, backbone_num_classes, **{**defaults, **kwargs})
+
+
+@register_model
+def faster_rcnn_resnet_50_fpn_torchvision(num_classes: int = 91, backbone_num_classes: int = 1000, **kwargs) -> FasterRCNN:
+    """torchvision's ``fasterrcnn_resnet50_fpn`` architecture (``TORCHVISION_FASTER_RCNN``),
+    to fine-tune a torchvision FasterRCNN state dict; COCO's 91 classes by default."""
+    return build_resnet_fpn_faster_rcnn((3, 4, 6, 3), num_classes, backbone_num_classes,
+                                        **{**TORCHVISION_FASTER_RCNN, **kwargs})
+
+
+@register_model
+def faster_rcnn_resnet_101_fpn_torchvision(num_classes: int = 91, backbone_num_classes: int = 1000, **kwargs) -> FasterRCNN:
+    """torchvision's FasterRCNN on a ResNet-101 FPN backbone (``TORCHVISION_FASTER_RCNN``)."""
+    return build_resnet_fpn_faster_rcnn((3, 4, 23, 3), num_classes, backbone_num_classes,
+                                        **{**TORCHVISION_FASTER_RCNN, **kwargs})
