@@ -24,22 +24,31 @@ from pathlib import Path
 EXIT_USAGE = 2
 
 
-def _config(args):
+def _given(args) -> dict:
+    """The TrainConfig fields the user set on the command line (flags default to None)."""
     from lucid_jax.runner import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
+
+
+def _config(args, overrides=None):
+    """(TrainConfig, names given): TrainConfig's defaults, then ``overrides``, then the flags."""
+    from lucid_jax.runner import TrainConfig
+
+    given = _given(args)
+    return TrainConfig(**{**(overrides or {}), **given}), set(given)
 
 
 def _demo(args) -> int:
     from lucid_jax import runner, viz
 
-    config = _config(args)
+    config, given = _config(args, runner.DEMO_OVERRIDES)
     out = Path(args.out)
     start = time.perf_counter()
     print(f"training {config.model} on synthetic shapes for {config.steps} steps "
           f"(batch {config.batch_size}, {config.image_size}x{config.image_size}) into {out}")
-    runner.train(config, out, progress=not args.no_progress)
+    runner.train(config, out, given=given | set(runner.DEMO_OVERRIDES), progress=not args.no_progress)
     train_s = time.perf_counter() - start
     model, variables, class_names, config = runner.load_trained(out)
     held_out = runner.open_dataset("shapes", "val", shapes_examples=config.shapes_train_examples, image_size=config.image_size)
@@ -74,7 +83,8 @@ def _pad_targets(targets: dict) -> dict:
 def _train(args) -> int:
     from lucid_jax import runner
 
-    last = runner.train(_config(args), args.out, progress=not args.no_progress)
+    config, given = _config(args)
+    last = runner.train(config, args.out, given=given, progress=not args.no_progress)
     print(json.dumps(last))
     return 0
 
@@ -135,9 +145,13 @@ def _predict(args) -> int:
     return 0
 
 
+BENCHMARKS = {"ops": "bench_ops.py", "predict": "bench_predict.py", "train": "bench_train.py"}
+
+
 def _bench(args) -> int:
+    """Run the named benchmark scripts (all of them when none is named)."""
     root = Path(__file__).resolve().parent.parent / "benchmarks"
-    scripts = {"ops": "bench_ops.py", "predict": "bench_predict.py", "train": "bench_train.py"}
+    scripts = BENCHMARKS
     names = args.which or list(scripts)
     if not root.is_dir():
         raise FileNotFoundError(f"the benchmarks are in the source checkout ({root} not found); run from a clone")
@@ -179,75 +193,122 @@ def _seed(args) -> int:
     return 0
 
 
-def _add_training_flags(p, *, steps: int, batch_size: int) -> None:
-    p.add_argument("--model", default="faster_rcnn_mini_fpn", help="a registered model name (see lucid_jax.models.list_models())")
-    p.add_argument("--image-size", dest="image_size", type=int, default=128, help="square canvas, a multiple of 32")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=batch_size)
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
-    p.add_argument("--backbone-lr-mult", dest="backbone_lr_mult", type=float, default=1.0)
-    p.add_argument("--max-boxes", dest="max_boxes", type=int, default=16, help="objects per image kept (padding size)")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=200)
-    p.add_argument("--log-every", dest="log_every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", dest="num_workers", type=int, default=2)
+def _add_training_flags(p, overrides: dict, *, skip=()) -> None:
+    """One flag per TrainConfig field, defaulting to None so that the run knows
+    which flags were given; the help shows the effective default."""
+    from lucid_jax.runner import TrainConfig, detector_names
+
+    defaults = TrainConfig(**overrides)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in skip:
+            continue
+        meta = dict(field.metadata)
+        help_text = meta.pop("help")
+        if meta.get("choices") == "models":  # checked later, so that a typo is one line naming the known ones
+            del meta["choices"]
+            help_text += f": {', '.join(detector_names())}"
+        value = getattr(defaults, field.name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        shown = "none" if shown in (None, "") else shown
+        if isinstance(meta.get("choices"), range):
+            meta["metavar"] = f"{{{meta['choices'].start}..{meta['choices'].stop - 1}}}"
+        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
+                       help=f"{help_text} (default: {shown})".replace("%", "%%"), **meta)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _detector_names() -> list[str]:
+    from lucid_jax.runner import detector_names
+
+    return detector_names()
+
+
+def runner_demo_overrides() -> dict:
+    from lucid_jax.runner import DEMO_OVERRIDES
+
+    return dict(DEMO_OVERRIDES)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"lucid-jax: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lucid-jax", description="Faster R-CNN (ResNet FPN) in JAX.")
+    parser = _Parser(prog="lucid-jax", description="Faster R-CNN (ResNet FPN) in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train on synthetic shapes, report AP on held-out images, draw detections")
-    p.add_argument("--out", default="runs/demo")
-    _add_training_flags(p, steps=800, batch_size=8)
-    p.set_defaults(func=_demo, data="shapes")
+    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    _add_training_flags(p, runner_demo_overrides(), skip=("data", "init", "split", "classes"))
+    p.set_defaults(func=_demo)
 
-    p = sub.add_parser("train", help="train a detector; resumes from --out")
-    p.add_argument("--data", required=True, help="shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl)")
-    _add_training_flags(p, steps=1000, batch_size=8)
+    p = sub.add_parser("train", help="train a detector; resumes from --out",
+                       description="Train a detector. Run again with the same --out to resume: flags not given "
+                       "take the run's stored values, and a changed setting is refused, except --steps, "
+                       "--num-workers, --log-every, --checkpoint-every and --keep-checkpoints.")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, init_report.json)")
+    _add_training_flags(p, {})
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="AP, AP50, AP75 and per-class AP of a trained checkpoint, as JSON")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
     p.add_argument("--checkpoint", required=True, help="a train --out directory")
-    p.add_argument("--split", default="val", help="shapes: val (held out); VOC: ImageSets/Main/<split>.txt if present")
-    p.add_argument("--model", default=None, help="expected architecture (default: the checkpoint's)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--split", default="val", help="shapes: val (held out); VOC: ImageSets/Main/<split>.txt, or all "
+                   "to score every image (default: val)")
+    p.add_argument("--model", default=None, help="the architecture expected in the checkpoint, one of "
+                   f"{', '.join(_detector_names())} (default: the checkpoint's)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                   help="images per predict call (default: the run's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="draw detections on image files and write them as PNG and JSON")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", default=None)
-    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=0.5)
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--checkpoint", required=True, help="a train --out directory")
+    p.add_argument("--out", required=True, help="folder for the drawings and detections.json")
+    p.add_argument("--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)")
+    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=0.5,
+                   help="detections drawn and listed score at least this (default: 0.5)")
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("bench", help="run the side-by-side benchmarks against torchvision")
-    p.add_argument("which", nargs="*", choices=["ops", "predict", "train"])
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to the scripts")
+    p.add_argument("which", nargs="*", metavar="{ops,predict,train}",
+                   help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to the scripts (default: none)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("seed", help="the seed example on the full ResNet-101 FPN detector, with timings")
-    p.add_argument("--size", type=int, nargs="+", default=[224, 512], help="square input sizes (multiples of 32)")
-    p.add_argument("--num-classes", type=int, default=21)
-    p.add_argument("--repeats", type=int, default=3, help="timed predict calls per size")
+    p.add_argument("--size", type=int, nargs="+", default=[224, 512],
+                   help="square input sizes, multiples of 32 (default: 224 512)")
+    p.add_argument("--num-classes", type=int, default=21, help="classes, background included (default: 21)")
+    p.add_argument("--repeats", type=int, default=3, help="timed predict calls per size (default: 3)")
     p.set_defaults(func=_seed)
     return parser
 
 
 def _check_args(args) -> str | None:
-    sizes = list(getattr(args, "size", None) or []) + ([args.image_size] if getattr(args, "image_size", None) else [])
+    """A usage problem in the flags (exit code 2), before anything is loaded."""
+    sizes = list(getattr(args, "size", None) or [])
     if any(s <= 0 or s % 32 for s in sizes):
         return f"image sizes must be positive multiples of 32, got {sizes}"
-    for name in ("steps", "batch_size"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.func in (_train, _demo):
+        from lucid_jax.runner import JobError, check_config, detector_names
+
+        if args.model is not None and args.model not in detector_names():
+            return f"unknown model {args.model!r}; known models: {', '.join(detector_names())}"
+        try:
+            check_config(_config(args)[0])
+        except JobError as e:
+            return str(e)
+    unknown = [w for w in getattr(args, "which", None) or [] if w not in BENCHMARKS]
+    if unknown:
+        return f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}"
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        return f"--batch-size must be >= 1, got {batch_size}"
     return None
 
 
@@ -268,7 +329,7 @@ def main(argv=None) -> int:
 
     try:
         return args.func(args)
-    except (JobError, DatasetError, CheckpointError, StateDictError, FileNotFoundError) as e:
+    except (JobError, DatasetError, CheckpointError, StateDictError, OSError) as e:
         print(f"lucid-jax: error: {e}".splitlines()[0], file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -29,27 +29,158 @@ class JobError(RuntimeError):
     """A user-facing failure: bad arguments, data or checkpoints (one line)."""
 
 
+def _flag(default, help: str, **kwargs):
+    """A TrainConfig field that is also a ``lucid-jax train`` flag with this help."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(text).split(",") if v.strip())
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on; stored in the checkpoint metadata."""
+    """Everything a training run depends on: the one home of every default.
 
-    data: str = "shapes"
-    model: str = "faster_rcnn_mini_fpn"
-    image_size: int = 128
-    batch_size: int = 8
-    steps: int = 1000
-    lr: float = 1e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    warmup_steps: int = 50
-    backbone_lr_mult: float = 1.0
-    max_boxes: int = 16
-    seed: int = 0
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    num_workers: int = 2
-    shapes_train_examples: int = 2000
+    Stored in each checkpoint's metadata; ``lucid-jax train`` makes one flag per
+    field (``--batch-size`` for ``batch_size``) whose help shows this default.
+    """
+
+    data: str = _flag("shapes", "shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
+    model: str = _flag("faster_rcnn_mini_fpn", "a registered model name", choices="models")
+    image_size: int = _flag(128, "square canvas in pixels, a multiple of 32", type=int)
+    batch_size: int = _flag(8, "images per step", type=int)
+    steps: int = _flag(1000, "training steps in all (may change on resume)", type=int)
+    lr: float = _flag(1e-3, "peak learning rate of the heads", type=float)
+    optimizer: str = _flag("adamw", "adamw or sgd (momentum 0.9)", choices=("adamw", "sgd"))
+    weight_decay: float = _flag(1e-4, "decoupled for AdamW, L2 for SGD", type=float)
+    schedule: str = _flag("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine", "step"))
+    warmup_steps: int = _flag(50, "linear warmup steps (at most a quarter of --steps)", type=int)
+    decay_steps: tuple[int, ...] = _flag((), "steps where --schedule step multiplies the LR by --decay-factor, "
+                                         "e.g. 16000,22000", type=_ints)
+    decay_factor: float = _flag(0.1, "the step schedule's factor", type=float)
+    clip_grad_norm: float | None = _flag(None, "clip the global gradient norm to this (none: no clipping)", type=float)
+    backbone_lr_mult: float = _flag(1.0, "backbone LR / heads' LR", type=float)
+    trainable_backbone_layers: int = _flag(5, "backbone stages trained, from the top, as torchvision counts them: "
+                                           "5 all, 3 freezes the stem and layer1, 0 the whole ResNet "
+                                           "(with --init: 3)", type=int, choices=range(6))
+    norm_mode: str = _flag("batch", "batch: BatchNorm trains its statistics, scale and bias; frozen: fixed "
+                           "statistics, scale and bias, as torchvision's FrozenBatchNorm2d (with --init: frozen)",
+                           choices=("batch", "frozen"))
+    init: str | None = _flag(None, "start from pretrained weights: .lcd, .safetensors, .npz, .pth or a run "
+                             "directory (Lucid detector or backbone, torchvision ResNet or FasterRCNN); "
+                             "ignored when the run resumes")
+    max_boxes: int | None = _flag(None, "objects per image kept in training (none: the largest object count "
+                                  "in the training split, so nothing is dropped)", type=int)
+    split: str = _flag("train", "VOC training split, ImageSets/Main/<split>.txt (VOC 2007: trainval); without "
+                       "the file, every image not listed in val.txt or test.txt")
+    classes: tuple[str, ...] | None = _flag(None, "VOC class list, e.g. cat,dog (none: classes.txt beside the "
+                                            "data, or the names found in the XML)", type=_names)
+    seed: int = _flag(0, "seed of the initialisation, data order and sampling", type=int)
+    checkpoint_every: int = _flag(200, "steps between checkpoints", type=int)
+    keep_checkpoints: int = _flag(2, "newest checkpoints kept", type=int)
+    log_every: int = _flag(10, "steps between log.jsonl lines", type=int)
+    num_workers: int = _flag(2, "threads loading images", type=int)
+    shapes_train_examples: int = _flag(2000, "synthetic training images (--data shapes)", type=int)
+
+
+# Flags that may differ when a run resumes: they change neither the model nor the data order.
+RESUMABLE_CHANGES = ("steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "init")
+# What ``lucid-jax demo`` changes from TrainConfig's defaults.
+DEMO_OVERRIDES = {"steps": 800}
+
+
+def config_from_dict(saved: dict) -> TrainConfig:
+    """A TrainConfig from checkpoint metadata (JSON lists become tuples; unknown keys are an error)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise JobError(f"the checkpoint's config has settings this version does not know: {', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return TrainConfig(**values)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise JobError for values no run can use (one line, naming the flag)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("image_size", "batch_size", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                 "shapes_train_examples"):
+        if getattr(config, name) < 1:
+            raise JobError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
+    if config.image_size % 32:
+        raise JobError(f"--image-size must be a positive multiple of 32, got {config.image_size}")
+    if config.max_boxes is not None and config.max_boxes < 1:
+        raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
+    for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers"):
+        if getattr(config, name) < 0:
+            raise JobError(f"{flag(name)} must be >= 0, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise JobError(f"--lr must be > 0, got {config.lr}")
+    if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
+        raise JobError(f"--clip-grad-norm must be > 0, got {config.clip_grad_norm}")
+    if not 0 < config.decay_factor <= 1:
+        raise JobError(f"--decay-factor must be in (0, 1], got {config.decay_factor}")
+    if config.schedule == "step" and not config.decay_steps:
+        raise JobError("--schedule step needs --decay-steps, e.g. --decay-steps 16000,22000")
+    if list(config.decay_steps) != sorted(config.decay_steps) or any(s < 1 for s in config.decay_steps):
+        raise JobError(f"--decay-steps must be increasing positive steps, got {','.join(map(str, config.decay_steps))}")
+
+
+def reconcile_resume(stored: TrainConfig, config: TrainConfig, given) -> tuple[TrainConfig, list[str]]:
+    """The config a resumed run continues with, and the notes to print.
+
+    Flags the user did not give take their stored values. A given flag with a
+    different value is an error, except for ``RESUMABLE_CHANGES``.
+
+    Args:
+      stored: the config saved in the checkpoint.
+      config: the config asked for now.
+      given: names of the fields the user set (None: every field of ``config``).
+
+    Raises:
+      JobError: one line listing every difference, e.g. ``--batch-size 4 (the run has 8)``.
+    """
+    given = {f.name for f in dataclasses.fields(TrainConfig)} if given is None else set(given)
+    changed = {k for k in given if getattr(config, k) != getattr(stored, k)}
+    refused = sorted(changed - set(RESUMABLE_CHANGES))
+    if refused:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {_show(getattr(config, k))} (the run has {_show(getattr(stored, k))})"
+                          for k in refused)
+        raise JobError(f"this run was started with other settings; resuming would change them: {diffs}. "
+                       "Drop these flags to continue it, or use a new --out")
+    notes = []
+    resumed = dataclasses.replace(stored, **{k: getattr(config, k) for k in changed if k != "init"})
+    if "init" in given and config.init is not None:
+        notes.append("resuming from the run's own checkpoint; --init is ignored")
+    if "steps" in changed:
+        notes.append(f"--steps changed from {stored.steps} to {config.steps}: the {stored.schedule} schedule is "
+                     f"recomputed for {config.steps} steps (warmup {_warmup(resumed)})")
+    return resumed, notes
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def _warmup(config: TrainConfig) -> int:
+    return min(config.warmup_steps, config.steps // 4)
+
+
+def apply_init_recipe(config: TrainConfig, kind: str, given) -> tuple[TrainConfig, dict]:
+    """torchvision's fine-tuning recipe for pretrained weights, where the user set nothing else."""
+    from lucid_jax.weights import fine_tuning_defaults
+
+    given = {f.name for f in dataclasses.fields(TrainConfig)} if given is None else set(given)
+    recipe = {k: v for k, v in fine_tuning_defaults(kind).items() if k not in given}
+    return dataclasses.replace(config, **recipe), recipe
 
 
 def open_dataset(spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int = 128):
@@ -75,68 +206,150 @@ def open_dataset(spec: str, split: str = "train", *, shapes_examples: int = 2000
     raise JobError(f"--data must be shapes, voc:DIR or coco:ANNOTATIONS.json:IMAGE_DIR, got {spec!r}")
 
 
-def build_model(name: str, num_classes: int):
-    if name not in list_models():
-        raise JobError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return get_model(name, num_classes=num_classes)
+def detector_names() -> list[str]:
+    """The registered detectors (the registry also holds bare ResNet classifiers)."""
+    return [name for name in list_models() if name.startswith("faster_rcnn")]
 
 
-def make_loader(dataset, config: TrainConfig, *, train: bool) -> Loader:
+def build_model(name: str, num_classes: int, *, norm_mode: str = "batch"):
+    if name not in detector_names():
+        raise JobError(f"unknown model {name!r}; known models: {', '.join(detector_names())}")
+    return get_model(name, num_classes=num_classes, norm_mode=norm_mode)
+
+
+def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | None = None) -> Loader:
     size = config.image_size
     transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=0.5 if train else 0.0)
-    return Loader(
-        dataset,
-        config.batch_size,
-        transform=transform,
-        max_boxes=config.max_boxes,
-        shuffle=train,
-        seed=config.seed,
-        drop_remainder=train,
-        num_workers=config.num_workers,
-    )
+    try:
+        return Loader(
+            dataset,
+            config.batch_size,
+            transform=transform,
+            max_boxes=max_boxes or config.max_boxes or 16,
+            shuffle=train,
+            seed=config.seed,
+            drop_remainder=train,
+            num_workers=config.num_workers,
+        )
+    except ValueError as e:
+        if len(dataset) < config.batch_size:
+            raise JobError(f"the data has {len(dataset)} image(s), fewer than --batch-size {config.batch_size}; "
+                           f"use --batch-size {max(len(dataset), 1)} or less") from None
+        raise JobError(str(e)) from None
 
 
-def _initial_state(model, config: TrainConfig):
-    size = config.image_size
-    images = np.zeros((config.batch_size, 3, size, size), np.float32)
-    variables = jax.jit(model.init)(jax.random.key(config.seed), images)
-    optimizer = build_optimizer(
-        variables["params"],
+def frozen_labels(params, config: TrainConfig):
+    """Which parameters train: the one labelling the optimiser and the step share."""
+    return param_labels(params, trainable_backbone_layers=config.trainable_backbone_layers,
+                        freeze_batchnorm=config.norm_mode == "frozen")
+
+
+def _optimizer(params, labels, config: TrainConfig):
+    return build_optimizer(
+        params,
+        labels=labels,
         optimizer=config.optimizer,
         learning_rate=config.lr,
         weight_decay=config.weight_decay,
         backbone_lr_mult=config.backbone_lr_mult,
-        schedule="cosine",
+        clip_grad_norm=config.clip_grad_norm,
+        schedule=config.schedule,
         total_steps=config.steps,
-        warmup_steps=min(config.warmup_steps, config.steps // 4),
+        warmup_steps=_warmup(config),
+        decay_steps=tuple(config.decay_steps),
+        decay_factor=config.decay_factor,
     )
-    return create_train_state(model, variables, optimizer)
 
 
-def train(config: TrainConfig, out: str | os.PathLike, *, progress: bool = True) -> dict:
+def _init_variables(model, config: TrainConfig):
+    size = config.image_size
+    images = np.zeros((1, 3, size, size), np.float32)
+    return jax.jit(model.init)(jax.random.key(config.seed), images)
+
+
+def _initial_state(model, config: TrainConfig, variables=None):
+    """(train state, frozen labels) at step 0, from ``variables`` or a fresh init."""
+    variables = _init_variables(model, config) if variables is None else variables
+    labels = frozen_labels(variables["params"], config)
+    return create_train_state(model, variables, _optimizer(variables["params"], labels, config)), labels
+
+
+def _stored_run(checkpoints: Path):
+    """(config, class names, latest step) of a run directory's checkpoints, or None."""
+    if not checkpoints.is_dir():
+        return None
+    try:
+        with Checkpointer(checkpoints, read_only=True) as ckpt:
+            step = ckpt.latest_step()
+            if step is None:
+                return None
+            saved = ckpt.metadata(step)
+    except CheckpointError as e:
+        raise JobError(str(e)) from None
+    if "config" not in saved:
+        raise JobError(f"{checkpoints} was not written by lucid-jax train (no config in its metadata)")
+    return config_from_dict(saved["config"]), saved.get("class_names"), step
+
+
+def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: bool = True, echo=print) -> dict:
     """Train (or resume) a detector; returns the last logged metrics.
 
     Writes ``OUT/log.jsonl`` (one JSON object per logged step) and
     ``OUT/checkpoints/<step>``. A run whose loss or gradient turns non-finite
     stops with a JobError; the last checkpoint stays the last sound state.
+
+    Args:
+      config: the run's settings.
+      out: the run directory; a run already there is resumed.
+      given: names of the fields of ``config`` the user set explicitly (the
+        command line's flags). Others take the stored values on resume and
+        the fine-tuning recipe with ``init``. None: every field counts as given.
+      echo: prints one-line notes (the init summary, resume notes).
+
+    Every input is checked before anything is written or compiled.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {out} is a file; give a directory")
+    check_config(config)
+    stored = _stored_run(out / "checkpoints")
+    init_flat = None
+    if stored is not None:
+        config, notes = reconcile_resume(stored[0], config, given)
+        for note in notes:
+            echo(note)
+    elif config.init is not None:
+        from lucid_jax import weights
+
+        init_flat, init_source = weights.read_source(config.init)
+        config, recipe = apply_init_recipe(config, weights.detect_kind(init_flat), given)
+        if recipe:
+            echo("init: fine-tuning recipe " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()))
     dataset = open_dataset(config.data, "train", shapes_examples=config.shapes_train_examples, image_size=config.image_size)
     class_names = list(dataset.class_names)
-    model = build_model(config.model, len(class_names) + 1)
+    if stored is not None and stored[1] is not None and stored[1] != class_names:
+        raise JobError(f"the data's classes {class_names} differ from the run's {stored[1]}")
+    model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
     loader = make_loader(dataset, config, train=True)
-    state = _initial_state(model, config)
+
+    out.mkdir(parents=True, exist_ok=True)
+    variables = _init_variables(model, config)
+    if init_flat is not None:
+        from lucid_jax import weights
+
+        variables, report = weights.load_pretrained(variables, init_flat, model=model)
+        report.source = init_source
+        weights.save_report(report, out / "init_report.json")
+        echo(f"init: {report.summary()}")
+    state, labels = _initial_state(model, config, variables)
     rng = jax.random.key(config.seed)
     metadata = {"config": dataclasses.asdict(config), "class_names": class_names}
     with Checkpointer(out / "checkpoints", keep_last=config.keep_checkpoints) as ckpt:
         start = 0
-        if ckpt.latest_step() is not None:
-            state, rng, saved = ckpt.restore(state)
-            if saved.get("config", {}).get("model") != config.model:
-                raise JobError(f"{out} holds a checkpoint of {saved.get('config', {}).get('model')!r}, not {config.model!r}")
+        if stored is not None:
+            state, rng, _ = ckpt.restore(state)
             start = int(state.step)
-        step_fn = make_train_step(model, frozen=param_labels(state.params))
+        step_fn = make_train_step(model, frozen=labels)
         log = open(out / "log.jsonl", "a")
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
         last, started = {}, time.perf_counter()
@@ -174,17 +387,18 @@ def load_trained(checkpoint: str | os.PathLike, model_name: str | None = None):
     directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     if not directory.is_dir():
         raise JobError(f"checkpoint directory not found: {checkpoint}")
+    stored = _stored_run(directory)
+    if stored is None:
+        raise JobError(f"no complete checkpoint in {directory}")
+    config, class_names, _ = stored
+    if class_names is None:
+        raise JobError(f"checkpoint {directory} was not written by lucid-jax train (no class names in its metadata)")
+    if model_name is not None and model_name != config.model:
+        raise JobError(f"{checkpoint} holds a {config.model}, not a {model_name}")
+    model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
     try:
         with Checkpointer(directory, read_only=True) as ckpt:
-            if ckpt.latest_step() is None:
-                raise JobError(f"no complete checkpoint in {directory}")
-            saved = ckpt.metadata()
-            if "config" not in saved or "class_names" not in saved:
-                raise JobError(f"checkpoint {directory} was not written by lucid-jax train (no config in its metadata)")
-            config = TrainConfig(**saved["config"])
-            class_names = saved["class_names"]
-            model = build_model(model_name or config.model, len(class_names) + 1)
-            template = jax.eval_shape(lambda: _initial_state(model, dataclasses.replace(config, batch_size=1)))
+            template = jax.eval_shape(lambda: _initial_state(model, config)[0])
             state, _, _ = ckpt.restore(template)
     except CheckpointError as e:
         raise JobError(str(e)) from None

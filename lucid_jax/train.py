@@ -136,6 +136,7 @@ def build_optimizer(
     clip_grad_norm: float | None = None,
     trainable_backbone_layers: int = 5,
     freeze_batchnorm: bool = False,
+    labels: Any = None,
     **schedule_kwargs,
 ) -> optax.GradientTransformation:
     """SGD with momentum or AdamW, with warmup and decay, built on optax.
@@ -154,6 +155,10 @@ def build_optimizer(
       backbone_lr_mult: backbone learning rate / heads' learning rate.
       clip_grad_norm: clip the global gradient norm to this, if given.
       trainable_backbone_layers, freeze_batchnorm: see ``param_labels``.
+      labels: the labels of ``param_labels``, if already made; pass the same
+        labels to ``make_train_step(frozen=...)`` so that the step and the
+        optimiser agree on what is frozen. Given labels win over the two
+        arguments above.
       **schedule_kwargs: ``learning_rate_schedule`` keywords (schedule,
         total_steps, warmup_steps, decay_steps, ...).
     """
@@ -166,9 +171,10 @@ def build_optimizer(
             return optax.adamw(lr, weight_decay=weight_decay)
         return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=momentum))
 
-    labels = param_labels(
-        params, trainable_backbone_layers=trainable_backbone_layers, freeze_batchnorm=freeze_batchnorm
-    )
+    if labels is None:
+        labels = param_labels(
+            params, trainable_backbone_layers=trainable_backbone_layers, freeze_batchnorm=freeze_batchnorm
+        )
     tx = optax.multi_transform(
         {"backbone": make(backbone_lr_mult), "heads": make(1.0), "frozen": optax.set_to_zero()}, labels
     )

@@ -125,9 +125,9 @@ GOOD_XML = """<annotation><filename>a.jpg</filename><size><width>64</width><heig
         ("malformed_json", "json"),
         ("unknown_model", "unknown model 'faster_rcnn_nope'"),
         ("unknown_class", "dog"),
-        ("other_architecture", "does not fit the model"),
+        ("other_architecture", "holds a faster_rcnn_mini_fpn, not a faster_rcnn_resnet_50_fpn"),
         ("missing_checkpoint", "checkpoint directory not found"),
-        ("bad_size", "multiples of 32"),
+        ("bad_size", "multiple of 32"),
     ],
 )
 def test_errors_are_one_line(case, match, tmp_path, trained):

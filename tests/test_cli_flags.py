@@ -1,0 +1,133 @@
+"""The command line's flags: every default comes from TrainConfig and is shown in
+--help, usage errors exit with 2 before anything is written, a resumed run refuses
+changed settings in one line, and ``bench`` dispatches to every script."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lucid_jax import cli, runner
+from lucid_jax.runner import TrainConfig
+
+
+def _run(*args, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "lucid_jax.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _actions(command) -> dict:
+    return {a.dest: a for a in _subparsers()[command]._actions}
+
+
+def test_train_flags_are_trainconfig_with_its_defaults_and_the_models():
+    actions = _actions("train")
+    for field in dataclasses.fields(TrainConfig):
+        action = actions[field.name]
+        assert action.option_strings == ["--" + field.name.replace("_", "-")]
+        assert action.default is None  # so that the run knows which flags were given
+        shown = "none" if field.default in (None, ()) else str(field.default)
+        assert action.help.endswith(f"(default: {shown})"), (field.name, action.help)
+    assert actions["model"].help == ("a registered model name: " + ", ".join(runner.detector_names())
+                                     + f" (default: {TrainConfig.model})")
+    assert "resnet_101," not in actions["model"].help  # classifiers are not trainable detectors
+
+
+def test_demo_help_shows_the_demos_own_overrides():
+    assert _actions("demo")["steps"].help.endswith(f"(default: {runner.DEMO_OVERRIDES['steps']})")
+
+
+def test_help_prints(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--help"])
+    assert exit_.value.code == 0
+    assert "--trainable-backbone-layers" in capsys.readouterr().out
+
+
+def _subparsers():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if a.dest == "command"]
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "bench", "seed"])
+def test_every_optional_flag_of_every_subcommand_states_its_default(command):
+    parser = _subparsers()[command]
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help" or action.required:
+            continue
+        if action.const is True:  # a switch such as --no-progress: off unless given
+            continue
+        assert action.help and "(default: " in action.help, (command, action.option_strings)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-boxes", "0"], "--max-boxes must be >= 1, got 0"),
+    (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--image-size", "100"], "--image-size must be a positive multiple of 32, got 100"),
+    (["--schedule", "step"], "--schedule step needs --decay-steps"),
+    (["--decay-steps", "300,200"], "--decay-steps must be increasing positive steps, got 300,200"),
+    (["--trainable-backbone-layers", "7"], "invalid choice"),
+])
+def test_usage_errors_exit_2_and_create_nothing(tmp_path, flags, message):
+    out = tmp_path / "run"
+    code, _, err = _run("train", "--data", "shapes", "--out", out, *flags)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run("train", "--data", "shapes", "--out", tmp_path / "file")
+    assert code == 1 and err.strip() == f"lucid-jax: error: --out {tmp_path / 'file'} is a file; give a directory"
+
+
+def _fake_run(out, config):
+    """A run directory with one checkpoint of ``config``, written without training."""
+    from lucid_jax.checkpoint import Checkpointer
+
+    model = runner.build_model(config.model, 4)
+    state, _ = runner._initial_state(model, config)
+    with Checkpointer(out / "checkpoints") as ckpt:
+        ckpt.save(2, state, metadata={"config": dataclasses.asdict(config), "class_names": ["a", "b", "c"]})
+
+
+def test_resume_refuses_changed_settings_before_compiling(tmp_path):
+    out = tmp_path / "run"
+    config = TrainConfig(steps=2, batch_size=2, image_size=64, shapes_train_examples=4, num_workers=0,
+                         checkpoint_every=2, log_every=1)
+    _fake_run(out, config)
+    # not given: taken from the run; given and different: refused, all differences in one line
+    code, _, err = _run("train", "--out", out, "--batch-size", "4", "--lr", "0.5", "--model", "faster_rcnn_mini_fpn")
+    assert code == 1
+    assert err.strip() == ("lucid-jax: error: this run was started with other settings; resuming would change them: "
+                           "--batch-size 4 (the run has 2), --lr 0.5 (the run has 0.001). Drop these flags to continue "
+                           "it, or use a new --out")
+    resumed, notes = runner.reconcile_resume(config, dataclasses.replace(config, steps=5, num_workers=3),
+                                             given={"steps", "num_workers"})
+    assert resumed == dataclasses.replace(config, steps=5, num_workers=3)
+    assert notes == ["--steps changed from 2 to 5: the cosine schedule is recomputed for 5 steps (warmup 1)"]
+    # an old checkpoint's config (image_size stored as an int, fields missing) still reads
+    old = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("norm_mode", "schedule", "init")}
+    assert runner.config_from_dict(json.loads(json.dumps(old))) == config
+
+
+def test_bench_without_arguments_runs_every_benchmark(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    assert cli.main(["bench"]) == 0
+    assert [os.path.basename(c[1]) for c in calls] == ["bench_ops.py", "bench_predict.py", "bench_train.py"]
+    calls.clear()
+    assert cli.main(["bench", "predict", "--extra", "--rounds", "1"]) == 0
+    assert [(os.path.basename(c[1]), c[2:]) for c in calls] == [("bench_predict.py", ["--rounds", "1"])]
+
+
+def test_bench_unknown_name_is_a_usage_error(capsys):
+    assert cli.main(["bench", "nope"]) == 2
+    assert "unknown benchmark 'nope'; choose from ops, predict, train" in capsys.readouterr().err
