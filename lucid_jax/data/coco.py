@@ -161,7 +161,10 @@ class COCODataset:
             if cat_id not in self.cat_id_to_label:
                 raise DatasetError(path, f"{where} refers to unknown category id {cat_id}")
             x, y, w, h = _bbox(_field(ann, "bbox", path, where), path, where)
-            box = np.array([x, y, x + w, y + h], np.float32)
+            with np.errstate(over="ignore"):  # overflow becomes inf, refused below
+                box = np.array([x, y, x + w, y + h], np.float32)
+            if not np.isfinite(box).all():
+                raise DatasetError(path, f"{where} bbox {_short(ann['bbox'])} does not fit in float32")
             if not (box[2] > box[0] and box[3] > box[1]):
                 self.dropped_invalid_boxes += 1
                 continue

@@ -20,7 +20,6 @@ are parsed when the dataset is built, so a broken file fails at once with a
 :class:`DatasetError` that names it, rather than mid-training.
 """
 
-import math
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path, PurePath
@@ -90,9 +89,10 @@ def parse_annotation(path: str | Path) -> dict:
             x1, y1, x2, y2 = (float(c) for c in coords)
         except ValueError as err:
             raise DatasetError(path, f"{where} ({name}) has a non-numeric <bndbox> ({err})") from None
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        with np.errstate(over="ignore"):  # overflow becomes inf, refused below
+            box = np.array([x1 - 1.0, y1 - 1.0, x2, y2], np.float32)  # 1-based inclusive -> 0-based continuous
+        if not np.isfinite(box).all():  # inf, nan, or beyond float32
             raise DatasetError(path, f"{where} ({name}) has a non-finite <bndbox> {coords}")
-        box = np.array([x1 - 1.0, y1 - 1.0, x2, y2], np.float32)  # 1-based inclusive -> 0-based continuous
         if not (box[2] > box[0] and box[3] > box[1]):
             dropped += 1
             continue
@@ -232,7 +232,6 @@ class VOCDataset:
         self.dropped_invalid_boxes = sum(parsed[s]["dropped_invalid"] for s in stems)
         labels = np.concatenate([r["labels"] for r in self._records])
         self.class_counts = {n: int((labels == k + 1).sum()) for k, n in enumerate(self.class_names)}
-        self._sizes: dict[int, tuple[int, int]] = {}
 
     @staticmethod
     def _resolve_image(img_dir: Path, filename: str, stem: str, images_by_stem: dict, xml: Path) -> Path:
@@ -267,9 +266,9 @@ class VOCDataset:
         ``height``, ``width`` come from the image header and its EXIF orientation.
         """
         r = self._records[index]
-        if index not in self._sizes:
-            self._sizes[index] = image_size(r["image"])
-        h, w = self._sizes[index]
+        if "size" not in r:
+            r["size"] = image_size(r["image"])  # cached: the header is read once
+        h, w = r["size"]
         return make_annotation(r["boxes"].copy(), r["labels"].copy(), r["difficult"].copy(), r["id"], h, w)
 
     def train_object_counts(self) -> np.ndarray:

@@ -89,6 +89,8 @@ def test_errors_name_the_file_and_the_problem(coco, tmp_path):
     with pytest.raises(DatasetError, match=r"bbox has a non-finite value"):
         COCODataset(_write(tmp_path, '{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 4, "name": "x"}],'
                                      ' "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1, NaN, 2]}]}'), images)
+    with pytest.raises(DatasetError, match=r"does not fit in float32"):
+        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1, 1e39, 2]}]}), images)
     with pytest.raises(DatasetError, match=r"images\[0\] id must be an integer, got '1'"):
         COCODataset(_write(tmp_path, {**base, "images": [{"id": "1", "file_name": "a.png"}]}), images)
     with pytest.raises(DatasetError, match=r"images\[1\] repeats image id 1"):

@@ -107,6 +107,7 @@ def test_malformed_xml_names_the_file_in_one_line(voc):
         (_xml("a.jpg", [("cat", ("x", 1, 2, 3), 0)]), "non-numeric"),
         (_xml("a.jpg", [("cat", (1, 1, "inf", 3), 0)]), "non-finite"),
         (_xml("a.jpg", [("cat", (1, "nan", 2, 3), 0)]), "non-finite"),
+        (_xml("a.jpg", [("cat", (1, 1, 2, "1e39"), 0)]), "non-finite"),
         ("<notvoc/>", "expected <annotation>"),
     ],
 )
