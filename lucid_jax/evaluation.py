@@ -1,9 +1,20 @@
-"""Detection metrics on the detector's padded outputs: COCO AP and PASCAL VOC AP50.
+"""Detection metrics: COCO AP through pycocotools and PASCAL VOC AP50.
+
+Two entry points:
+- :func:`evaluate_dataset` scores per-image detections in original pixels against
+  every object of ``dataset.annotation(i)``, however many an image holds. For COCO it
+  runs pycocotools on the original annotation file with the file's own ids
+  (:func:`coco_results`), so its AP is the official one. This is what the eval
+  command reports.
+- :class:`DetectionEvaluator` (and :func:`evaluate`) scores the detector's padded
+  outputs against the loader's padded targets, which hold at most ``max_boxes``
+  objects per image; handy in notebooks and training loops.
 
 - COCO AP@[.5:.95], AP50, AP75, the size breakdown and AR come from pycocotools'
-  ``COCOeval`` (Lin et al., ECCV 2014), fed with ground truth and detections built in
-  memory. Ground-truth ``area`` is the box area (there are no masks), and difficult
-  objects count as ordinary ones, since COCO has no such flag.
+  ``COCOeval`` (Lin et al., ECCV 2014). For datasets other than COCO the ground truth
+  is built in memory (:func:`coco_ground_truth`): ``area`` is the box area (there are
+  no masks). :func:`evaluate_dataset` enters ignored objects (VOC difficult) as
+  crowds; :class:`DetectionEvaluator` counts difficult objects as ordinary ones.
 - VOC AP50 follows the VOC development kit's ``VOCevaldet`` (Everingham et al., IJCV
   2010): detections of a class sorted by score, each matched greedily to the unmatched
   ground truth of highest IoU when IoU > 0.5; a detection whose best match is
@@ -12,7 +23,7 @@
   monotone precision envelope (VOC2010+). Unlike the devkit, IoU uses the project's
   continuous boxes, without the devkit's "+1" on widths.
 
-Predictions and targets are the padded arrays of the model and of the loader, NumPy
+Padded predictions and targets are the arrays of the model and of the loader, NumPy
 or JAX: ``{"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K], "valid": [B, K]}``
 and ``{"boxes": [B, M, 4], "labels": [B, M], "valid": [B, M]}`` with optional
 ``difficult`` [B, M] and ``image_valid`` [B] (rows that are batch padding). A class
@@ -20,10 +31,15 @@ with no ground truth has an undefined AP, reported as NaN and left out of the me
 """
 
 import contextlib
+import copy
 import io
 from typing import Sequence
 
 import numpy as np
+
+from lucid_jax.data.coco import COCODataset
+from lucid_jax.data.coco_format import coco_ground_truth, coco_results, detection_list
+from lucid_jax.data.dataset import get_annotation
 
 
 def _images(predictions, targets) -> list[tuple[dict, dict]]:
@@ -145,6 +161,69 @@ def voc_evaluate(images: list[tuple[dict, dict]], num_classes: int, iou_threshol
 _COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
+def _run_cocoeval(coco_gt, results: list[dict]) -> dict:
+    """COCOeval (bbox) of ``results`` against a loaded ``COCO``; prints silenced by the caller.
+
+    Returns:
+      {the 12 named stats (NaN where pycocotools reports -1), "stats": the 12 raw
+      floats, "per_class_AP": {category name: AP, NaN without ground truth}}.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    known = set(coco_gt.getImgIds())
+    unknown = sorted({r["image_id"] for r in results} - known, key=str)
+    if unknown:
+        raise ValueError(f"results name image ids {unknown[:5]} that the ground truth does not have")
+    if results:
+        coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes writes into the records
+    else:  # loadRes cannot take an empty list
+        coco_dt = COCO()
+        coco_dt.dataset = {"images": coco_gt.dataset.get("images", []),
+                           "categories": coco_gt.dataset.get("categories", []), "annotations": []}
+        coco_dt.createIndex()
+    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    stats = [float(v) for v in evaluator.stats]
+    metrics = {name: v if v > -1 else float("nan") for name, v in zip(_COCO_STATS, stats)}
+    metrics["stats"] = stats
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]: IoU thresholds, recalls, classes, areas, maxDets
+    per_class = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]  # area "all", maxDets 100
+        per_class[str(coco_gt.cats[cat_id]["name"])] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
+    metrics["per_class_AP"] = per_class
+    return metrics
+
+
+def coco_evaluate_official(gt, results: list[dict]) -> dict:
+    """pycocotools' box evaluation, as the official COCO numbers are computed.
+
+    Args:
+      gt: a COCO instances dict (e.g. :func:`coco_ground_truth`), or the path of an
+        annotation file, which ``pycocotools.coco.COCO`` loads itself.
+      results: COCO result records (e.g. :func:`coco_results`); empty scores 0.
+
+    Returns:
+      {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
+      "ARm", "ARl": float (NaN where pycocotools reports -1), "stats": the 12 raw
+      ``COCOeval.stats``, "per_class_AP": {category name: AP@[.5:.95], NaN for a
+      category without ground truth}}.
+    """
+    from pycocotools.coco import COCO
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        if isinstance(gt, dict):
+            coco_gt = COCO()
+            coco_gt.dataset = gt
+            coco_gt.createIndex()
+        else:
+            coco_gt = COCO(str(gt))
+        return _run_cocoeval(coco_gt, list(results))
+
+
 def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -> dict:
     """COCO box metrics through pycocotools, image ids 1..N and category ids = labels.
 
@@ -152,8 +231,6 @@ def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -
       {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
       "ARl": float (NaN where pycocotools reports -1), "per_class_AP": {name: float}}.
     """
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     def xywh(b):
         return [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
@@ -167,28 +244,9 @@ def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -
         results += [{"image_id": image_id, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
                     for box, score, label in zip(pred["boxes"], pred["scores"], pred["labels"])]
     categories = [{"id": k, "name": name} for k, name in enumerate(class_names, start=1)]
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco_gt = COCO()
-        coco_gt.dataset = {"images": [{"id": i} for i in range(1, len(images) + 1)], "categories": categories,
-                           "annotations": annotations}
-        coco_gt.createIndex()
-        if results:
-            coco_dt = coco_gt.loadRes(results)
-        else:  # loadRes cannot take an empty list
-            coco_dt = COCO()
-            coco_dt.dataset = {"images": coco_gt.dataset["images"], "categories": categories, "annotations": []}
-            coco_dt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    metrics = {name: float(v) if v > -1 else float("nan") for name, v in zip(_COCO_STATS, evaluator.stats)}
-    precision = evaluator.eval["precision"]  # [T, R, K, A, M]: IoU thresholds, recalls, classes, areas, maxDets
-    per_class = {}
-    for k, name in enumerate(class_names):
-        p = precision[:, :, k, 0, -1]  # area "all", maxDets 100
-        per_class[name] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
-    metrics["per_class_AP"] = per_class
+    gt = {"images": [{"id": i} for i in range(1, len(images) + 1)], "categories": categories, "annotations": annotations}
+    metrics = coco_evaluate_official(gt, results)
+    del metrics["stats"]
     return metrics
 
 
@@ -253,3 +311,103 @@ def evaluate(predictions, targets, class_names: Sequence[str] | int) -> dict:
     evaluator = DetectionEvaluator(class_names)
     evaluator.add(predictions, targets)
     return evaluator.compute()
+
+
+def num_ground_truth(dataset) -> dict[str, int]:
+    """Objects per class that evaluation counts: every annotated box but ignored ones.
+
+    Reads ``annotation(i)`` of every image (no pixels decoded for the built-in
+    datasets), so ``--max-boxes`` and any other training cut play no part.
+
+    Returns:
+      {class name: count}, in label order, zero for a class without objects.
+    """
+    counts = np.zeros(len(dataset.class_names) + 1, np.int64)
+    for i in range(len(dataset)):
+        ann = get_annotation(dataset, i)
+        counts += np.bincount(ann["labels"][~ann["ignore"]], minlength=len(counts))[: len(counts)]
+    return {str(name): int(counts[k]) for k, name in enumerate(dataset.class_names, start=1)}
+
+
+def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5) -> dict:
+    """COCO and VOC metrics of per-image detections against every annotated object.
+
+    The ground truth is ``dataset.annotation(i)``: all boxes in original pixels,
+    however many there are. COCO metrics are pycocotools' on :func:`coco_ground_truth`
+    (for a :class:`COCODataset`, its original annotation file, loaded by pycocotools)
+    and :func:`coco_results`. VOC AP50 follows the devkit (see the module), with
+    ignored objects (difficult, crowd) neither hits nor misses.
+
+    Args:
+      dataset: a dataset with ``class_names`` and, ideally, ``annotation``.
+      detections: one dict per dataset index (a list in dataset order, or a dict
+        keyed by index) of ``boxes [K, 4]`` xyxy in original pixels, ``scores [K]``,
+        ``labels [K]``, optional ``valid [K]``; e.g. from :func:`unpad_detections`.
+
+    Returns:
+      {"AP", "AP50", "AP75": float, "per_class_AP": {name: COCO AP},
+      "voc_AP50_11pt", "voc_AP50_all": float (means over classes with ground truth),
+      "per_class_voc_AP50": {name: all-point AP}, "num_ground_truth": {name: int},
+      "coco_stats": {the 12 named COCOeval stats}, "num_images": int,
+      "num_detections": int}.
+    """
+    n, names = len(dataset), tuple(dataset.class_names)
+    if n == 0:
+        raise ValueError("evaluate_dataset: the dataset is empty")
+    dets = detection_list(detections, n, len(names))
+    images, counts = [], np.zeros(len(names) + 1, np.int64)
+    for i, det in enumerate(dets):
+        ann = get_annotation(dataset, i)
+        gt = {"boxes": ann["boxes"].astype(np.float64), "labels": ann["labels"].astype(np.int64), "difficult": ann["ignore"]}
+        images.append((det, gt))
+        counts += np.bincount(gt["labels"][~gt["difficult"]], minlength=len(counts))[: len(counts)]
+    gt_source = dataset.annotation_file if isinstance(dataset, COCODataset) else coco_ground_truth(dataset)
+    coco = coco_evaluate_official(gt_source, coco_results(dataset, dets))
+    voc = voc_evaluate(images, len(names) + 1, voc_iou_threshold)
+    metrics = {key: coco[key] for key in ("AP", "AP50", "AP75")}
+    metrics["per_class_AP"] = coco["per_class_AP"]
+    for key, name in (("11pt", "voc_AP50_11pt"), ("all", "voc_AP50_all")):
+        metrics[name] = float(np.nanmean(voc[key])) if np.isfinite(voc[key]).any() else float("nan")
+    metrics["per_class_voc_AP50"] = {str(c): float(v) for c, v in zip(names, voc["all"])}
+    metrics["num_ground_truth"] = {str(c): int(counts[k]) for k, c in enumerate(names, start=1)}
+    metrics["coco_stats"] = {key: coco[key] for key in _COCO_STATS}
+    metrics["num_images"] = n
+    metrics["num_detections"] = int(sum(len(d["scores"]) for d in dets))
+    return metrics
+
+
+def unpad_detections(predictions, batch) -> list[dict]:
+    """A batch's padded predictions as per-image detections in original pixels.
+
+    Undoes :func:`lucid_jax.data.preprocess`'s resize (``scales``) and drops
+    background, invalid and padding rows, so the output feeds :func:`evaluate_dataset`
+    and :func:`coco_results`.
+
+    Args:
+      predictions: ``{"boxes": [B, K, 4] canvas pixels, "scores": [B, K], "labels":
+        [B, K], "valid": [B, K]}`` (NumPy or JAX).
+      batch: the loader's batch, for ``scales [B, 2]`` (sy, sx), ``image_sizes [B, 2]``
+        and ``image_valid [B]``; evaluation batches must not be flipped.
+
+    Returns:
+      One dict per real image, in batch order: {"boxes": [K', 4] float32 xyxy clipped
+      to the original image, "scores": [K'] float32, "labels": [K'] int32}.
+    """
+    boxes = np.asarray(predictions["boxes"], np.float32)
+    scores, labels = np.asarray(predictions["scores"], np.float32), np.asarray(predictions["labels"])
+    valid = np.asarray(predictions.get("valid", np.ones(labels.shape, bool)), bool) & (labels > 0)
+    b = boxes.shape[0]
+    scales = np.asarray(batch.get("scales", np.ones((b, 2))), np.float32)
+    sizes = np.asarray(batch["image_sizes"], np.float32)
+    image_valid = np.asarray(batch.get("image_valid", np.ones(b, bool)), bool)
+    out = []
+    for i in range(b):
+        if not image_valid[i]:
+            continue
+        sy, sx = scales[i]
+        h, w = sizes[i, 0] / sy, sizes[i, 1] / sx  # the original size, up to resize rounding
+        keep = valid[i]
+        orig = boxes[i][keep] / np.array([sx, sy, sx, sy], np.float32)
+        orig = np.clip(orig, 0.0, np.array([w, h, w, h], np.float32))
+        out.append({"boxes": orig, "scores": scores[i][keep], "labels": labels[i][keep].astype(np.int32)})
+    return out

@@ -14,17 +14,27 @@ Cat, ranked: FP TP TP FP over 3 objects: recall 0, 1/3, 2/3, 2/3 and precision 0
   COCO AP = 2/3 at the 67 recall thresholds 0, .01, ..., .66 of 101 -> 134/303 (every hit has IoU 1,
   so AP50 = AP75 = AP).
 Dog: 1 everywhere. Bird: 0 everywhere. Means over the three classes follow.
+
+The dataset-level tests (evaluate_dataset, coco_evaluate_official) write small COCO and
+VOC datasets and compare with pycocotools called directly on files: COCO(file),
+loadRes, COCOeval.
 """
 
 import json
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from lucid_jax.evaluation import DetectionEvaluator, evaluate, voc_ap
+from lucid_jax.data import COCODataset, VOCDataset, collate, preprocess
+from lucid_jax.evaluation import (
+    DetectionEvaluator, coco_evaluate_official, coco_ground_truth, coco_results, evaluate, evaluate_dataset,
+    num_ground_truth, unpad_detections, voc_ap,
+)
 
 NAMES = ("cat", "dog", "bird")
 CAT_VOC_ALL, CAT_VOC_11, CAT_COCO = 4 / 9, 14 / 33, 134 / 303
@@ -180,3 +190,262 @@ def test_coco_wiring_matches_pycocotools_on_files(tmp_path):
     for k, name in enumerate(NAMES):
         p = e.eval["precision"][:, :, k, 0, -1]
         assert ours["per_class_AP"][name] == pytest.approx(p[p > -1].mean())
+
+
+# ---------------------------------------------------------------------------------
+# Whole datasets: every annotated box, original pixels, pycocotools on files.
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _pycocotools(gt_path, results):
+    """COCO(file), loadRes, COCOeval: the official recipe, untouched."""
+    coco = COCO(str(gt_path))
+    e = COCOeval(coco, coco.loadRes(results), "bbox")
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+    per_class = {}
+    for k, cat_id in enumerate(e.params.catIds):
+        p = e.eval["precision"][:, :, k, 0, -1]
+        per_class[coco.cats[cat_id]["name"]] = p[p > -1].mean() if (p > -1).any() else float("nan")
+    return e.stats, per_class
+
+
+def _assert_matches_pycocotools(metrics, stats, per_class):
+    for k, name in enumerate(STAT_NAMES):
+        if stats[k] > -1:
+            assert metrics["coco_stats"][name] == pytest.approx(stats[k], abs=1e-9), name
+        else:
+            assert np.isnan(metrics["coco_stats"][name]), name
+    for k, name in enumerate(("AP", "AP50", "AP75")):
+        assert metrics[name] == pytest.approx(stats[k], abs=1e-9), name
+    assert metrics["per_class_AP"] == pytest.approx(per_class, abs=1e-9, nan_ok=True)
+
+
+def _random_boxes(rng, n, h, w, lo=4.0, hi=0.4):
+    """[n, 4] xyxy boxes inside an h x w image, sides in [lo, hi * side]."""
+    bw, bh = rng.uniform(lo, hi * w, n), rng.uniform(lo, hi * h, n)
+    x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+    return np.stack([x, y, x + bw, y + bh], 1)
+
+
+def _jittered_detections(rng, gt_boxes, gt_labels, h, w, num_classes, extra):
+    """Hits with noise, wrong labels, misses and false positives for one image."""
+    boxes, scores, labels = [], [], []
+    for box, label in zip(gt_boxes, gt_labels):
+        if rng.random() < 0.8:
+            side = np.array([box[2] - box[0], box[3] - box[1]] * 2)
+            boxes.append(box + rng.normal(0, 0.08, 4) * side)
+            labels.append(label if rng.random() < 0.85 else int(rng.integers(1, num_classes + 1)))
+            scores.append(rng.random())
+    for box in _random_boxes(rng, extra, h, w):
+        boxes.append(box), labels.append(int(rng.integers(1, num_classes + 1))), scores.append(rng.random() * 0.6)
+    return {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "scores": np.asarray(scores, np.float32),
+            "labels": np.asarray(labels, np.int32)}
+
+
+# Non-contiguous ids, listed out of order; sizes of several aspect ratios; image 55 has 25 objects.
+COCO_IMAGES = {101: (480, 640), 7: (500, 300), 55: (200, 200), 1000: (256, 1024)}  # id: (height, width)
+COCO_CATEGORIES = [{"id": 12, "name": "bird"}, {"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}]
+
+
+@pytest.fixture
+def coco_file(tmp_path):
+    """An instances file with crowds, mask-like areas, a zero-width box, and detections per index."""
+    rng = np.random.default_rng(11)
+    cat_ids = [c["id"] for c in COCO_CATEGORIES]
+    annotations, ann_ids = [], iter(rng.permutation(np.arange(1, 10_000))[:200].tolist())
+    for image_id, (h, w) in COCO_IMAGES.items():
+        n = 25 if image_id == 55 else int(rng.integers(4, 9))
+        for box in _random_boxes(rng, n, h, w):
+            bw, bh = box[2] - box[0], box[3] - box[1]
+            annotations.append({"id": next(ann_ids), "image_id": image_id, "category_id": int(rng.choice(cat_ids)),
+                                "bbox": [float(box[0]), float(box[1]), float(bw), float(bh)],
+                                "area": float(bw * bh * rng.uniform(0.5, 1.0)), "iscrowd": 0})
+        if image_id != 55:  # a crowd region over a third of the image
+            annotations.append({"id": next(ann_ids), "image_id": image_id, "category_id": int(rng.choice(cat_ids)),
+                                "bbox": [0.0, 0.0, w / 3, h / 3], "area": w * h / 12, "iscrowd": 1})
+    annotations.append({"id": 20_000, "image_id": 7, "category_id": 3, "bbox": [5.0, 5.0, 0.0, 9.0], "area": 0.0, "iscrowd": 0})
+    images = [{"id": i, "file_name": f"{i}.jpg", "height": h, "width": w} for i, (h, w) in COCO_IMAGES.items()]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}))
+    (tmp_path / "images").mkdir()
+    ds = COCODataset(path, tmp_path / "images")
+
+    detections = []
+    for i, image_id in enumerate(sorted(COCO_IMAGES)):
+        ann = ds.annotation(i)
+        det = _jittered_detections(rng, ann["boxes"][~ann["ignore"]], ann["labels"][~ann["ignore"]],
+                                   *COCO_IMAGES[image_id], num_classes=3, extra=4)
+        crowd = ann["boxes"][ann["ignore"]]
+        if len(crowd):  # detections inside a crowd region: neither hits nor misses
+            inside = crowd[0] * np.array([1, 1, 0.5, 0.5]) + np.array([2, 2, 0, 0])
+            det = {k: np.concatenate([det[k], v]) for k, v in
+                   (("boxes", inside[None].astype(np.float32)), ("scores", np.float32([0.95])), ("labels", ann["labels"][ann["ignore"]][:1]))}
+        detections.append(det)
+    return ds, path, annotations, detections
+
+
+def _independent_results(detections):
+    """COCO results from the test's own id maps: index -> sorted image id, label -> sorted category id."""
+    image_ids, cat_ids = sorted(COCO_IMAGES), sorted(c["id"] for c in COCO_CATEGORIES)
+    return [{"image_id": image_ids[i], "category_id": cat_ids[int(lab) - 1], "score": float(s),
+             "bbox": [float(b[0]), float(b[1]), float(b[2]) - float(b[0]), float(b[3]) - float(b[1])]}
+            for i, det in enumerate(detections) for b, s, lab in zip(det["boxes"].astype(np.float64), det["scores"], det["labels"])]
+
+
+def test_coco_dataset_metrics_equal_pycocotools_on_the_original_file(coco_file):
+    ds, path, annotations, detections = coco_file
+    assert ds.dropped_invalid_boxes == 1 and max(ds.train_object_counts()) == 25  # more than --max-boxes 16
+    results = _independent_results(detections)
+    assert coco_results(ds, detections) == results
+    metrics = evaluate_dataset(ds, detections)
+    stats, per_class = _pycocotools(path, results)
+    assert 0.1 < stats[0] < 0.9, "the fixture should be neither trivial nor hopeless"
+    _assert_matches_pycocotools(metrics, stats, per_class)
+    official = coco_evaluate_official(path, results)
+    _assert_matches_pycocotools({"coco_stats": official, **official}, stats, per_class)
+    np.testing.assert_allclose(official["stats"], stats, rtol=0, atol=1e-9)
+    # Ground truth counted per class: every non-crowd box the loader keeps (not the zero-width one).
+    expected = {c["name"]: sum(1 for a in annotations if a["category_id"] == c["id"] and not a["iscrowd"] and a["bbox"][2] > 0)
+                for c in COCO_CATEGORIES}
+    assert metrics["num_ground_truth"] == expected == num_ground_truth(ds)
+    assert sum(expected.values()) > 40 and metrics["num_images"] == 4
+
+
+def test_crowd_regions_swallow_detections_and_count_for_nothing(coco_file):
+    ds, path, _, detections = coco_file
+    without_crowd_hits = [{k: v[:-1] for k, v in d.items()} if i != 1 else d for i, d in enumerate(detections)]
+    # Index 1 (image 55) has no crowd region, so its detections are unchanged; elsewhere the last one sat on a crowd.
+    base, trimmed = evaluate_dataset(ds, detections), evaluate_dataset(ds, without_crowd_hits)
+    for key in ("AP", "AP50", "AP75"):
+        assert base[key] == pytest.approx(trimmed[key], abs=1e-12), key
+    # VOC's rule ignores a detection only when its IoU with the crowd box exceeds 0.5; these
+    # cover a quarter of it (COCO's crowd IoU, intersection over the detection, is 1).
+    assert base["voc_AP50_all"] < trimmed["voc_AP50_all"]
+    stats, _ = _pycocotools(path, _independent_results(without_crowd_hits))
+    assert base["AP"] == pytest.approx(stats[0], abs=1e-9)
+
+
+def test_empty_results_score_zero(coco_file):
+    ds, path, _, _ = coco_file
+    metrics = evaluate_dataset(ds, [None] * len(ds))
+    assert metrics["AP"] == 0.0 and metrics["voc_AP50_all"] == 0.0 and metrics["num_detections"] == 0
+    official = coco_evaluate_official(path, [])
+    assert official["AP"] == 0.0 and len(official["stats"]) == 12
+    assert official["per_class_AP"] == {"cat": 0.0, "dog": 0.0, "bird": 0.0}
+    with pytest.raises(ValueError, match=r"image ids \[999\]"):
+        coco_evaluate_official(path, [{"image_id": 999, "category_id": 3, "bbox": [0, 0, 1, 1], "score": 1.0}])
+
+
+def _obj(name, box, difficult=0):
+    x1, y1, x2, y2 = box
+    return (f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+            f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+
+
+def _voc(tmp_path, images):
+    """A VOCdevkit folder from {stem: ((height, width), [(name, 1-based box, difficult)])}."""
+    root = tmp_path / "VOC"
+    for sub in ("Annotations", "JPEGImages"):
+        (root / sub).mkdir(parents=True)
+    for stem, ((h, w), objects) in images.items():
+        Image.fromarray(np.full((h, w, 3), 60, np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg")
+        body = "".join(_obj(*o) for o in objects)
+        (root / "Annotations" / f"{stem}.xml").write_text(f"<annotation><filename>{stem}.jpg</filename>{body}</annotation>")
+    return VOCDataset(root)
+
+
+def _random_voc(tmp_path, rng):
+    images = {}
+    for stem, (h, w) in {"p": (120, 200), "q": (240, 90), "r": (160, 160)}.items():
+        boxes = np.round(_random_boxes(rng, int(rng.integers(5, 10)), h, w))
+        images[stem] = ((h, w), [(str(rng.choice(["cat", "dog", "horse"])), (int(b[0]) + 1, int(b[1]) + 1, int(b[2]), int(b[3])),
+                                  int(rng.random() < 0.2)) for b in boxes])
+    return _voc(tmp_path, images)
+
+
+def test_voc_dataset_coco_metrics_equal_pycocotools_and_voc_metrics_equal_the_devkit_path(tmp_path):
+    rng = np.random.default_rng(5)
+    ds = _random_voc(tmp_path, rng)
+    anns = [ds.annotation(i) for i in range(len(ds))]
+    assert any(a["ignore"].any() for a in anns), "the fixture needs difficult objects"
+    detections = {i: _jittered_detections(rng, a["boxes"], a["labels"], a["height"], a["width"], 3, extra=3)
+                  for i, a in enumerate(anns)}
+    metrics = evaluate_dataset(ds, detections)
+
+    path = tmp_path / "voc_as_coco.json"
+    path.write_text(json.dumps(coco_ground_truth(ds)))
+    stats, per_class = _pycocotools(path, coco_results(ds, detections))
+    assert 0.05 < stats[0] < 0.95
+    _assert_matches_pycocotools(metrics, stats, per_class)
+
+    # VOC AP: the padded evaluator, given room for every box, runs the same devkit rules.
+    m = max(len(a["labels"]) for a in anns)
+    padded_dets = _pad([[(b, s, lab) for b, s, lab in zip(d["boxes"], d["scores"], d["labels"])]
+                        for d in detections.values()], 16)
+    padded_gt = _targets([[(b, lab) for b, lab in zip(a["boxes"], a["labels"])] for a in anns], m,
+                         difficult=[(i, j) for i, a in enumerate(anns) for j in np.flatnonzero(a["ignore"])])
+    devkit = evaluate(padded_dets, padded_gt, ds.class_names)
+    for key in ("voc_AP50_11pt", "voc_AP50_all"):
+        assert metrics[key] == pytest.approx(devkit[key], abs=1e-12), key
+    assert metrics["per_class_voc_AP50"] == pytest.approx(devkit["per_class_voc_AP50"], abs=1e-12, nan_ok=True)
+    assert metrics["num_ground_truth"] == {n: sum(int(((a["labels"] == k) & ~a["ignore"]).sum()) for a in anns)
+                                           for k, n in enumerate(ds.class_names, start=1)}
+
+
+def test_every_ground_truth_box_counts_whatever_max_boxes_is(tmp_path):
+    # 40 objects on a 5 x 8 grid, all of different sizes; the detector finds the 16 largest exactly.
+    objects, k = [], 0
+    for row in range(5):
+        for col in range(8):
+            side = 4 + k // 2  # 1-based inclusive sides 5..24 px (by pairs, distinct areas via the offset)
+            x, y = 1 + col * 50, 1 + row * 50
+            objects.append(("cat", (x, y, x + side + (k % 2), y + side)))
+            k += 1
+    ds = _voc(tmp_path, {"many": ((256, 416), objects)})
+    ann = ds.annotation(0)
+    area = (ann["boxes"][:, 2] - ann["boxes"][:, 0]) * (ann["boxes"][:, 3] - ann["boxes"][:, 1])
+    assert len(ann["boxes"]) == 40 and len(np.unique(area)) == 40
+    largest = np.argsort(-area)[:16]
+    found = {"boxes": ann["boxes"][largest], "scores": np.linspace(0.9, 0.5, 16, dtype=np.float32),
+             "labels": ann["labels"][largest]}
+
+    # Before: the loader's padded targets keep the 16 largest boxes, and the padded evaluation sees only those.
+    example = preprocess(ds[0], canvas=(256, 416))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "keeping the 16 largest"
+        batch = collate([example], max_boxes=16)
+    padded = _pad([[(b, s, lab) for b, s, lab in zip(found["boxes"], found["scores"], found["labels"])]], 16)
+    before = evaluate(padded, batch, ds.class_names)
+    # After: every annotated box is in the denominator.
+    after = evaluate_dataset(ds, [found])
+    print(f"padded to 16 boxes: AP {before['AP']:.4f}, VOC AP50 all {before['voc_AP50_all']:.4f}, "
+          f"11pt {before['voc_AP50_11pt']:.4f}; every box: AP {after['AP']:.4f}, VOC AP50 all "
+          f"{after['voc_AP50_all']:.4f}, 11pt {after['voc_AP50_11pt']:.4f}, AR100 {after['coco_stats']['AR100']:.4f}")
+    assert before["AP"] == pytest.approx(1.0) and before["voc_AP50_all"] == pytest.approx(1.0)
+    assert after["num_ground_truth"] == {"cat": 40}
+    assert after["voc_AP50_all"] == pytest.approx(16 / 40)  # precision 1 up to recall 0.4
+    assert after["voc_AP50_11pt"] == pytest.approx(5 / 11)  # recall thresholds 0, .1, .2, .3, .4
+    assert after["AP"] == pytest.approx(41 / 101)  # COCO recall thresholds 0, .01, ..., .40
+    assert after["coco_stats"]["AR100"] == pytest.approx(0.4)
+
+
+def test_unpadded_detections_return_to_original_pixels(tmp_path):
+    rng = np.random.default_rng(8)
+    ds = _random_voc(tmp_path, rng)
+    examples = [preprocess(ds[i], canvas=128, longer_side=128) for i in range(len(ds))]
+    assert any(abs(float(e["scale"][0]) - 1.0) > 0.1 for e in examples)
+    batch = collate(examples, max_boxes=16, batch_size=4)  # a fourth, padding row
+    predictions = {"boxes": batch["boxes"], "scores": np.where(batch["valid"], 0.9, 0.0).astype(np.float32),
+                   "labels": batch["labels"], "valid": batch["valid"]}
+    predictions["labels"][0, -1], predictions["valid"][0, -1] = 1, False  # an invalid row is dropped
+    dets = unpad_detections(predictions, batch)
+    assert len(dets) == 3
+    for i, det in enumerate(dets):
+        ann = ds.annotation(i)
+        np.testing.assert_allclose(det["boxes"], ann["boxes"], rtol=1e-5, atol=1e-3)
+        np.testing.assert_array_equal(det["labels"], ann["labels"])
+    metrics = evaluate_dataset(ds, dets)
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["voc_AP50_all"] == pytest.approx(1.0)

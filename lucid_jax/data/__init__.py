@@ -5,11 +5,30 @@ Three datasets follow one protocol (:class:`Dataset`): the built-in synthetic
 through :func:`preprocess` onto a fixed canvas and :func:`collate` into batches whose
 shapes never change, which is what a jit-compiled step needs; :class:`Loader` does
 both with seeded shuffling, resumption at any step and thread prefetch.
+
+Each dataset also gives ``annotation(i)`` (every object, original pixels, no image
+decoded), the ground truth that evaluation counts; :func:`object_counts` and
+:func:`dropped_boxes_summary` say what a ``max_boxes`` cut removes from training, and
+:func:`coco_ground_truth` / :func:`coco_results` write COCO's json formats.
 """
 
 from lucid_jax.data.batching import TRAIN_KEYS, Loader, collate, largest_boxes, model_inputs
 from lucid_jax.data.coco import COCODataset
-from lucid_jax.data.dataset import Dataset, DatasetError, Example, load_image, make_example
+from lucid_jax.data.coco_format import coco_ground_truth, coco_results
+from lucid_jax.data.dataset import (
+    Annotation,
+    Dataset,
+    DatasetError,
+    DroppedBoxes,
+    Example,
+    dropped_boxes_summary,
+    get_annotation,
+    image_size,
+    load_image,
+    make_annotation,
+    make_example,
+    object_counts,
+)
 from lucid_jax.data.shapes import CLASS_NAMES as SHAPES_CLASSES
 from lucid_jax.data.shapes import ShapesDataset
 from lucid_jax.data.transforms import (
@@ -28,9 +47,11 @@ from lucid_jax.data.transforms import (
 from lucid_jax.data.voc import VOC_CLASSES, VOCDataset, parse_annotation
 
 __all__ = [
+    "Annotation",
     "COCODataset",
     "Dataset",
     "DatasetError",
+    "DroppedBoxes",
     "Example",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -41,13 +62,20 @@ __all__ = [
     "VOCDataset",
     "VOC_CLASSES",
     "clip_boxes",
+    "coco_ground_truth",
+    "coco_results",
     "collate",
+    "dropped_boxes_summary",
+    "get_annotation",
     "hflip",
+    "image_size",
     "largest_boxes",
     "load_image",
+    "make_annotation",
     "make_example",
     "model_inputs",
     "normalize",
+    "object_counts",
     "pad_to",
     "parse_annotation",
     "preprocess",

@@ -18,7 +18,7 @@ import dataclasses
 
 import numpy as np
 
-from lucid_jax.data.dataset import Example, make_example
+from lucid_jax.data.dataset import Annotation, Example, make_annotation, make_example
 
 CLASS_NAMES = ("rectangle", "ellipse", "triangle")
 RECTANGLE, ELLIPSE, TRIANGLE = 1, 2, 3
@@ -171,6 +171,18 @@ class ShapesDataset:
             [o[0] for o in objects],
             id=index,
         )
+
+    def annotation(self, index: int) -> Annotation:
+        """The boxes and labels of item ``index`` without painting it; nothing is ignored."""
+        index = int(index)
+        _, objects = self._layout(index)
+        h, w = self.size
+        labels = [o[0] for o in objects]
+        return make_annotation([o[5] for o in objects], labels, np.zeros(len(labels), bool), index, h, w)
+
+    def train_object_counts(self) -> np.ndarray:
+        """[N] objects per item (each layout is drawn, the shapes are not painted)."""
+        return np.asarray([len(self._layout(i)[1]) for i in range(self.num_examples)], np.int64)
 
     def masks(self, index: int) -> np.ndarray:
         """Each object's full silhouette, occluded parts included.

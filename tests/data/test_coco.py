@@ -1,4 +1,6 @@
-"""COCO reader on a tiny annotation file: xywh -> xyxy, contiguous labels, crowds, empty images, errors."""
+"""COCO reader on a tiny annotation file: xywh -> xyxy, contiguous labels, crowds kept
+for evaluation only, boxes without area counted, empty images, sizes, file names that
+leave the image folder, errors."""
 
 import json
 
@@ -84,6 +86,21 @@ def test_errors_name_the_file_and_the_problem(coco, tmp_path):
         COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 3, "category_id": 4, "bbox": [0, 0, 1, 1]}]}), images)
     with pytest.raises(DatasetError, match=r"bbox must be \[x, y, width, height\]"):
         COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1]}]}), images)
+    with pytest.raises(DatasetError, match=r"bbox has a non-finite value"):
+        COCODataset(_write(tmp_path, '{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 4, "name": "x"}],'
+                                     ' "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1, NaN, 2]}]}'), images)
+    with pytest.raises(DatasetError, match=r"does not fit in float32"):
+        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1, 1e39, 2]}]}), images)
+    with pytest.raises(DatasetError, match=r"images\[0\] id must be an integer, got '1'"):
+        COCODataset(_write(tmp_path, {**base, "images": [{"id": "1", "file_name": "a.png"}]}), images)
+    with pytest.raises(DatasetError, match=r"images\[1\] repeats image id 1"):
+        COCODataset(_write(tmp_path, {**base, "images": base["images"] * 2}), images)
+    with pytest.raises(DatasetError, match=r"images\[0\] height must be a positive integer"):
+        COCODataset(_write(tmp_path, {**base, "images": [{"id": 1, "file_name": "a.png", "height": 0, "width": 3}]}), images)
+    with pytest.raises(DatasetError, match=r"annotations must be a list"):
+        COCODataset(_write(tmp_path, {**base, "annotations": {"0": 1}}), images)
+    with pytest.raises(DatasetError, match=r"malformed JSON \(RecursionError"):
+        COCODataset(_write(tmp_path, "[" * 100_000 + "]" * 100_000), images)
 
 
 def test_missing_image_file_raises_on_access(coco, tmp_path):
@@ -92,3 +109,51 @@ def test_missing_image_file_raises_on_access(coco, tmp_path):
     ds = COCODataset(path, images)
     with pytest.raises(DatasetError, match=r"c\.png: image file not found"):
         ds[1]
+
+
+def test_annotation_keeps_crowds_as_ignored_and_counts_dropped_boxes(coco):
+    ds = COCODataset(*coco)
+    assert ds.annotation_file == coco[0] and ds.image_id_to_index == {2: 0, 5: 1, 9: 2}
+    assert ds.dropped_invalid_boxes == 1  # the zero-width cat
+    ann = ds.annotation(2)
+    assert ann["id"] == 9 and (ann["height"], ann["width"]) == (20, 30)
+    np.testing.assert_array_equal(ann["boxes"], [[1.5, 2, 4.5, 6.25], [0, 0, 30, 20], [10, 10, 15, 15]])
+    np.testing.assert_array_equal(ann["labels"], [2, 3, 3])
+    np.testing.assert_array_equal(ann["ignore"], [False, True, False])
+    empty = ds.annotation(1)
+    assert empty["boxes"].shape == (0, 4) and empty["ignore"].shape == (0,) and (empty["height"], empty["width"]) == (8, 12)
+    np.testing.assert_array_equal(ds.train_object_counts(), [1, 0, 2])  # crowds are not trained on
+
+
+def test_sizes_come_from_the_file_else_from_the_rotated_header(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 10 x 30, shown upright 30 x 10
+    Image.fromarray(np.zeros((10, 30, 3), np.uint8)).save(images / "r.jpg", exif=exif.tobytes())
+    data = {"images": [{"id": 1, "file_name": "r.jpg"}, {"id": 2, "file_name": "r.jpg", "height": 30, "width": 10}],
+            "categories": [{"id": 1, "name": "a"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 20, 5, 8]}]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    ds = COCODataset(path, images)
+    for i in range(2):
+        ann = ds.annotation(i)
+        assert (ann["height"], ann["width"]) == (30, 10) == ds[i]["image"].shape[:2]
+    np.testing.assert_array_equal(ds[0]["boxes"], [[1, 20, 6, 28]])  # inside the upright 30 x 10 image
+
+
+@pytest.mark.parametrize("file_name", ["../a.png", "sub/../../a.png", "/etc/passwd", ""])
+def test_file_names_that_leave_the_image_folder_are_refused(coco, tmp_path, file_name):
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")  # next to images/, reachable by ".."
+    data = {"images": [{"id": 1, "file_name": file_name}], "categories": [{"id": 1, "name": "x"}]}
+    with pytest.raises(DatasetError, match=r"images\[0\] file_name") as err:
+        COCODataset(_write(tmp_path, data), coco[1])
+    assert "\n" not in str(err.value)
+
+
+def test_file_names_in_subfolders_are_fine(coco, tmp_path):
+    (coco[1] / "sub").mkdir()
+    Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(coco[1] / "sub" / "x.png")
+    data = {"images": [{"id": 1, "file_name": "sub/./x.png"}], "categories": [{"id": 1, "name": "x"}]}
+    assert COCODataset(_write(tmp_path, data), coco[1])[0]["image"].shape == (4, 6, 3)

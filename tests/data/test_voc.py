@@ -1,5 +1,9 @@
 """VOC reader on a tiny VOCdevkit written in tmp_path: parsing, the 1-based box
-conversion checked against pixels, the image fallback, class collection, splits, errors."""
+conversion checked against pixels, the image fallback, class lists, splits (given and
+derived), annotations without decoding, EXIF-rotated images, boxes without area,
+unsafe XML, errors."""
+
+import time
 
 import numpy as np
 import pytest
@@ -101,7 +105,9 @@ def test_malformed_xml_names_the_file_in_one_line(voc):
         ("<annotation><object><name>cat</name></object></annotation>", "has no <filename>"),
         ("<annotation><filename>a.jpg</filename><object><name>cat</name></object></annotation>", "has no <bndbox>"),
         (_xml("a.jpg", [("cat", ("x", 1, 2, 3), 0)]), "non-numeric"),
-        (_xml("a.jpg", [("cat", (9, 1, 2, 3), 0)]), "inverted box"),
+        (_xml("a.jpg", [("cat", (1, 1, "inf", 3), 0)]), "non-finite"),
+        (_xml("a.jpg", [("cat", (1, "nan", 2, 3), 0)]), "non-finite"),
+        (_xml("a.jpg", [("cat", (1, 1, 2, "1e39"), 0)]), "non-finite"),
         ("<notvoc/>", "expected <annotation>"),
     ],
 )
@@ -116,8 +122,128 @@ def test_broken_annotations_explain_the_problem(tmp_path, body, problem):
 def test_missing_folders_split_and_images_raise(voc, tmp_path):
     with pytest.raises(DatasetError, match="folder not found"):
         VOCDataset(tmp_path / "nowhere")
-    with pytest.raises(DatasetError, match=r"val\.txt.*not found"):
+    with pytest.raises(DatasetError, match=r"val\.txt.*not found") as err:
         VOCDataset(voc, split="val")
+    assert "--split all" in str(err.value) and "\n" not in str(err.value)
     (voc / "JPEGImages/b.png").unlink()
     with pytest.raises(DatasetError, match=r"b\.xml.*image 'b\.jpg' not found"):
         VOCDataset(voc)
+
+
+def test_missing_split_files_are_derived_for_train_trainval_and_all(voc):
+    main = voc / "ImageSets/Main"
+    (main / "train.txt").unlink()
+    (main / "val.txt").write_text("c\n")
+    train = VOCDataset(voc, split="train")
+    assert train.ids == ["a", "b"] and "val.txt" in train.split_source
+    (main / "test.txt").write_text("b\n")
+    assert VOCDataset(voc, split="train").ids == ["a"]  # neither val nor test
+    assert VOCDataset(voc, split="trainval").ids == ["a", "c"]  # trainval holds val, not test
+    assert VOCDataset(voc, split="all").ids == ["a", "b", "c"]
+    assert VOCDataset(voc).ids == ["a", "b", "c"]  # split=None: every image, as before
+    (main / "train.txt").write_text("b\n")
+    assert VOCDataset(voc, split="train").ids == ["b"]  # a split file always wins
+    with pytest.raises(DatasetError, match=r"minival\.txt: split file .* not found; pass --split all"):
+        VOCDataset(voc, split="minival")
+    (main / "val.txt").write_text("a\nb\nc\n")
+    (main / "train.txt").unlink()
+    with pytest.raises(DatasetError, match="no images in split 'train'"):
+        VOCDataset(voc, split="train")
+
+
+def test_classes_txt_sets_the_labels_and_rejects_unknown_names(voc):
+    (voc / "classes.txt").write_text("person\n\ndog\ncat\nhorse\n")
+    ds = VOCDataset(voc)
+    assert ds.class_names == ("person", "dog", "cat", "horse") and ds.class_source.endswith("classes.txt")
+    np.testing.assert_array_equal(ds[0]["labels"], [2, 3])
+    assert VOCDataset(voc, class_names=["dog", "cat", "person"]).class_names == ("dog", "cat", "person")  # argument wins
+    (voc / "classes.txt").write_text("cat\ndog\n")
+    with pytest.raises(DatasetError, match=r"c\.xml: class 'person' is not in .*classes\.txt \['cat', 'dog'\]") as err:
+        VOCDataset(voc)
+    assert "\n" not in str(err.value)
+    (voc / "classes.txt").write_text("cat\ndog\ncat\n")
+    with pytest.raises(DatasetError, match="without repeats"):
+        VOCDataset(voc)
+
+
+def test_class_counts_count_the_split_objects(voc):
+    ds = VOCDataset(voc)
+    assert ds.class_source == "discovered"
+    assert ds.class_counts == {"cat": 2, "dog": 2, "person": 1}  # the difficult person counts
+    assert VOCDataset(voc, split="train").class_counts == {"cat": 2, "dog": 1, "person": 0}
+    np.testing.assert_array_equal(ds.train_object_counts(), [2, 1, 2])
+
+
+def test_annotation_matches_the_example_without_decoding(voc):
+    ds = VOCDataset(voc)
+    for i in range(len(ds)):
+        ann, ex = ds.annotation(i), ds[i]
+        np.testing.assert_array_equal(ann["boxes"], ex["boxes"])
+        np.testing.assert_array_equal(ann["labels"], ex["labels"])
+        np.testing.assert_array_equal(ann["ignore"], ex["difficult"])
+        assert (ann["height"], ann["width"]) == ex["image"].shape[:2] and ann["id"] == ex["id"]
+    noise = np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(voc / "JPEGImages/a.jpg")
+    data = (voc / "JPEGImages/a.jpg").read_bytes()
+    (voc / "JPEGImages/a.jpg").write_bytes(data[: len(data) // 2])  # the header survives, the pixels do not
+    ds = VOCDataset(voc)
+    assert (ds.annotation(0)["height"], ds.annotation(0)["width"]) == (30, 40)
+    with pytest.raises(DatasetError, match="cannot decode image"):
+        ds[0]
+
+
+def test_exif_rotated_jpeg_boxes_refer_to_the_upright_image(voc):
+    stored = np.full((20, 40, 3), 20, np.uint8)
+    stored[2:7, 30:38] = 250  # shown upright (orientation 6) at rows 30..37, cols 13..17
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(voc / "JPEGImages/r.jpg", quality=95, exif=exif.tobytes())
+    # Annotation tools show the upright image: 1-based xmin 14, ymin 31, xmax 18, ymax 38.
+    (voc / "Annotations/r.xml").write_text(_xml("r.jpg", [("cat", (14, 31, 18, 38), 0)], size=(20, 40)))
+    ds = VOCDataset(voc)
+    i = ds.ids.index("r")
+    ex, ann = ds[i], ds.annotation(i)
+    assert ex["image"].shape == (40, 20, 3) and (ann["height"], ann["width"]) == (40, 20)
+    x1, y1, x2, y2 = ann["boxes"][0].astype(int)
+    bright = ex["image"].min(-1) > 128
+    assert bright[y1:y2, x1:x2].all() and bright.sum() == (y2 - y1) * (x2 - x1)
+
+
+def test_boxes_without_area_are_dropped_and_counted(voc):
+    objects = [("cat", (9, 1, 2, 3), 0), ("dog", (5, 5, 5, 5), 0), ("cat", (5, 5, 3, 8), 0), ("dog", (2, 9, 4, 7), 1)]
+    (voc / "Annotations/a.xml").write_text(_xml("a.jpg", objects))
+    ann = parse_annotation(voc / "Annotations/a.xml")
+    assert ann["dropped_invalid"] == 3 and ann["names"] == ["dog"]
+    np.testing.assert_array_equal(ann["boxes"], [[4, 4, 5, 5]])  # a one-pixel VOC box is a unit square
+    ds = VOCDataset(voc)
+    assert ds.dropped_invalid_boxes == 3
+    np.testing.assert_array_equal(ds.annotation(0)["labels"], [2])
+
+
+BILLION_LAUGHS = (
+    '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+    + "".join(f'<!ENTITY lol{k} "{("&lol" + (str(k - 1) if k > 1 else "") + ";") * 10}">' for k in range(1, 10))
+    + "]><annotation><filename>a.jpg</filename><object><name>&lol9;</name></object></annotation>"
+)
+EXTERNAL_ENTITY = ('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY ext SYSTEM "file:///etc/passwd">]>'
+                   "<annotation><filename>&ext;</filename></annotation>")
+
+
+@pytest.mark.parametrize("body", [BILLION_LAUGHS, EXTERNAL_ENTITY], ids=["billion_laughs", "external_entity"])
+def test_unsafe_xml_is_refused_quickly(voc, body):
+    (voc / "Annotations/a.xml").write_text(body)
+    start = time.perf_counter()
+    with pytest.raises(DatasetError, match=r"a\.xml: unsafe XML refused") as err:
+        VOCDataset(voc)
+    assert time.perf_counter() - start < 0.5
+    assert "\n" not in str(err.value)
+
+
+def test_a_filename_outside_jpegimages_is_never_opened(voc):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(voc / "secret.jpg")
+    (voc / "Annotations/d.xml").write_text(_xml("../secret.jpg", [("cat", (1, 1, 4, 4), 0)]))
+    with pytest.raises(DatasetError, match=r"d\.xml: image '\.\./secret\.jpg' not found"):
+        VOCDataset(voc)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(voc / "JPEGImages/d.jpg")  # found by the XML's stem
+    ds = VOCDataset(voc)
+    assert ds[ds.ids.index("d")]["image"].shape == (8, 8, 3)
