@@ -89,12 +89,26 @@ def _train(args) -> int:
     return 0
 
 
+def _writable_file(path, flag: str) -> Path | None:
+    """Check an output file's path before any work: its folder exists and it is not a folder."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise FileExistsError(f"{flag} {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: folder {path.parent} not found")
+    return path
+
+
 def _eval(args) -> int:
     from lucid_jax import runner
 
+    results = _writable_file(args.results, "--results")
+    ground_truth = _writable_file(args.ground_truth, "--ground-truth")
     model, variables, class_names, config = runner.load_trained(args.checkpoint, args.model)
     dataset = runner.open_dataset(args.data, args.split, shapes_examples=config.shapes_train_examples,
-                                  image_size=config.image_size)
+                                  image_size=config.image_size, class_names=class_names)
     unknown = sorted(set(dataset.class_names) - set(class_names))
     if unknown:
         raise runner.JobError(f"the data has classes the checkpoint was not trained on: {', '.join(unknown)}")
@@ -102,8 +116,10 @@ def _eval(args) -> int:
         raise runner.JobError(f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}")
     if args.batch_size:
         config = dataclasses.replace(config, batch_size=args.batch_size)
-    metrics = runner.evaluate(model, variables, dataset, config, progress=not args.no_progress)
-    keys = ("AP", "AP50", "AP75", "voc_AP50_all", "voc_AP50_11pt", "per_class_AP")
+    metrics = runner.evaluate(model, variables, dataset, config, progress=not args.no_progress,
+                              results=results, ground_truth=ground_truth)
+    keys = ("AP", "AP50", "AP75", "voc_AP50_all", "voc_AP50_11pt", "per_class_AP", "num_ground_truth", "num_images",
+            "num_detections")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     return 0
 
@@ -114,12 +130,15 @@ def _predict(args) -> int:
 
     from lucid_jax import runner, viz
     from lucid_jax.data import load_image, preprocess
+    from lucid_jax.train import make_predict_fn
 
-    model, variables, class_names, config = runner.load_trained(args.checkpoint, args.model)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    images = [load_image(p) for p in args.images]  # fails on the first unreadable path, before anything is written
+    model, variables, class_names, config = runner.load_trained(args.checkpoint, args.model)
     out.mkdir(parents=True, exist_ok=True)
-    images = [load_image(p) for p in args.images]  # fails on the first unreadable path
-    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", score_thresh=args.score_thresh))
+    predict = make_predict_fn(model, score_thresh=args.score_thresh)
     results = []
     for path, image in zip(args.images, images):
         ex = preprocess({"image": image, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
@@ -169,13 +188,15 @@ def _seed(args) -> int:
 
     import lucid_jax
     from lucid_jax.models import faster_rcnn_resnet_101_fpn
+    from lucid_jax.train import make_predict_fn
 
     model = faster_rcnn_resnet_101_fpn(num_classes=args.num_classes)
     variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 3, 224, 224), jnp.float32))
     print(f"faster_rcnn_resnet_101_fpn(num_classes={args.num_classes}): "
           f"{lucid_jax.count_params(variables['params']):,} parameters")
     forward = jax.jit(model.apply)
-    predict = jax.jit(lambda v, x: model.apply(v, x, method="predict"))
+    predict_fn = make_predict_fn(model)
+    predict = lambda v, x: predict_fn(v, x, None)  # noqa: E731
     for size in args.size:
         x = jax.random.normal(jax.random.key(0), (1, 3, size, size))
         cls_logits, bbox_deltas = forward(variables, x)
@@ -261,7 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="the architecture expected in the checkpoint, one of "
                    f"{', '.join(_detector_names())} (default: the checkpoint's)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
-                   help="images per predict call (default: the run's)")
+                   help="images per predict call; the metrics do not depend on it (default: the run's)")
+    p.add_argument("--results", default=None, help="write the detections as a COCO results file: the annotation "
+                   "file's own image and category ids and [x, y, w, h] in original pixels (default: none)")
+    p.add_argument("--ground-truth", dest="ground_truth", default=None, help="write the matching COCO ground "
+                   "truth (for VOC and shapes; VOC difficult objects as iscrowd 1) (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 

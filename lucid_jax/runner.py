@@ -19,10 +19,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lucid_jax.checkpoint import Checkpointer, CheckpointError
-from lucid_jax.data import COCODataset, DatasetError, Loader, ShapesDataset, VOCDataset, model_inputs, preprocess
-from lucid_jax.evaluation import DetectionEvaluator
+from lucid_jax.data import (
+    COCODataset, DatasetError, Loader, ShapesDataset, VOCDataset, dropped_boxes_summary, model_inputs, object_counts,
+    preprocess,
+)
+from lucid_jax.evaluation import coco_ground_truth, coco_results, evaluate_dataset, unpad_detections
 from lucid_jax.models import get_model, list_models
-from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
+from lucid_jax.train import build_optimizer, create_train_state, make_predict_fn, make_train_step, param_labels
 
 
 class JobError(RuntimeError):
@@ -183,11 +186,18 @@ def apply_init_recipe(config: TrainConfig, kind: str, given) -> tuple[TrainConfi
     return dataclasses.replace(config, **recipe), recipe
 
 
-def open_dataset(spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int = 128):
+def open_dataset(spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int = 128,
+                 class_names=None):
     """A dataset from ``shapes``, ``voc:DIR`` or ``coco:ANNOTATIONS.json:IMAGE_DIR``.
 
-    For shapes, "train" and "val" are disjoint seeds; for VOC the split file
-    ``ImageSets/Main/{split}.txt`` is used when it exists.
+    Args:
+      spec: the ``--data`` value.
+      split: shapes: "train", "val" or "test" (disjoint seeds). VOC:
+        ``ImageSets/Main/<split>.txt``; without that file "train" and
+        "trainval" take every image no held-out split lists, "all" takes every
+        image, and any other split is an error. COCO: the annotation file is
+        the split.
+      class_names: VOC's class list (None: ``classes.txt`` or the names found).
     """
     kind, _, rest = spec.partition(":")
     try:
@@ -196,14 +206,28 @@ def open_dataset(spec: str, split: str = "train", *, shapes_examples: int = 2000
             n = shapes_examples if split == "train" else max(shapes_examples // 10, 64)
             return ShapesDataset(num_examples=n, image_size=image_size, seed=seed)
         if kind == "voc" and rest:
-            split_file = Path(rest) / "ImageSets" / "Main" / f"{split}.txt"
-            return VOCDataset(rest, split=split if split_file.exists() else None)
+            return VOCDataset(rest, split=split, class_names=class_names)
         if kind == "coco" and ":" in rest:
             annotations, images = rest.rsplit(":", 1)
             return COCODataset(annotations, images)
-    except (DatasetError, FileNotFoundError, NotADirectoryError, ValueError) as e:
+    except (DatasetError, OSError, ValueError) as e:
         raise JobError(str(e)) from None
     raise JobError(f"--data must be shapes, voc:DIR or coco:ANNOTATIONS.json:IMAGE_DIR, got {spec!r}")
+
+
+def describe_data(dataset, echo=print) -> dict:
+    """Print what a training run will see: classes with their object counts, boxes dropped at load."""
+    counts = getattr(dataset, "class_counts", None)
+    if counts is None:
+        labels = np.concatenate([dataset.annotation(i)["labels"] for i in range(len(dataset))] or [np.zeros(0, int)])
+        counts = {name: int((labels == k).sum()) for k, name in enumerate(dataset.class_names, start=1)}
+    source = getattr(dataset, "class_source", None)
+    where = "" if source in (None, "class_names") else f" ({'found in the annotations' if source == 'discovered' else source})"
+    echo(f"data: {len(dataset)} images; classes{where}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()))
+    invalid = getattr(dataset, "dropped_invalid_boxes", 0)
+    if invalid:
+        echo(f"data: dropped {invalid:,} annotated boxes with no area (zero width or height, or inverted)")
+    return {"class_counts": counts, "dropped_invalid_boxes": int(invalid)}
 
 
 def detector_names() -> list[str]:
@@ -325,12 +349,20 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         config, recipe = apply_init_recipe(config, weights.detect_kind(init_flat), given)
         if recipe:
             echo("init: fine-tuning recipe " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()))
-    dataset = open_dataset(config.data, "train", shapes_examples=config.shapes_train_examples, image_size=config.image_size)
+    dataset = open_dataset(config.data, config.split, shapes_examples=config.shapes_train_examples,
+                           image_size=config.image_size,
+                           class_names=config.classes or (stored[1] if stored is not None else None))
     class_names = list(dataset.class_names)
     if stored is not None and stored[1] is not None and stored[1] != class_names:
         raise JobError(f"the data's classes {class_names} differ from the run's {stored[1]}")
     model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
-    loader = make_loader(dataset, config, train=True)
+    counts = object_counts(dataset)
+    max_boxes = config.max_boxes or max(int(counts.max(initial=0)), 1)
+    loader = make_loader(dataset, config, train=True, max_boxes=max_boxes)
+    data_info = describe_data(dataset, echo)
+    dropped = dropped_boxes_summary(counts, max_boxes)
+    if dropped.dropped:
+        echo(str(dropped))
 
     out.mkdir(parents=True, exist_ok=True)
     variables = _init_variables(model, config)
@@ -343,7 +375,7 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         echo(f"init: {report.summary()}")
     state, labels = _initial_state(model, config, variables)
     rng = jax.random.key(config.seed)
-    metadata = {"config": dataclasses.asdict(config), "class_names": class_names}
+    metadata = {"config": dataclasses.asdict(config), "class_names": class_names, "max_boxes": max_boxes, **data_info}
     with Checkpointer(out / "checkpoints", keep_last=config.keep_checkpoints) as ckpt:
         start = 0
         if stored is not None:
@@ -351,6 +383,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
             start = int(state.step)
         step_fn = make_train_step(model, frozen=labels)
         log = open(out / "log.jsonl", "a")
+        if dropped.dropped:
+            log.write(json.dumps({"step": start, "dropped_boxes": dropped.dropped, "total_boxes": dropped.total,
+                                  "images_with_dropped_boxes": dropped.images, "max_boxes": max_boxes}) + "\n")
         bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
         last, started = {}, time.perf_counter()
         try:
@@ -405,15 +440,37 @@ def load_trained(checkpoint: str | os.PathLike, model_name: str | None = None):
     return model, {"params": state.params, "batch_stats": state.batch_stats}, class_names, config
 
 
-def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool = True) -> dict:
-    """AP, AP50, AP75, per-class AP and VOC AP50 of a model on a dataset."""
-    loader = make_loader(dataset, config, train=False)
-    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict"))
-    evaluator = DetectionEvaluator(list(dataset.class_names))
+def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool = True,
+             results: str | os.PathLike | None = None, ground_truth: str | os.PathLike | None = None) -> dict:
+    """COCO AP, AP50, AP75, per-class AP and VOC AP50 against every annotated object.
+
+    Predictions are mapped back to each image's own pixels and scored against the
+    dataset's annotations, not the padded training targets, so ``max_boxes``
+    plays no part. COCO numbers are pycocotools' COCOeval (on the original
+    annotation file for COCO data).
+
+    Args:
+      results: write the detections here in COCO results format (the file's own
+        image and category ids for COCO, synthetic ones otherwise).
+      ground_truth: write the matching COCO ground truth here (VOC difficult
+        objects as ``iscrowd: 1``, which COCOeval ignores).
+
+    Returns:
+      ``evaluate_dataset``'s dict: AP, AP50, AP75, per_class_AP, voc_AP50_11pt,
+      voc_AP50_all, num_ground_truth, ...
+    """
+    loader = make_loader(dataset, config, train=False, max_boxes=1)
+    predict = make_predict_fn(model)
+    detections = []
     for batch in tqdm(loader.epoch(0), total=len(loader), desc="eval", disable=not progress, dynamic_ncols=True):
         inputs = model_inputs(batch, ("images", "image_sizes"))
-        evaluator.add(jax.device_get(predict(variables, inputs["images"], inputs["image_sizes"])), batch)
-    return evaluator.compute()
+        detections += unpad_detections(jax.device_get(predict(variables, inputs["images"], inputs["image_sizes"])), batch)
+    metrics = evaluate_dataset(dataset, detections)
+    if results is not None:
+        Path(results).write_text(json.dumps(coco_results(dataset, detections)))
+    if ground_truth is not None:
+        Path(ground_truth).write_text(json.dumps(coco_ground_truth(dataset)))
+    return metrics
 
 
 def predictions_on(model, variables, dataset, config: TrainConfig, indices: Sequence[int]):
@@ -421,5 +478,4 @@ def predictions_on(model, variables, dataset, config: TrainConfig, indices: Sequ
     examples = [preprocess(dataset[i], canvas=config.image_size, longer_side=config.image_size) for i in indices]
     images = np.stack([e["image"] for e in examples])
     sizes = np.stack([e["image_size"] for e in examples])
-    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict"))
-    return images, jax.device_get(predict(variables, images, sizes)), examples
+    return images, jax.device_get(make_predict_fn(model)(variables, images, sizes)), examples

@@ -312,3 +312,18 @@ def make_train_step(
 
     step.jitted = jitted  # for lowering, export and cost analysis
     return step
+
+
+def make_predict_fn(model, **predict_kwargs) -> Callable:
+    """``predict(variables, images, image_sizes) -> detections``, jit-compiled once per shape.
+
+    Args:
+      model: the detector.
+      **predict_kwargs: ``score_thresh``, ``nms_thresh``, ``max_detections``.
+
+    Returns:
+      A function of variables, images [B, 3, H, W] and image_sizes [B, 2] (or
+      None) returning ``{"boxes": [B, K, 4], "scores", "labels", "valid": [B, K]}``.
+    """
+    return jax.jit(lambda variables, images, image_sizes: model.apply(
+        variables, images, image_sizes, method="predict", **predict_kwargs))

@@ -1,6 +1,8 @@
 """The lucid-jax command line: train -> eval end to end, resume after a kill, and
 one-line errors for bad input."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -13,6 +15,9 @@ import numpy as np
 import pytest
 
 from lucid_jax import cli, runner
+from lucid_jax.evaluation import DetectionEvaluator
+from lucid_jax.train import make_predict_fn
+from tests.voc_fixture import write_voc
 
 SMALL = ["--batch-size", "8", "--image-size", "128", "--no-progress", "--num-workers", "2"]
 
@@ -27,22 +32,86 @@ def _run(*args, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A mini detector trained on synthetic shapes through the CLI."""
+def voc(tmp_path_factory):
+    """A VOC folder of PNGs and XML: train/val split, both orientations, crowded images, difficult objects."""
+    root = tmp_path_factory.mktemp("voc")
+    return root, write_voc(root)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, voc):
+    """A mini detector trained through the CLI on the VOC folder's train split."""
     out = tmp_path_factory.mktemp("run")
-    assert cli.main(["train", "--data", "shapes", "--steps", "300", "--out", str(out), "--checkpoint-every", "150", *SMALL]) == 0
+    code = cli.main(["train", "--data", f"voc:{voc[0]}", "--steps", "300", "--out", str(out), "--checkpoint-every", "150",
+                     *SMALL])
+    assert code == 0
     return out
 
 
-def test_train_then_eval_reaches_ap50_on_held_out_images(trained, capsys):
+def _pycocotools(ground_truth, results) -> list[float]:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ground_truth))
+        run = COCOeval(gt, gt.loadRes(str(results)), "bbox")
+        run.evaluate()
+        run.accumulate()
+        run.summarize()
+    return [float(v) for v in run.stats]
+
+
+def test_voc_train_eval_counts_every_box_and_equals_pycocotools(trained, voc, tmp_path, capsys):
+    root, written = voc
     capsys.readouterr()
-    assert cli.main(["eval", "--data", "shapes", "--checkpoint", str(trained), "--no-progress"]) == 0
+    results, truth = tmp_path / "dets.json", tmp_path / "gt.json"
+    assert cli.main(["eval", "--data", f"voc:{root}", "--checkpoint", str(trained), "--no-progress",
+                     "--results", str(results), "--ground-truth", str(truth)]) == 0
     result = json.loads(capsys.readouterr().out)
-    print("held-out shapes:", {k: round(result[k], 3) for k in ("AP", "AP50", "AP75")})
+    print("held-out VOC:", {k: round(result[k], 4) for k in ("AP", "AP50", "AP75", "voc_AP50_all", "voc_AP50_11pt")})
     assert result["AP50"] >= 0.5
-    assert set(result["per_class_AP"]) == {"rectangle", "ellipse", "triangle"}
+    assert sum(result["num_ground_truth"].values()) == written["val_objects"]
+    assert result["num_images"] == len(written["val"])
+    stats = _pycocotools(truth, results)  # pycocotools on the files alone
+    for key, value in zip(("AP", "AP50", "AP75"), stats):
+        assert abs(result[key] - value) <= 1e-9, (key, result[key], value)
     log = [json.loads(line) for line in open(trained / "log.jsonl")]
     assert log[-1]["step"] == 300 and log[-1]["total_loss"] < log[0]["total_loss"]
+    assert not any("dropped_boxes" in row for row in log)  # --max-boxes defaults to the largest count
+
+    # The metrics do not depend on the eval batch size (the last batch is padded, not dropped).
+    capsys.readouterr()
+    assert cli.main(["eval", "--data", f"voc:{root}", "--checkpoint", str(trained), "--no-progress",
+                     "--batch-size", "5"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert {k: again[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")} == {
+        k: result[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")}
+
+    # Before: padded targets kept the 16 largest objects per image and counted fewer misses.
+    model, variables, class_names, config = runner.load_trained(trained)
+    dataset = runner.open_dataset(f"voc:{root}", "val", class_names=class_names)
+    padded = runner.make_loader(dataset, config, train=False, max_boxes=16)
+    old = DetectionEvaluator(class_names)
+    predict = make_predict_fn(model)
+    counted = 0
+    for batch in padded.epoch(0):
+        old.add(jax.device_get(predict(variables, batch["images"], batch["image_sizes"])), batch)
+        counted += int((batch["valid"] & ~batch["difficult"]).sum())
+    before = old.compute()
+    print(f"padded to 16 boxes: {counted} objects counted, AP {before['AP']:.4f}, AP50 {before['AP50']:.4f}; "
+          f"every box: {written['val_objects']} objects, AP {result['AP']:.4f}, AP50 {result['AP50']:.4f}")
+    assert counted < written["val_objects"]
+
+
+def test_eval_on_shapes_writes_results_that_pycocotools_reproduces(trained, tmp_path, capsys):
+    capsys.readouterr()
+    results, truth = tmp_path / "dets.json", tmp_path / "gt.json"
+    assert cli.main(["eval", "--data", "shapes", "--checkpoint", str(trained), "--no-progress",
+                     "--results", str(results), "--ground-truth", str(truth)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["per_class_AP"]) == {"rectangle", "ellipse", "triangle"}
+    stats = _pycocotools(truth, results)
+    assert [result["AP"], result["AP50"], result["AP75"]] == pytest.approx(stats[:3], abs=1e-9)
 
 
 def test_predict_writes_pngs_and_json(trained, tmp_path):
@@ -125,6 +194,7 @@ GOOD_XML = """<annotation><filename>a.jpg</filename><size><width>64</width><heig
         ("malformed_json", "json"),
         ("unknown_model", "unknown model 'faster_rcnn_nope'"),
         ("unknown_class", "dog"),
+        ("no_split_file", r"val\.txt: split file for split 'val' not found; pass --split all to score every image"),
         ("other_architecture", "holds a faster_rcnn_mini_fpn, not a faster_rcnn_resnet_50_fpn"),
         ("missing_checkpoint", "checkpoint directory not found"),
         ("bad_size", "multiple of 32"),
@@ -142,6 +212,9 @@ def test_errors_are_one_line(case, match, tmp_path, trained):
     elif case == "unknown_model":
         args = ["train", "--data", "shapes", "--model", "faster_rcnn_nope", "--out", str(tmp_path / "o")]
     elif case == "unknown_class":
+        root = _voc(tmp_path / "voc", GOOD_XML)
+        args = ["eval", "--data", f"voc:{root}", "--split", "all", "--checkpoint", str(trained)]
+    elif case == "no_split_file":
         root = _voc(tmp_path / "voc", GOOD_XML)
         args = ["eval", "--data", f"voc:{root}", "--checkpoint", str(trained)]
     elif case == "other_architecture":
