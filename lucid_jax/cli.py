@@ -1,16 +1,15 @@
-"""The ``lucid-jax`` command line.
+"""The ``lucid-jax`` command line: it parses arguments, calls a job of
+``lucid_jax.jobs`` and prints.
 
     lucid-jax demo     [--out runs/demo] [--steps 800]
-    lucid-jax train    --data {shapes|voc:DIR|coco:ANN.json:IMG_DIR} --model NAME --image-size N
-                       --batch-size B --steps N --lr LR --out DIR
-    lucid-jax eval     --data ... --checkpoint DIR
+    lucid-jax train    --data {shapes|voc:DIR|coco:ANN.json:IMG_DIR} --out DIR [--init WEIGHTS] [...]
+    lucid-jax eval     --data ... --checkpoint DIR [--split val] [--results FILE] [--ground-truth FILE]
     lucid-jax predict  IMAGE... --checkpoint DIR --out DIR
-    lucid-jax bench    [ops|predict|train]
+    lucid-jax bench    [ops] [predict] [train]
     lucid-jax seed     [--size 224 512]
 
-Errors in the user's input (a missing path, malformed XML or JSON, an unknown
-class or model, a checkpoint of another architecture) are one line on stderr and
-a non-zero exit code.
+Bad input is one line on stderr: usage errors exit with 2, data and file errors
+with 1. Every default of ``train`` comes from ``jobs.TrainConfig``.
 """
 
 import argparse
@@ -18,7 +17,6 @@ import dataclasses
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -26,7 +24,7 @@ EXIT_USAGE = 2
 
 def _given(args) -> dict:
     """The TrainConfig fields the user set on the command line (flags default to None)."""
-    from lucid_jax.runner import TrainConfig
+    from lucid_jax.jobs import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in vars(args).items() if k in fields and v is not None}
@@ -34,57 +32,25 @@ def _given(args) -> dict:
 
 def _config(args, overrides=None):
     """(TrainConfig, names given): TrainConfig's defaults, then ``overrides``, then the flags."""
-    from lucid_jax.runner import TrainConfig
+    from lucid_jax.jobs import TrainConfig
 
     given = _given(args)
     return TrainConfig(**{**(overrides or {}), **given}), set(given)
 
 
 def _demo(args) -> int:
-    from lucid_jax import runner, viz
+    from lucid_jax import jobs
 
-    config, given = _config(args, runner.DEMO_OVERRIDES)
-    out = Path(args.out)
-    start = time.perf_counter()
-    print(f"training {config.model} on synthetic shapes for {config.steps} steps "
-          f"(batch {config.batch_size}, {config.image_size}x{config.image_size}) into {out}")
-    runner.train(config, out, given=given | set(runner.DEMO_OVERRIDES), progress=not args.no_progress)
-    train_s = time.perf_counter() - start
-    model, variables, class_names, config = runner.load_trained(out)
-    held_out = runner.open_dataset("shapes", "val", shapes_examples=config.shapes_train_examples, image_size=config.image_size)
-    metrics = runner.evaluate(model, variables, held_out, config, progress=not args.no_progress)
-    images, preds, examples = runner.predictions_on(model, variables, held_out, config, range(8))
-    png = out / "detections.png"
-    # Drawn 3x larger than the 128-pixel inputs, so labels stay legible.
-    up = 3
-    pictures = viz.denormalize(images).repeat(up, axis=1).repeat(up, axis=2)
-    preds = dict(preds, boxes=preds["boxes"] * up)
-    targets = _pad_targets({"boxes": [e["boxes"] * up for e in examples], "labels": [e["labels"] for e in examples]})
-    viz.save_detections_grid(pictures, preds, png, ["background", *class_names], targets, ncols=4, score_thresh=0.5)
-    summary = {k: metrics[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")}
-    summary.update(per_class_AP=metrics["per_class_AP"], held_out_images=len(held_out),
-                   train_seconds=round(train_s, 1), total_seconds=round(time.perf_counter() - start, 1),
-                   detections_png=str(png))
-    print(json.dumps(summary, indent=2))
+    config, given = _config(args, jobs.DEMO_OVERRIDES)
+    print(json.dumps(jobs.demo(config, args.out, given=given, progress=not args.no_progress), indent=2))
     return 0
 
 
-def _pad_targets(targets: dict) -> dict:
-    import numpy as np
-
-    m = max(1, max(len(b) for b in targets["boxes"]))
-    n = len(targets["boxes"])
-    boxes, labels, valid = np.zeros((n, m, 4), np.float32), np.zeros((n, m), np.int32), np.zeros((n, m), bool)
-    for i, (b, l) in enumerate(zip(targets["boxes"], targets["labels"])):
-        boxes[i, : len(b)], labels[i, : len(l)], valid[i, : len(b)] = b, l, True
-    return {"boxes": boxes, "labels": labels, "valid": valid}
-
-
 def _train(args) -> int:
-    from lucid_jax import runner
+    from lucid_jax import jobs
 
     config, given = _config(args)
-    last = runner.train(config, args.out, given=given, progress=not args.no_progress)
+    last = jobs.train(config, args.out, given=given, progress=not args.no_progress)
     print(json.dumps(last))
     return 0
 
@@ -102,21 +68,21 @@ def _writable_file(path, flag: str) -> Path | None:
 
 
 def _eval(args) -> int:
-    from lucid_jax import runner
+    from lucid_jax import jobs
 
     results = _writable_file(args.results, "--results")
     ground_truth = _writable_file(args.ground_truth, "--ground-truth")
-    model, variables, class_names, config = runner.load_trained(args.checkpoint, args.model)
-    dataset = runner.open_dataset(args.data, args.split, shapes_examples=config.shapes_train_examples,
+    model, variables, class_names, config = jobs.load_trained(args.checkpoint, args.model)
+    dataset = jobs.open_dataset(args.data, args.split, shapes_examples=config.shapes_train_examples,
                                   image_size=config.image_size, class_names=class_names)
     unknown = sorted(set(dataset.class_names) - set(class_names))
     if unknown:
-        raise runner.JobError(f"the data has classes the checkpoint was not trained on: {', '.join(unknown)}")
+        raise jobs.JobError(f"the data has classes the checkpoint was not trained on: {', '.join(unknown)}")
     if list(dataset.class_names) != list(class_names):
-        raise runner.JobError(f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}")
+        raise jobs.JobError(f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}")
     if args.batch_size:
         config = dataclasses.replace(config, batch_size=args.batch_size)
-    metrics = runner.evaluate(model, variables, dataset, config, progress=not args.no_progress,
+    metrics = jobs.evaluate(model, variables, dataset, config, progress=not args.no_progress,
                               results=results, ground_truth=ground_truth)
     keys = ("AP", "AP50", "AP75", "voc_AP50_all", "voc_AP50_11pt", "per_class_AP", "num_ground_truth", "num_images",
             "num_detections")
@@ -125,42 +91,11 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
-    import jax
-    import numpy as np
+    from lucid_jax import jobs
 
-    from lucid_jax import runner, viz
-    from lucid_jax.data import load_image, preprocess
-    from lucid_jax.train import make_predict_fn
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a folder")
-    images = [load_image(p) for p in args.images]  # fails on the first unreadable path, before anything is written
-    model, variables, class_names, config = runner.load_trained(args.checkpoint, args.model)
-    out.mkdir(parents=True, exist_ok=True)
-    predict = make_predict_fn(model, score_thresh=args.score_thresh)
-    results = []
-    for path, image in zip(args.images, images):
-        ex = preprocess({"image": image, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
-                        canvas=config.image_size, longer_side=config.image_size)
-        dets = jax.device_get(predict(variables, ex["image"][None], ex["image_size"][None]))
-        sy, sx = ex["scale"]
-        keep = dets["valid"][0]
-        boxes = dets["boxes"][0][keep] / np.array([sx, sy, sx, sy], np.float32)  # back to the file's pixels
-        scores, labels = dets["scores"][0][keep], dets["labels"][0][keep]
-        png = out / (Path(path).stem + "_detections.png")
-        viz.save_detections(image, {"boxes": boxes, "scores": scores, "labels": labels}, png, ["background", *class_names])
-        results.append({
-            "image": str(path),
-            "detections_png": str(png),
-            "detections": [
-                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(l),
-                 "class": class_names[int(l) - 1]}
-                for b, s, l in zip(boxes, scores, labels)
-            ],
-        })
-    (out / "detections.json").write_text(json.dumps(results, indent=2))
-    print(f"wrote {len(results)} PNG(s) and {out / 'detections.json'}")
+    results = jobs.predict_files(args.images, args.checkpoint, args.out, model_name=args.model,
+                                 score_thresh=args.score_thresh)
+    print(f"wrote {len(results)} PNG(s) and {Path(args.out) / 'detections.json'}")
     return 0
 
 
@@ -182,42 +117,16 @@ def _bench(args) -> int:
 
 
 def _seed(args) -> int:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+    from lucid_jax import jobs
 
-    import lucid_jax
-    from lucid_jax.models import faster_rcnn_resnet_101_fpn
-    from lucid_jax.train import make_predict_fn
-
-    model = faster_rcnn_resnet_101_fpn(num_classes=args.num_classes)
-    variables = jax.jit(model.init)(jax.random.key(1), jnp.zeros((1, 3, 224, 224), jnp.float32))
-    print(f"faster_rcnn_resnet_101_fpn(num_classes={args.num_classes}): "
-          f"{lucid_jax.count_params(variables['params']):,} parameters")
-    forward = jax.jit(model.apply)
-    predict_fn = make_predict_fn(model)
-    predict = lambda v, x: predict_fn(v, x, None)  # noqa: E731
-    for size in args.size:
-        x = jax.random.normal(jax.random.key(0), (1, 3, size, size))
-        cls_logits, bbox_deltas = forward(variables, x)
-        print(f"{size}x{size}: cls_logits {tuple(cls_logits.shape)}, bbox_deltas {tuple(bbox_deltas.shape)}")
-        start = time.perf_counter()
-        jax.block_until_ready(predict(variables, x))
-        compile_s = time.perf_counter() - start
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            dets = jax.block_until_ready(predict(variables, x))
-            times.append(time.perf_counter() - start)
-        print(f"  predict: first call (compile + run) {compile_s:.1f} s, steady state {np.median(times):.3f} s "
-              f"(median of {args.repeats}); boxes {tuple(dets['boxes'].shape)}")
+    jobs.seed_example(args.size, num_classes=args.num_classes, repeats=args.repeats)
     return 0
 
 
 def _add_training_flags(p, overrides: dict, *, skip=()) -> None:
     """One flag per TrainConfig field, defaulting to None so that the run knows
     which flags were given; the help shows the effective default."""
-    from lucid_jax.runner import TrainConfig, detector_names
+    from lucid_jax.jobs import TrainConfig, detector_names
 
     defaults = TrainConfig(**overrides)
     for field in dataclasses.fields(TrainConfig):
@@ -239,13 +148,13 @@ def _add_training_flags(p, overrides: dict, *, skip=()) -> None:
 
 
 def _detector_names() -> list[str]:
-    from lucid_jax.runner import detector_names
+    from lucid_jax.jobs import detector_names
 
     return detector_names()
 
 
-def runner_demo_overrides() -> dict:
-    from lucid_jax.runner import DEMO_OVERRIDES
+def _demo_overrides() -> dict:
+    from lucid_jax.jobs import DEMO_OVERRIDES
 
     return dict(DEMO_OVERRIDES)
 
@@ -263,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train on synthetic shapes, report AP on held-out images, draw detections")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    _add_training_flags(p, runner_demo_overrides(), skip=("data", "init", "split", "classes"))
+    _add_training_flags(p, _demo_overrides(), skip=("data", "init", "split", "classes"))
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("train", help="train a detector; resumes from --out",
@@ -320,7 +229,7 @@ def _check_args(args) -> str | None:
     if any(s <= 0 or s % 32 for s in sizes):
         return f"image sizes must be positive multiples of 32, got {sizes}"
     if args.func in (_train, _demo):
-        from lucid_jax.runner import JobError, check_config, detector_names
+        from lucid_jax.jobs import JobError, check_config, detector_names
 
         if args.model is not None and args.model not in detector_names():
             return f"unknown model {args.model!r}; known models: {', '.join(detector_names())}"
@@ -349,7 +258,7 @@ def main(argv=None) -> int:
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's informational warnings are not for users
     from lucid_jax.checkpoint import CheckpointError
     from lucid_jax.data import DatasetError
-    from lucid_jax.runner import JobError
+    from lucid_jax.jobs import JobError
     from lucid_jax.state_dict import StateDictError
 
     try:

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from lucid_jax import cli, runner
+from lucid_jax import cli, jobs
 from lucid_jax.evaluation import DetectionEvaluator
 from lucid_jax.train import make_predict_fn
 from tests.voc_fixture import write_voc
@@ -88,9 +88,9 @@ def test_voc_train_eval_counts_every_box_and_equals_pycocotools(trained, voc, tm
         k: result[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")}
 
     # Before: padded targets kept the 16 largest objects per image and counted fewer misses.
-    model, variables, class_names, config = runner.load_trained(trained)
-    dataset = runner.open_dataset(f"voc:{root}", "val", class_names=class_names)
-    padded = runner.make_loader(dataset, config, train=False, max_boxes=16)
+    model, variables, class_names, config = jobs.load_trained(trained)
+    dataset = jobs.open_dataset(f"voc:{root}", "val", class_names=class_names)
+    padded = jobs.make_loader(dataset, config, train=False, max_boxes=16)
     old = DetectionEvaluator(class_names)
     predict = make_predict_fn(model)
     counted = 0
@@ -127,7 +127,7 @@ def test_predict_writes_pngs_and_json(trained, tmp_path):
     assert cli.main(["predict", *map(str, paths), "--checkpoint", str(trained), "--out", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [r["image"] for r in results] == list(map(str, paths))
-    model, variables, class_names, config = runner.load_trained(trained)
+    model, variables, class_names, config = jobs.load_trained(trained)
     predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", score_thresh=0.5))
     for r, i in zip(results, range(2)):
         assert Image.open(r["detections_png"]).size == Image.open(paths[i]).size
@@ -163,8 +163,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     assert 15 <= done[-1] < 30, done
     assert _run(*args, "--out", str(killed))[0] == 0
 
-    _, a, _, _ = runner.load_trained(straight)
-    _, b, _, _ = runner.load_trained(killed)
+    _, a, _, _ = jobs.load_trained(straight)
+    _, b, _, _ = jobs.load_trained(killed)
     same = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)
     assert all(jax.tree_util.tree_leaves(same))
     log = [json.loads(l) for l in open(killed / "log.jsonl")]

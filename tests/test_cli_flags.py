@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from lucid_jax import cli, runner
-from lucid_jax.runner import TrainConfig
+from lucid_jax import cli, jobs
+from lucid_jax.jobs import TrainConfig
 
 
 def _run(*args, timeout=600):
@@ -32,13 +32,13 @@ def test_train_flags_are_trainconfig_with_its_defaults_and_the_models():
         assert action.default is None  # so that the run knows which flags were given
         shown = "none" if field.default in (None, ()) else str(field.default)
         assert action.help.endswith(f"(default: {shown})"), (field.name, action.help)
-    assert actions["model"].help == ("a registered model name: " + ", ".join(runner.detector_names())
+    assert actions["model"].help == ("a registered model name: " + ", ".join(jobs.detector_names())
                                      + f" (default: {TrainConfig.model})")
     assert "resnet_101," not in actions["model"].help  # classifiers are not trainable detectors
 
 
 def test_demo_help_shows_the_demos_own_overrides():
-    assert _actions("demo")["steps"].help.endswith(f"(default: {runner.DEMO_OVERRIDES['steps']})")
+    assert _actions("demo")["steps"].help.endswith(f"(default: {jobs.DEMO_OVERRIDES['steps']})")
 
 
 def test_help_prints(capsys):
@@ -92,8 +92,8 @@ def _fake_run(out, config):
     """A run directory with one checkpoint of ``config``, written without training."""
     from lucid_jax.checkpoint import Checkpointer
 
-    model = runner.build_model(config.model, 4)
-    state, _ = runner._initial_state(model, config)
+    model = jobs.build_model(config.model, 4)
+    state, _ = jobs.initial_state(model, config)
     with Checkpointer(out / "checkpoints") as ckpt:
         ckpt.save(2, state, metadata={"config": dataclasses.asdict(config), "class_names": ["a", "b", "c"]})
 
@@ -109,13 +109,13 @@ def test_resume_refuses_changed_settings_before_compiling(tmp_path):
     assert err.strip() == ("lucid-jax: error: this run was started with other settings; resuming would change them: "
                            "--batch-size 4 (the run has 2), --lr 0.5 (the run has 0.001). Drop these flags to continue "
                            "it, or use a new --out")
-    resumed, notes = runner.reconcile_resume(config, dataclasses.replace(config, steps=5, num_workers=3),
+    resumed, notes = jobs.reconcile_resume(config, dataclasses.replace(config, steps=5, num_workers=3),
                                              given={"steps", "num_workers"})
     assert resumed == dataclasses.replace(config, steps=5, num_workers=3)
     assert notes == ["--steps changed from 2 to 5: the cosine schedule is recomputed for 5 steps (warmup 1)"]
     # an old checkpoint's config (image_size stored as an int, fields missing) still reads
     old = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("norm_mode", "schedule", "init")}
-    assert runner.config_from_dict(json.loads(json.dumps(old))) == config
+    assert jobs.config_from_dict(json.loads(json.dumps(old))) == config
 
 
 def test_bench_without_arguments_runs_every_benchmark(monkeypatch):

@@ -45,7 +45,7 @@ def largest_boxes(boxes: np.ndarray, max_boxes: int) -> np.ndarray:
     return np.sort(np.argsort(-area, kind="stable")[:max_boxes])
 
 
-def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = None) -> dict:
+def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = None, *, warn: bool = True) -> dict:
     """Stack preprocessed examples into one fixed-shape batch.
 
     Args:
@@ -53,7 +53,8 @@ def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = N
         [3, H, W] float32, boxes [M, 4], labels [M], difficult [M], image_size [2],
         optional scale [2], id), all with the same image shape.
       max_boxes: M of the padded targets; an example with more objects keeps its
-        ``max_boxes`` largest, with a warning.
+        ``max_boxes`` largest, with a warning unless ``warn`` is False (a caller
+        that reports the drops once, as ``dropped_boxes_summary`` does).
       batch_size: pad to this many rows with empty, ``image_valid=False`` examples.
 
     Returns:
@@ -89,13 +90,14 @@ def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = N
             )
         boxes = np.asarray(ex["boxes"], np.float32).reshape(-1, 4)
         keep = np.arange(len(boxes))
-        if len(boxes) > max_boxes:
+        if len(boxes) > max_boxes and warn:
             warnings.warn(
                 f"example {ex.get('id')!r} has {len(boxes)} objects; keeping the {max_boxes} largest "
                 "(raise max_boxes to keep them all)",
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if len(boxes) > max_boxes:
             keep = largest_boxes(boxes, max_boxes)
         m = len(keep)
         batch["images"][i] = ex["image"]
@@ -141,6 +143,8 @@ class Loader:
       num_workers: threads decoding and transforming; 0 loads in the calling thread.
       prefetch: batches submitted ahead of the one being consumed.
       num_shards, shard_index: this host's share of every epoch.
+      warn_dropped: warn for each example with more than ``max_boxes`` objects (off
+        when the caller reports the drops once, as ``lucid-jax train`` does).
 
     ``for batch in loader`` is an endless stream from step 0; use :meth:`epoch` or
     ``iterate(start_step, num_steps)`` for a finite one.
@@ -148,13 +152,14 @@ class Loader:
 
     def __init__(self, dataset: Dataset, batch_size: int, *, transform: Callable | None = None, max_boxes: int = 100,
                  shuffle: bool = False, seed: int = 0, drop_remainder: bool = True, num_workers: int = 4,
-                 prefetch: int = 2, num_shards: int = 1, shard_index: int = 0):
+                 prefetch: int = 2, num_shards: int = 1, shard_index: int = 0, warn_dropped: bool = True):
         if batch_size < 1 or max_boxes < 1 or num_workers < 0 or prefetch < 1:
             raise ValueError(f"need batch_size, max_boxes, prefetch >= 1 and num_workers >= 0, got "
                              f"{batch_size}, {max_boxes}, {prefetch}, {num_workers}")
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
         self.dataset, self.batch_size, self.max_boxes = dataset, batch_size, max_boxes
+        self.warn_dropped = warn_dropped
         self.transform = transform or _default_transform
         self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
         self.num_workers, self.prefetch = num_workers, prefetch
@@ -196,7 +201,8 @@ class Loader:
         if self.num_workers == 0:
             for step in steps:
                 epoch, indices = self.batch_indices(step)
-                yield collate([self._load(i, epoch) for i in indices], self.max_boxes, self.batch_size)
+                yield collate([self._load(i, epoch) for i in indices], self.max_boxes, self.batch_size,
+                              warn=self.warn_dropped)
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="lucid_jax-loader")
         pending = collections.deque()  # bounded: at most prefetch + 1 batches in flight
@@ -213,7 +219,7 @@ class Loader:
             while pending:
                 futures = pending.popleft()
                 submit()
-                yield collate([f.result() for f in futures], self.max_boxes, self.batch_size)
+                yield collate([f.result() for f in futures], self.max_boxes, self.batch_size, warn=self.warn_dropped)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -1,0 +1,166 @@
+"""A training run's settings: ``TrainConfig`` is the one home of every default.
+
+The command line makes one flag per field, a resumed run reconciles the stored
+settings with the flags given, and ``--init`` brings torchvision's fine-tuning
+recipe where the user set nothing else.
+"""
+
+import dataclasses
+
+class JobError(RuntimeError):
+    """A user-facing failure: bad arguments, data or checkpoints (one line)."""
+
+
+def _flag(default, help: str, **kwargs):
+    """A TrainConfig field that is also a ``lucid-jax train`` flag with this help."""
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(text).split(",") if v.strip())
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on: the one home of every default.
+
+    Stored in each checkpoint's metadata; ``lucid-jax train`` makes one flag per
+    field (``--batch-size`` for ``batch_size``) whose help shows this default.
+    """
+
+    data: str = _flag("shapes", "shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
+    model: str = _flag("faster_rcnn_mini_fpn", "a registered model name", choices="models")
+    image_size: int = _flag(128, "square canvas in pixels, a multiple of 32", type=int)
+    batch_size: int = _flag(8, "images per step", type=int)
+    steps: int = _flag(1000, "training steps in all (may change on resume)", type=int)
+    lr: float = _flag(1e-3, "peak learning rate of the heads", type=float)
+    optimizer: str = _flag("adamw", "adamw or sgd (momentum 0.9)", choices=("adamw", "sgd"))
+    weight_decay: float = _flag(1e-4, "decoupled for AdamW, L2 for SGD", type=float)
+    schedule: str = _flag("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine", "step"))
+    warmup_steps: int = _flag(50, "linear warmup steps (at most a quarter of --steps)", type=int)
+    decay_steps: tuple[int, ...] = _flag((), "steps where --schedule step multiplies the LR by --decay-factor, "
+                                         "e.g. 16000,22000", type=_ints)
+    decay_factor: float = _flag(0.1, "the step schedule's factor", type=float)
+    clip_grad_norm: float | None = _flag(None, "clip the global gradient norm to this (none: no clipping)", type=float)
+    backbone_lr_mult: float = _flag(1.0, "backbone LR / heads' LR", type=float)
+    trainable_backbone_layers: int = _flag(5, "backbone stages trained, from the top, as torchvision counts them: "
+                                           "5 all, 3 freezes the stem and layer1, 0 the whole ResNet "
+                                           "(with --init: 3)", type=int, choices=range(6))
+    norm_mode: str = _flag("batch", "batch: BatchNorm trains its statistics, scale and bias; frozen: fixed "
+                           "statistics, scale and bias, as torchvision's FrozenBatchNorm2d (with --init: frozen)",
+                           choices=("batch", "frozen"))
+    init: str | None = _flag(None, "start from pretrained weights: .lcd, .safetensors, .npz, .pth or a run "
+                             "directory (Lucid detector or backbone, torchvision ResNet or FasterRCNN); "
+                             "ignored when the run resumes")
+    max_boxes: int | None = _flag(None, "objects per image kept in training (none: the largest object count "
+                                  "in the training split, so nothing is dropped)", type=int)
+    split: str = _flag("train", "VOC training split, ImageSets/Main/<split>.txt (VOC 2007: trainval); without "
+                       "the file, every image not listed in val.txt or test.txt")
+    classes: tuple[str, ...] | None = _flag(None, "VOC class list, e.g. cat,dog (none: classes.txt beside the "
+                                            "data, or the names found in the XML)", type=_names)
+    seed: int = _flag(0, "seed of the initialisation, data order and sampling", type=int)
+    checkpoint_every: int = _flag(200, "steps between checkpoints", type=int)
+    keep_checkpoints: int = _flag(2, "newest checkpoints kept", type=int)
+    log_every: int = _flag(10, "steps between log.jsonl lines", type=int)
+    num_workers: int = _flag(2, "threads loading images", type=int)
+    shapes_train_examples: int = _flag(2000, "synthetic training images (--data shapes)", type=int)
+
+
+# Flags that may differ when a run resumes: they change neither the model nor the data order.
+RESUMABLE_CHANGES = ("steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "init")
+# What ``lucid-jax demo`` changes from TrainConfig's defaults.
+DEMO_OVERRIDES = {"steps": 800}
+
+
+def config_from_dict(saved: dict) -> TrainConfig:
+    """A TrainConfig from checkpoint metadata (JSON lists become tuples; unknown keys are an error)."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(saved) - fields)
+    if unknown:
+        raise JobError(f"the checkpoint's config has settings this version does not know: {', '.join(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    return TrainConfig(**values)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise JobError for values no run can use (one line, naming the flag)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    for name in ("image_size", "batch_size", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                 "shapes_train_examples"):
+        if getattr(config, name) < 1:
+            raise JobError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
+    if config.image_size % 32:
+        raise JobError(f"--image-size must be a positive multiple of 32, got {config.image_size}")
+    if config.max_boxes is not None and config.max_boxes < 1:
+        raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
+    for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers"):
+        if getattr(config, name) < 0:
+            raise JobError(f"{flag(name)} must be >= 0, got {getattr(config, name)}")
+    if not config.lr > 0:
+        raise JobError(f"--lr must be > 0, got {config.lr}")
+    if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
+        raise JobError(f"--clip-grad-norm must be > 0, got {config.clip_grad_norm}")
+    if not 0 < config.decay_factor <= 1:
+        raise JobError(f"--decay-factor must be in (0, 1], got {config.decay_factor}")
+    if config.schedule == "step" and not config.decay_steps:
+        raise JobError("--schedule step needs --decay-steps, e.g. --decay-steps 16000,22000")
+    if list(config.decay_steps) != sorted(config.decay_steps) or any(s < 1 for s in config.decay_steps):
+        raise JobError(f"--decay-steps must be increasing positive steps, got {','.join(map(str, config.decay_steps))}")
+
+
+def reconcile_resume(stored: TrainConfig, config: TrainConfig, given) -> tuple[TrainConfig, list[str]]:
+    """The config a resumed run continues with, and the notes to print.
+
+    Flags the user did not give take their stored values. A given flag with a
+    different value is an error, except for ``RESUMABLE_CHANGES``.
+
+    Args:
+      stored: the config saved in the checkpoint.
+      config: the config asked for now.
+      given: names of the fields the user set (None: every field of ``config``).
+
+    Raises:
+      JobError: one line listing every difference, e.g. ``--batch-size 4 (the run has 8)``.
+    """
+    given = {f.name for f in dataclasses.fields(TrainConfig)} if given is None else set(given)
+    changed = {k for k in given if getattr(config, k) != getattr(stored, k)}
+    refused = sorted(changed - set(RESUMABLE_CHANGES))
+    if refused:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {_show(getattr(config, k))} (the run has {_show(getattr(stored, k))})"
+                          for k in refused)
+        raise JobError(f"this run was started with other settings; resuming would change them: {diffs}. "
+                       "Drop these flags to continue it, or use a new --out")
+    notes = []
+    resumed = dataclasses.replace(stored, **{k: getattr(config, k) for k in changed if k != "init"})
+    if "init" in given and config.init is not None:
+        notes.append("resuming from the run's own checkpoint; --init is ignored")
+    if "steps" in changed:
+        notes.append(f"--steps changed from {stored.steps} to {config.steps}: the {stored.schedule} schedule is "
+                     f"recomputed for {config.steps} steps (warmup {warmup_steps(resumed)})")
+    return resumed, notes
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def warmup_steps(config: TrainConfig) -> int:
+    """The warmup actually used: at most a quarter of the run."""
+    return min(config.warmup_steps, config.steps // 4)
+
+
+def apply_init_recipe(config: TrainConfig, kind: str, given) -> tuple[TrainConfig, dict]:
+    """torchvision's fine-tuning recipe for pretrained weights, where the user set nothing else."""
+    from lucid_jax.weights import fine_tuning_defaults
+
+    given = {f.name for f in dataclasses.fields(TrainConfig)} if given is None else set(given)
+    recipe = {k: v for k, v in fine_tuning_defaults(kind).items() if k not in given}
+    return dataclasses.replace(config, **recipe), recipe

@@ -1,0 +1,75 @@
+"""The data a job reads: datasets from ``--data`` specs, what training will see, loaders."""
+
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from lucid_jax.data import COCODataset, DatasetError, Loader, ShapesDataset, VOCDataset, preprocess
+from lucid_jax.jobs.config import JobError, TrainConfig
+
+
+def open_dataset(spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int = 128,
+                 class_names=None):
+    """A dataset from ``shapes``, ``voc:DIR`` or ``coco:ANNOTATIONS.json:IMAGE_DIR``.
+
+    Args:
+      spec: the ``--data`` value.
+      split: shapes: "train", "val" or "test" (disjoint seeds). VOC:
+        ``ImageSets/Main/<split>.txt``; without that file "train" and
+        "trainval" take every image no held-out split lists, "all" takes every
+        image, and any other split is an error. COCO: the annotation file is
+        the split.
+      class_names: VOC's class list (None: ``classes.txt`` or the names found).
+    """
+    kind, _, rest = spec.partition(":")
+    try:
+        if kind == "shapes":
+            seed = {"train": 0, "val": 1, "test": 2}.get(split, 1)
+            n = shapes_examples if split == "train" else max(shapes_examples // 10, 64)
+            return ShapesDataset(num_examples=n, image_size=image_size, seed=seed)
+        if kind == "voc" and rest:
+            return VOCDataset(rest, split=split, class_names=class_names)
+        if kind == "coco" and ":" in rest:
+            annotations, images = rest.rsplit(":", 1)
+            return COCODataset(annotations, images)
+    except (DatasetError, OSError, ValueError) as e:
+        raise JobError(str(e)) from None
+    raise JobError(f"--data must be shapes, voc:DIR or coco:ANNOTATIONS.json:IMAGE_DIR, got {spec!r}")
+
+
+def describe_data(dataset, echo=print) -> dict:
+    """Print what a training run will see: classes with their object counts, boxes dropped at load."""
+    counts = getattr(dataset, "class_counts", None)
+    if counts is None:
+        labels = np.concatenate([dataset.annotation(i)["labels"] for i in range(len(dataset))] or [np.zeros(0, int)])
+        counts = {name: int((labels == k).sum()) for k, name in enumerate(dataset.class_names, start=1)}
+    source = getattr(dataset, "class_source", None)
+    where = "" if source in (None, "class_names") else f" ({'found in the annotations' if source == 'discovered' else source})"
+    echo(f"data: {len(dataset)} images; classes{where}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()))
+    invalid = getattr(dataset, "dropped_invalid_boxes", 0)
+    if invalid:
+        echo(f"data: dropped {invalid:,} annotated boxes with no area (zero width or height, or inverted)")
+    return {"class_counts": counts, "dropped_invalid_boxes": int(invalid)}
+
+
+def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | None = None) -> Loader:
+    size = config.image_size
+    transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=0.5 if train else 0.0)
+    try:
+        return Loader(
+            dataset,
+            config.batch_size,
+            transform=transform,
+            max_boxes=max_boxes or config.max_boxes or 16,
+            shuffle=train,
+            seed=config.seed,
+            drop_remainder=train,
+            num_workers=config.num_workers,
+            warn_dropped=False,  # train reports the drops in one line; eval scores against the annotations
+        )
+    except ValueError as e:
+        if len(dataset) < config.batch_size:
+            raise JobError(f"the data has {len(dataset)} image(s), fewer than --batch-size {config.batch_size}; "
+                           f"use --batch-size {max(len(dataset), 1)} or less") from None
+        raise JobError(str(e)) from None

@@ -1,0 +1,57 @@
+"""Evaluation jobs: a trained detector's metrics on a dataset, and a few predictions to draw."""
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from lucid_jax.data import model_inputs, preprocess
+from lucid_jax.evaluation import coco_ground_truth, coco_results, evaluate_dataset, unpad_detections
+from lucid_jax.jobs.config import TrainConfig
+from lucid_jax.jobs.data import make_loader
+from lucid_jax.train import make_predict_fn
+
+
+def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool = True,
+             results: str | os.PathLike | None = None, ground_truth: str | os.PathLike | None = None) -> dict:
+    """COCO AP, AP50, AP75, per-class AP and VOC AP50 against every annotated object.
+
+    Predictions are mapped back to each image's own pixels and scored against the
+    dataset's annotations, not the padded training targets, so ``max_boxes``
+    plays no part. COCO numbers are pycocotools' COCOeval (on the original
+    annotation file for COCO data).
+
+    Args:
+      results: write the detections here in COCO results format (the file's own
+        image and category ids for COCO, synthetic ones otherwise).
+      ground_truth: write the matching COCO ground truth here (VOC difficult
+        objects as ``iscrowd: 1``, which COCOeval ignores).
+
+    Returns:
+      ``evaluate_dataset``'s dict: AP, AP50, AP75, per_class_AP, voc_AP50_11pt,
+      voc_AP50_all, num_ground_truth, ...
+    """
+    loader = make_loader(dataset, config, train=False, max_boxes=1)
+    predict = make_predict_fn(model)
+    detections = []
+    for batch in tqdm(loader.epoch(0), total=len(loader), desc="eval", disable=not progress, dynamic_ncols=True):
+        inputs = model_inputs(batch, ("images", "image_sizes"))
+        detections += unpad_detections(jax.device_get(predict(variables, inputs["images"], inputs["image_sizes"])), batch)
+    metrics = evaluate_dataset(dataset, detections)
+    if results is not None:
+        Path(results).write_text(json.dumps(coco_results(dataset, detections)))
+    if ground_truth is not None:
+        Path(ground_truth).write_text(json.dumps(coco_ground_truth(dataset)))
+    return metrics
+
+
+def predictions_on(model, variables, dataset, config: TrainConfig, indices: Sequence[int]):
+    """(normalised images [N, 3, S, S], predictions, targets) for a few examples."""
+    examples = [preprocess(dataset[i], canvas=config.image_size, longer_side=config.image_size) for i in indices]
+    images = np.stack([e["image"] for e in examples])
+    sizes = np.stack([e["image_size"] for e in examples])
+    return images, jax.device_get(make_predict_fn(model)(variables, images, sizes)), examples

@@ -1,0 +1,215 @@
+"""Training jobs: train (or resume) a detector into a run directory, and load one back.
+
+``train`` runs the jitted step over a seeded, resumable loader, logs every loss to
+``OUT/log.jsonl``, checkpoints to ``OUT/checkpoints`` and resumes from there. The
+step's randomness is ``fold_in(seed key, step)`` and the loader is a function of
+(seed, step), so a run that is killed and resumed continues bit-identically.
+"""
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from lucid_jax.checkpoint import Checkpointer, CheckpointError
+from lucid_jax.data import dropped_boxes_summary, model_inputs, object_counts
+from lucid_jax.jobs.config import (
+    JobError, TrainConfig, apply_init_recipe, check_config, config_from_dict, reconcile_resume, warmup_steps,
+)
+from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
+from lucid_jax.models import get_model, list_models
+from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
+
+
+def detector_names() -> list[str]:
+    """The registered detectors (the registry also holds bare ResNet classifiers)."""
+    return [name for name in list_models() if name.startswith("faster_rcnn")]
+
+
+def build_model(name: str, num_classes: int, *, norm_mode: str = "batch"):
+    if name not in detector_names():
+        raise JobError(f"unknown model {name!r}; known models: {', '.join(detector_names())}")
+    return get_model(name, num_classes=num_classes, norm_mode=norm_mode)
+
+
+def frozen_labels(params, config: TrainConfig):
+    """Which parameters train: the one labelling the optimiser and the step share."""
+    return param_labels(params, trainable_backbone_layers=config.trainable_backbone_layers,
+                        freeze_batchnorm=config.norm_mode == "frozen")
+
+
+def _optimizer(params, labels, config: TrainConfig):
+    return build_optimizer(
+        params,
+        labels=labels,
+        optimizer=config.optimizer,
+        learning_rate=config.lr,
+        weight_decay=config.weight_decay,
+        backbone_lr_mult=config.backbone_lr_mult,
+        clip_grad_norm=config.clip_grad_norm,
+        schedule=config.schedule,
+        total_steps=config.steps,
+        warmup_steps=warmup_steps(config),
+        decay_steps=tuple(config.decay_steps),
+        decay_factor=config.decay_factor,
+    )
+
+
+def _init_variables(model, config: TrainConfig):
+    size = config.image_size
+    images = np.zeros((1, 3, size, size), np.float32)
+    return jax.jit(model.init)(jax.random.key(config.seed), images)
+
+
+def initial_state(model, config: TrainConfig, variables=None):
+    """(train state, frozen labels) at step 0, from ``variables`` or a fresh init."""
+    variables = _init_variables(model, config) if variables is None else variables
+    labels = frozen_labels(variables["params"], config)
+    return create_train_state(model, variables, _optimizer(variables["params"], labels, config)), labels
+
+
+def _stored_run(checkpoints: Path):
+    """(config, class names, latest step) of a run directory's checkpoints, or None."""
+    if not checkpoints.is_dir():
+        return None
+    try:
+        with Checkpointer(checkpoints, read_only=True) as ckpt:
+            step = ckpt.latest_step()
+            if step is None:
+                return None
+            saved = ckpt.metadata(step)
+    except CheckpointError as e:
+        raise JobError(str(e)) from None
+    if "config" not in saved:
+        raise JobError(f"{checkpoints} was not written by lucid-jax train (no config in its metadata)")
+    return config_from_dict(saved["config"]), saved.get("class_names"), step
+
+
+def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: bool = True, echo=print) -> dict:
+    """Train (or resume) a detector; returns the last logged metrics.
+
+    Writes ``OUT/log.jsonl`` (one JSON object per logged step) and
+    ``OUT/checkpoints/<step>``. A run whose loss or gradient turns non-finite
+    stops with a JobError; the last checkpoint stays the last sound state.
+
+    Args:
+      config: the run's settings.
+      out: the run directory; a run already there is resumed.
+      given: names of the fields of ``config`` the user set explicitly (the
+        command line's flags). Others take the stored values on resume and
+        the fine-tuning recipe with ``init``. None: every field counts as given.
+      echo: prints one-line notes (the init summary, resume notes).
+
+    Every input is checked before anything is written or compiled.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise JobError(f"--out {out} is a file; give a directory")
+    check_config(config)
+    stored = _stored_run(out / "checkpoints")
+    init_flat = None
+    if stored is not None:
+        config, notes = reconcile_resume(stored[0], config, given)
+        for note in notes:
+            echo(note)
+    elif config.init is not None:
+        from lucid_jax import weights
+
+        init_flat, init_source = weights.read_source(config.init)
+        config, recipe = apply_init_recipe(config, weights.detect_kind(init_flat), given)
+        if recipe:
+            echo("init: fine-tuning recipe " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()))
+    dataset = open_dataset(config.data, config.split, shapes_examples=config.shapes_train_examples,
+                           image_size=config.image_size,
+                           class_names=config.classes or (stored[1] if stored is not None else None))
+    class_names = list(dataset.class_names)
+    if stored is not None and stored[1] is not None and stored[1] != class_names:
+        raise JobError(f"the data's classes {class_names} differ from the run's {stored[1]}")
+    model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
+    counts = object_counts(dataset)
+    max_boxes = config.max_boxes or max(int(counts.max(initial=0)), 1)
+    loader = make_loader(dataset, config, train=True, max_boxes=max_boxes)
+    data_info = describe_data(dataset, echo)
+    dropped = dropped_boxes_summary(counts, max_boxes)
+    if dropped.dropped:
+        echo(str(dropped))
+
+    out.mkdir(parents=True, exist_ok=True)
+    variables = _init_variables(model, config)
+    if init_flat is not None:
+        from lucid_jax import weights
+
+        variables, report = weights.load_pretrained(variables, init_flat, model=model)
+        report.source = init_source
+        weights.save_report(report, out / "init_report.json")
+        echo(f"init: {report.summary()}")
+    state, labels = initial_state(model, config, variables)
+    rng = jax.random.key(config.seed)
+    metadata = {"config": dataclasses.asdict(config), "class_names": class_names, "max_boxes": max_boxes, **data_info}
+    with Checkpointer(out / "checkpoints", keep_last=config.keep_checkpoints) as ckpt:
+        start = 0
+        if stored is not None:
+            state, rng, _ = ckpt.restore(state)
+            start = int(state.step)
+        step_fn = make_train_step(model, frozen=labels)
+        log = open(out / "log.jsonl", "a")
+        if dropped.dropped:
+            log.write(json.dumps({"step": start, "dropped_boxes": dropped.dropped, "total_boxes": dropped.total,
+                                  "images_with_dropped_boxes": dropped.images, "max_boxes": max_boxes}) + "\n")
+        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        last, started = {}, time.perf_counter()
+        try:
+            for i, batch in enumerate(loader.iterate(start, config.steps - start), start=start + 1):
+                state, metrics = step_fn(state, model_inputs(batch), jax.random.fold_in(rng, i))
+                bar.update(1)
+                if i % config.log_every and i != config.steps and bool(metrics["finite"]):
+                    continue
+                last = {k: float(v) for k, v in metrics.items()}
+                last.update(step=i, seconds=round(time.perf_counter() - started, 2))
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                bar.set_postfix({k[:-5] if k.endswith("_loss") else k: f"{last[k]:.3f}" for k in
+                                 ("total_loss", "rpn_cls_loss", "roi_cls_loss", "roi_reg_loss")})
+                if not last["finite"]:
+                    raise JobError(f"loss or gradient became non-finite at step {i}; stopped (the last checkpoint is intact)")
+                if i % config.checkpoint_every == 0 or i == config.steps:
+                    ckpt.save(i, state, rng, metrics=last, metadata=metadata)
+        finally:
+            bar.close()
+            log.close()
+    return last
+
+
+def load_trained(checkpoint: str | os.PathLike, model_name: str | None = None):
+    """(model, variables, class_names, config) from a training run's directory.
+
+    Args:
+      checkpoint: the ``--out`` of ``train`` (or its ``checkpoints`` folder).
+      model_name: if given, the architecture the user expects; a checkpoint of
+        another architecture is refused.
+    """
+    root = Path(checkpoint)
+    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    if not directory.is_dir():
+        raise JobError(f"checkpoint directory not found: {checkpoint}")
+    stored = _stored_run(directory)
+    if stored is None:
+        raise JobError(f"no complete checkpoint in {directory}")
+    config, class_names, _ = stored
+    if class_names is None:
+        raise JobError(f"checkpoint {directory} was not written by lucid-jax train (no class names in its metadata)")
+    if model_name is not None and model_name != config.model:
+        raise JobError(f"{checkpoint} holds a {config.model}, not a {model_name}")
+    model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
+    try:
+        with Checkpointer(directory, read_only=True) as ckpt:
+            template = jax.eval_shape(lambda: initial_state(model, config)[0])
+            state, _, _ = ckpt.restore(template)
+    except CheckpointError as e:
+        raise JobError(str(e)) from None
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, class_names, config
