@@ -97,7 +97,6 @@ class FasterRCNN(nn.Module):
             anchor_sizes=self.anchor_sizes,
             aspect_ratios=self.aspect_ratios,
             round_anchors=self.round_anchors,
-            strides=self.backbone.strides,
             pre_nms_top_n=tuple(self.rpn_pre_nms_top_n),
             post_nms_top_n=tuple(self.rpn_post_nms_top_n),
             nms_thresh=self.rpn_nms_thresh,
@@ -115,7 +114,7 @@ class FasterRCNN(nn.Module):
         b, h, w, _ = x.shape
         sizes = check_image_sizes(image_sizes, b, h, w)  # [B, 2]
         features = self.backbone(x.astype(self.dtype), train)  # P2..P5 (P6)
-        return features, sizes, self.rpn(features, sizes, train)
+        return features, sizes, self.rpn(features, sizes, (h, w), train)
 
     def _box_head(self, features, rois: jax.Array, train: bool):
         """rois [B, R, 4] -> cls_logits [B, R, C], class_deltas [B, R, C, 4]."""

@@ -101,7 +101,7 @@ class ResNetFPN(nn.Module):
 
         A level of stride s is [B, H/s, W/s, C] when s divides H and W. P6 is
         ceil(H/64) x ceil(W/64), so where H/32 or W/32 is odd its actual stride,
-        ``H // ceil(H/64)``, is below 64.
+        ``H // ceil(H/64)``, is below 64 (the RPN's anchors use the actual one).
         """
         p6 = (2 * self.roi_strides[-1],) if self.extra_p6 else ()
         return self.roi_strides + p6
