@@ -3,6 +3,11 @@
 Each pyramid level gets anchors of its own sizes (FPN paper, section 4.1) and of
 every aspect ratio, centred on the top-left corner of each feature cell, in the
 order (y, x, anchor), which is how the RPN head's outputs are flattened.
+
+Cells are spaced by each level's actual stride per axis, ``canvas // grid``, as
+torchvision's ``AnchorGenerator`` spaces them: the padded input's height (width)
+divided by the feature map's. That is the nominal stride wherever it divides the
+canvas, and less on a ceil-sized level such as P6 when H/32 is odd.
 """
 
 from typing import Sequence
@@ -47,7 +52,19 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], round_t
     return anchors.astype(np.float32)
 
 
-def grid_anchors(base: np.ndarray, height: int, width: int, stride: int) -> jnp.ndarray:
+def level_stride(canvas_size: tuple[int, int], grid_size: tuple[int, int]) -> tuple[int, int]:
+    """A level's actual stride per axis, (canvas_h // grid_h, canvas_w // grid_w).
+
+    Both sizes are static shapes (Python ints), so this costs nothing in a trace.
+
+    >>> level_stride((160, 160), (3, 3))  # P6 of a 160x160 canvas
+    (53, 53)
+    """
+    (ch, cw), (gh, gw) = canvas_size, grid_size
+    return int(ch) // int(gh), int(cw) // int(gw)
+
+
+def grid_anchors(base: np.ndarray, height: int, width: int, stride: tuple[int, int]) -> jnp.ndarray:
     """Shift one level's cell anchors over its feature grid.
 
     Built from iota inside the compiled program rather than stored as a constant,
@@ -56,13 +73,14 @@ def grid_anchors(base: np.ndarray, height: int, width: int, stride: int) -> jnp.
     Args:
       base: [A, 4] cell anchors.
       height, width: feature map size of the level.
-      stride: its stride in pixels.
+      stride: (stride_y, stride_x) in pixels, see ``level_stride``.
 
     Returns:
       [height * width * A, 4] float32 xyxy, ordered (y, x, anchor).
     """
-    ys = jnp.arange(height, dtype=jnp.float32) * stride  # [H]
-    xs = jnp.arange(width, dtype=jnp.float32) * stride  # [W]
+    stride_y, stride_x = stride
+    ys = jnp.arange(height, dtype=jnp.float32) * stride_y  # [H]
+    xs = jnp.arange(width, dtype=jnp.float32) * stride_x  # [W]
     sy, sx = jnp.meshgrid(ys, xs, indexing="ij")  # [H, W]
     shifts = jnp.stack([sx, sy, sx, sy], axis=-1).reshape(-1, 1, 4)  # [HW, 1, 4]
     return (shifts + jnp.asarray(base)[None]).reshape(-1, 4)

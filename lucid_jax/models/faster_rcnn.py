@@ -23,17 +23,18 @@ from lucid_jax.models.roi_heads import RoIBoxHead, postprocess_detections
 from lucid_jax.models.rpn import RPN
 from lucid_jax.models.targets import roi_targets, rpn_targets
 
-ROI_STRIDES = (4, 8, 16, 32)  # RoIAlign pools from P2..P5
-
 
 class FasterRCNN(nn.Module):
     """Two-stage detector. Every hyperparameter is a keyword argument.
 
     Attributes:
-      backbone: a ``ResNetFPN``; ``backbone.net`` is the ResNet classifier.
+      backbone: a ``ResNetFPN``; ``backbone.net`` is the ResNet classifier. Its
+        ``strides`` fix the RPN's levels, ``roi_strides`` RoIAlign's and
+        ``size_divisibility`` the multiple that input sizes must be.
       num_classes: C, background included.
-      anchor_sizes: per RPN level, anchor sizes in pixels (default: 32/64/128/256
-        times the octave scales 2^0, 2^(1/3), 2^(2/3)).
+      anchor_sizes: per RPN level (one per backbone level), anchor sizes in
+        pixels (default: 32/64/128/256 times the octave scales 2^0, 2^(1/3),
+        2^(2/3)).
       aspect_ratios: anchor height / width ratios.
       round_anchors: round the cell anchors to integers.
       rpn_pre_nms_top_n: (train, test) boxes per level before the RPN's NMS.
@@ -87,11 +88,15 @@ class FasterRCNN(nn.Module):
     def setup(self):
         if not isinstance(self.num_classes, int) or self.num_classes < 2:
             raise ValueError(f"num_classes must be an int >= 2 (background + at least one class), got {self.num_classes!r}")
+        if len(self.anchor_sizes) != len(self.backbone.strides):
+            raise ValueError(
+                f"anchor_sizes has {len(self.anchor_sizes)} levels but the backbone returns "
+                f"{len(self.backbone.strides)} (strides {self.backbone.strides}); give one tuple of sizes per level"
+            )
         self.rpn = RPN(
             anchor_sizes=self.anchor_sizes,
             aspect_ratios=self.aspect_ratios,
             round_anchors=self.round_anchors,
-            strides=tuple(4 * 2**i for i in range(len(self.anchor_sizes))),
             pre_nms_top_n=tuple(self.rpn_pre_nms_top_n),
             post_nms_top_n=tuple(self.rpn_post_nms_top_n),
             nms_thresh=self.rpn_nms_thresh,
@@ -105,30 +110,32 @@ class FasterRCNN(nn.Module):
         nn.share_scope(self, self.box_head)
 
     def _features_and_proposals(self, images, image_sizes, train: bool):
-        x = check_images(images)  # [B, H, W, 3]
+        x = check_images(images, multiple=self.backbone.size_divisibility)  # [B, H, W, 3]
         b, h, w, _ = x.shape
         sizes = check_image_sizes(image_sizes, b, h, w)  # [B, 2]
         features = self.backbone(x.astype(self.dtype), train)  # P2..P5 (P6)
-        return features, sizes, self.rpn(features, sizes, train)
+        return features, sizes, self.rpn(features, sizes, (h, w), train)
 
     def _box_head(self, features, rois: jax.Array, train: bool):
         """rois [B, R, 4] -> cls_logits [B, R, C], class_deltas [B, R, C, 4]."""
+        strides = self.backbone.roi_strides  # P2..P5; never P6
         pool = lambda f, boxes: ops.multiscale_roi_align(  # noqa: E731
             f,
             boxes,
             output_size=self.roi_output_size,
             sampling_ratio=self.roi_sampling_ratio,
             aligned=self.roi_aligned,
-            strides=ROI_STRIDES,
+            strides=strides,
         )
-        roi_features = jax.vmap(pool)(features[: len(ROI_STRIDES)], rois)  # [B, R, S, S, C]
+        roi_features = jax.vmap(pool)(features[: len(strides)], rois)  # [B, R, S, S, C]
         return self.box_head(roi_features, train)
 
     def forward_with_proposals(self, images: jax.Array, image_sizes: jax.Array | None = None, train: bool = False) -> dict:
         """The whole forward pass, with every intermediate the user may want.
 
         Args:
-          images: [B, 3, H, W] float images, H and W multiples of 32.
+          images: [B, 3, H, W] float images, H and W multiples of
+            ``backbone.size_divisibility`` (32).
           image_sizes: optional [B, 2] (height, width) of each image before padding.
           train: batch-statistics BN, dropout (rng "dropout") and training
             proposal counts.

@@ -5,6 +5,10 @@ Lateral 1x1 convs bring C2..C5 to a common width, a top-down path adds the 2x
 nearest-neighbour upsampled coarser map, and a 3x3 conv smooths each sum into
 P2..P5. Optionally a P6 is taken from P5 by a stride-2 subsample, as torchvision's
 ``LastLevelMaxPool`` does for its RPN.
+
+``ResNetFPN`` declares its levels' nominal strides, as detectron2's
+``Backbone.output_shape()`` does, so that RoIAlign and the input size check read
+them instead of repeating them.
 """
 
 from typing import Any
@@ -29,7 +33,8 @@ class FPN(nn.Module):
 
     Attributes:
       out_channels: width of every pyramid level (256).
-      extra_p6: also return P6 = P5[::2, ::2] (torchvision's extra RPN level).
+      extra_p6: also return P6 = P5[::2, ::2] (torchvision's extra RPN level), a
+        max-pool with a 1x1 window and stride 2: its grid is ceil(H5 / 2) x ceil(W5 / 2).
       dtype: computation dtype.
     """
 
@@ -45,7 +50,8 @@ class FPN(nn.Module):
           features: [c2 [B, H/4, W/4, C2], ..., c5 [B, H/32, W/32, C5]].
 
         Returns:
-          [p2 [B, H/4, W/4, out], ..., p5 [B, H/32, W/32, out]] (+ p6 [B, H/64, W/64, out]).
+          [p2 [B, H/4, W/4, out], ..., p5 [B, H/32, W/32, out]]
+          (+ p6 [B, ceil(H/64), ceil(W/64), out]).
         """
         n = len(features)
         laterals = [
@@ -69,7 +75,14 @@ class ResNetFPN(nn.Module):
     """Lucid's detector backbone: ``net`` (a ResNet classifier) and ``fpn``.
 
     ``net`` is a dataclass field, so ``model.backbone.net`` is reachable on the
-    unbound module, as Lucid's Training Notes use it.
+    unbound module, as Lucid's Training Notes use it; so are ``strides``,
+    ``roi_strides`` and ``size_divisibility``, which are computed from fields.
+
+    Attributes:
+      net: the ResNet whose C2..C5 feed the pyramid.
+      out_channels: width of every pyramid level.
+      extra_p6: also return P6 (for the RPN only; RoIAlign never pools from it).
+      dtype: computation dtype.
     """
 
     net: ResNet
@@ -77,9 +90,39 @@ class ResNetFPN(nn.Module):
     extra_p6: bool = False
     dtype: Any = jnp.float32
 
+    @property
+    def roi_strides(self) -> tuple[int, ...]:
+        """Strides of P2..P5, the levels RoIAlign pools from: (4, 8, 16, 32)."""
+        return tuple(self.net.feature_strides)
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Nominal stride of each returned level: (4, 8, 16, 32), then 64 for P6.
+
+        A level of stride s is [B, H/s, W/s, C] when s divides H and W. P6 is
+        ceil(H/64) x ceil(W/64), so where H/32 or W/32 is odd its actual stride,
+        ``H // ceil(H/64)``, is below 64 (the RPN's anchors use the actual one).
+        """
+        p6 = (2 * self.roi_strides[-1],) if self.extra_p6 else ()
+        return self.roi_strides + p6
+
+    @property
+    def size_divisibility(self) -> int:
+        """Input H and W must be multiples of this: the largest RoI stride, 32."""
+        return max(self.roi_strides)
+
     def setup(self):
         self.fpn = FPN(self.out_channels, self.extra_p6, dtype=self.dtype)
 
     def __call__(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
-        """x: [B, H, W, 3] NHWC -> [P2, P3, P4, P5(, P6)], each [B, H/s, W/s, out]."""
+        """Pyramid features of NHWC images.
+
+        Args:
+          x: [B, H, W, 3] NHWC, H and W multiples of ``size_divisibility``.
+          train: use batch statistics in the ResNet's BN (unless frozen).
+
+        Returns:
+          [P2, P3, P4, P5(, P6)], level l of shape [B, ceil(H/s_l), ceil(W/s_l),
+          out_channels] with s_l = ``strides[l]``.
+        """
         return self.fpn(self.net.features(x, train))

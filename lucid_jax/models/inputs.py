@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_images(images, multiple: int = 32) -> jax.Array:
+def check_images(images, *, multiple: int) -> jax.Array:
     """Validate ``[B, 3, H, W]`` float images and return them as NHWC.
 
     Args:
       images: [B, 3, H, W] float array (Lucid's layout).
-      multiple: H and W must be divisible by this (32 for the FPN's five strides).
+      multiple: H and W must be divisible by this; the detector passes its
+        backbone's ``size_divisibility`` (the largest RoI stride).
 
     Returns:
       [B, H, W, 3] array, same dtype.

@@ -20,6 +20,8 @@ from lucid_jax.models.conv import Conv
 from lucid_jax.models.inputs import check_images
 
 NORM_MODES = ("batch", "frozen")
+STEM_STRIDE = 4  # the 7x7/2 conv, then the 3x3/2 max-pool
+STAGE_STRIDES = (1, 2, 2, 2)  # layer1..layer4; each stage's first bottleneck strides
 
 # torchvision's and Lucid's ResNet init: He-normal on fan_out for convs.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -173,16 +175,27 @@ class ResNet(nn.Module):
             )
         common = dict(norm_mode=self.norm_mode, bn_axis_name=self.bn_axis_name, dtype=self.dtype)
         self.stem = ConvNorm(self.stem_width, 7, 2, child_names=("0", "1"), **common)
-        self.layer1 = ResNetStage(self.stage_sizes[0], self.widths[0], 1, **common)
-        self.layer2 = ResNetStage(self.stage_sizes[1], self.widths[1], 2, **common)
-        self.layer3 = ResNetStage(self.stage_sizes[2], self.widths[2], 2, **common)
-        self.layer4 = ResNetStage(self.stage_sizes[3], self.widths[3], 2, **common)
+        self.layer1 = ResNetStage(self.stage_sizes[0], self.widths[0], STAGE_STRIDES[0], **common)
+        self.layer2 = ResNetStage(self.stage_sizes[1], self.widths[1], STAGE_STRIDES[1], **common)
+        self.layer3 = ResNetStage(self.stage_sizes[2], self.widths[2], STAGE_STRIDES[2], **common)
+        self.layer4 = ResNetStage(self.stage_sizes[3], self.widths[3], STAGE_STRIDES[3], **common)
         self.fc = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")
 
     @property
     def out_channels(self) -> tuple[int, ...]:
         """Channels of C2..C5."""
         return tuple(w * Bottleneck.expansion for w in self.widths)
+
+    @property
+    def feature_strides(self) -> tuple[int, ...]:
+        """Strides of C2..C5 in input pixels: (4, 8, 16, 32).
+
+        C_k is [B, H/s_k, W/s_k, out_channels[k]] when s_k divides H and W.
+        """
+        strides = [STEM_STRIDE * STAGE_STRIDES[0]]
+        for s in STAGE_STRIDES[1:]:
+            strides.append(strides[-1] * s)
+        return tuple(strides)
 
     def features(self, x: jax.Array, train: bool = False) -> list[jax.Array]:
         """The feature hierarchy C2..C5 (strides 4, 8, 16, 32).
@@ -195,7 +208,7 @@ class ResNet(nn.Module):
           [c2 [B, H/4, W/4, 4*w1], c3 [.., H/8 ..], c4 [.., H/16 ..], c5 [.., H/32 ..]].
         """
         x = self.stem(x, train)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # stride 4 so far
         c2 = self.layer1(x, train)
         c3 = self.layer2(c2, train)
         c4 = self.layer3(c3, train)

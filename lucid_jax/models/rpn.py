@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lucid_jax import ops
-from lucid_jax.models.anchors import cell_anchors, grid_anchors
+from lucid_jax.models.anchors import cell_anchors, grid_anchors, level_stride
 from lucid_jax.models.conv import Conv
 
 
@@ -94,7 +94,6 @@ class RPN(nn.Module):
       anchor_sizes: per level, the anchor sizes in pixels.
       aspect_ratios: anchor height / width ratios, shared by all levels.
       round_anchors: round cell anchors to integers (torchvision does).
-      strides: per level, the feature stride in pixels.
       pre_nms_top_n: (train, test) boxes kept per level before NMS.
       post_nms_top_n: (train, test) proposals kept after NMS.
       nms_thresh, min_size, score_thresh: see ``select_proposals``.
@@ -103,7 +102,6 @@ class RPN(nn.Module):
     anchor_sizes: Sequence[Sequence[float]]
     aspect_ratios: Sequence[float]
     round_anchors: bool
-    strides: Sequence[int]
     pre_nms_top_n: tuple[int, int]
     post_nms_top_n: tuple[int, int]
     nms_thresh: float
@@ -126,12 +124,18 @@ class RPN(nn.Module):
             raise ValueError(f"every level needs the same number of anchor sizes, got {self.anchor_sizes}")
         self.head = RPNHead(self.num_anchors, dtype=self.dtype)
 
-    def __call__(self, features: Sequence[jax.Array], image_sizes: jax.Array, train: bool = False) -> dict:
+    def __call__(
+        self, features: Sequence[jax.Array], image_sizes: jax.Array, canvas_size: tuple[int, int], train: bool = False
+    ) -> dict:
         """Run the head on every level and select proposals.
+
+        Anchors on level l are spaced by its actual stride, canvas // (H_l, W_l),
+        as torchvision's ``AnchorGenerator`` spaces them.
 
         Args:
           features: per level, [B, H_l, W_l, C] (P2.. in order).
           image_sizes: [B, 2] (height, width) of the unpadded images.
+          canvas_size: (H, W) of the padded input, static ints.
           train: use the training proposal counts.
 
         Returns:
@@ -145,9 +149,9 @@ class RPN(nn.Module):
             )
         objectness, deltas = self.head(features)
         anchors = [
-            grid_anchors(base, f.shape[1], f.shape[2], stride)
-            for base, f, stride in zip(self.cell_anchors(), features, self.strides)
-        ]
+            grid_anchors(base, f.shape[1], f.shape[2], level_stride(canvas_size, f.shape[1:3]))
+            for base, f in zip(self.cell_anchors(), features)
+        ]  # per level [H_l * W_l * A, 4]
         select = lambda o, d, size: select_proposals(  # noqa: E731
             jax.lax.stop_gradient(o),
             jax.lax.stop_gradient(d),

@@ -55,42 +55,50 @@ def test_resnet101_logits_match_torchvision():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def _torchvision_detector(layers, num_classes, seed):
+def _torchvision_detector(layers, num_classes, seed, rpn_box_gain=1.0, **kwargs):
+    """torchvision's FasterRCNN on a random ResNet FPN; ``kwargs`` go to FasterRCNN."""
     torch.manual_seed(seed)
     body = ResNet(Bottleneck, layers, norm_layer=FrozenBatchNorm2d)
     _randomise_bn(body, torch.Generator().manual_seed(seed + 1))
     backbone = BackboneWithFPN(
         body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [256, 512, 1024, 2048], 256
     )
-    tv = FasterRCNN(backbone, num_classes=num_classes).eval()
+    tv = FasterRCNN(backbone, num_classes=num_classes, **kwargs).eval()
     with torch.no_grad():
         # Spread the RPN's and the classifier's outputs, so that scores are far
         # apart compared with float rounding and rankings are unambiguous.
         tv.rpn.head.cls_logits.weight.mul_(30.0)
         tv.roi_heads.box_predictor.cls_score.weight.mul_(30.0)
+        tv.rpn.head.bbox_pred.weight.mul_(rpn_box_gain)
     return tv
 
 
-def _run_torchvision(tv, x):
-    h, w = x.shape[-2:]
+def _run_torchvision(tv, x, sizes):
+    """torchvision's stages on a padded batch whose images have the given (h, w).
+
+    Returns:
+      per image, (proposals, logits, boxes, scores, labels) as NumPy arrays.
+    """
     with torch.no_grad():
-        images = ImageList(torch.from_numpy(x), [(h, w)])
+        images = ImageList(torch.from_numpy(x), [tuple(int(v) for v in s) for s in sizes])
         features = tv.backbone(images.tensors)
         proposals, _ = tv.rpn(images, features)
         pooled = tv.roi_heads.box_roi_pool(features, proposals, images.image_sizes)
         logits, regression = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
         boxes, scores, labels = tv.roi_heads.postprocess_detections(logits, regression, proposals, images.image_sizes)
-    return proposals[0].numpy(), logits.numpy(), boxes[0].numpy(), scores[0].numpy(), labels[0].numpy()
+    logits = logits.split([len(p) for p in proposals])
+    return [tuple(t[i].numpy() for t in (proposals, logits, boxes, scores, labels)) for i in range(len(x))]
 
 
-def _ours(tv, layers, num_classes, x):
-    model = build_resnet_fpn_faster_rcnn(layers, num_classes, 1000, **TORCHVISION_FASTER_RCNN)
+def _ours(tv, layers, num_classes, x, sizes, **config):
+    model = build_resnet_fpn_faster_rcnn(layers, num_classes, 1000, **{**TORCHVISION_FASTER_RCNN, **config})
     template = jax.eval_shape(model.init, jax.random.key(0), x)
     template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
     flat = state_dict.from_torchvision_faster_rcnn(tv.state_dict())
     variables = state_dict.from_state_dict(template, flat, strict=False, model=model)
-    raw = jax.jit(lambda v, x: model.apply(v, x, method="forward_with_proposals"))(variables, x)
-    dets = jax.jit(lambda v, x: model.apply(v, x, method="predict"))(variables, x)
+    sizes = np.asarray(sizes, np.float32)
+    raw = jax.jit(lambda v, x, s: model.apply(v, x, s, method="forward_with_proposals"))(variables, x, sizes)
+    dets = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict"))(variables, x, sizes)
     return raw, dets
 
 
@@ -115,32 +123,56 @@ def _match(ours, theirs, scores, atol):
     return perm
 
 
-def _check_parity(layers, num_classes, size, seed):
-    tv = _torchvision_detector(layers, num_classes, seed)
-    x = np.random.default_rng(seed).standard_normal((1, 3, size, size)).astype(np.float32)
-    tv_props, tv_logits, tv_boxes, tv_scores, tv_labels = _run_torchvision(tv, x)
-    raw, dets = _ours(tv, layers, num_classes, x)
+def _check_parity(layers, num_classes, size, seed, sizes=None, pre_nms_top_n=1000, rpn_box_gain=1.0):
+    """Compare proposals, class probabilities and detections with torchvision.
 
-    # RPN proposals: the same boxes in the same order (up to near-ties)
-    valid = np.asarray(raw["proposal_valid"][0])
-    n = int(valid.sum())
-    assert n == len(tv_props) > 100 and valid[:n].all()
-    perm = _match(np.asarray(raw["proposals"][0, :n]), tv_props, np.asarray(raw["proposal_scores"][0, :n]), 2e-3)
+    Args:
+      size: the canvas, an int (square) or (height, width).
+      sizes: optional per-image (height, width); each image is random inside its
+        size and zero in the padding. Default: one image filling the canvas.
+      pre_nms_top_n: the RPN's per-level count before NMS, in test.
+      rpn_box_gain: scales the RPN's box-delta weights.
 
-    # RoI-head class probabilities for every proposal
-    logits = np.asarray(raw["cls_logits"][0, :n])
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    tv_probs = torch.softmax(torch.from_numpy(tv_logits), -1).numpy()
-    np.testing.assert_allclose(probs, tv_probs[perm], atol=1e-4)
+    Returns:
+      per image, the largest |ours - torchvision| of (proposals, detection boxes).
+    """
+    h, w = (size, size) if isinstance(size, int) else size
+    sizes = [(h, w)] if sizes is None else sizes
+    tv = _torchvision_detector(layers, num_classes, seed, rpn_box_gain, rpn_pre_nms_top_n_test=pre_nms_top_n)
+    x = np.random.default_rng(seed).standard_normal((len(sizes), 3, h, w)).astype(np.float32)
+    for i, (ih, iw) in enumerate(sizes):
+        x[i, :, ih:] = 0.0
+        x[i, :, :, iw:] = 0.0
+    theirs = _run_torchvision(tv, x, sizes)
+    raw, dets = _ours(tv, layers, num_classes, x, sizes, rpn_pre_nms_top_n=(2000, pre_nms_top_n))
 
-    # final detections
-    k = int(np.asarray(dets["valid"][0]).sum())
-    assert k == len(tv_scores) and k > 10
-    scores = np.asarray(dets["scores"][0, :k])
-    perm = _match(np.asarray(dets["boxes"][0, :k]), tv_boxes, scores, 2e-3)
-    np.testing.assert_array_equal(np.asarray(dets["labels"][0, :k]), tv_labels[perm])
-    np.testing.assert_allclose(scores, tv_scores[perm], atol=1e-4)
+    errors = []
+    for i, (tv_props, tv_logits, tv_boxes, tv_scores, tv_labels) in enumerate(theirs):
+        # RPN proposals: the same boxes in the same order (up to near-ties)
+        valid = np.asarray(raw["proposal_valid"][i])
+        n = int(valid.sum())
+        assert n == len(tv_props) > 100 and valid[:n].all()
+        props = np.asarray(raw["proposals"][i, :n])
+        perm = _match(props, tv_props, np.asarray(raw["proposal_scores"][i, :n]), 2e-3)
+        prop_err = np.abs(props - tv_props[perm]).max()
+
+        # RoI-head class probabilities for every proposal
+        logits = np.asarray(raw["cls_logits"][i, :n])
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        tv_probs = torch.softmax(torch.from_numpy(tv_logits), -1).numpy()
+        np.testing.assert_allclose(probs, tv_probs[perm], atol=1e-4)
+
+        # final detections
+        k = int(np.asarray(dets["valid"][i]).sum())
+        assert k == len(tv_scores) and k > 10
+        scores = np.asarray(dets["scores"][i, :k])
+        boxes = np.asarray(dets["boxes"][i, :k])
+        perm = _match(boxes, tv_boxes, scores, 2e-3)
+        np.testing.assert_array_equal(np.asarray(dets["labels"][i, :k]), tv_labels[perm])
+        np.testing.assert_allclose(scores, tv_scores[perm], atol=1e-4)
+        errors.append((prop_err, np.abs(boxes - tv_boxes[perm]).max()))
+    return errors
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -150,3 +182,21 @@ def test_faster_rcnn_small_depth_matches_torchvision(seed):
 
 def test_faster_rcnn_resnet101_matches_torchvision():
     _check_parity((3, 4, 23, 3), num_classes=6, size=192, seed=5)
+
+
+# With 200 boxes per level before NMS, every level's survivors reach the 1000
+# proposals, and larger RPN deltas move P6's 512-pixel boxes off the image border:
+# then the P6 anchors' positions show in the proposals (these two tests fail when
+# P6 anchors are spaced 64 pixels apart instead of canvas // grid).
+PROBE_P6 = dict(pre_nms_top_n=200, rpn_box_gain=10.0)
+
+
+def test_faster_rcnn_odd_grid_matches_torchvision():
+    """224x352: H/32 = 7 and W/32 = 11 are odd, so P6 (4x6) has strides 56 and 58."""
+    _check_parity((1, 1, 1, 1), num_classes=4, size=(224, 352), seed=2, **PROBE_P6)
+
+
+def test_faster_rcnn_batch_of_two_sizes_matches_torchvision():
+    """Two images of different sizes padded to one taller-than-wide canvas, 288x224
+    (P6 5x4, strides 57 and 56); torchvision gets the same batch and true sizes."""
+    _check_parity((1, 1, 1, 1), num_classes=4, size=(288, 224), seed=3, sizes=[(288, 224), (230, 170)], **PROBE_P6)

@@ -1,0 +1,104 @@
+"""The backbone's declared strides, and RPN anchors spaced by each level's actual
+stride per axis (canvas // grid), against torchvision's ``AnchorGenerator`` and a
+NumPy reference of the nominal-stride grid."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lucid_jax.models import TORCHVISION_FASTER_RCNN, faster_rcnn_resnet_101_fpn
+from lucid_jax.models.anchors import cell_anchors, level_stride
+from tests.models.conftest import TV_REASON, tiny_detector
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _model_anchors(model, h, w):
+    """The anchors [N, 4] the detector's RPN lays over an h x w canvas.
+
+    Only the output "anchors" is kept, and it depends on shapes alone, so XLA
+    drops the whole network from the compiled program.
+    """
+    x = np.zeros((1, 3, h, w), np.float32)
+    template = jax.eval_shape(model.init, jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
+    anchors = jax.jit(lambda v, x: model.apply(v, x, method="forward_with_proposals")["anchors"])
+    return np.asarray(anchors(variables, x))
+
+
+def test_backbone_declares_strides_on_the_unbound_module():
+    lucid = faster_rcnn_resnet_101_fpn().backbone
+    assert lucid.net.feature_strides == (4, 8, 16, 32)
+    assert lucid.strides == (4, 8, 16, 32)
+    assert lucid.roi_strides == (4, 8, 16, 32)
+    assert lucid.size_divisibility == 32
+    tv = tiny_detector(**TORCHVISION_FASTER_RCNN).backbone
+    assert tv.strides == (4, 8, 16, 32, 64)
+    assert tv.roi_strides == (4, 8, 16, 32)  # RoIAlign never pools from P6
+    assert tv.size_divisibility == 32
+
+
+def test_one_anchor_level_per_backbone_level():
+    model = tiny_detector(extra_p6=True)  # 5 levels, but Lucid's 4 anchor levels
+    x = np.zeros((1, 3, 128, 128), np.float32)
+    with pytest.raises(ValueError, match=r"anchor_sizes has 4 levels but the backbone returns 5 \(strides \(4, 8, 16, 32, 64\)\)"):
+        jax.eval_shape(model.init, jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("extra_p6", [False, True])
+def test_feature_shapes_follow_the_declared_strides(extra_p6):
+    backbone = tiny_detector(extra_p6=extra_p6).backbone
+    h, w = 224, 352  # H/32 = 7 and W/32 = 11: P6 is ceil-sized
+    x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
+    features, _ = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x), x)
+    assert [f.shape[1:3] for f in features] == [(_ceil_div(h, s), _ceil_div(w, s)) for s in backbone.strides]
+
+
+def test_level_stride():
+    assert level_stride((160, 160), (3, 3)) == (53, 53)
+    assert level_stride((800, 800), (13, 13)) == (61, 61)
+    assert level_stride((224, 352), (4, 6)) == (56, 58)
+    assert level_stride((224, 352), (7, 11)) == (32, 32)
+
+
+@pytest.mark.parametrize("h, w", [(160, 160), (800, 800), (224, 352)])
+def test_rpn_anchors_match_torchvision(h, w):
+    torch = pytest.importorskip("torch", reason=TV_REASON)
+    pytest.importorskip("torchvision", reason=TV_REASON)
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    model = tiny_detector(**TORCHVISION_FASTER_RCNN)
+    ours = _model_anchors(model, h, w)
+    grids = [(_ceil_div(h, s), _ceil_div(w, s)) for s in model.backbone.strides]
+    generator = AnchorGenerator(
+        tuple(tuple(s) for s in model.anchor_sizes), (tuple(model.aspect_ratios),) * len(grids)
+    )
+    features = [torch.zeros(1, 1, gh, gw) for gh, gw in grids]
+    theirs = generator(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), features)[0].numpy()
+    np.testing.assert_array_equal(ours, theirs)
+
+    # P6, the last level: its centres step by canvas // grid on each axis
+    gh, gw = grids[-1]
+    p6, tv_p6 = ours[-gh * gw * 3:], theirs[-gh * gw * 3:]
+    centres = (p6[:, :2] + p6[:, 2:]) / 2  # [N6, 2] (x, y)
+    np.testing.assert_array_equal(centres, (tv_p6[:, :2] + tv_p6[:, 2:]) / 2)
+    np.testing.assert_array_equal(np.unique(centres[:, 0]), np.arange(gw) * (w // gw))
+    np.testing.assert_array_equal(np.unique(centres[:, 1]), np.arange(gh) * (h // gh))
+
+
+@pytest.mark.parametrize("h, w", [(128, 128), (224, 352)])
+def test_p2_to_p5_anchors_sit_on_the_nominal_strides(h, w):
+    """On a canvas that is a multiple of 32, canvas // grid is the nominal stride."""
+    model = tiny_detector()  # Lucid's defaults: P2..P5, 9 unrounded anchors
+    ours = _model_anchors(model, h, w)
+    expected = []
+    for sizes, s in zip(model.anchor_sizes, model.backbone.strides):
+        base = cell_anchors(sizes, model.aspect_ratios)  # [A, 4]
+        ys, xs = np.mgrid[0 : h // s, 0 : w // s].astype(np.float32) * s  # [H/s, W/s] each
+        shifts = np.stack([xs, ys, xs, ys], axis=-1).reshape(-1, 1, 4)  # [HW, 1, 4], (y, x) order
+        expected.append((shifts + base[None]).reshape(-1, 4))
+    np.testing.assert_array_equal(ours, np.concatenate(expected))
