@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("seed", help="the seed example on the full ResNet-101 FPN detector, with timings")
     p.add_argument("--size", type=int, nargs="+", default=[224, 512],
-                   help="square input sizes, multiples of 32 (default: 224 512)")
+                   help="square input sizes, multiples of the backbone's largest stride, 32 (default: 224 512)")
     p.add_argument("--num-classes", type=int, default=21, help="classes, background included (default: 21)")
     p.add_argument("--repeats", type=int, default=3, help="timed predict calls per size (default: 3)")
     p.set_defaults(func=_seed)
@@ -226,8 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> str | None:
     """A usage problem in the flags (exit code 2), before anything is loaded."""
     sizes = list(getattr(args, "size", None) or [])
-    if any(s <= 0 or s % 32 for s in sizes):
-        return f"image sizes must be positive multiples of 32, got {sizes}"
+    if sizes:
+        from lucid_jax.jobs.config import size_divisibility
+
+        multiple = size_divisibility("faster_rcnn_resnet_101_fpn")
+        if any(s <= 0 or s % multiple for s in sizes):
+            return f"image sizes must be positive multiples of {multiple}, got {sizes}"
     if args.func in (_train, _demo):
         from lucid_jax.jobs import JobError, check_config, detector_names
 

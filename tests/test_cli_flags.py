@@ -69,7 +69,7 @@ def test_every_optional_flag_of_every_subcommand_states_its_default(command):
     (["--max-boxes", "0"], "--max-boxes must be >= 1, got 0"),
     (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--image-size", "100"], "--image-size must be a positive multiple of 32, got 100"),
+    (["--image-size", "100"], "--image-size must be a positive multiple of 32 (faster_rcnn_mini_fpn's largest stride), got 100"),
     (["--schedule", "step"], "--schedule step needs --decay-steps"),
     (["--decay-steps", "300,200"], "--decay-steps must be increasing positive steps, got 300,200"),
     (["--trainable-backbone-layers", "7"], "invalid choice"),

@@ -143,20 +143,23 @@ def pad_to(image: np.ndarray, canvas: tuple[int, int], value: float = 0.0) -> np
 
 
 def preprocess(example: dict, rng: np.random.Generator | None = None, *, canvas=None, longer_side=None,
-               shorter_side=None, max_size=None, flip_prob: float = 0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> dict:
+               shorter_side=None, max_size=None, flip_prob: float = 0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+               size_divisibility: int = SIZE_DIVISIBILITY) -> dict:
     """Resize, flip, normalise and pad one example onto a fixed canvas.
 
     Args:
       example: a dataset example: image [H, W, 3] uint8, boxes [M, 4], labels [M],
         optional difficult [M], id.
       rng: draws the flip; required when ``flip_prob > 0``.
-      canvas: (height, width) or int (square), multiples of 32; by default the
+      canvas: (height, width) or int (square), multiples of ``size_divisibility``; by default the
         smallest such square that holds any resized image (from ``longer_side`` or
         ``max_size``).
       longer_side / shorter_side, max_size: see :func:`resized_shape`; neither keeps
         the input size.
       flip_prob: probability of a horizontal flip (0 for evaluation).
       mean, std: normalisation on [0, 1] RGB.
+      size_divisibility: what the canvas sides must divide by: the model's
+        ``backbone.size_divisibility`` (32, the FPN's largest RoI stride).
 
     Returns:
       {"image": [3, Hc, Wc] float32, "boxes": [M', 4] float32 (clipped; boxes left
@@ -184,10 +187,10 @@ def preprocess(example: dict, rng: np.random.Generator | None = None, *, canvas=
         side = longer_side if longer_side is not None else max_size
         if side is None:
             raise ValueError("preprocess: give canvas, or longer_side / max_size to derive it")
-        canvas = round_up(side)
+        canvas = round_up(side, size_divisibility)
     canvas = (int(canvas), int(canvas)) if np.isscalar(canvas) else tuple(int(c) for c in canvas)
-    if canvas[0] % SIZE_DIVISIBILITY or canvas[1] % SIZE_DIVISIBILITY:
-        raise ValueError(f"canvas must be multiples of {SIZE_DIVISIBILITY}, got {canvas}")
+    if canvas[0] % size_divisibility or canvas[1] % size_divisibility:
+        raise ValueError(f"canvas must be multiples of {size_divisibility}, got {canvas}")
     image = pad_to(normalize(image, mean, std), canvas)
     return {
         "image": np.ascontiguousarray(image.transpose(2, 0, 1)),

@@ -34,7 +34,8 @@ class TrainConfig:
 
     data: str = _flag("shapes", "shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
     model: str = _flag("faster_rcnn_mini_fpn", "a registered model name", choices="models")
-    image_size: int = _flag(128, "square canvas in pixels, a multiple of 32", type=int)
+    image_size: int = _flag(128, "square canvas in pixels, a multiple of the model's largest stride (32 for "
+                            "the ResNet FPNs)", type=int)
     batch_size: int = _flag(8, "images per step", type=int)
     steps: int = _flag(1000, "training steps in all (may change on resume)", type=int)
     lr: float = _flag(1e-3, "peak learning rate of the heads", type=float)
@@ -86,6 +87,15 @@ def config_from_dict(saved: dict) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def size_divisibility(model_name: str) -> int:
+    """What the model's canvas sides must divide by: its backbone's largest RoI stride."""
+    from lucid_jax.models import get_model, list_models
+
+    if model_name not in list_models():
+        raise JobError(f"unknown model {model_name!r}; known models: {', '.join(list_models())}")
+    return get_model(model_name).backbone.size_divisibility
+
+
 def check_config(config: TrainConfig) -> None:
     """Raise JobError for values no run can use (one line, naming the flag)."""
     def flag(name):
@@ -95,8 +105,10 @@ def check_config(config: TrainConfig) -> None:
                  "shapes_train_examples"):
         if getattr(config, name) < 1:
             raise JobError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
-    if config.image_size % 32:
-        raise JobError(f"--image-size must be a positive multiple of 32, got {config.image_size}")
+    multiple = size_divisibility(config.model)
+    if config.image_size % multiple:
+        raise JobError(f"--image-size must be a positive multiple of {multiple} ({config.model}'s largest stride), "
+                       f"got {config.image_size}")
     if config.max_boxes is not None and config.max_boxes < 1:
         raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
     for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers"):

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from lucid_jax.data import COCODataset, DatasetError, Loader, ShapesDataset, VOCDataset, preprocess
-from lucid_jax.jobs.config import JobError, TrainConfig
+from lucid_jax.jobs.config import JobError, TrainConfig, size_divisibility
 
 
 def open_dataset(spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int = 128,
@@ -55,7 +55,8 @@ def describe_data(dataset, echo=print) -> dict:
 
 def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | None = None) -> Loader:
     size = config.image_size
-    transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=0.5 if train else 0.0)
+    transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=0.5 if train else 0.0,
+                        size_divisibility=size_divisibility(config.model))
     try:
         return Loader(
             dataset,

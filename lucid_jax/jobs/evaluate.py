@@ -51,7 +51,8 @@ def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool =
 
 def predictions_on(model, variables, dataset, config: TrainConfig, indices: Sequence[int]):
     """(normalised images [N, 3, S, S], predictions, targets) for a few examples."""
-    examples = [preprocess(dataset[i], canvas=config.image_size, longer_side=config.image_size) for i in indices]
+    examples = [preprocess(dataset[i], canvas=config.image_size, longer_side=config.image_size,
+                           size_divisibility=model.backbone.size_divisibility) for i in indices]
     images = np.stack([e["image"] for e in examples])
     sizes = np.stack([e["image_size"] for e in examples])
     return images, jax.device_get(make_predict_fn(model)(variables, images, sizes)), examples

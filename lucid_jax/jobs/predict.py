@@ -36,7 +36,8 @@ def predict_files(paths: Sequence[str | os.PathLike], checkpoint, out: str | os.
     results = []
     for path, image in zip(paths, images):
         ex = preprocess({"image": image, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
-                        canvas=config.image_size, longer_side=config.image_size)
+                        canvas=config.image_size, longer_side=config.image_size,
+                        size_divisibility=model.backbone.size_divisibility)
         dets = jax.device_get(predict(variables, ex["image"][None], ex["image_size"][None]))
         sy, sx = ex["scale"]
         keep = dets["valid"][0]
