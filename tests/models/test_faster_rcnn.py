@@ -117,17 +117,72 @@ def test_compiles_once_per_shape(tiny):
     assert fn._cache_size() == 1
 
 
-def test_bfloat16_computation_keeps_float32_params():
-    model = tiny_detector(dtype=jnp.bfloat16)
+def _large_heads(variables, seed=0):
+    """The detector's variables with the RPN and box-head layers redrawn so that logits are O(1).
+
+    At init the heads are drawn with std 0.01 and every logit is near zero, so a bf16
+    comparison with an absolute tolerance would pass on an all-zero output. The box
+    regressors stay small (deltas well under 1) so that bf16 rounding moves boxes by
+    a fraction of a pixel rather than picking different ones.
+    """
+    rng = np.random.default_rng(seed)
+
+    def redraw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "backbone" in name:
+            return leaf
+        gain = 0.1 if "bbox_pred" in name else 2.0
+        if name.endswith("['kernel']"):
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return jnp.asarray(rng.normal(0, gain / np.sqrt(fan_in), leaf.shape), jnp.float32)
+        return jnp.asarray(rng.normal(0, 0.25 * gain, leaf.shape), jnp.float32)
+
+    return {**variables, "params": jax.tree_util.tree_map_with_path(redraw, variables["params"])}
+
+
+@pytest.fixture(scope="module")
+def bf16_and_f32():
+    """(bf16 model, float32 model, variables with large heads, image)."""
     x = random_images(3)
-    variables = jax.jit(model.init)(jax.random.key(0), x)
-    assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(variables))
+    bf16 = tiny_detector(dtype=jnp.bfloat16)
+    variables = _large_heads(jax.jit(bf16.init)(jax.random.key(0), x))
+    return bf16, tiny_detector(), variables, x
+
+
+def test_bfloat16_computation_keeps_float32_params(bf16_and_f32):
+    model, ref_model, variables, x = bf16_and_f32
+    assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(jax.jit(model.init)(jax.random.key(0), x)))
     out = jax.jit(lambda v, x: model.apply(v, x, method="forward_with_proposals"))(variables, x)
     assert out["cls_logits"].dtype == jnp.float32 and out["proposals"].dtype == jnp.float32
-    ref_model = tiny_detector()
     ref = jax.jit(lambda v, x: ref_model.apply(v, x, method="forward_with_proposals"))(variables, x)
-    # the RPN's objectness agrees to bf16 precision
-    np.testing.assert_allclose(np.asarray(out["objectness"]), np.asarray(ref["objectness"]), atol=0.05, rtol=0.05)
+    for key, magnitude in (("objectness", 1.0), ("deltas", 0.1)):
+        got, want = np.asarray(out[key]), np.asarray(ref[key])
+        scale = np.abs(want).max()
+        assert scale > magnitude, f"{key} is too small to tell bf16 from zero: max |{key}| = {scale}"
+        # bf16 keeps 8 bits of mantissa; measured 1.1% (objectness) and 0.9% (deltas) of the largest value
+        assert np.abs(got - want).max() <= 0.03 * scale, f"{key}: {np.abs(got - want).max()} vs max {scale}"
+        assert not np.array_equal(got, want)  # it did compute in bfloat16
+
+
+def _pairwise_iou(a, b):
+    """IoU of [N, 4] and [M, 4] xyxy boxes, [N, M]."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), -1)
+    area = lambda z: np.prod(z[:, 2:] - z[:, :2], -1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None] - inter)
+
+
+def test_bfloat16_predict_finds_the_float32_detections(bf16_and_f32):
+    model, ref_model, variables, x = bf16_and_f32
+    got = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), jax.jit(lambda v, x: model.apply(v, x, method="predict"))(variables, x))
+    want = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), jax.jit(lambda v, x: ref_model.apply(v, x, method="predict"))(variables, x))
+    confident = want["valid"] & (want["scores"] > 0.8)
+    assert confident.sum() >= 10  # measured 45
+    ious = _pairwise_iou(want["boxes"][confident], got["boxes"][got["valid"]])
+    same_label = want["labels"][confident][:, None] == got["labels"][got["valid"]][None]
+    matched = (np.where(same_label, ious, 0.0).max(1) > 0.9).mean()
+    assert matched >= 0.9, f"only {matched:.0%} of the float32 detections have a bf16 match"  # measured 100%
 
 
 def test_training_notes_flow(tiny):
