@@ -4,6 +4,7 @@ These are the only tests that build the real ResNet-101 FPN; the rest use a tiny
 configuration.
 """
 
+import math
 import os
 
 import jax
@@ -15,15 +16,13 @@ import lucid_jax
 from lucid_jax import state_dict
 from lucid_jax.models import faster_rcnn_resnet_101_fpn
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference", "lucid_state_dict_keys.tsv")
+# Lucid faster_rcnn_resnet_101_fpn(num_classes=21)'s state-dict keys and shapes, lucid-dl 2.8.5
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "data", "lucid_state_dict_keys.tsv")
 
 
 def _reference_keys():
-    path = os.path.normpath(REFERENCE)
-    if not os.path.exists(path):
-        pytest.skip(f"Lucid's reference key list is not beside the checkout ({path})")
     out = {}
-    for line in open(path):
+    for line in open(REFERENCE):
         if line.startswith("#") or not line.strip():
             continue
         key, shape = line.rstrip("\n").split("\t")
@@ -44,11 +43,15 @@ def variables(model):
 
 def test_parameter_count_is_lucids_unique_count(model):
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 224, 224)))
-    assert lucid_jax.count_params(shapes["params"]) == 62_498_494
-    # Lucid's 62,508,030 counts its stem twice (backbone.net.stem and backbone.stem).
-    stem = shapes["params"]["backbone"]["net"]["stem"]
-    assert lucid_jax.count_params(stem) == 9_536
-    assert 62_498_494 + 9_536 == 62_508_030
+    unique = lucid_jax.count_params(shapes["params"])
+    assert unique == 62_498_494
+    # Lucid's documented 62,508,030 counts its stem twice (backbone.net.stem and backbone.stem).
+    stem = lucid_jax.count_params(shapes["params"]["backbone"]["net"]["stem"])
+    assert stem == 9_536
+    reference = _reference_keys()
+    lucid_params = {k: math.prod(s) for k, s in reference.items() if k.endswith((".weight", ".bias"))}
+    assert sum(lucid_params.values()) == 62_508_030 == unique + stem
+    assert sum(n for k, n in lucid_params.items() if k.startswith("backbone.stem.")) == stem
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes["params"]))
 
 
