@@ -530,6 +530,54 @@ def test_golden_losses(tiny, loss_fn):
     np.testing.assert_allclose(got["total_loss"], sum(GOLDEN.values()), rtol=1e-4)
 
 
+def _smooth_l1_64(x, beta):
+    ax = np.abs(x)
+    return np.where(ax < beta, 0.5 * x * x / beta, ax - 0.5 * beta)
+
+
+def test_golden_losses_from_a_float64_recomputation(tiny, monkeypatch):
+    """The golden losses again, from the model's own logits, deltas and sampled targets,
+    summed and normalised in a float64 NumPy loop instead of losses.py."""
+    model, variables = tiny
+    seen = {}
+    for name in ("rpn_loss_terms", "roi_loss_terms"):
+        original = getattr(L, name)
+        # keep each stage's inputs next to its terms; combine passes them back out below
+        keep = lambda *a, _f=original: {**_f(*a), "inputs": a[:3]}  # noqa: E731
+        monkeypatch.setattr(L, name, keep)
+    combine = L.combine
+    monkeypatch.setattr(L, "combine", lambda r, o: {**combine(r, o), "rpn": r["inputs"], "roi": o["inputs"]})
+    out, _ = jax.jit(
+        lambda v, x, t, k1, k2: model.apply(v, x, t, method="loss", rngs={"dropout": k1, "sampling": k2}, mutable=["batch_stats"])
+    )(_spread(variables), random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2))
+    beta = model.smooth_l1_beta
+    objectness, deltas, t = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), out["rpn"])
+    cls_logits, class_deltas, s = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), out["roi"])
+    sums = dict(rpn_cls=0.0, rpn_reg=0.0, rpn_n=0, roi_cls=0.0, roi_reg=0.0, roi_n=0)
+    for b in range(objectness.shape[0]):
+        for a in range(objectness.shape[1]):
+            if t["positive"][b, a] or t["negative"][b, a]:
+                x, y = objectness[b, a], float(t["positive"][b, a])
+                sums["rpn_cls"] += np.logaddexp(0.0, x) - y * x  # -y log(sigmoid x) - (1 - y) log(1 - sigmoid x)
+                sums["rpn_n"] += 1
+            if t["positive"][b, a]:
+                sums["rpn_reg"] += _smooth_l1_64(deltas[b, a] - t["deltas"][b, a], beta).sum()
+        for r in range(cls_logits.shape[1]):
+            if not s["valid"][b, r]:
+                continue
+            label, logits = int(s["labels"][b, r]), cls_logits[b, r]
+            sums["roi_cls"] += math.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[label]
+            sums["roi_n"] += 1
+            if s["positive"][b, r]:
+                sums["roi_reg"] += _smooth_l1_64(class_deltas[b, r, label] - s["deltas"][b, r], beta).sum()
+    assert sums["rpn_n"] > 0 and sums["roi_n"] > 0 and sums["rpn_reg"] > 0 and sums["roi_reg"] > 0
+    for name in GOLDEN:
+        stage, kind = name.split("_")[:2]
+        want = sums[f"{stage}_{kind}"] / sums[f"{stage}_n"]
+        np.testing.assert_allclose(want, GOLDEN[name], rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(float(out[name]), want, rtol=1e-5, err_msg=name)
+
+
 def test_images_without_boxes(tiny, loss_grads):
     _, variables = tiny
     targets = _targets()
