@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lucid_jax.compile_count import count_compiles
 from lucid_jax.train import build_optimizer, create_train_state, data_mesh, make_train_step, shard_batch
 from tests.models.conftest import random_images, tiny_detector
 from tests.test_train import make_batch
@@ -36,9 +37,10 @@ mesh = data_mesh()
 placed = shard_batch(batch, mesh)
 # the state as it comes (on one device): jit replicates it by its in_shardings
 sharded_step = make_train_step(model, mesh=mesh, donate=False)
-sharded_state, sharded = sharded_step(state, placed, rng)
-# a second step reuses the compiled program: the state it returned is already in place
-jax.block_until_ready(sharded_step(sharded_state, shard_batch(make_batch(22, batch=8), mesh), jax.random.key(4)))
+with count_compiles(sharded_step.jitted) as compiles:
+    sharded_state, sharded = sharded_step(state, placed, rng)
+    # a second step reuses the compiled program: the state it returned is already in place
+    jax.block_until_ready(sharded_step(sharded_state, shard_batch(make_batch(22, batch=8), mesh), jax.random.key(4)))
 
 images = placed["images"]
 leaves = jax.tree_util.tree_leaves(sharded_state.params) + jax.tree_util.tree_leaves(sharded_state.batch_stats)
@@ -58,7 +60,7 @@ print("RESULT " + json.dumps({
     "targets_sharded": all(len(placed[k].sharding.device_set) == 8 and placed[k].sharding.spec == PartitionSpec("data") for k in placed),
     "state_replicated": all(leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8 for leaf in leaves),
     "step": int(sharded_state.step),
-    "compiles": sharded_step.jitted._cache_size(),
+    "compiles": compiles.count,
 }))
 """
 

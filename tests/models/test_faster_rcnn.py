@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lucid_jax import state_dict
+from lucid_jax.compile_count import count_compiles
 from lucid_jax.models import faster_rcnn_resnet_101_fpn, get_model, list_models
 from tests.models.conftest import random_images, tiny_detector
 
@@ -111,10 +112,11 @@ def test_compiles_once_per_shape(tiny):
         traces.append(1)
         return model.apply(v, x, method="predict")
 
-    for seed in range(3):
-        jax.block_until_ready(fn(variables, random_images(10 + seed)))
+    with count_compiles(fn) as compiles:
+        for seed in range(3):
+            jax.block_until_ready(fn(variables, random_images(10 + seed)))
     assert len(traces) == 1
-    assert fn._cache_size() == 1
+    assert compiles.count == 1
 
 
 def _large_heads(variables, seed=0):

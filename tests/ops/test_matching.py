@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lucid_jax.compile_count import count_compiles
 from lucid_jax.ops.matching import MatchLabel, match_boxes
 from tests.ops.conftest import TV_REASON, random_boxes, ref_box_iou
 
@@ -176,15 +177,16 @@ def test_jit_compiles_once_and_vmaps():
         traces.append(1)  # runs only while tracing
         return jax.vmap(lambda *a: match_boxes(*a, **RPN))(iou, gv, cv)
 
-    for seed in range(3):
-        cases = [_case(10 * seed + i, 5, 120) for i in range(2)]
-        out = run(*(np.stack(c) for c in zip(*cases)))
-        for i, case in enumerate(cases):
-            for got, want in zip(out, ref_match(*case, **RPN)):
-                np.testing.assert_array_equal(got[i], want)
-    assert len(traces) == 1 and run._cache_size() == 1
-    run(*(np.stack(c) for c in zip(*[_case(0, 5, 121)] * 2)))  # a new shape: the counter is live
-    assert len(traces) == 2
+    with count_compiles(run) as compiles:
+        for seed in range(3):
+            cases = [_case(10 * seed + i, 5, 120) for i in range(2)]
+            out = run(*(np.stack(c) for c in zip(*cases)))
+            for i, case in enumerate(cases):
+                for got, want in zip(out, ref_match(*case, **RPN)):
+                    np.testing.assert_array_equal(got[i], want)
+        assert len(traces) == 1 and compiles.count == 1
+        run(*(np.stack(c) for c in zip(*[_case(0, 5, 121)] * 2)))  # a new shape: the counter is live
+    assert len(traces) == 2 and compiles.count == 2
 
 
 def test_export_for_cpu_cuda_tpu():

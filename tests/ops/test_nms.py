@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from lucid_jax.compile_count import count_compiles
 from lucid_jax.ops import batched_nms, nms
 from tests.ops.conftest import clustered_boxes, random_boxes, ref_box_iou, ref_nms
 
@@ -225,12 +226,13 @@ def test_jitted_nms_compiles_once_per_shape():
         traces.append(1)  # runs only while tracing
         return jnms(boxes, scores, 0.5, 50)
 
-    for seed in range(3):
-        boxes, scores = _case("random", seed, 200)
-        assert _kept(*run(boxes, scores)) == ref_nms(boxes, scores, 0.5)[:50]
-    assert len(traces) == 1 and run._cache_size() == 1
-    run(*_case("random", 0, 201))  # a new shape does compile again: the counter is live
-    assert len(traces) == 2
+    with count_compiles(run) as compiles:
+        for seed in range(3):
+            boxes, scores = _case("random", seed, 200)
+            assert _kept(*run(boxes, scores)) == ref_nms(boxes, scores, 0.5)[:50]
+        assert len(traces) == 1 and compiles.count == 1
+        run(*_case("random", 0, 201))  # a new shape does compile again: the counter is live
+    assert len(traces) == 2 and compiles.count == 2
 
 
 @pytest.mark.parametrize("batched", [False, True])

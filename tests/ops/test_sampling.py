@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lucid_jax.compile_count import count_compiles
 from lucid_jax.ops.matching import MatchLabel
 from lucid_jax.ops.sampling import sample_balanced, sample_balanced_indices
 
@@ -127,14 +128,15 @@ def test_jit_compiles_once_for_new_data():
         traces.append(1)  # runs only while tracing
         return sample_balanced(labels, key, **ROI), sample_balanced_indices(labels, key, **ROI)
 
-    for seed in range(4):
-        labels, key = _labels(seed, 10 * seed, 100), jax.random.key(seed)
-        (positive, negative), (indices, valid) = run(labels, key)
-        assert int(positive.sum()) == ref_counts(labels, **ROI)[0]
-        np.testing.assert_array_equal(np.sort(indices[valid]), np.flatnonzero(positive | negative))
-    assert len(traces) == 1 and run._cache_size() == 1
-    run(_labels(0, 5, 5, n=N + 1), jax.random.key(0))  # a new shape: the counter is live
-    assert len(traces) == 2
+    with count_compiles(run) as compiles:
+        for seed in range(4):
+            labels, key = _labels(seed, 10 * seed, 100), jax.random.key(seed)
+            (positive, negative), (indices, valid) = run(labels, key)
+            assert int(positive.sum()) == ref_counts(labels, **ROI)[0]
+            np.testing.assert_array_equal(np.sort(indices[valid]), np.flatnonzero(positive | negative))
+        assert len(traces) == 1 and compiles.count == 1
+        run(_labels(0, 5, 5, n=N + 1), jax.random.key(0))  # a new shape: the counter is live
+    assert len(traces) == 2 and compiles.count == 2
 
 
 @pytest.mark.parametrize("fn", [sample_balanced, sample_balanced_indices])
