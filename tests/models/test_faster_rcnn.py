@@ -171,7 +171,7 @@ def _pairwise_iou(a, b):
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), -1)
-    area = lambda z: np.prod(z[:, 2:] - z[:, :2], -1)  # noqa: E731
+    area = lambda z: np.prod(z[:, 2:] - z[:, :2], -1)
     return inter / (area(a)[:, None] + area(b)[None] - inter)
 
 

@@ -22,11 +22,12 @@ REFERENCE = os.path.join(os.path.dirname(__file__), "..", "data", "lucid_state_d
 
 def _reference_keys():
     out = {}
-    for line in open(REFERENCE):
-        if line.startswith("#") or not line.strip():
-            continue
-        key, shape = line.rstrip("\n").split("\t")
-        out[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
+    with open(REFERENCE) as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            key, shape = line.rstrip("\n").split("\t")
+            out[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
     return out
 
 

@@ -539,11 +539,10 @@ def test_golden_losses_from_a_float64_recomputation(tiny, monkeypatch):
     """The golden losses again, from the model's own logits, deltas and sampled targets,
     summed and normalised in a float64 NumPy loop instead of losses.py."""
     model, variables = tiny
-    seen = {}
     for name in ("rpn_loss_terms", "roi_loss_terms"):
         original = getattr(L, name)
         # keep each stage's inputs next to its terms; combine passes them back out below
-        keep = lambda *a, _f=original: {**_f(*a), "inputs": a[:3]}  # noqa: E731
+        keep = lambda *a, _f=original: {**_f(*a), "inputs": a[:3]}
         monkeypatch.setattr(L, name, keep)
     combine = L.combine
     monkeypatch.setattr(L, "combine", lambda r, o: {**combine(r, o), "rpn": r["inputs"], "roi": o["inputs"]})
@@ -553,7 +552,7 @@ def test_golden_losses_from_a_float64_recomputation(tiny, monkeypatch):
     beta = model.smooth_l1_beta
     objectness, deltas, t = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), out["rpn"])
     cls_logits, class_deltas, s = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), out["roi"])
-    sums = dict(rpn_cls=0.0, rpn_reg=0.0, rpn_n=0, roi_cls=0.0, roi_reg=0.0, roi_n=0)
+    sums = {"rpn_cls": 0.0, "rpn_reg": 0.0, "rpn_n": 0, "roi_cls": 0.0, "roi_reg": 0.0, "roi_n": 0}
     for b in range(objectness.shape[0]):
         for a in range(objectness.shape[1]):
             if t["positive"][b, a] or t["negative"][b, a]:
@@ -571,10 +570,10 @@ def test_golden_losses_from_a_float64_recomputation(tiny, monkeypatch):
             if s["positive"][b, r]:
                 sums["roi_reg"] += _smooth_l1_64(class_deltas[b, r, label] - s["deltas"][b, r], beta).sum()
     assert sums["rpn_n"] > 0 and sums["roi_n"] > 0 and sums["rpn_reg"] > 0 and sums["roi_reg"] > 0
-    for name in GOLDEN:
+    for name, golden in GOLDEN.items():
         stage, kind = name.split("_")[:2]
         want = sums[f"{stage}_{kind}"] / sums[f"{stage}_n"]
-        np.testing.assert_allclose(want, GOLDEN[name], rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(want, golden, rtol=1e-4, err_msg=name)
         np.testing.assert_allclose(float(out[name]), want, rtol=1e-5, err_msg=name)
 
 
