@@ -17,6 +17,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from lucid_jax.ops.checks import check_dtype, check_shape
+
 # Largest log-scale change allowed when decoding: a box may grow at most 1000/16
 # times per side, which keeps exp() finite for wild early-training deltas.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -25,10 +27,9 @@ BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 def _check_boxes(fn: str, name: str, boxes, rank: int | None = None) -> None:
     shape = np.shape(boxes)
     expected = "[N, 4]" if rank == 2 else "[..., 4]"
-    if (rank is not None and len(shape) != rank) or len(shape) < 1 or shape[-1] != 4:
-        raise ValueError(f"{fn}: {name} must have shape {expected}, got {tuple(shape)}")
-    if not jnp.issubdtype(jnp.result_type(boxes), jnp.floating):
-        raise TypeError(f"{fn}: {name} must be a floating-point array, got dtype {jnp.result_type(boxes)}")
+    ok = (rank is None or len(shape) == rank) and len(shape) >= 1 and shape[-1] == 4
+    check_shape(fn, name, boxes, expected, ok)
+    check_dtype(fn, name, boxes, "floating")
 
 
 def _check_weights(fn: str, weights) -> tuple[float, float, float, float]:
