@@ -41,7 +41,7 @@ from lucid_jax.manifest import (
     verify_checkpoint,
     write_manifest,
 )
-from lucid_jax.state_dict import export_inference_weights
+from lucid_jax.state_dict import export_inference_weights  # noqa: F401
 
 _STATE, _META = "state", "meta"
 _LIST_LIMIT = 3  # keys named per kind of problem, so an error stays one line
