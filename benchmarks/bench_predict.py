@@ -38,6 +38,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as C  # noqa: E402
+import _profile as P  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -221,9 +222,9 @@ def main(argv=None):
     print(f"\ndetections kept (random weights): ours {n_ours}, torchvision {n_tv}")
 
     if args.profile:
-        op_times, wall = C.trace_op_times(ours["predict"], args.profile_steps,
+        op_times, wall = P.trace_op_times(ours["predict"], args.profile_steps,
                                           tempfile.mkdtemp(prefix="bench_predict_trace_"))
-        rows, kinds, top = C.op_breakdown(compiled_text, op_times)
+        rows, kinds, top = P.op_breakdown(compiled_text, op_times)
         busy = sum(op_times.values())
         print(f"\n## Profile of our predict (jax.profiler, {args.profile_steps} call(s), wall {wall:.3f} s/call, "
               f"op busy time {busy:.3f} s/call)")
@@ -232,7 +233,7 @@ def main(argv=None):
         print()
         C.print_table([(k, f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}")
                        for k, s in sorted(kinds.items(), key=lambda kv: -kv[1])], ["kind", "ms/call", "%"])
-        C.profile_torch(tv["run"], "torchvision's top ops over one call")
+        P.profile_torch(tv["run"], "torchvision's top ops over one call")
     return {name: C.median(t) for name, t in times.items()}
 
 

@@ -48,6 +48,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as C  # noqa: E402
+import _profile as P  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -185,8 +186,8 @@ def run_child_side(args):
 
 def profile_ours(ours, compiled_text, steps):
     """Print where our step's time goes."""
-    op_times, wall = C.trace_op_times(ours["run"], steps, tempfile.mkdtemp(prefix="bench_train_trace_"))
-    rows, kinds, top = C.op_breakdown(compiled_text, op_times)
+    op_times, wall = P.trace_op_times(ours["run"], steps, tempfile.mkdtemp(prefix="bench_train_trace_"))
+    rows, kinds, top = P.op_breakdown(compiled_text, op_times)
     busy = sum(op_times.values())
     print(f"\n## Profile of our step (jax.profiler, {steps} step(s), wall {wall:.2f} s/step, "
           f"op busy time {busy:.2f} s/step; ops on the two threads overlap, so busy > wall)")
@@ -310,7 +311,7 @@ def main(argv=None):
 
     if args.profile:
         profile_ours(ours, compiled_text, args.profile_steps)
-        C.profile_torch(tv["run"], "torchvision's top ops over one step")
+        P.profile_torch(tv["run"], "torchvision's top ops over one step")
     return {"ours_s": ours_med, "torchvision_s": tv_med, "ratio": ours_med / tv_med}
 
 

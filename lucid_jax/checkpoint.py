@@ -7,7 +7,8 @@ caller's metadata). Orbax writes a step into ``<step>.orbax-checkpoint-tmp`` and
 renames it when complete, so a killed save never shows up as a step.
 
 Orbax does not checksum tensor files, so after orbax has committed a step we add
-``lucid_manifest.json`` (size and sha256 of every file in the step directory).
+``lucid_manifest.json`` (size and sha256 of every file in the step directory;
+see :mod:`lucid_jax.manifest`).
 The manifest is the seal: ``latest_step`` only counts sealed steps, and
 ``restore`` verifies every file before reading any of them. A step orbax
 committed but we never sealed (the process died between the two) is skipped,
@@ -19,7 +20,6 @@ metric. Orbax's legacy ``max_to_keep`` + ``best_fn`` would instead keep only the
 N best and may delete the newest step, which a resume needs.
 """
 
-import hashlib
 import json
 import logging
 from typing import Any, Mapping
@@ -31,81 +31,21 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
-from lucid_jax import state_dict as state_dict_lib
+# The manifest and the weight export live in their own modules; their names are
+# re-exported here, where they were first.
+from lucid_jax.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    CheckpointError,
+    check_format,
+    verify_checkpoint,
+    write_manifest,
+)
+from lucid_jax.state_dict import export_inference_weights  # noqa: F401
 
-MANIFEST_NAME = "lucid_manifest.json"
-FORMAT_VERSION = 1
 _STATE, _META = "state", "meta"
 _LIST_LIMIT = 3  # keys named per kind of problem, so an error stays one line
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, corrupt, unsealed or does not fit the model."""
-
-
-def _sha256(path: epath.Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(step_dir: epath.Path) -> dict[str, epath.Path]:
-    """Relative posix name -> path of every file in a step directory but the manifest."""
-    found, pending = {}, [step_dir]
-    while pending:  # epath has no recursive glob (it would be slow on GCS)
-        for path in pending.pop().iterdir():
-            rel = path.relative_to(step_dir).as_posix()
-            if path.is_dir():
-                pending.append(path)
-            elif rel != MANIFEST_NAME:
-                found[rel] = path
-    return found
-
-
-def write_manifest(step_dir) -> None:
-    """Seal a committed step: write size and sha256 of each of its files."""
-    step_dir = epath.Path(step_dir)
-    files = {rel: {"size": p.stat().length, "sha256": _sha256(p)} for rel, p in sorted(_files(step_dir).items())}
-    tmp = step_dir / (MANIFEST_NAME + ".tmp")
-    tmp.write_text(json.dumps({"format": FORMAT_VERSION, "files": files}, indent=1))
-    tmp.rename(step_dir / MANIFEST_NAME)  # atomic on POSIX: a manifest is whole or absent
-
-
-def verify_checkpoint(step_dir) -> None:
-    """Check every file of a step directory against its manifest.
-
-    Raises:
-      CheckpointError: naming the directory and the first problems found (no
-        manifest, a missing, truncated or modified file).
-    """
-    step_dir = epath.Path(step_dir)
-    manifest_path = step_dir / MANIFEST_NAME
-    if not manifest_path.exists():
-        raise CheckpointError(
-            f"checkpoint {step_dir} has no {MANIFEST_NAME}: the save was interrupted before it was "
-            "sealed, or the manifest was deleted; this checkpoint cannot be trusted"
-        )
-    try:
-        expected = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {step_dir}: {MANIFEST_NAME} is unreadable ({e})") from e
-    present = _files(step_dir)
-    problems = []
-    for rel, want in expected.items():
-        if rel not in present:
-            problems.append(f"{rel} is missing")
-            continue
-        size = present[rel].stat().length
-        if size != want["size"]:
-            problems.append(f"{rel} has {size} bytes, expected {want['size']} (truncated or overwritten)")
-        elif _sha256(present[rel]) != want["sha256"]:
-            problems.append(f"{rel} is corrupted (sha256 mismatch)")
-    if problems:
-        more = f" (and {len(problems) - _LIST_LIMIT} more)" if len(problems) > _LIST_LIMIT else ""
-        raise CheckpointError(f"checkpoint {step_dir} is corrupt: " + "; ".join(problems[:_LIST_LIMIT]) + more)
 
 
 def _flat_shapes(tree, prefix: str = "") -> dict[str, tuple]:
@@ -344,6 +284,7 @@ class Checkpointer:
         step = self._checked_step(step)
         where = str(self.step_dir(step))
         meta = self._read_meta(step)
+        check_format(meta.get("format"), where)
         template_tree = _state_tree(state_template)
         try:
             saved = self._manager.item_metadata(step)[_STATE].tree
@@ -359,19 +300,3 @@ class Checkpointer:
         step_value = jnp.asarray(meta["step"], old_step.dtype) if hasattr(old_step, "dtype") else int(meta["step"])
         state = serialization.from_state_dict(state_template, {**restored[_STATE], "step": step_value})
         return state, _decode_rng(meta["rng"]), meta["metadata"]
-
-
-def export_inference_weights(variables: Mapping, path, *, model=None) -> dict[str, np.ndarray]:
-    """Write Lucid-named weights for inference (no optimizer state) to a file.
-
-    Args:
-      variables: {"params": ..., "batch_stats": ...}, e.g. from a ``TrainState``.
-      path: ``.safetensors`` or ``.npz``.
-      model: the detector, to write its own buffers (see ``state_dict.to_state_dict``).
-
-    Returns:
-      The flat state dict that was written.
-    """
-    flat = state_dict_lib.to_state_dict(variables, model=model)
-    state_dict_lib.save_state_dict_file(flat, path)
-    return flat

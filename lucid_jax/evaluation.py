@@ -37,6 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lucid_jax.data.boxes import iou_one_to_many
 from lucid_jax.data.coco import COCODataset
 from lucid_jax.data.coco_format import coco_ground_truth, coco_results, detection_list
 from lucid_jax.data.dataset import get_annotation
@@ -72,15 +73,6 @@ def _images(predictions, targets) -> list[tuple[dict, dict]]:
              "difficult": difficult[real]},
         ))
     return out
-
-
-def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of box [4] with boxes [N, 4] xyxy; [N]."""
-    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0.0, None)
-    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0.0, None)
-    inter = w * h
-    union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
@@ -128,7 +120,7 @@ def voc_pr_curve(images: list[tuple[dict, dict]], label: int, iou_threshold: flo
     for rank, j in enumerate(order):
         _, k, box = dets[j]
         boxes, difficult, matched = gts[k]
-        ious = _iou(box, boxes) if len(boxes) else np.zeros(0)
+        ious = iou_one_to_many(box, boxes) if len(boxes) else np.zeros(0)
         best = int(np.argmax(ious)) if len(ious) else -1
         if best >= 0 and ious[best] > iou_threshold:
             if difficult[best]:

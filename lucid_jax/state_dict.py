@@ -345,3 +345,19 @@ def save_state_dict_file(flat: Mapping[str, Any], path: str | os.PathLike) -> No
         np.savez(path, **arrays)
     else:
         raise StateDictError(f"unknown state dict format {ext!r} for {path}; use .lcd, .safetensors or .npz")
+
+
+def export_inference_weights(variables: Mapping, path, *, model=None) -> dict[str, np.ndarray]:
+    """Write Lucid-named weights for inference (no optimizer state) to a file.
+
+    Args:
+      variables: {"params": ..., "batch_stats": ...}, e.g. from a ``TrainState``.
+      path: ``.safetensors`` or ``.npz``.
+      model: the detector, to write its own buffers (see ``state_dict.to_state_dict``).
+
+    Returns:
+      The flat state dict that was written.
+    """
+    flat = to_state_dict(variables, model=model)
+    save_state_dict_file(flat, path)
+    return flat

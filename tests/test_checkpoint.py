@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from lucid_jax import state_dict
+from lucid_jax import checkpoint, manifest, state_dict
 from lucid_jax.checkpoint import MANIFEST_NAME, CheckpointError, Checkpointer, export_inference_weights
 from lucid_jax.train import create_train_state
 
@@ -190,6 +190,30 @@ def test_deleted_metadata_file_and_manifest_are_detected(tmp_path):
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         ckpt.restore(fresh_state())
     ckpt.close()
+
+
+def test_newer_format_is_refused_on_restore(tmp_path, monkeypatch):
+    # A checkpoint from a newer lucid_jax: both its manifest and its meta say format 2.
+    monkeypatch.setattr(manifest, "FORMAT_VERSION", 2)
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)
+    ckpt, _, _ = saved_once(tmp_path)
+    ckpt.close()
+    monkeypatch.undo()
+    with Checkpointer(tmp_path) as ckpt:
+        for restore in (lambda: ckpt.restore(fresh_state()), ckpt.restore_variables):
+            with pytest.raises(CheckpointError, match=r"format version 2, newer than version 1") as info:
+                restore()
+            assert str(tmp_path / "2") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_meta_format_is_checked_too(tmp_path, monkeypatch):
+    # Sealed by today's manifest, but the meta item claims a newer format.
+    monkeypatch.setattr(checkpoint, "FORMAT_VERSION", 2)
+    ckpt, _, _ = saved_once(tmp_path)
+    ckpt.close()
+    monkeypatch.undo()
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointError, match=r"format version 2, newer than version 1"):
+        ckpt.restore(fresh_state())
 
 
 def test_unfinished_and_unsealed_steps_are_ignored(tmp_path):

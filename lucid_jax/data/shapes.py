@@ -18,6 +18,7 @@ import dataclasses
 
 import numpy as np
 
+from lucid_jax.data.boxes import iou_one_to_many
 from lucid_jax.data.dataset import Annotation, Example, make_annotation, make_example
 
 CLASS_NAMES = ("rectangle", "ellipse", "triangle")
@@ -33,16 +34,6 @@ _PALETTE = np.array(
 )
 _BACKGROUND_GREY = (20, 90)  # uniform range of the background level
 _PLACEMENT_TRIES = 20
-
-
-def _iou(box, boxes) -> np.ndarray:
-    """IoU of one box [4] with boxes [N, 4]; [N]."""
-    w = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
-    h = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
-    inter = w * h
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / (area + areas - inter)
 
 
 def rasterize(kind: int, rng: np.random.Generator, x0: float, y0: float, x1: float, y1: float):
@@ -151,7 +142,7 @@ class ShapesDataset:
                 if not len(rows):
                     continue
                 box = np.array([col0 + cols[0], row0 + rows[0], col0 + cols[-1] + 1, row0 + rows[-1] + 1], np.float64)
-                if len(boxes) and _iou(box, boxes).max() > self.max_overlap:
+                if len(boxes) and iou_one_to_many(box, boxes).max() > self.max_overlap:
                     continue
                 colour = _PALETTE[int(rng.integers(len(_PALETTE)))]
                 objects.append((label, colour, mask, row0, col0, box))

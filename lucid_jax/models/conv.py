@@ -18,11 +18,12 @@ import jax
 import jax.numpy as jnp
 
 
-def _conv(x, w, strides, padding):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+def _conv(x, w, strides, padding, precision):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=precision)
 
 
-def _weight_grad_matmuls(x, dy, kernel_hw, strides, padding):
+def _weight_grad_matmuls(x, dy, kernel_hw, strides, padding, precision):
     """dW [kh, kw, Cin, Cout] from x [B, H, W, Cin] and dy [B, Ho, Wo, Cout]."""
     (pt, pb), (pl, pr) = padding
     xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))  # [B, H+pt+pb, W+pl+pr, Cin]
@@ -35,25 +36,25 @@ def _weight_grad_matmuls(x, dy, kernel_hw, strides, padding):
         for j in range(kernel_hw[1]):
             limit = (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, cin)
             xs = jax.lax.slice(xp, (0, i, j, 0), limit, (1, sh, sw, 1))  # [B, Ho, Wo, Cin]
-            taps.append(jnp.dot(xs.reshape(-1, cin).T, d))  # [Cin, Cout]
+            taps.append(jnp.dot(xs.reshape(-1, cin).T, d, precision=precision))  # [Cin, Cout]
     return jnp.stack(taps).reshape(kernel_hw[0], kernel_hw[1], cin, cout)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_with_matmul_wgrad(x, w, strides, padding):
-    return _conv(x, w, strides, padding)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_with_matmul_wgrad(x, w, strides, padding, precision):
+    return _conv(x, w, strides, padding, precision)
 
 
-def _fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
+def _fwd(x, w, strides, padding, precision):
+    return _conv(x, w, strides, padding, precision), (x, w)
 
 
-def _bwd(strides, padding, residuals, dy):
+def _bwd(strides, padding, precision, residuals, dy):
     x, w = residuals
-    dx = jax.vjp(lambda x: _conv(x, w, strides, padding), x)[1](dy)[0]
+    dx = jax.vjp(lambda x: _conv(x, w, strides, padding, precision), x)[1](dy)[0]
     dw = jax.lax.platform_dependent(
-        cpu=lambda: _weight_grad_matmuls(x, dy, w.shape[:2], strides, padding).astype(w.dtype),
-        default=lambda: jax.vjp(lambda w: _conv(x, w, strides, padding), w)[1](dy)[0],
+        cpu=lambda: _weight_grad_matmuls(x, dy, w.shape[:2], strides, padding, precision).astype(w.dtype),
+        default=lambda: jax.vjp(lambda w: _conv(x, w, strides, padding, precision), w)[1](dy)[0],
     )
     return dx, dw
 
@@ -62,16 +63,24 @@ _conv_with_matmul_wgrad.defvjp(_fwd, _bwd)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **_):
-    """The ``conv_general_dilated`` flax's ``nn.Conv`` calls, for plain NHWC convolutions."""
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """The ``conv_general_dilated`` flax's ``nn.Conv`` calls, for plain NHWC convolutions.
+
+    ``precision`` applies to the forward pass and to both gradients, the matmul
+    weight gradient included. Any other keyword of ``jax.lax.conv_general_dilated``
+    (``preferred_element_type``, ``batch_group_count``) takes XLA's own convolution,
+    gradients and all, so that it is honoured; an unknown keyword is a TypeError.
+    """
     plain = (feature_group_count == 1 and all(d == 1 for d in (lhs_dilation or (1, 1)))
-             and all(d == 1 for d in (rhs_dilation or (1, 1))))
+             and all(d == 1 for d in (rhs_dilation or (1, 1))) and not kwargs)
     if not plain or lhs.ndim != 4:
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                            dimension_numbers, feature_group_count, precision=precision)
+                                            dimension_numbers, feature_group_count, precision=precision, **kwargs)
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    return _conv_with_matmul_wgrad(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding))
+    if isinstance(precision, list):
+        precision = tuple(precision)  # a static argument of the custom VJP must be hashable
+    return _conv_with_matmul_wgrad(lhs, rhs, tuple(window_strides), tuple(tuple(p) for p in padding), precision)
 
 
 Conv = partial(nn.Conv, conv_general_dilated=conv_general_dilated)

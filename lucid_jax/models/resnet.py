@@ -234,6 +234,3 @@ class ResNet(nn.Module):
         pooled = jnp.mean(c5, axis=(1, 2))  # [B, 4*w4]
         return self.fc(pooled).astype(jnp.float32)
 
-
-ResNet50 = partial(ResNet, stage_sizes=(3, 4, 6, 3))
-ResNet101 = partial(ResNet, stage_sizes=(3, 4, 23, 3))

@@ -17,6 +17,8 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
+from lucid_jax.ops.checks import check_dtype, check_shape
+
 # Largest log-scale change allowed when decoding: a box may grow at most 1000/16
 # times per side, which keeps exp() finite for wild early-training deltas.
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -25,10 +27,9 @@ BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 def _check_boxes(fn: str, name: str, boxes, rank: int | None = None) -> None:
     shape = np.shape(boxes)
     expected = "[N, 4]" if rank == 2 else "[..., 4]"
-    if (rank is not None and len(shape) != rank) or len(shape) < 1 or shape[-1] != 4:
-        raise ValueError(f"{fn}: {name} must have shape {expected}, got {tuple(shape)}")
-    if not jnp.issubdtype(jnp.result_type(boxes), jnp.floating):
-        raise TypeError(f"{fn}: {name} must be a floating-point array, got dtype {jnp.result_type(boxes)}")
+    ok = (rank is None or len(shape) == rank) and len(shape) >= 1 and shape[-1] == 4
+    check_shape(fn, name, boxes, expected, ok)
+    check_dtype(fn, name, boxes, "floating")
 
 
 def _check_weights(fn: str, weights) -> tuple[float, float, float, float]:
@@ -50,6 +51,30 @@ def box_area(boxes):
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
+def box_inter_union(coords1, area1, coords2, area2):
+    """Intersection and union areas of boxes given as coordinate columns.
+
+    The one place the overlap arithmetic is written: :func:`box_iou` passes rows of
+    ``[N, 4]`` boxes, NMS passes the columns of its ``[5, T]`` tiles.
+
+    Args:
+      coords1: (x1, y1, x2, y2), four arrays that broadcast against those of
+        ``coords2``, e.g. [N, 1] each.
+      area1: the areas of the first boxes, broadcasting the same way, e.g. [N, 1].
+      coords2: (x1, y1, x2, y2), e.g. [1, M] each.
+      area2: e.g. [1, M].
+
+    Returns:
+      (inter, union), each of the broadcast shape, e.g. [N, M].
+    """
+    x1a, y1a, x2a, y2a = coords1
+    x1b, y1b, x2b, y2b = coords2
+    w = jnp.maximum(jnp.minimum(x2a, x2b) - jnp.maximum(x1a, x1b), 0)  # [N, M]
+    h = jnp.maximum(jnp.minimum(y2a, y2b) - jnp.maximum(y1a, y1b), 0)  # [N, M]
+    inter = w * h
+    return inter, area1 + area2 - inter
+
+
 def box_iou(boxes1, boxes2):
     """Pairwise intersection over union.
 
@@ -63,13 +88,10 @@ def box_iou(boxes1, boxes2):
     """
     _check_boxes("box_iou", "boxes1", boxes1, rank=2)
     _check_boxes("box_iou", "boxes2", boxes2, rank=2)
-    area1 = box_area(boxes1)  # [N]
-    area2 = box_area(boxes2)  # [M]
-    lt = jnp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # [N, M, 2]
-    rb = jnp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])  # [N, M, 2]
-    wh = jnp.maximum(rb - lt, 0)  # [N, M, 2]
-    inter = wh[..., 0] * wh[..., 1]  # [N, M]
-    union = area1[:, None] + area2[None, :] - inter  # [N, M]
+    inter, union = box_inter_union(
+        tuple(boxes1[:, None, i] for i in range(4)), box_area(boxes1)[:, None],  # [N, 1]
+        tuple(boxes2[None, :, i] for i in range(4)), box_area(boxes2)[None, :],  # [1, M]
+    )  # [N, M]
     positive = union > 0
     # Divide by a safe value so that neither the value nor its gradient is NaN.
     return jnp.where(positive, inter / jnp.where(positive, union, 1), 0)

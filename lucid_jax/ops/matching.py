@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lucid_jax.ops.checks import check_dtype, check_length, check_shape
+
 
 class MatchLabel(enum.IntEnum):
     """Training label of a candidate; the values are the ones the samplers read."""
@@ -39,20 +41,14 @@ class MatchLabel(enum.IntEnum):
 
 def _check_inputs(fn, iou, gt_valid, candidate_valid, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches):
     shape = np.shape(iou)
-    if len(shape) != 2:
-        raise ValueError(f"{fn}: iou must have shape [G, N], got {tuple(shape)}")
-    if not jnp.issubdtype(jnp.result_type(iou), jnp.floating):
-        raise TypeError(f"{fn}: iou must be a floating-point array, got dtype {jnp.result_type(iou)}")
+    check_shape(fn, "iou", iou, "[G, N]", len(shape) == 2)
+    check_dtype(fn, "iou", iou, "floating")
     g, n = shape
     for name, arr, size, axis in (("gt_valid", gt_valid, g, "G"), ("candidate_valid", candidate_valid, n, "N")):
         if arr is None:
             continue
-        if np.shape(arr) != (size,):
-            raise ValueError(
-                f"{fn}: {name} must have shape [{axis}] = ({size},) to match iou, got {tuple(np.shape(arr))}"
-            )
-        if jnp.result_type(arr) != jnp.bool_:
-            raise TypeError(f"{fn}: {name} must be a bool array, got dtype {jnp.result_type(arr)}")
+        check_length(fn, name, arr, size, axis, "iou")
+        check_dtype(fn, name, arr, "bool")
     if not isinstance(allow_low_quality_matches, bool):
         raise TypeError(f"{fn}: allow_low_quality_matches must be a Python bool, got {allow_low_quality_matches!r}")
     for name, t in (("fg_iou_thresh", fg_iou_thresh), ("bg_iou_thresh", bg_iou_thresh)):

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lucid_jax.ops.checks import check_dtype, check_shape
+
 # torchvision's LevelMapper adds this after the log2, so that boxes exactly on a
 # level boundary (sqrt(area) = 112, 224, 448) land on the upper level despite an ulp
 # of error in log2.
@@ -159,11 +161,8 @@ def _pool(table, boxes, level, scales, shapes, output_size, sampling_ratio, alig
 def _check_array(fn, name, x, expected, rank, last=None):
     shape = tuple(np.shape(x))
     empty_map = rank == 3 and 0 in shape[:2]
-    if len(shape) != rank or (last is not None and shape[-1] != last) or empty_map:
-        raise ValueError(f"{fn}: {name} must have shape {expected}, got {shape}")
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        dtype = jnp.result_type(x)
-        raise TypeError(f"{fn}: {name} must be a floating-point array of shape {expected}, got dtype {dtype}")
+    check_shape(fn, name, x, expected, len(shape) == rank and (last is None or shape[-1] == last) and not empty_map)
+    check_dtype(fn, name, x, "floating", f" of shape {expected}")
 
 
 def _check_pooling(fn, output_size, sampling_ratio):

@@ -18,30 +18,19 @@ negatives, as the two sets are disjoint.
 """
 
 import numbers
-import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lucid_jax.ops.checks import check_dtype, check_shape, check_static_count
 from lucid_jax.ops.matching import MatchLabel
 
 
 def _check_inputs(fn, labels, num_samples, positive_fraction):
-    if np.ndim(labels) != 1:
-        raise ValueError(f"{fn}: labels must have shape [N], got {tuple(np.shape(labels))}")
-    if not jnp.issubdtype(jnp.result_type(labels), jnp.integer):
-        raise TypeError(
-            f"{fn}: labels must be an integer array of MatchLabel values, got dtype {jnp.result_type(labels)}"
-        )
-    try:
-        num_samples = operator.index(num_samples)
-    except TypeError:
-        raise TypeError(
-            f"{fn}: num_samples must be a Python int (it sets the output shape), got {num_samples!r}"
-        ) from None
-    if num_samples < 0:
-        raise ValueError(f"{fn}: num_samples must be >= 0, got {num_samples}")
+    check_shape(fn, "labels", labels, "[N]", np.ndim(labels) == 1)
+    check_dtype(fn, "labels", labels, "integer", " of MatchLabel values")
+    num_samples = check_static_count(fn, "num_samples", num_samples)
     if not isinstance(positive_fraction, numbers.Real) or not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"{fn}: positive_fraction must be a Python float in [0, 1], got {positive_fraction!r}")
     return num_samples

@@ -1,12 +1,13 @@
-"""Conv's matmul weight gradient equals XLA's convolution gradient (CPU path)."""
+"""Conv: its matmul weight gradient equals XLA's (CPU path), and it honours precision and extra keywords."""
 
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lucid_jax.models.conv import Conv
+from lucid_jax.models.conv import Conv, conv_general_dilated
 
 
 @pytest.mark.parametrize(
@@ -33,3 +34,37 @@ def test_export_keeps_xla_weight_gradient_for_gpu_and_tpu():
     fn = jax.jit(jax.grad(lambda v, x: jnp.sum(conv.apply(v, x) ** 2)))
     exported = jax.export.export(fn, platforms=("cpu", "cuda", "tpu"))(variables, x)
     assert set(exported.platforms) == {"cpu", "cuda", "tpu"}
+
+
+def _precisions(jaxpr) -> list:
+    """The precision of every convolution and matmul in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
+            found.append(eqn.params["precision"])
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _precisions(sub)
+    return found
+
+
+def test_precision_reaches_forward_and_both_gradients():
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 3))
+    ours = Conv(4, (3, 3), padding=((1, 1), (1, 1)), precision="highest")
+    variables = ours.init(jax.random.key(1), x)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda v, x: jnp.sum(ours.apply(v, x) ** 2), argnums=(0, 1)))(variables, x)
+    found = _precisions(jaxpr.jaxpr)
+    highest = jax.lax.Precision.HIGHEST
+    # forward, input gradient, and the weight gradient's CPU matmuls and XLA convolution
+    assert len(found) >= 4 and all(p == (highest, highest) for p in found), found
+
+
+def test_extra_keywords_take_xla_convolution():
+    x = jax.random.normal(jax.random.key(0), (1, 6, 6, 3), jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4), jnp.bfloat16)
+    dn = ("NHWC", "HWIO", "NHWC")
+    ours = conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, preferred_element_type=jnp.float32)
+    xla = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, preferred_element_type=jnp.float32)
+    assert ours.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(xla))
+    with pytest.raises(TypeError, match="no_such_option"):
+        conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=dn, no_such_option=True)
