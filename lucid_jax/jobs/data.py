@@ -1,7 +1,6 @@
 """The data a job reads: datasets from ``--data`` specs, what training will see, loaders."""
 
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 
