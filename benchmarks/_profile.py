@@ -178,7 +178,7 @@ def _component(op, funcs):
     if "ResNet.features" in fs:
         m = re.search(r"net\.features/(stem|layer\d)", op)
         return f"ResNet {m[1]}" if m else "ResNet max-pool"
-    if fs & {"rpn_loss_terms", "roi_loss_terms", "combine", "smooth_l1"}:
+    if fs & {"rpn_loss_terms", "roi_loss_terms", "batch_mean", "smooth_l1"}:
         return "losses"
     if "check_images" in fs:
         return "input NCHW->NHWC"

@@ -69,17 +69,18 @@ def torch_layout_shapes(variables: Mapping) -> dict[str, tuple]:
 
 
 def _buffers(model=None) -> dict[str, np.ndarray]:
-    """Lucid's derived buffers for a detector (default configuration if no model)."""
-    from lucid_jax.models.anchors import cell_anchors, octave_sizes
+    """Lucid's derived buffers of a detector: its RPN's first-level cell anchors and
+    its RoI heads' ``bbox_reg_stds`` (the default configuration's if no model)."""
+    from lucid_jax.models.anchors import cell_anchors
+    from lucid_jax.models.roi_heads import RoIHeads
+    from lucid_jax.models.rpn import RPN
 
-    sizes = getattr(model, "anchor_sizes", octave_sizes((32, 64, 128, 256)))
-    ratios = getattr(model, "aspect_ratios", (0.5, 1.0, 2.0))
-    rounded = getattr(model, "round_anchors", False)
-    stds = getattr(model, "bbox_reg_stds", (0.1, 0.1, 0.2, 0.2))
-    anchors = cell_anchors(sizes[0], ratios, rounded)
+    rpn = RPN() if model is None else model.rpn
+    roi_heads = RoIHeads() if model is None else model.roi_heads
+    anchors = cell_anchors(rpn.anchor_sizes[0], rpn.aspect_ratios, rpn.round_anchors)
     return {
         "bbox_reg_means": np.zeros(4, np.float32),
-        "bbox_reg_stds": np.asarray(stds, np.float32),
+        "bbox_reg_stds": np.asarray(roi_heads.bbox_reg_stds, np.float32),
         "anchor_generator.base_anchors": anchors,
         "rpn.anchor_generator.base_anchors": anchors.copy(),
     }
@@ -342,7 +343,7 @@ def save_state_dict_file(flat: Mapping[str, Any], path: str | os.PathLike) -> No
 
         save_file(arrays, path)
     elif ext == ".npz":
-        np.savez(path, **arrays)
+        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
     else:
         raise StateDictError(f"unknown state dict format {ext!r} for {path}; use .lcd, .safetensors or .npz")
 

@@ -125,6 +125,7 @@ def _file_to_model_names(flat: Mapping[str, Any], kind: str, detector: bool):
     apart: dict[str, list[str]] = {"stem_aliases": [], "buffers": [], "counters": []}
     names: dict[str, str | None] = {}
     prefix = "backbone.net." if detector else ""
+    name: str | None
     for key in flat:
         if key.endswith(".num_batches_tracked"):
             apart["counters"].append(key)
@@ -181,7 +182,9 @@ def load_pretrained(variables: Mapping, source, *, model=None) -> tuple[dict, In
     detector = sd.is_detector(variables)
     entries = sd.torch_layout_shapes(variables)  # model name -> shape in the file's (torch) layout
     names, apart = _file_to_model_names(flat, kind, detector)
-    loaded, skipped, mismatched = {}, {}, []
+    loaded: dict[str, str] = {}
+    skipped: dict[str, str] = {}
+    mismatched: list[str] = []
     for key, name in names.items():
         shape = tuple(np.shape(flat[key]))
         if name is None or name not in entries:

@@ -14,12 +14,16 @@ from lucid_jax.models.registry import (
     resnet_101,
 )
 from lucid_jax.models.resnet import ResNet
+from lucid_jax.models.roi_heads import RoIHeads
+from lucid_jax.models.rpn import RPN
 
 __all__ = [
     "FasterRCNN",
     "FPN",
     "ResNet",
     "ResNetFPN",
+    "RoIHeads",
+    "RPN",
     "TORCHVISION_FASTER_RCNN",
     "build_resnet_fpn_faster_rcnn",
     "faster_rcnn_mini_fpn",

@@ -40,12 +40,12 @@ def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], round_t
     Returns:
       [len(aspect_ratios) * len(sizes), 4] float32 xyxy.
     """
-    sizes = np.asarray(sizes, np.float32)
+    side = np.asarray(sizes, np.float32)
     ratios = np.asarray(aspect_ratios, np.float32)
     h_ratios = np.sqrt(ratios)
     w_ratios = 1.0 / h_ratios
-    ws = (w_ratios[:, None] * sizes[None, :]).reshape(-1)  # [A]
-    hs = (h_ratios[:, None] * sizes[None, :]).reshape(-1)  # [A]
+    ws = (w_ratios[:, None] * side[None, :]).reshape(-1)  # [A]
+    hs = (h_ratios[:, None] * side[None, :]).reshape(-1)  # [A]
     anchors = np.stack([-ws, -hs, ws, hs], axis=1) / 2
     if round_to_int:
         anchors = np.round(anchors)

@@ -58,10 +58,10 @@ class FPN(nn.Module):
             Conv(self.out_channels, (1, 1), dtype=self.dtype, name=f"lateral_convs.{i}")(f)
             for i, f in enumerate(features)
         ]
-        merged = [None] * n
-        merged[-1] = laterals[-1]
+        merged = [laterals[-1]]  # top-down, coarsest first
         for i in range(n - 2, -1, -1):
-            merged[i] = laterals[i] + upsample_nearest_2x(merged[i + 1])
+            merged.append(laterals[i] + upsample_nearest_2x(merged[-1]))
+        merged.reverse()
         outputs = [
             Conv(self.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name=f"output_convs.{i}")(m)
             for i, m in enumerate(merged)

@@ -93,3 +93,12 @@ def check_targets(targets, images) -> int:
     if not jnp.issubdtype(jnp.result_type(targets["labels"]), jnp.integer):
         raise TypeError(f'targets["labels"] must be integers, got {jnp.result_type(targets["labels"])}')
     return b
+
+
+def ground_truth(targets, images) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Checked, typed ground truth: boxes [B, M, 4] float32, labels [B, M] int32 and
+    valid [B, M] bool. An empty box has no regression target, so it counts as padding."""
+    check_targets(targets, images)
+    boxes = jnp.asarray(targets["boxes"], jnp.float32)
+    valid = jnp.asarray(targets["valid"], bool) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+    return boxes, jnp.asarray(targets["labels"], jnp.int32), valid

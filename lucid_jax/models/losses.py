@@ -1,6 +1,6 @@
 """The four Faster R-CNN losses (Ren et al., 2015, eq. 1), named as Lucid names them.
 
-Each per-image function returns (sum, count) pairs; the batch loss divides the
+Each per-image function returns (sum, count) pairs; ``batch_mean`` divides the
 summed sums by the summed counts, so a loss is an average over every sampled
 anchor or RoI of the batch, as torchvision computes it. The box losses are smooth
 L1 (Huber) with torchvision's beta of 1/9, summed over positives and divided by
@@ -69,15 +69,16 @@ def roi_loss_terms(cls_logits: jax.Array, class_deltas: jax.Array, targets: dict
     }
 
 
-def combine(rpn_terms: dict, roi_terms: dict) -> dict:
-    """Batch losses from per-image terms ([B] arrays): Lucid's names plus total_loss."""
-    rpn_n = jnp.maximum(jnp.sum(rpn_terms["count"]), 1.0)
-    roi_n = jnp.maximum(jnp.sum(roi_terms["count"]), 1.0)
-    losses = {
-        "rpn_cls_loss": jnp.sum(rpn_terms["cls"]) / rpn_n,
-        "rpn_reg_loss": jnp.sum(rpn_terms["reg"]) / rpn_n,
-        "roi_cls_loss": jnp.sum(roi_terms["cls"]) / roi_n,
-        "roi_reg_loss": jnp.sum(roi_terms["reg"]) / roi_n,
-    }
-    losses["total_loss"] = sum(losses[name] for name in LOSS_NAMES)
-    return losses
+def batch_mean(terms: dict, stage: str) -> dict:
+    """One stage's batch losses from its per-image terms ([B] arrays).
+
+    Each loss is the batch's summed loss divided by the batch's sampled count (at
+    least 1), named as Lucid names it: ``{stage}_cls_loss`` and ``{stage}_reg_loss``.
+    """
+    count = jnp.maximum(jnp.sum(terms["count"]), 1.0)
+    return {f"{stage}_cls_loss": jnp.sum(terms["cls"]) / count, f"{stage}_reg_loss": jnp.sum(terms["reg"]) / count}
+
+
+def total_loss(losses: dict) -> jax.Array:
+    """The sum of the four losses of ``LOSS_NAMES`` (Ren et al., eq. 1, with lambda = 1)."""
+    return sum(losses[name] for name in LOSS_NAMES)

@@ -8,6 +8,8 @@ from lucid_jax.models.anchors import octave_sizes
 from lucid_jax.models.faster_rcnn import FasterRCNN
 from lucid_jax.models.fpn import ResNetFPN
 from lucid_jax.models.resnet import ResNet
+from lucid_jax.models.roi_heads import RoIHeads
+from lucid_jax.models.rpn import RPN
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
 
@@ -26,6 +28,42 @@ TORCHVISION_FASTER_RCNN = dict(
     dropout_rate=0.0,
     norm_mode="frozen",
 )
+
+
+# The flat keywords of the builders (Lucid's and torchvision's names), and the
+# attribute of ``FasterRCNN.rpn`` or ``FasterRCNN.roi_heads`` each one sets.
+RPN_KEYWORDS = {
+    "anchor_sizes": "anchor_sizes",
+    "aspect_ratios": "aspect_ratios",
+    "round_anchors": "round_anchors",
+    "rpn_pre_nms_top_n": "pre_nms_top_n",
+    "rpn_post_nms_top_n": "post_nms_top_n",
+    "rpn_nms_thresh": "nms_thresh",
+    "rpn_min_size": "min_size",
+    "rpn_score_thresh": "score_thresh",
+    "rpn_fg_iou_thresh": "fg_iou_thresh",
+    "rpn_bg_iou_thresh": "bg_iou_thresh",
+    "rpn_batch_size_per_image": "batch_size_per_image",
+    "rpn_positive_fraction": "positive_fraction",
+    "smooth_l1_beta": "smooth_l1_beta",
+}
+ROI_HEADS_KEYWORDS = {
+    "roi_output_size": "output_size",
+    "roi_sampling_ratio": "sampling_ratio",
+    "roi_aligned": "aligned",
+    "representation_size": "representation_size",
+    "dropout_rate": "dropout_rate",
+    "bbox_reg_stds": "bbox_reg_stds",
+    "box_score_thresh": "score_thresh",
+    "box_nms_thresh": "nms_thresh",
+    "box_detections_per_img": "detections_per_img",
+    "box_min_size": "min_size",
+    "box_fg_iou_thresh": "fg_iou_thresh",
+    "box_bg_iou_thresh": "bg_iou_thresh",
+    "box_batch_size_per_image": "batch_size_per_image",
+    "box_positive_fraction": "positive_fraction",
+    "smooth_l1_beta": "smooth_l1_beta",
+}
 
 
 def register_model(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,10 +104,22 @@ def build_resnet_fpn_faster_rcnn(
 ) -> FasterRCNN:
     """A Faster R-CNN on any bottleneck ResNet depth (``stage_sizes``).
 
-    Backbone keywords are listed; every other keyword goes to ``FasterRCNN``.
+    Backbone keywords are listed; the others are the flat keywords of
+    ``RPN_KEYWORDS`` and ``ROI_HEADS_KEYWORDS``, which set the RPN's and the RoI
+    heads' attributes.
+
+    Raises:
+      TypeError: an unknown keyword; the message lists the known ones.
     """
-    if not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2 (background + at least one class), got {num_classes!r}")
+    unknown = sorted(set(kwargs) - set(RPN_KEYWORDS) - set(ROI_HEADS_KEYWORDS))
+    if unknown:
+        known = ", ".join(sorted({*RPN_KEYWORDS, *ROI_HEADS_KEYWORDS}))
+        raise TypeError(f"unknown detector keyword(s) {', '.join(unknown)}; known: {known}")
+    roi_heads = RoIHeads(
+        num_classes=num_classes,
+        dtype=dtype,
+        **{field: kwargs[flat] for flat, field in ROI_HEADS_KEYWORDS.items() if flat in kwargs},
+    )
     net = ResNet(
         stage_sizes=tuple(stage_sizes),
         num_classes=backbone_num_classes,
@@ -80,7 +130,11 @@ def build_resnet_fpn_faster_rcnn(
         dtype=dtype,
     )
     backbone = ResNetFPN(net=net, out_channels=fpn_channels, extra_p6=extra_p6, dtype=dtype)
-    return FasterRCNN(backbone=backbone, num_classes=num_classes, dtype=dtype, **kwargs)
+    rpn_kwargs = {field: kwargs[flat] for flat, field in RPN_KEYWORDS.items() if flat in kwargs}
+    for name in ("pre_nms_top_n", "post_nms_top_n"):
+        if name in rpn_kwargs:
+            rpn_kwargs[name] = tuple(rpn_kwargs[name])
+    return FasterRCNN(backbone=backbone, rpn=RPN(dtype=dtype, **rpn_kwargs), roi_heads=roi_heads)
 
 
 @register_model

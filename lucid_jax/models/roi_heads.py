@@ -1,10 +1,12 @@
-"""The Fast R-CNN box head (Girshick, ICCV 2015) on RoIAlign features (He et al.,
-"Mask R-CNN", 2017), and its inference post-processing.
+"""The second stage: Fast R-CNN's box head (Girshick, ICCV 2015) on RoIAlign features
+(He et al., "Mask R-CNN", 2017), its loss and its inference post-processing.
 
-The head is two fully connected layers (``fc1``, ``fc2``) then a classifier
-(``cls_score``, C outputs) and a per-class box regressor (``bbox_pred``, 4C
-outputs). Regression targets are normalised by ``bbox_reg_stds``, Lucid's buffer
-(torchvision's box-coder weights are their inverses).
+``RoIHeads`` pools each RoI from its FPN level, runs the box head, and either
+samples RoIs and computes the loss (training) or turns the head's outputs into
+detections. The head is two fully connected layers (``fc1``, ``fc2``) then a
+classifier (``cls_score``, C outputs) and a per-class box regressor (``bbox_pred``,
+4C outputs). Regression targets are normalised by ``bbox_reg_stds``, Lucid's
+buffer (torchvision's box-coder weights are their inverses).
 """
 
 from typing import Any, Sequence
@@ -14,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from lucid_jax import ops
+from lucid_jax.models import losses as L
+from lucid_jax.models.targets import roi_targets
 
 
 class RoIBoxHead(nn.Module):
@@ -66,7 +70,7 @@ def postprocess_detections(
     proposal_valid: jax.Array,
     image_size: jax.Array,
     *,
-    bbox_reg_stds: Sequence[float],
+    weights: Sequence[float],
     score_thresh: float,
     nms_thresh: float,
     max_detections: int,
@@ -83,13 +87,13 @@ def postprocess_detections(
       proposals: [R, 4] xyxy.
       proposal_valid: [R] bool.
       image_size: [2] (height, width) to clip to.
+      weights: the box coder's weights, ``RoIHeads.box_coder_weights``.
 
     Returns:
       {"boxes": [K, 4], "scores": [K], "labels": [K] int32, "valid": [K] bool},
       K = max_detections, sorted by decreasing score, zeros where not valid.
     """
     r, c = cls_logits.shape
-    weights = tuple(1.0 / s for s in bbox_reg_stds)
     probs = jax.nn.softmax(cls_logits, axis=-1)  # [R, C]
     boxes = ops.decode_boxes(class_deltas, jnp.broadcast_to(proposals[:, None, :], (r, c, 4)), weights)  # [R, C, 4]
     boxes = ops.clip_boxes(boxes, image_size)
@@ -105,3 +109,150 @@ def postprocess_detections(
         "labels": jnp.where(keep_valid, labels[keep], 0),
         "valid": keep_valid,
     }
+
+
+class RoIHeads(nn.Module):
+    """Pooling, the box head, RoI sampling and its loss, and detections.
+
+    The box head's layers (``fc1``, ``fc2``, ``cls_score``, ``bbox_pred``) sit in
+    this module's scope, which ``FasterRCNN`` shares, so they stay at the top of
+    the tree where Lucid's state dict has them.
+
+    Attributes:
+      num_classes: C, background included (class 0).
+      output_size, sampling_ratio, aligned: RoIAlign settings.
+      representation_size, dropout_rate: box head width and dropout.
+      bbox_reg_stds: the delta normalisation (Lucid's buffer).
+      score_thresh, nms_thresh, detections_per_img, min_size: ``postprocess``
+        defaults.
+      fg_iou_thresh, bg_iou_thresh, batch_size_per_image, positive_fraction: RoI
+        labelling and sampling for the loss.
+      smooth_l1_beta: the box loss's Huber transition point.
+      dtype: computation dtype of the head.
+    """
+
+    num_classes: int = 21
+    output_size: int = 7
+    sampling_ratio: int = 2
+    aligned: bool = True
+    representation_size: int = 1024
+    dropout_rate: float = 0.5
+    bbox_reg_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2)
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    min_size: float = 1e-2
+    fg_iou_thresh: float = 0.5
+    bg_iou_thresh: float = 0.5
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    smooth_l1_beta: float = 1.0 / 9
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
+            raise ValueError(f"num_classes must be an int >= 2 (background + at least one class), got {self.num_classes!r}")
+        super().__post_init__()
+
+    @property
+    def box_coder_weights(self) -> tuple[float, ...]:
+        """torchvision's box-coder weights: the inverses of ``bbox_reg_stds``."""
+        return tuple(1.0 / s for s in self.bbox_reg_stds)
+
+    def setup(self):
+        self.box_head = RoIBoxHead(self.num_classes, self.representation_size, self.dropout_rate, dtype=self.dtype)
+        nn.share_scope(self, self.box_head)
+
+    def __call__(self, features: Sequence[jax.Array], rois: jax.Array, strides: Sequence[int], train: bool = False):
+        """Pool each RoI from its level and run the box head.
+
+        Args:
+          features: per level, [B, H_l, W_l, C]; the first ``len(strides)`` are pooled.
+          rois: [B, R, 4] xyxy canvas pixels.
+          strides: the pooled levels' strides (the backbone's ``roi_strides``).
+          train: dropout (rng "dropout").
+
+        Returns:
+          cls_logits [B, R, C] and class_deltas [B, R, C, 4] in units of ``bbox_reg_stds``.
+        """
+        pool = lambda f, boxes: ops.multiscale_roi_align(  # noqa: E731
+            f, boxes, output_size=self.output_size, sampling_ratio=self.sampling_ratio, aligned=self.aligned,
+            strides=tuple(strides),
+        )
+        roi_features = jax.vmap(pool)(list(features[: len(strides)]), rois)  # [B, R, S, S, C]
+        return self.box_head(roi_features, train)
+
+    def loss(
+        self,
+        features: Sequence[jax.Array],
+        strides: Sequence[int],
+        proposals: jax.Array,
+        proposal_valid: jax.Array,
+        gt_boxes: jax.Array,
+        gt_labels: jax.Array,
+        gt_valid: jax.Array,
+        keys: jax.Array,
+    ) -> dict:
+        """Sample RoIs among the proposals and ground truth, and the box head's losses.
+
+        Args:
+          features, strides: as for ``__call__``.
+          proposals: [B, P, 4] (no gradient flows back through them);
+            proposal_valid: [B, P] bool.
+          gt_boxes: [B, M, 4]; gt_labels: [B, M] int32 in 1..C-1; gt_valid: [B, M].
+          keys: [B] PRNG keys of the RoI sampler, one per image.
+
+        Returns:
+          {"roi_cls_loss", "roi_reg_loss"}: float32 scalars, averaged over the
+          batch's sampled RoIs.
+        """
+        match_and_sample = lambda props, pvalid, boxes, labels, valid, key: roi_targets(  # noqa: E731
+            props,
+            pvalid,
+            boxes,
+            labels,
+            valid,
+            key,
+            fg_iou_thresh=self.fg_iou_thresh,
+            bg_iou_thresh=self.bg_iou_thresh,
+            num_samples=self.batch_size_per_image,
+            positive_fraction=self.positive_fraction,
+            weights=self.box_coder_weights,
+        )
+        sampled = jax.vmap(match_and_sample)(proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, keys)
+        cls_logits, class_deltas = self(features, jax.lax.stop_gradient(sampled["rois"]), strides, train=True)
+        terms = jax.vmap(lambda c, d, t: L.roi_loss_terms(c, d, t, self.smooth_l1_beta))(
+            cls_logits, class_deltas, sampled
+        )
+        return L.batch_mean(terms, "roi")
+
+    def postprocess(
+        self,
+        cls_logits: jax.Array,
+        class_deltas: jax.Array,
+        proposals: jax.Array,
+        proposal_valid: jax.Array,
+        image_sizes: jax.Array,
+        score_thresh: float | None = None,
+        nms_thresh: float | None = None,
+        max_detections: int | None = None,
+    ) -> dict:
+        """Detections for a batch (``postprocess_detections`` per image); the
+        thresholds default to this module's attributes.
+
+        Returns:
+          {"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K], "valid": [B, K]}.
+        """
+        detect = lambda logits, deltas, props, valid, size: postprocess_detections(  # noqa: E731
+            logits,
+            deltas,
+            props,
+            valid,
+            size,
+            weights=self.box_coder_weights,
+            score_thresh=self.score_thresh if score_thresh is None else score_thresh,
+            nms_thresh=self.nms_thresh if nms_thresh is None else nms_thresh,
+            max_detections=self.detections_per_img if max_detections is None else max_detections,
+            min_size=self.min_size,
+        )
+        return jax.vmap(detect)(cls_logits, class_deltas, proposals, proposal_valid, image_sizes)

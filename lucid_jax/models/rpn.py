@@ -1,9 +1,11 @@
 """Region Proposal Network (Ren et al., "Faster R-CNN", NeurIPS 2015, section 3.1)
-shared across FPN levels (Lin et al., 2017, section 4.1).
+shared across FPN levels (Lin et al., 2017, section 4.1), and its loss.
 
 One head (a 3x3 conv, then 1x1 objectness and box-delta convs) runs on every
 level. Proposals are chosen with static shapes: top-k per level, decode, clip, a
-small-box mask, then NMS batched over levels, padded to ``post_nms_top_n``.
+small-box mask, then NMS batched over levels, padded to ``post_nms_top_n``. In
+training, anchors are matched to the ground truth and sampled (``rpn_targets``),
+and the objectness and box losses are averaged over the sampled anchors.
 """
 
 from typing import Any, Sequence
@@ -13,8 +15,10 @@ import jax
 import jax.numpy as jnp
 
 from lucid_jax import ops
-from lucid_jax.models.anchors import cell_anchors, grid_anchors, level_stride
+from lucid_jax.models import losses as L
+from lucid_jax.models.anchors import cell_anchors, grid_anchors, level_stride, octave_sizes
 from lucid_jax.models.conv import Conv
+from lucid_jax.models.targets import rpn_targets
 
 
 class RPNHead(nn.Module):
@@ -68,18 +72,17 @@ def select_proposals(
       boxes [P, 4], probabilities [P] (0 where invalid), valid [P] bool, with
       P = post_nms_top_n, sorted by decreasing probability.
     """
-    boxes, logits, levels = [], [], []
+    level_boxes, logits, levels = [], [], []
     for level, (o, d, a) in enumerate(zip(objectness, deltas, anchors)):
         k = min(pre_nms_top_n, o.shape[0])
         top, idx = jax.lax.top_k(o, k)  # [k], [k]
-        boxes.append(ops.decode_boxes(d[idx], a[idx]))  # [k, 4]
+        level_boxes.append(ops.decode_boxes(d[idx], a[idx]))  # [k, 4]
         logits.append(top)
         levels.append(jnp.full((k,), level, jnp.int32))
-    boxes = ops.clip_boxes(jnp.concatenate(boxes), image_size)  # [K, 4]
+    boxes = ops.clip_boxes(jnp.concatenate(level_boxes), image_size)  # [K, 4]
     scores = jax.nn.sigmoid(jnp.concatenate(logits))  # [K]
-    levels = jnp.concatenate(levels)  # [K]
     valid = ops.min_size_mask(boxes, min_size) & (scores >= score_thresh) & jnp.isfinite(scores)
-    keep, keep_valid = ops.batched_nms(boxes, scores, levels, nms_thresh, post_nms_top_n, valid=valid)
+    keep, keep_valid = ops.batched_nms(boxes, scores, jnp.concatenate(levels), nms_thresh, post_nms_top_n, valid=valid)
     return (
         jnp.where(keep_valid[:, None], boxes[keep], 0.0),
         jnp.where(keep_valid, scores[keep], 0.0),
@@ -88,25 +91,37 @@ def select_proposals(
 
 
 class RPN(nn.Module):
-    """Lucid's ``rpn``: the shared ``head`` plus anchor generation and proposals.
+    """Lucid's ``rpn``: the shared ``head``, anchor generation, proposals and the loss.
 
     Attributes:
-      anchor_sizes: per level, the anchor sizes in pixels.
+      anchor_sizes: per level, the anchor sizes in pixels (default: 32/64/128/256
+        times the octave scales 2^0, 2^(1/3), 2^(2/3)).
       aspect_ratios: anchor height / width ratios, shared by all levels.
       round_anchors: round cell anchors to integers (torchvision does).
       pre_nms_top_n: (train, test) boxes kept per level before NMS.
-      post_nms_top_n: (train, test) proposals kept after NMS.
+      post_nms_top_n: (train, test) proposals kept after NMS (the seed's 300 in test).
       nms_thresh, min_size, score_thresh: see ``select_proposals``.
+      fg_iou_thresh, bg_iou_thresh: anchor labelling for the loss (IoU >= fg is
+        foreground, < bg background).
+      batch_size_per_image, positive_fraction: anchors sampled per image, and the
+        largest share of them that is foreground.
+      smooth_l1_beta: the box loss's Huber transition point.
+      dtype: computation dtype of the head.
     """
 
-    anchor_sizes: Sequence[Sequence[float]]
-    aspect_ratios: Sequence[float]
-    round_anchors: bool
-    pre_nms_top_n: tuple[int, int]
-    post_nms_top_n: tuple[int, int]
-    nms_thresh: float
-    min_size: float
-    score_thresh: float
+    anchor_sizes: Sequence[Sequence[float]] = octave_sizes((32, 64, 128, 256))
+    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0)
+    round_anchors: bool = False
+    pre_nms_top_n: tuple[int, int] = (2000, 1000)
+    post_nms_top_n: tuple[int, int] = (1000, 300)
+    nms_thresh: float = 0.7
+    min_size: float = 1e-3
+    score_thresh: float = 0.0
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    smooth_l1_beta: float = 1.0 / 9
     dtype: Any = jnp.float32
 
     @property
@@ -149,7 +164,7 @@ class RPN(nn.Module):
             )
         objectness, deltas = self.head(features)
         anchors = [
-            grid_anchors(base, f.shape[1], f.shape[2], level_stride(canvas_size, f.shape[1:3]))
+            grid_anchors(base, f.shape[1], f.shape[2], level_stride(canvas_size, (f.shape[1], f.shape[2])))
             for base, f in zip(self.cell_anchors(), features)
         ]  # per level [H_l * W_l * A, 4]
         select = lambda o, d, size: select_proposals(  # noqa: E731
@@ -172,3 +187,31 @@ class RPN(nn.Module):
             "deltas": jnp.concatenate(deltas, axis=1),
             "anchors": jnp.concatenate(anchors, axis=0),
         }
+
+    def loss(self, outputs: dict, gt_boxes: jax.Array, gt_valid: jax.Array, keys: jax.Array) -> dict:
+        """The RPN's objectness and box losses, averaged over the batch's sampled anchors.
+
+        Args:
+          outputs: this module's training output ("objectness" [B, N], "deltas"
+            [B, N, 4], "anchors" [N, 4]).
+          gt_boxes: [B, M, 4] xyxy; gt_valid: [B, M] bool.
+          keys: [B] PRNG keys of the anchor sampler, one per image.
+
+        Returns:
+          {"rpn_cls_loss", "rpn_reg_loss"}: float32 scalars.
+        """
+        match_and_sample = lambda boxes, valid, key: rpn_targets(  # noqa: E731
+            outputs["anchors"],
+            boxes,
+            valid,
+            key,
+            fg_iou_thresh=self.fg_iou_thresh,
+            bg_iou_thresh=self.bg_iou_thresh,
+            num_samples=self.batch_size_per_image,
+            positive_fraction=self.positive_fraction,
+        )
+        targets = jax.vmap(match_and_sample)(gt_boxes, gt_valid, keys)
+        terms = jax.vmap(lambda o, d, t: L.rpn_loss_terms(o, d, t, self.smooth_l1_beta))(
+            outputs["objectness"], outputs["deltas"], targets
+        )
+        return L.batch_mean(terms, "rpn")

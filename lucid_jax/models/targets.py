@@ -65,7 +65,7 @@ def roi_targets(
     bg_iou_thresh: float,
     num_samples: int,
     positive_fraction: float,
-    bbox_reg_stds: Sequence[float],
+    weights: Sequence[float],
 ) -> dict:
     """Sample RoIs among the proposals and ground truth, with their targets.
 
@@ -74,6 +74,7 @@ def roi_targets(
       proposal_valid: [P] bool.
       gt_boxes: [M, 4] xyxy; gt_labels: [M] int32 in 1..C-1; gt_valid: [M] bool.
       key: PRNG key of the balanced sampler.
+      weights: the box coder's weights (the inverses of ``bbox_reg_stds``).
 
     Returns:
       {"rois": [S, 4], "labels": [S] int32 (0 = background), "deltas": [S, 4]
@@ -100,7 +101,6 @@ def roi_targets(
     unit = jnp.array([0.0, 0.0, 1.0, 1.0], rois.dtype)
     source = jnp.where(positive[:, None], rois, unit)  # [S, 4]
     target = jnp.where(positive[:, None], gt_boxes[gt], unit)  # [S, 4]
-    weights = tuple(1.0 / s for s in bbox_reg_stds)
     return {
         "rois": rois,
         "labels": jnp.where(positive, gt_labels[gt], 0).astype(jnp.int32),

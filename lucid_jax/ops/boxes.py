@@ -35,7 +35,8 @@ def _check_boxes(fn: str, name: str, boxes, rank: int | None = None) -> None:
 def _check_weights(fn: str, weights) -> tuple[float, float, float, float]:
     if len(weights) != 4:
         raise ValueError(f"{fn}: weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}")
-    return tuple(float(w) for w in weights)
+    wx, wy, ww, wh = (float(w) for w in weights)
+    return wx, wy, ww, wh
 
 
 def box_area(boxes):

@@ -228,6 +228,42 @@ def test_registry():
     assert get_model("faster_rcnn_resnet_101_fpn", num_classes=3).num_classes == 3
 
 
+def test_flat_keywords_set_each_stage():
+    model = faster_rcnn_resnet_101_fpn(
+        num_classes=4, rpn_post_nms_top_n=[50, 20], rpn_fg_iou_thresh=0.6, box_score_thresh=0.3,
+        box_detections_per_img=7, roi_aligned=False, smooth_l1_beta=0.5,
+    )
+    assert (model.rpn.post_nms_top_n, model.rpn.fg_iou_thresh, model.rpn.smooth_l1_beta) == ((50, 20), 0.6, 0.5)
+    heads = model.roi_heads
+    assert (heads.num_classes, heads.score_thresh, heads.detections_per_img, heads.aligned) == (4, 0.3, 7, False)
+    assert heads.smooth_l1_beta == 0.5
+    # untouched settings keep the stage's own defaults
+    assert (model.rpn.pre_nms_top_n, heads.nms_thresh, heads.batch_size_per_image) == ((2000, 1000), 0.5, 512)
+    with pytest.raises(TypeError, match="unknown detector keyword.*rpn_post_nms_topn.*known: anchor_sizes"):
+        faster_rcnn_resnet_101_fpn(rpn_post_nms_topn=(1, 1))
+
+
+def test_non_default_anchors_and_stds_round_trip_their_buffers():
+    model = tiny_detector(
+        anchor_sizes=((20,), (40,), (80,), (160,)), aspect_ratios=(1.0, 2.0), round_anchors=True,
+        bbox_reg_stds=(0.05, 0.05, 0.1, 0.1),
+    )
+    variables = jax.jit(model.init)(jax.random.key(0), random_images(0))
+    flat = state_dict.to_state_dict(variables, model=model)
+    # 20 px anchors at height/width 1 and 2, centred and rounded: w = 20 / sqrt(2) = 14.14, h = 28.28
+    expected = np.array([[-10, -10, 10, 10], [-7, -14, 7, 14]], np.float32)
+    np.testing.assert_array_equal(flat["anchor_generator.base_anchors"], expected)
+    np.testing.assert_array_equal(flat["rpn.anchor_generator.base_anchors"], expected)
+    np.testing.assert_array_equal(flat["bbox_reg_stds"], np.float32([0.05, 0.05, 0.1, 0.1]))
+    again = state_dict.to_state_dict(state_dict.from_state_dict(variables, flat, model=model), model=model)
+    assert set(again) == set(flat)
+    for name in flat:
+        np.testing.assert_array_equal(again[name], flat[name], err_msg=name)
+    # the default configuration has 9 anchors per location (3 octave sizes x 3 ratios): refused by name
+    with pytest.raises(state_dict.StateDictError, match=r"base_anchors: state dict has shape \(2, 4\), model expects \(9, 4\)"):
+        state_dict.from_state_dict(variables, flat, model=tiny_detector())
+
+
 @pytest.mark.parametrize(
     "shape, dtype, error, match",
     [

@@ -249,15 +249,16 @@ def test_golden_losses_from_a_float64_recomputation(tiny, monkeypatch):
     model, variables = tiny
     for name in ("rpn_loss_terms", "roi_loss_terms"):
         original = getattr(L, name)
-        # keep each stage's inputs next to its terms; combine passes them back out below
+        # keep each stage's inputs next to its terms; batch_mean passes them back out below
         keep = lambda *a, _f=original: {**_f(*a), "inputs": a[:3]}
         monkeypatch.setattr(L, name, keep)
-    combine = L.combine
-    monkeypatch.setattr(L, "combine", lambda r, o: {**combine(r, o), "rpn": r["inputs"], "roi": o["inputs"]})
+    batch_mean = L.batch_mean
+    monkeypatch.setattr(L, "batch_mean", lambda terms, stage: {**batch_mean(terms, stage), stage: terms["inputs"]})
     out, _ = jax.jit(
         lambda v, x, t, k1, k2: model.apply(v, x, t, method="loss", rngs={"dropout": k1, "sampling": k2}, mutable=["batch_stats"])
     )(_spread(variables), random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2))
-    beta = model.smooth_l1_beta
+    assert model.rpn.smooth_l1_beta == model.roi_heads.smooth_l1_beta
+    beta = model.rpn.smooth_l1_beta
     objectness, deltas, t = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), out["rpn"])
     cls_logits, class_deltas, s = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), out["roi"])
     sums = {"rpn_cls": 0.0, "rpn_reg": 0.0, "rpn_n": 0, "roi_cls": 0.0, "roi_reg": 0.0, "roi_n": 0}

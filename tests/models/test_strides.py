@@ -75,7 +75,7 @@ def test_rpn_anchors_match_torchvision(h, w):
     ours = _model_anchors(model, h, w)
     grids = [(_ceil_div(h, s), _ceil_div(w, s)) for s in model.backbone.strides]
     generator = AnchorGenerator(
-        tuple(tuple(s) for s in model.anchor_sizes), (tuple(model.aspect_ratios),) * len(grids)
+        tuple(tuple(s) for s in model.rpn.anchor_sizes), (tuple(model.rpn.aspect_ratios),) * len(grids)
     )
     features = [torch.zeros(1, 1, gh, gw) for gh, gw in grids]
     theirs = generator(ImageList(torch.zeros(1, 3, h, w), [(h, w)]), features)[0].numpy()
@@ -96,8 +96,8 @@ def test_p2_to_p5_anchors_sit_on_the_nominal_strides(h, w):
     model = tiny_detector()  # Lucid's defaults: P2..P5, 9 unrounded anchors
     ours = _model_anchors(model, h, w)
     expected = []
-    for sizes, s in zip(model.anchor_sizes, model.backbone.strides):
-        base = cell_anchors(sizes, model.aspect_ratios)  # [A, 4]
+    for sizes, s in zip(model.rpn.anchor_sizes, model.backbone.strides):
+        base = cell_anchors(sizes, model.rpn.aspect_ratios)  # [A, 4]
         ys, xs = np.mgrid[0 : h // s, 0 : w // s].astype(np.float32) * s  # [H/s, W/s] each
         shifts = np.stack([xs, ys, xs, ys], axis=-1).reshape(-1, 1, 4)  # [HW, 1, 4], (y, x) order
         expected.append((shifts + base[None]).reshape(-1, 4))

@@ -236,7 +236,7 @@ def roi_targets_fn():
     return jax.jit(
         lambda p, pv, g, gl, gv, key, fg, bg, num, frac: roi_targets(
             p, pv, g, gl, gv, key, fg_iou_thresh=fg, bg_iou_thresh=bg, num_samples=num, positive_fraction=frac,
-            bbox_reg_stds=STDS,
+            weights=tuple(1 / s for s in STDS),
         ),
         static_argnums=(6, 7, 8, 9),
     )
