@@ -6,7 +6,7 @@
 Both sides run the same synthetic images (random, in [0, 1]) at size x size:
 
 - ours: ``faster_rcnn_resnet_101_fpn(num_classes=21)`` (inference-mode BatchNorm),
-  ``jax.jit(lambda v, x: model.apply(v, x, method="predict"))``: RPN with 1000
+  ``lucid_jax.train.make_predict_fn(model)``: RPN with 1000
   pre-NMS boxes per level and 300 proposals (the seed's), box head, softmax,
   per-class decode, score threshold 0.05, per-class NMS 0.5, top 100, padded.
   Also the seed's forward ``jax.jit(model.apply)`` (cls_logits [B, 300, 21] and
@@ -57,8 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--side", choices=("both", "ours", "torchvision"), default="both",
                    help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)")
     args = p.parse_args(argv)
-    if args.size % 32:
-        p.error(f"--size must be a multiple of 32, got {args.size}")
+    multiple = C.ours_model(args.config).backbone.size_divisibility
+    if args.size % multiple:
+        p.error(f"--size must be a multiple of {multiple} (the backbone's largest stride), got {args.size}")
     return args
 
 
@@ -66,6 +67,7 @@ def build_ours(args, images):
     """Our jitted predict and seed forward on ``images``; dict of blocking callables."""
     import jax
     import jax.numpy as jnp
+    from lucid_jax.train import make_predict_fn
 
     model = C.ours_model(args.config)
     start = time.perf_counter()
@@ -73,13 +75,13 @@ def build_ours(args, images):
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 3, 64, 64), jnp.float32))
     jax.block_until_ready(variables)
     init_s = time.perf_counter() - start
-    predict = jax.jit(lambda v, x: model.apply(v, x, method="predict"))
+    predict = make_predict_fn(model)
     forward = jax.jit(model.apply)
     x = jax.device_put(images)
     box = {}
 
     def run_predict():
-        box["dets"] = jax.block_until_ready(predict(variables, x))
+        box["dets"] = jax.block_until_ready(predict(variables, x, None))
 
     def run_forward():
         box["forward"] = jax.block_until_ready(forward(variables, x))
@@ -149,7 +151,7 @@ def main(argv=None):
     ours = build_ours(args, images)
     predict_first_s = C.time_call(ours["predict"])  # trace + compile + run
     forward_first_s = C.time_call(ours["forward"])
-    compiled = ours["jit_predict"].lower(ours["variables"], ours["x"]).compile()
+    compiled = ours["jit_predict"].lower(ours["variables"], ours["x"], None).compile()
     flops, bytes_accessed = C.xla_cost(compiled)
     compiled_text = compiled.as_text() if args.profile else None
     del compiled

@@ -70,8 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--side", choices=("both", "ours", "torchvision"), default="both",
                    help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)")
     args = p.parse_args(argv)
-    if args.size % 32:
-        p.error(f"--size must be a multiple of 32, got {args.size}")
+    multiple = C.ours_model(args.config).backbone.size_divisibility
+    if args.size % multiple:
+        p.error(f"--size must be a multiple of {multiple} (the backbone's largest stride), got {args.size}")
     return args
 
 

@@ -233,11 +233,11 @@ def _check_args(args) -> str | None:
         if any(s <= 0 or s % multiple for s in sizes):
             return f"image sizes must be positive multiples of {multiple}, got {sizes}"
     if args.func in (_train, _demo):
-        from lucid_jax.jobs import JobError, check_config, detector_names
+        from lucid_jax.jobs import JobError, check_config, check_model_name
 
-        if args.model is not None and args.model not in detector_names():
-            return f"unknown model {args.model!r}; known models: {', '.join(detector_names())}"
         try:
+            if args.model is not None:
+                check_model_name(args.model)
             check_config(_config(args)[0])
         except JobError as e:
             return str(e)

@@ -87,12 +87,24 @@ def config_from_dict(saved: dict) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def detector_names() -> list[str]:
+    """The registered detectors (the registry also holds bare ResNet classifiers)."""
+    from lucid_jax.models import list_models
+
+    return [name for name in list_models() if name.startswith("faster_rcnn")]
+
+
+def check_model_name(name: str) -> None:
+    """Raise JobError unless ``name`` is a registered detector; the message lists them."""
+    if name not in detector_names():
+        raise JobError(f"unknown model {name!r}; known models: {', '.join(detector_names())}")
+
+
 def size_divisibility(model_name: str) -> int:
     """What the model's canvas sides must divide by: its backbone's largest RoI stride."""
-    from lucid_jax.models import get_model, list_models
+    from lucid_jax.models import get_model
 
-    if model_name not in list_models():
-        raise JobError(f"unknown model {model_name!r}; known models: {', '.join(list_models())}")
+    check_model_name(model_name)
     return get_model(model_name).backbone.size_divisibility
 
 

@@ -19,21 +19,16 @@ from tqdm.auto import tqdm
 from lucid_jax.checkpoint import Checkpointer, CheckpointError
 from lucid_jax.data import dropped_boxes_summary, model_inputs, object_counts
 from lucid_jax.jobs.config import (
-    JobError, TrainConfig, apply_init_recipe, check_config, config_from_dict, reconcile_resume, warmup_steps,
+    JobError, TrainConfig, apply_init_recipe, check_config, check_model_name, config_from_dict, reconcile_resume,
+    warmup_steps,
 )
 from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
-from lucid_jax.models import get_model, list_models
+from lucid_jax.models import get_model
 from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
 
 
-def detector_names() -> list[str]:
-    """The registered detectors (the registry also holds bare ResNet classifiers)."""
-    return [name for name in list_models() if name.startswith("faster_rcnn")]
-
-
 def build_model(name: str, num_classes: int, *, norm_mode: str = "batch"):
-    if name not in detector_names():
-        raise JobError(f"unknown model {name!r}; known models: {', '.join(detector_names())}")
+    check_model_name(name)
     return get_model(name, num_classes=num_classes, norm_mode=norm_mode)
 
 

@@ -267,7 +267,7 @@ def fpn_level_of_boxes(boxes, min_level=2, max_level=5, canonical_scale=224, can
 
 
 def multiscale_roi_align(
-    features, boxes, output_size=7, sampling_ratio=2, aligned=True, strides=(4, 8, 16, 32),
+    features, boxes, output_size=7, sampling_ratio=2, aligned=True, *, strides,
     canonical_scale=224, canonical_level=4,
 ):
     """RoIAlign of each box on its FPN level (Lin et al. 2017, eq. 1).
@@ -281,8 +281,9 @@ def multiscale_roi_align(
       output_size: ``oh`` (square) or ``(oh, ow)``.
       sampling_ratio: samples per bin along each axis.
       aligned: shift boxes by -0.5 map pixels (detectron2); False as torchvision.
-      strides: image pixels per map pixel of each level; consecutive powers of two.
-        The level range is ``log2(strides[0])`` to ``log2(strides[-1])``.
+      strides: image pixels per map pixel of each level; consecutive powers of two
+        (the backbone's ``roi_strides``, e.g. (4, 8, 16, 32) for P2..P5). The level
+        range is ``log2(strides[0])`` to ``log2(strides[-1])``.
       canonical_scale, canonical_level: ``224`` and ``k0`` of eq. 1.
 
     Returns:

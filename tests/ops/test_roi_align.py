@@ -16,7 +16,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 # Built once per module, so that tests sharing shapes share compilations.
 _roi_align_jit = jax.jit(roi_align, static_argnames=("output_size", "spatial_scale", "sampling_ratio",
                                                      "aligned"))
-_multiscale_jit = jax.jit(multiscale_roi_align, static_argnames=("output_size", "sampling_ratio", "aligned"))
+FPN_STRIDES = (4, 8, 16, 32)  # P2..P5
+_multiscale_jit = jax.jit(partial(multiscale_roi_align, strides=FPN_STRIDES),
+                          static_argnames=("output_size", "sampling_ratio", "aligned"))
 
 
 def pool(features, boxes, output_size=7, scale=0.25, sr=2, aligned=True):
@@ -263,7 +265,7 @@ def test_jit_compiles_once_per_shape(caplog):
 
     def pool_both(feats, boxes):
         traces.append(1)
-        return multiscale_roi_align(feats, boxes) + roi_align(feats[0], boxes, 7, 0.25)
+        return multiscale_roi_align(feats, boxes, strides=FPN_STRIDES) + roi_align(feats[0], boxes, 7, 0.25)
 
     jitted = jax.jit(pool_both)
     outs = []
@@ -282,8 +284,9 @@ def test_export_for_cpu_cuda_tpu():
     specs = [jax.ShapeDtypeStruct(f.shape, jnp.float32) for f in feats]
     box_spec = jax.ShapeDtypeStruct(boxes.shape, jnp.float32)
     platforms = ("cpu", "cuda", "tpu")
-    exported = jax.export.export(jax.jit(multiscale_roi_align), platforms=platforms)(specs, box_spec)
-    want = multiscale_roi_align(feats, boxes)
+    pool = partial(multiscale_roi_align, strides=FPN_STRIDES)
+    exported = jax.export.export(jax.jit(pool), platforms=platforms)(specs, box_spec)
+    want = pool(feats, boxes)
     np.testing.assert_allclose(np.asarray(exported.call(feats, boxes)), np.asarray(want), **TOL)
     single = jax.jit(partial(roi_align, output_size=7, spatial_scale=0.25))
     assert jax.export.export(single, platforms=platforms)(specs[0], box_spec).platforms == platforms
@@ -292,7 +295,7 @@ def test_export_for_cpu_cuda_tpu():
 F = np.zeros((8, 8, 4), np.float32)
 B = np.zeros((3, 4), np.float32)
 P = [np.zeros((16 // 2**i, 16 // 2**i, 4), np.float32) for i in range(4)]
-RA, MS = roi_align, multiscale_roi_align
+RA, MS = roi_align, partial(multiscale_roi_align, strides=FPN_STRIDES)
 SHAPE_HWC, SHAPE_R4 = r"must have shape \[H, W, C\]", r"boxes must have shape \[R, 4\]"
 
 
