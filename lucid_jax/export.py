@@ -1,0 +1,180 @@
+"""A trained detector as one file: prediction serialized with ``jax.export``, the
+weights inside as constants, and a JSON sidecar that says how to call it.
+
+The artifact runs with jax alone, without lucid_jax or any model code::
+
+    exp = jax.export.deserialize(bytearray(open("detector.jax", "rb").read()))
+    out = exp.call(images, image_sizes)
+
+  images       uint8 [B, H, W, 3]: RGB, resized and padded (bottom/right) onto the canvas
+  image_sizes  int32 [B, 2]: (height, width) of each image's content on the canvas
+  out          {"boxes": [B, K, 4] float32 xyxy canvas pixels, "scores": [B, K] float32,
+                "labels": [B, K] int32, "valid": [B, K] bool}, sorted by score
+
+Normalisation is inside the artifact, and so is the zeroing of the padding, so the
+artifact computes exactly what ``model.apply(..., method="predict")`` computes on the
+preprocessed float canvas. The canvas (H, W) is static: one artifact serves one
+canvas. The batch dimension is symbolic by default (one artifact serves any B) or
+fixed with ``batch_size``.
+"""
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lucid_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+PLATFORMS = ("cpu", "cuda", "tpu")
+OUTPUT_SIGNATURE = {
+    "boxes": ["B", "K", 4, "float32", "xyxy canvas pixels"],
+    "scores": ["B", "K", "float32", "class probability"],
+    "labels": ["B", "K", "int32", "1..C-1; 0 where not valid"],
+    "valid": ["B", "K", "bool", "a real detection"],
+}
+
+
+def serving_function(model, variables: Mapping, *, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD, **predict_kwargs) -> Callable:
+    """``serve(images, image_sizes) -> detections`` on uint8 canvases, weights closed over.
+
+    Args:
+      model: the detector.
+      variables: its ``{"params", "batch_stats"}``.
+      mean, std: the normalisation of [0, 1] RGB that training used.
+      **predict_kwargs: ``score_thresh``, ``nms_thresh``, ``max_detections``.
+
+    Returns:
+      A function of images uint8 [B, H, W, 3] and image_sizes int [B, 2] returning
+      ``{"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K], "valid": [B, K]}``.
+      Pixels outside each image's size are set to 0 after normalisation, as
+      ``lucid_jax.data.preprocess`` pads.
+    """
+    mean_ = jnp.asarray(mean, jnp.float32)
+    std_ = jnp.asarray(std, jnp.float32)
+
+    def serve(images: jax.Array, image_sizes: jax.Array) -> dict:
+        _, h, w, _ = images.shape
+        sizes = image_sizes.astype(jnp.float32)  # [B, 2]
+        x = (images.astype(jnp.float32) / 255.0 - mean_) / std_  # [B, H, W, 3]
+        rows = jnp.arange(h, dtype=jnp.float32)[None, :, None] < sizes[:, 0, None, None]  # [B, H, 1]
+        cols = jnp.arange(w, dtype=jnp.float32)[None, None, :] < sizes[:, 1, None, None]  # [B, 1, W]
+        x = jnp.where((rows & cols)[..., None], x, 0.0)
+        return model.apply(variables, jnp.transpose(x, (0, 3, 1, 2)), sizes, method="predict", **predict_kwargs)
+
+    return serve
+
+
+def export_prediction(model, variables: Mapping, *, canvas: tuple[int, int], batch_size: int | None = None,
+                      platforms: Sequence[str] = PLATFORMS, **serving_kwargs) -> jax.export.Exported:
+    """``jax.export`` of :func:`serving_function` for one canvas and batch size.
+
+    Args:
+      canvas: (height, width), multiples of the backbone's ``size_divisibility``.
+      batch_size: B, static; None for a symbolic batch dimension ("b"), which
+        serves any batch size.
+      platforms: lowered for each of these (any of "cpu", "cuda", "tpu").
+
+    Raises:
+      ValueError: a canvas that is not a multiple of the backbone's stride, a batch
+        size below 1, or an unknown platform.
+    """
+    multiple = model.backbone.size_divisibility
+    h, w = (int(c) for c in canvas)
+    if h <= 0 or w <= 0 or h % multiple or w % multiple:
+        raise ValueError(f"canvas must be positive multiples of {multiple}, got {tuple(canvas)}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    unknown = sorted(set(platforms) - set(PLATFORMS))
+    if unknown or not platforms:
+        raise ValueError(f"platforms must be among {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}")
+    serve = jax.jit(serving_function(model, variables, **serving_kwargs))
+    b = jax.export.symbolic_shape("b")[0] if batch_size is None else batch_size
+    specs = (jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8), jax.ShapeDtypeStruct((b, 2), jnp.int32))
+    return jax.export.export(serve, platforms=tuple(platforms))(*specs)
+
+
+def write_artifact(exported: jax.export.Exported, path: str | os.PathLike, *, class_names: Sequence[str],
+                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                   extra: Mapping[str, Any] | None = None) -> dict:
+    """Write ``exported.serialize()`` to ``path`` and its description to ``path + ".json"``.
+
+    Returns:
+      The JSON sidecar's content: class names (index 0 is the first foreground
+      class, label 1), the canvas, the batch size, the normalisation, the input and
+      output signature, the platforms, and the lucid_jax and jax versions.
+    """
+    from lucid_jax import __version__
+
+    path = Path(path)
+    images, sizes = exported.in_avals[0], exported.in_avals[1]
+    b, h, w, _ = images.shape
+    batch = int(b) if isinstance(b, int) else "any"  # a symbolic dimension serves every batch size
+    k = int(exported.out_avals[0].shape[1])
+    meta = {
+        "format": "jax.export",
+        "call": 'jax.export.deserialize(bytearray(open(FILE, "rb").read())).call(images, image_sizes)',
+        "class_names": list(class_names),
+        "canvas": [int(h), int(w)],
+        "batch_size": batch,
+        "max_detections": k,
+        "normalisation": {"mean": list(mean), "std": list(std), "input_range": "uint8 0..255, RGB"},
+        "inputs": {
+            "images": [batch, int(h), int(w), 3, str(images.dtype), "RGB, resized and padded onto the canvas"],
+            "image_sizes": [batch, 2, str(sizes.dtype), "(height, width) of each image's content"],
+        },
+        "outputs": OUTPUT_SIGNATURE,
+        "platforms": list(exported.platforms),
+        "lucid_jax_version": __version__,
+        "jax_version": jax.__version__,
+        **(extra or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(exported.serialize())
+    Path(str(path) + ".json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[jax.export.Exported, dict]:
+    """(the deserialized program, its JSON sidecar) of a file written by :func:`write_artifact`."""
+    path = Path(path)
+    meta_path = Path(str(path) + ".json")
+    if not path.is_file():
+        raise FileNotFoundError(f"no exported detector at {path}")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} has no {meta_path.name} beside it (written by lucid-jax export)")
+    return jax.export.deserialize(bytearray(path.read_bytes())), json.loads(meta_path.read_text())
+
+
+def pad_to_canvas(images: Sequence[np.ndarray], canvas: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resize uint8 images (longer side to fit) and pad them onto one canvas.
+
+    Args:
+      images: uint8 [H_i, W_i, 3] each, any size.
+      canvas: (height, width).
+
+    Returns:
+      canvases uint8 [N, H, W, 3], image_sizes int32 [N, 2] (content height,
+      width), and scales float32 [N, 2] (sy, sx) from each file's pixels.
+    """
+    from lucid_jax.data.transforms import resize, resized_shape
+
+    ch, cw = canvas
+    out = np.zeros((len(images), ch, cw, 3), np.uint8)
+    sizes = np.zeros((len(images), 2), np.int32)
+    scales = np.zeros((len(images), 2), np.float32)
+    for i, image in enumerate(images):
+        h0, w0 = image.shape[:2]
+        s = min(ch / h0, cw / w0)
+        nh, nw = resized_shape(h0, w0, longer_side=round(max(h0, w0) * s))
+        nh, nw = min(nh, ch), min(nw, cw)
+        resized, _ = resize(image, np.zeros((0, 4), np.float32), (nh, nw))
+        out[i, :nh, :nw] = resized
+        sizes[i] = nh, nw
+        scales[i] = nh / h0, nw / w0
+    return out, sizes, scales
