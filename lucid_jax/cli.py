@@ -4,7 +4,8 @@
     lucid-jax demo     [--out runs/demo] [--steps 800]
     lucid-jax train    --data {shapes|voc:DIR|coco:ANN.json:IMG_DIR} --out DIR [--init WEIGHTS] [...]
     lucid-jax eval     --data ... --checkpoint DIR [--split val] [--results FILE] [--ground-truth FILE]
-    lucid-jax predict  IMAGE... --checkpoint DIR --out DIR
+    lucid-jax predict  PATH... --checkpoint DIR --out DIR [--batch-size 8] [--draw] [--results FILE]
+    lucid-jax export   --checkpoint DIR --out FILE [--batch-size B] [--platforms cpu,cuda,tpu]
     lucid-jax bench    [ops] [predict] [train]
     lucid-jax seed     [--size 224 512]
 
@@ -93,9 +94,31 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     from lucid_jax import jobs
 
-    results = jobs.predict_files(args.images, args.checkpoint, args.out, model_name=args.model,
-                                 score_thresh=args.score_thresh)
-    print(f"wrote {len(results)} PNG(s) and {Path(args.out) / 'detections.json'}")
+    report = jobs.predict_files(args.images, args.checkpoint, args.out, model_name=args.model,
+                                score_thresh=args.score_thresh, batch_size=args.batch_size, draw=args.draw,
+                                results=_writable_file(args.results, "--results"), num_workers=args.num_workers,
+                                progress=not args.no_progress)
+    drawn = f"{len(report.results)} PNG(s), " if args.draw else ""
+    extra = f" and {args.results}" if args.results else ""
+    print(f"{len(report.results)} image(s): wrote {drawn}{Path(args.out) / 'detections.json'}{extra}")
+    for path, reason in report.failures:
+        print(f"lucid-jax: skipped {path}: {reason}", file=sys.stderr)
+    if report.failures:
+        print(f"lucid-jax: {len(report.failures)} file(s) could not be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export(args) -> int:
+    from lucid_jax import jobs
+
+    platforms = tuple(p for p in args.platforms.replace(" ", "").split(",") if p)
+    if args.format == "onnx":
+        raise jobs.JobError("--format onnx is not available in this version; use --format jax")
+    meta = jobs.export_checkpoint(args.checkpoint, args.out, model_name=args.model, batch_size=args.batch_size,
+                                  platforms=platforms, score_thresh=args.score_thresh)
+    print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB; canvas {meta['canvas'][0]}x{meta['canvas'][1]}, "
+          f"batch {meta['batch_size']}, {', '.join(meta['platforms'])}) and {args.out}.json in {meta['seconds']} s")
     return 0
 
 
@@ -199,14 +222,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("predict", help="draw detections on image files and write them as PNG and JSON")
-    p.add_argument("images", nargs="+", help="image files")
+    p = sub.add_parser("predict", help="detect objects in image files, folders and globs; write detections.json")
+    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--checkpoint", required=True, help="a train --out directory")
-    p.add_argument("--out", required=True, help="folder for the drawings and detections.json")
+    p.add_argument("--out", required=True, help="folder for detections.json (and the drawings)")
     p.add_argument("--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)")
-    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=0.5,
-                   help="detections drawn and listed score at least this (default: 0.5)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="images per predict call (default: 8)")
+    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=None,
+                   help="keep detections scoring at least this (default: 0.05 with --results, COCO's convention; "
+                        "else 0.5)")
+    p.add_argument("--draw", action="store_true", help="also draw each image's detections to OUT/<name>_detections.png")
+    p.add_argument("--results", default=None, help="also write a COCO results file: image ids from numeric file "
+                   "names (else 1-based positions), category ids = labels, [x, y, w, h] in the file's pixels "
+                   "(default: none)")
+    p.add_argument("--num-workers", dest="num_workers", type=int, default=4, help="image decoding threads (default: 4)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("export", help="write a run's prediction as one serialized file (jax.export) and its JSON")
+    p.add_argument("--checkpoint", required=True, help="a train --out directory")
+    p.add_argument("--out", required=True, help="the artifact's file name; its description goes to OUT.json")
+    p.add_argument("--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
+                   help="a fixed batch size (default: a symbolic batch dimension: any batch size)")
+    p.add_argument("--platforms", default="cpu,cuda,tpu", help="lower for these platforms (default: cpu,cuda,tpu)")
+    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=None,
+                   help="the artifact's detection threshold (default: the model's, 0.05)")
+    p.add_argument("--format", choices=("jax", "onnx"), default="jax", help="jax: a serialized jax.export program; onnx: an ONNX model (default: jax)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="run the side-by-side benchmarks against torchvision")
     p.add_argument("which", nargs="*", metavar="{ops,predict,train}",
@@ -247,6 +290,12 @@ def _check_args(args) -> str | None:
     batch_size = getattr(args, "batch_size", None)
     if batch_size is not None and batch_size < 1:
         return f"--batch-size must be >= 1, got {batch_size}"
+    if args.func is _export:
+        from lucid_jax.export import PLATFORMS
+
+        platforms = [p for p in args.platforms.replace(" ", "").split(",") if p]
+        if not platforms or set(platforms) - set(PLATFORMS):
+            return f"--platforms must be among {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}"
     return None
 
 

@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lucid_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -39,26 +38,25 @@ OUTPUT_SIGNATURE = {
 }
 
 
-def serving_function(model, variables: Mapping, *, mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD, **predict_kwargs) -> Callable:
-    """``serve(images, image_sizes) -> detections`` on uint8 canvases, weights closed over.
+def uint8_predict_fn(model, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                     **predict_kwargs) -> Callable:
+    """``predict(variables, images, image_sizes) -> detections`` on uint8 canvases.
 
     Args:
       model: the detector.
-      variables: its ``{"params", "batch_stats"}``.
       mean, std: the normalisation of [0, 1] RGB that training used.
       **predict_kwargs: ``score_thresh``, ``nms_thresh``, ``max_detections``.
 
     Returns:
-      A function of images uint8 [B, H, W, 3] and image_sizes int [B, 2] returning
-      ``{"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K], "valid": [B, K]}``.
-      Pixels outside each image's size are set to 0 after normalisation, as
-      ``lucid_jax.data.preprocess`` pads.
+      A function of variables, images uint8 [B, H, W, 3] and image_sizes int
+      [B, 2] returning ``{"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K],
+      "valid": [B, K]}``. Pixels outside each image's size are set to 0 after
+      normalisation, as ``lucid_jax.data.preprocess`` pads.
     """
     mean_ = jnp.asarray(mean, jnp.float32)
     std_ = jnp.asarray(std, jnp.float32)
 
-    def serve(images: jax.Array, image_sizes: jax.Array) -> dict:
+    def predict(variables: Mapping, images: jax.Array, image_sizes: jax.Array) -> dict:
         _, h, w, _ = images.shape
         sizes = image_sizes.astype(jnp.float32)  # [B, 2]
         x = (images.astype(jnp.float32) / 255.0 - mean_) / std_  # [B, H, W, 3]
@@ -67,7 +65,13 @@ def serving_function(model, variables: Mapping, *, mean: Sequence[float] = IMAGE
         x = jnp.where((rows & cols)[..., None], x, 0.0)
         return model.apply(variables, jnp.transpose(x, (0, 3, 1, 2)), sizes, method="predict", **predict_kwargs)
 
-    return serve
+    return predict
+
+
+def serving_function(model, variables: Mapping, **kwargs) -> Callable:
+    """:func:`uint8_predict_fn` with the weights closed over: ``serve(images, image_sizes)``."""
+    predict = uint8_predict_fn(model, **kwargs)
+    return lambda images, image_sizes: predict(variables, images, image_sizes)
 
 
 def export_prediction(model, variables: Mapping, *, canvas: tuple[int, int], batch_size: int | None = None,
@@ -149,32 +153,3 @@ def read_artifact(path: str | os.PathLike) -> tuple[jax.export.Exported, dict]:
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} has no {meta_path.name} beside it (written by lucid-jax export)")
     return jax.export.deserialize(bytearray(path.read_bytes())), json.loads(meta_path.read_text())
-
-
-def pad_to_canvas(images: Sequence[np.ndarray], canvas: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Resize uint8 images (longer side to fit) and pad them onto one canvas.
-
-    Args:
-      images: uint8 [H_i, W_i, 3] each, any size.
-      canvas: (height, width).
-
-    Returns:
-      canvases uint8 [N, H, W, 3], image_sizes int32 [N, 2] (content height,
-      width), and scales float32 [N, 2] (sy, sx) from each file's pixels.
-    """
-    from lucid_jax.data.transforms import resize, resized_shape
-
-    ch, cw = canvas
-    out = np.zeros((len(images), ch, cw, 3), np.uint8)
-    sizes = np.zeros((len(images), 2), np.int32)
-    scales = np.zeros((len(images), 2), np.float32)
-    for i, image in enumerate(images):
-        h0, w0 = image.shape[:2]
-        s = min(ch / h0, cw / w0)
-        nh, nw = resized_shape(h0, w0, longer_side=round(max(h0, w0) * s))
-        nh, nw = min(nh, ch), min(nw, cw)
-        resized, _ = resize(image, np.zeros((0, 4), np.float32), (nh, nw))
-        out[i, :nh, :nw] = resized
-        sizes[i] = nh, nw
-        scales[i] = nh / h0, nw / w0
-    return out, sizes, scales

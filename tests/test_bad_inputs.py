@@ -85,7 +85,8 @@ def test_every_image_mode_trains_and_predicts(tmp_path):
     assert log[-1]["step"] == 1 and log[-1]["finite"] == 1.0
 
     files = sorted((root / "JPEGImages").iterdir())
-    code, _, err = _run("predict", *files, "--checkpoint", out, "--out", tmp_path / "pred", "--score-thresh", "0")
+    code, _, err = _run("predict", *files, "--checkpoint", out, "--out", tmp_path / "pred", "--score-thresh", "0",
+                        "--draw")
     assert code == 0, err
     results = json.loads((tmp_path / "pred" / "detections.json").read_text())
     sizes = {os.path.basename(r["image"]): Image.open(r["detections_png"]).size for r in results}
@@ -109,8 +110,10 @@ def test_truncated_and_non_image_files(tmp_path):
     code, _, err = _run("train", "--data", f"voc:{root}", "--out", tmp_path / "run", *QUICK)
     assert "cannot decode image" in _one_line_error(code, err) or "truncated" in err
     (tmp_path / "notes.txt").write_text("hello")
+    code, _, err = _run("predict", tmp_path / "missing.png", "--checkpoint", tmp_path / "none", "--out", tmp_path / "p")
+    assert "no such file or folder" in _one_line_error(code, err) and "missing.png" in err
     code, _, err = _run("predict", tmp_path / "notes.txt", "--checkpoint", tmp_path / "none", "--out", tmp_path / "p")
-    assert "notes.txt" in _one_line_error(code, err)
+    assert "checkpoint directory not found" in _one_line_error(code, err)
     assert not (tmp_path / "p").exists()
 
 

@@ -17,9 +17,7 @@ import pytest
 from lucid_jax import cli, jobs
 from lucid_jax.evaluation import DetectionEvaluator
 from lucid_jax.train import make_predict_fn
-from tests.voc_fixture import write_voc
 
-SMALL = ["--batch-size", "8", "--image-size", "128", "--no-progress", "--num-workers", "2"]
 
 
 def _run(*args, timeout=600):
@@ -29,23 +27,6 @@ def _run(*args, timeout=600):
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     return proc.returncode, proc.stdout, proc.stderr
-
-
-@pytest.fixture(scope="module")
-def voc(tmp_path_factory):
-    """A VOC folder of PNGs and XML: train/val split, both orientations, crowded images, difficult objects."""
-    root = tmp_path_factory.mktemp("voc")
-    return root, write_voc(root)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, voc):
-    """A mini detector trained through the CLI on the VOC folder's train split."""
-    out = tmp_path_factory.mktemp("run")
-    code = cli.main(["train", "--data", f"voc:{voc[0]}", "--steps", "300", "--out", str(out), "--checkpoint-every", "150",
-                     *SMALL])
-    assert code == 0
-    return out
 
 
 def _pycocotools(ground_truth, results) -> list[float]:
@@ -124,7 +105,8 @@ def test_predict_writes_pngs_and_json(trained, tmp_path):
     for i in range(2):
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(ds[i]["image"]).save(paths[-1])
-    assert cli.main(["predict", *map(str, paths), "--checkpoint", str(trained), "--out", str(tmp_path / "out")]) == 0
+    assert cli.main(["predict", *map(str, paths), "--checkpoint", str(trained), "--out", str(tmp_path / "out"),
+                     "--draw", "--no-progress"]) == 0
     results = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [r["image"] for r in results] == list(map(str, paths))
     model, variables, class_names, config = jobs.load_trained(trained)

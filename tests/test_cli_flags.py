@@ -54,7 +54,7 @@ def _subparsers():
     return sub.choices
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "bench", "seed"])
+@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "export", "bench", "seed"])
 def test_every_optional_flag_of_every_subcommand_states_its_default(command):
     parser = _subparsers()[command]
     for action in parser._actions:

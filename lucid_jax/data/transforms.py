@@ -202,3 +202,29 @@ def preprocess(example: dict, rng: np.random.Generator | None = None, *, canvas=
         "flipped": flipped,
         "id": example.get("id"),
     }
+
+
+def fit_to_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Resize a uint8 image to fit the canvas (aspect ratio kept) and pad it there.
+
+    The same resize as ``preprocess(canvas=..., longer_side=...)`` on a square
+    canvas, without the normalisation: the input of exported detectors.
+
+    Args:
+      image: [H, W, 3] uint8.
+      canvas: (height, width).
+
+    Returns:
+      canvas image [Hc, Wc, 3] uint8 (zeros right and below the content),
+      image_size [2] int32 (content height, width), scale [2] float32 (sy, sx)
+      from the image's pixels to the canvas's.
+    """
+    ch, cw = (int(c) for c in canvas)
+    h0, w0 = image.shape[:2]
+    fit = min(ch / h0, cw / w0)
+    nh, nw = resized_shape(h0, w0, longer_side=round(max(h0, w0) * fit))
+    nh, nw = min(nh, ch), min(nw, cw)
+    resized, _ = resize(image, np.zeros((0, 4), np.float32), (nh, nw))
+    out = np.zeros((ch, cw, 3), np.uint8)
+    out[:nh, :nw] = resized
+    return out, np.array([nh, nw], np.int32), np.array([nh / h0, nw / w0], np.float32)

@@ -5,7 +5,8 @@ settings that prints little and returns what it made.
 - ``data``: datasets from ``--data`` specs and their loaders.
 - ``training``: ``train`` (or resume) into a run directory; ``load_trained``.
 - ``evaluate``: metrics against every annotated object, COCO results files.
-- ``predict``: detections on image files.
+- ``predict``: detections on files, folders and globs of images, batched.
+- ``export``: a run's prediction as one serialized file.
 - ``demo``: train, evaluate and draw on the built-in shapes.
 - ``seed``: the seed example on the full ResNet-101 FPN, with timings.
 """
@@ -17,13 +18,14 @@ from lucid_jax.jobs.config import (
 from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
 from lucid_jax.jobs.demo import demo, pad_targets
 from lucid_jax.jobs.evaluate import evaluate, predictions_on
-from lucid_jax.jobs.predict import predict_files
+from lucid_jax.jobs.export import export_checkpoint
+from lucid_jax.jobs.predict import default_score_thresh, expand_image_paths, predict_files
 from lucid_jax.jobs.seed import seed_example
 from lucid_jax.jobs.training import build_model, frozen_labels, initial_state, load_trained, train
 
 __all__ = [
     "DEMO_OVERRIDES", "RESUMABLE_CHANGES", "JobError", "TrainConfig", "apply_init_recipe", "build_model",
-    "check_config", "check_model_name", "config_from_dict", "demo", "describe_data", "detector_names", "evaluate", "frozen_labels",
+    "check_config", "check_model_name", "config_from_dict", "default_score_thresh", "demo", "describe_data", "detector_names", "evaluate", "expand_image_paths", "export_checkpoint", "frozen_labels",
     "initial_state", "load_trained", "make_loader", "open_dataset", "pad_targets", "predict_files",
     "predictions_on", "reconcile_resume", "seed_example", "train",
 ]

@@ -1,58 +1,206 @@
-"""The predict job: detections on image files, drawn as PNGs and listed in JSON in
-each file's own pixels."""
+"""The predict job: detections on collections of image files, in each file's own pixels.
 
+Paths may be files, folders (every image inside, recursively, in sorted order) or
+glob patterns. Images are decoded on a thread pool a few batches ahead, fitted onto
+the run's canvas and predicted ``batch_size`` at a time by one compiled program
+(the last batch is padded, so nothing recompiles). A file that cannot be read is
+reported and skipped; the others still get their detections.
+
+``detections.json`` lists one entry per image that was read, in input order::
+
+    {"image": path, "height": H, "width": W, "detections_png": path or null,
+     "detections": [{"box_xyxy": [x1, y1, x2, y2], "score": s, "label": l, "class": name}]}
+
+With ``results``, the same detections are also written as a COCO results file.
+"""
+
+import collections
+import glob
 import json
 import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from lucid_jax import viz
-from lucid_jax.data import load_image, preprocess
+from lucid_jax.data import DatasetError, fit_to_canvas, load_image
+from lucid_jax.export import uint8_predict_fn
+from lucid_jax.jobs.config import JobError
 from lucid_jax.jobs.training import load_trained
-from lucid_jax.train import make_predict_fn
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# A results file is scored by COCO's evaluation, which keeps low-scoring detections.
+COCO_SCORE_THRESH = 0.05
+SCORE_THRESH = 0.5
 
 
-def predict_files(paths: Sequence[str | os.PathLike], checkpoint, out: str | os.PathLike, *,
-                  model_name: str | None = None, score_thresh: float = 0.5) -> list[dict]:
-    """Detect objects in image files with a trained run; write PNGs and ``out/detections.json``.
+def default_score_thresh(results: bool) -> float:
+    """0.05 when writing a COCO results file (COCO's convention), 0.5 otherwise."""
+    return COCO_SCORE_THRESH if results else SCORE_THRESH
 
-    Every image is read before anything is written, so an unreadable file fails
-    with nothing on disk.
+
+def expand_image_paths(specs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Files, folders and glob patterns to a list of image paths, in order, each once.
+
+    A folder gives its image files (by suffix, recursively, sorted); a pattern its
+    sorted matches; a file itself (whatever its suffix, so that a bad file is
+    reported rather than silently left out).
+
+    Raises:
+      JobError: a folder or pattern that matches no image, or a path that does not exist.
+    """
+    paths: list[Path] = []
+    for spec in map(str, specs):
+        if os.path.isdir(spec):
+            found = sorted(p for p in Path(spec).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise JobError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder {spec}")
+        elif glob.has_magic(spec):
+            found = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if os.path.isfile(p)]
+            if not found:
+                raise JobError(f"no files match {spec}")
+        elif os.path.exists(spec):
+            found = [Path(spec)]
+        else:
+            raise JobError(f"no such file or folder: {spec}")
+        paths.extend(found)
+    return list(dict.fromkeys(paths))
+
+
+def _coco_image_id(path: Path, index: int) -> int:
+    """A COCO file name's number (000000397133.jpg -> 397133), else the 1-based position."""
+    return int(path.stem) if path.stem.isdigit() else index + 1
+
+
+@dataclass
+class PredictReport:
+    """What a predict run made: ``results`` (one dict per image read, as in
+    ``detections.json``) and ``failures`` ((path, reason) of the files skipped)."""
+
+    results: list[dict] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _load(path: Path) -> np.ndarray | str:
+    try:
+        return load_image(path)
+    except (DatasetError, OSError) as e:
+        return str(e)
+
+
+def _decoded(paths: Sequence[Path], num_workers: int, ahead: int) -> Iterator[tuple[Path, np.ndarray | str]]:
+    """(path, image or error message) in input order, decoding up to ``ahead`` files ahead."""
+    if num_workers == 0:
+        yield from ((p, _load(p)) for p in paths)
+        return
+    with ThreadPoolExecutor(num_workers) as pool:
+        pending: collections.deque = collections.deque()
+        todo = iter(paths)
+        for path in todo:
+            pending.append((path, pool.submit(_load, path)))
+            if len(pending) >= ahead:
+                break
+        while pending:
+            path, future = pending.popleft()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(_load, nxt)))
+            yield path, future.result()
+
+
+def predict_files(specs: Sequence[str | os.PathLike], checkpoint, out: str | os.PathLike, *,
+                  model_name: str | None = None, score_thresh: float | None = None, batch_size: int = 8,
+                  draw: bool = False, results: str | os.PathLike | None = None, num_workers: int = 4,
+                  progress: bool = True) -> PredictReport:
+    """Detect objects in image files with a trained run.
+
+    Args:
+      specs: files, folders and glob patterns (see :func:`expand_image_paths`).
+      checkpoint: the ``--out`` of ``train``.
+      out: folder for ``detections.json`` (and the drawings).
+      model_name: the architecture expected in the checkpoint, if given.
+      score_thresh: keep detections scoring at least this (default:
+        :func:`default_score_thresh`).
+      batch_size: images per compiled call.
+      draw: also write ``<stem>_detections.png`` per image.
+      results: also write a COCO results file here (image ids from numeric file
+        names, else 1-based positions; category ids are the labels 1..C-1).
+      num_workers: decoding threads (0: decode in this thread).
+      progress: show a progress bar (images per second).
 
     Returns:
-      One dict per image: {"image", "detections_png", "detections": [{"box_xyxy"
-      (the file's pixels), "score", "label", "class"}]}.
+      A :class:`PredictReport`.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"--out {out} is a file; give a folder")
-    images = [load_image(p) for p in paths]
+    if batch_size < 1:
+        raise JobError(f"--batch-size must be >= 1, got {batch_size}")
+    paths = expand_image_paths(specs)
     model, variables, class_names, config = load_trained(checkpoint, model_name)
+    thresh = default_score_thresh(results is not None) if score_thresh is None else score_thresh
+    predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh))
+    canvas = (config.image_size, config.image_size)
+    names = ["background", *class_names]
     out.mkdir(parents=True, exist_ok=True)
-    predict = make_predict_fn(model, score_thresh=score_thresh)
-    results = []
-    for path, image in zip(paths, images):
-        ex = preprocess({"image": image, "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
-                        canvas=config.image_size, longer_side=config.image_size,
-                        size_divisibility=model.backbone.size_divisibility)
-        dets = jax.device_get(predict(variables, ex["image"][None], ex["image_size"][None]))
-        sy, sx = ex["scale"]
-        keep = dets["valid"][0]
-        boxes = dets["boxes"][0][keep] / np.array([sx, sy, sx, sy], np.float32)  # back to the file's pixels
-        scores, labels = dets["scores"][0][keep], dets["labels"][0][keep]
-        png = out / (Path(path).stem + "_detections.png")
-        viz.save_detections(image, {"boxes": boxes, "scores": scores, "labels": labels}, png, ["background", *class_names])
-        results.append({
-            "image": str(path),
-            "detections_png": str(png),
-            "detections": [
-                {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(l),
-                 "class": class_names[int(l) - 1]}
-                for b, s, l in zip(boxes, scores, labels)
-            ],
-        })
-    (out / "detections.json").write_text(json.dumps(results, indent=2))
-    return results
+    report = PredictReport()
+    coco: list[dict] = []
+    position = {p: i for i, p in enumerate(paths)}
+
+    def flush(batch: list) -> None:
+        images = np.zeros((batch_size, *canvas, 3), np.uint8)
+        sizes = np.tile(np.array(canvas, np.int32), (batch_size, 1))  # padding rows: any valid size
+        for i, (_, _, fitted, size, _) in enumerate(batch):
+            images[i], sizes[i] = fitted, size
+        dets = jax.device_get(predict(variables, images, sizes))
+        for i, (path, image, _, _, scale) in enumerate(batch):
+            keep = dets["valid"][i]
+            sy, sx = scale
+            boxes = dets["boxes"][i][keep] / np.array([sx, sy, sx, sy], np.float32)  # the file's pixels
+            scores, labels = dets["scores"][i][keep], dets["labels"][i][keep]
+            png = None
+            if draw:
+                png = out / (path.stem + "_detections.png")
+                viz.save_detections(image, {"boxes": boxes, "scores": scores, "labels": labels}, png, names)
+            if results is not None:
+                image_id = _coco_image_id(path, position[path])
+                coco.extend({"image_id": image_id, "category_id": int(lab), "score": float(s),
+                             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
+                            for b, s, lab in zip(boxes, scores, labels, strict=True))
+            report.results.append({
+                "image": str(path),
+                "height": int(image.shape[0]),
+                "width": int(image.shape[1]),
+                "detections_png": None if png is None else str(png),
+                "detections": [
+                    {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(lab),
+                     "class": class_names[int(lab) - 1]}
+                    for b, s, lab in zip(boxes, scores, labels, strict=True)
+                ],
+            })
+
+    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    batch: list = []
+    for path, image in _decoded(paths, num_workers, ahead=2 * batch_size):
+        if isinstance(image, str):
+            report.failures.append((str(path), image))
+        else:
+            fitted, size, scale = fit_to_canvas(image, canvas)
+            batch.append((path, image, fitted, size, scale))
+            if len(batch) == batch_size:
+                flush(batch)
+                batch = []
+        bar.update(1)
+    if batch:
+        flush(batch)
+    bar.close()
+
+    (out / "detections.json").write_text(json.dumps(report.results, indent=2))
+    if results is not None:
+        Path(results).write_text(json.dumps(coco))
+    return report

@@ -1,0 +1,43 @@
+"""The export job: a trained run as one file that serves prediction without lucid_jax
+(see :mod:`lucid_jax.export` for the calling contract)."""
+
+import os
+import time
+from pathlib import Path
+
+from lucid_jax.export import PLATFORMS, export_prediction, write_artifact
+from lucid_jax.jobs.config import JobError
+from lucid_jax.jobs.training import load_trained
+
+
+def export_checkpoint(checkpoint, out: str | os.PathLike, *, model_name: str | None = None,
+                      batch_size: int | None = None, platforms=PLATFORMS, score_thresh: float | None = None) -> dict:
+    """Export a run's prediction on its canvas as ``out`` (jax.export) and ``out.json``.
+
+    Args:
+      checkpoint: the ``--out`` of ``train``.
+      out: the artifact's path.
+      batch_size: a fixed batch size; None for a symbolic batch dimension (any B).
+      platforms: lower for each of these ("cpu", "cuda", "tpu").
+      score_thresh: the artifact's detection threshold (default: the model's, 0.05).
+
+    Returns:
+      The JSON sidecar's content, plus "bytes" (the artifact's size) and "seconds".
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise JobError(f"--out {out} is a folder; give a file name")
+    bad = sorted(set(platforms) - set(PLATFORMS))
+    if bad or not platforms:
+        raise JobError(f"--platforms must be among {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}")
+    if batch_size is not None and batch_size < 1:
+        raise JobError(f"--batch-size must be >= 1, got {batch_size}")
+    start = time.perf_counter()
+    model, variables, class_names, config = load_trained(checkpoint, model_name)
+    kwargs = {} if score_thresh is None else {"score_thresh": score_thresh}
+    exported = export_prediction(model, variables, canvas=(config.image_size, config.image_size),
+                                 batch_size=batch_size, platforms=tuple(platforms), **kwargs)
+    thresh = model.roi_heads.score_thresh if score_thresh is None else score_thresh
+    meta = write_artifact(exported, out, class_names=class_names,
+                          extra={"model": config.model, "score_thresh": thresh, "checkpoint": str(checkpoint)})
+    return {**meta, "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 1)}

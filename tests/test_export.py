@@ -1,0 +1,179 @@
+"""Shipping a trained detector: the jax.export artifact run by jax alone, the serving
+API against ``lucid-jax predict``, and batched prediction over folders and globs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from lucid_jax import cli, jobs, serving
+from lucid_jax.data import ShapesDataset, fit_to_canvas, preprocess
+from lucid_jax.export import uint8_predict_fn
+from lucid_jax.train import make_predict_fn
+
+# Runs in a fresh interpreter that imports only jax and numpy.
+RUNNER = r"""
+import sys
+import jax
+import numpy as np
+
+exp = jax.export.deserialize(bytearray(open(sys.argv[1], "rb").read()))
+images, sizes = np.load(sys.argv[2]), np.load(sys.argv[3])
+out = exp.call(images, sizes)
+np.savez(sys.argv[4], **{k: np.asarray(v) for k, v in out.items()})
+print("lucid_jax imported:", any(m == "lucid_jax" or m.startswith("lucid_jax.") for m in sys.modules))
+"""
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Six PNGs of shapes at three sizes (landscape, portrait, square), named 1.png .. 6.png."""
+    folder = tmp_path_factory.mktemp("photos")
+    images = {}
+    for i, size in enumerate([(96, 160), (160, 96), (128, 128), (64, 200), (200, 64), (100, 100)]):
+        image = ShapesDataset(num_examples=1, seed=20 + i, image_size=size)[0]["image"]
+        Image.fromarray(image).save(folder / f"{i + 1}.png")
+        images[f"{i + 1}.png"] = image
+    return folder, images
+
+
+@pytest.fixture(scope="module")
+def artifact(trained, tmp_path_factory):
+    """The trained run exported with a symbolic batch and a 0.3 threshold."""
+    path = tmp_path_factory.mktemp("export") / "detector.jax"
+    assert cli.main(["export", "--checkpoint", str(trained), "--out", str(path), "--score-thresh", "0.3"]) == 0
+    return path
+
+
+def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, photos, tmp_path):
+    meta = json.loads((artifact.parent / "detector.jax.json").read_text())
+    model, variables, class_names, config = jobs.load_trained(trained)
+    assert meta["class_names"] == class_names and meta["canvas"] == [128, 128] and meta["batch_size"] == "any"
+    assert meta["platforms"] == ["cpu", "cuda", "tpu"] and meta["jax_version"] == jax.__version__
+    assert meta["normalisation"]["mean"] == [0.485, 0.456, 0.406] and meta["score_thresh"] == 0.3
+    assert meta["inputs"]["images"][:5] == ["any", 128, 128, 3, "uint8"] and set(meta["outputs"]) == {
+        "boxes", "scores", "labels", "valid"}
+
+    _, images = photos
+    fitted = [fit_to_canvas(images[name], (128, 128)) for name in sorted(images)]
+    canvases = np.stack([f[0] for f in fitted])
+    sizes = np.stack([f[1] for f in fitted])
+    np.save(tmp_path / "images.npy", canvases)
+    np.save(tmp_path / "sizes.npy", sizes)
+    proc = subprocess.run([sys.executable, "-c", RUNNER, str(artifact), str(tmp_path / "images.npy"),
+                           str(tmp_path / "sizes.npy"), str(tmp_path / "out.npz")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "lucid_jax imported: False" in proc.stdout
+    got = dict(np.load(tmp_path / "out.npz"))
+
+    # the library's predict on the preprocessed float canvas of the same images
+    x = np.stack([preprocess({"image": images[name], "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
+                             canvas=128, longer_side=128, size_divisibility=32)["image"] for name in sorted(images)])
+    np.testing.assert_array_equal(np.stack([f[2] for f in fitted]),
+                                  [preprocess({"image": images[n], "boxes": np.zeros((0, 4)), "labels": np.zeros(0)},
+                                              canvas=128, longer_side=128, size_divisibility=32)["scale"]
+                                   for n in sorted(images)])
+    want = jax.device_get(make_predict_fn(model, score_thresh=0.3)(variables, x, sizes.astype(np.float32)))
+    assert got["valid"].sum() >= 6, "the trained detector should find objects in most images"
+    np.testing.assert_array_equal(got["valid"], want["valid"])
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+    np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+    np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
+
+
+def test_fixed_batch_export_and_bad_arguments(trained, tmp_path):
+    path = tmp_path / "b2.jax"
+    assert cli.main(["export", "--checkpoint", str(trained), "--out", str(path), "--batch-size", "2",
+                     "--platforms", "cpu"]) == 0
+    exported = jax.export.deserialize(bytearray(path.read_bytes()))
+    assert exported.in_avals[0].shape == (2, 128, 128, 3) and exported.platforms == ("cpu",)
+    assert json.loads((tmp_path / "b2.jax.json").read_text())["batch_size"] == 2
+    with pytest.raises(ValueError, match="exported for batch size 2, not 4"):
+        serving.load(path, batch_size=4)
+    for args, message in [(["--platforms", "cpu,gpu"], "--platforms must be among cpu, cuda, tpu, got cpu, gpu"),
+                          (["--batch-size", "0"], "--batch-size must be >= 1, got 0")]:
+        proc = subprocess.run([sys.executable, "-m", "lucid_jax.cli", "export", "--checkpoint", str(trained),
+                               "--out", str(tmp_path / "x.jax"), *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr  # usage errors
+        assert not (tmp_path / "x.jax").exists()
+
+
+def test_serving_load_equals_lucid_jax_predict(trained, artifact, photos, tmp_path):
+    folder, images = photos
+    assert cli.main(["predict", str(folder), "--checkpoint", str(trained), "--out", str(tmp_path / "pred"),
+                     "--score-thresh", "0.3", "--no-progress"]) == 0
+    listed = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert [os.path.basename(r["image"]) for r in listed] == sorted(images)
+    detect = serving.load(artifact, batch_size=4)
+    served = detect([images[name] for name in sorted(images)])
+    assert sum(len(d["boxes"]) for d in served) >= 6
+    for entry, dets, name in zip(listed, served, sorted(images), strict=True):
+        h, w = images[name].shape[:2]
+        assert (entry["height"], entry["width"]) == (h, w)
+        np.testing.assert_allclose(dets["boxes"], np.array([d["box_xyxy"] for d in entry["detections"]]).reshape(-1, 4),
+                                   atol=0.011)  # the JSON rounds to 0.01 px
+        assert dets["classes"] == [d["class"] for d in entry["detections"]]
+        np.testing.assert_allclose(dets["scores"], [d["score"] for d in entry["detections"]], atol=6e-5)
+        assert (dets["boxes"][:, 2] <= w + 0.01).all() and (dets["boxes"][:, 3] <= h + 0.01).all()
+    with pytest.raises(ValueError, match=r"images\[0\] must be uint8 \[H, W, 3\] RGB"):
+        detect([images["1.png"].astype(np.float32)])
+
+
+def test_predict_batches_globs_skips_unreadable_files_and_writes_coco_results(trained, photos, tmp_path):
+    folder, images = photos
+    (folder / "notes.txt").write_text("not an image, and not an image suffix: a folder scan leaves it out")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    one, four = tmp_path / "one", tmp_path / "four"
+    args = ["--checkpoint", str(trained), "--score-thresh", "0.3", "--no-progress"]
+    assert cli.main(["predict", str(folder), "--out", str(one), "--batch-size", "1", *args]) == 0
+    proc = subprocess.run([sys.executable, "-m", "lucid_jax.cli", "predict", str(folder / "*.png"), str(broken),
+                           "--out", str(four), "--batch-size", "4", "--results", str(tmp_path / "coco.json"),
+                           "--draw", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert f"skipped {broken}" in proc.stderr and "1 file(s) could not be read" in proc.stderr
+    by_one = json.loads((one / "detections.json").read_text())
+    by_four = json.loads((four / "detections.json").read_text())
+    assert [r["image"] for r in by_four] == [str(folder / name) for name in sorted(images)]
+    assert all(r["detections_png"] is None for r in by_one)
+    assert all(os.path.isfile(r["detections_png"]) for r in by_four)
+    # the batch size changes nothing but speed
+    for a, b in zip(by_one, by_four, strict=True):
+        assert [d["class"] for d in a["detections"]] == [d["class"] for d in b["detections"]]
+        np.testing.assert_allclose(np.array([d["box_xyxy"] for d in a["detections"]]).reshape(-1, 4),
+                                   np.array([d["box_xyxy"] for d in b["detections"]]).reshape(-1, 4), atol=0.011)
+    coco = json.loads((tmp_path / "coco.json").read_text())
+    assert {r["image_id"] for r in coco} <= {1, 2, 3, 4, 5, 6}  # numeric file names are the image ids
+    assert len(coco) == sum(len(r["detections"]) for r in by_four) > 0
+    first = next(r for r in by_four if r["detections"])["detections"][0]
+    x1, y1, x2, y2 = first["box_xyxy"]
+    assert any(abs(r["bbox"][0] - x1) < 0.01 and abs(r["bbox"][2] - (x2 - x1)) < 0.02 for r in coco)
+
+
+def test_uint8_predict_fn_zeroes_the_padding():
+    """What the artifact adds to predict: normalisation, and padding that is 0 after it."""
+    from lucid_jax.data import IMAGENET_MEAN, IMAGENET_STD
+
+    captured = {}
+
+    class Recorder:
+        def apply(self, variables, x, sizes, method, **kwargs):
+            captured.update(x=np.asarray(x), sizes=np.asarray(sizes))
+            return {}
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    sizes = np.array([[64, 96], [40, 70]], np.int32)
+    uint8_predict_fn(Recorder())({}, images, sizes)
+    x = captured["x"]  # [2, 3, 64, 96]
+    want = ((images / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(x[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x[1, :, :40, :70], want[1, :, :40, :70], rtol=1e-5, atol=1e-5)
+    assert not x[1, :, 40:].any() and not x[1, :, :, 70:].any()
+    np.testing.assert_array_equal(captured["sizes"], sizes)
