@@ -114,16 +114,36 @@ def _decoded(paths: Sequence[Path], num_workers: int, ahead: int) -> Iterator[tu
 
 
 def predict_files(specs: Sequence[str | os.PathLike], checkpoint, out: str | os.PathLike, *,
-                  model_name: str | None = None, score_thresh: float | None = None, batch_size: int = 8,
-                  draw: bool = False, results: str | os.PathLike | None = None, num_workers: int = 4,
-                  progress: bool = True) -> PredictReport:
-    """Detect objects in image files with a trained run.
+                  model_name: str | None = None, **kwargs) -> PredictReport:
+    """Detect objects in image files with a trained run (see :func:`detect_files`).
 
     Args:
       specs: files, folders and glob patterns (see :func:`expand_image_paths`).
-      checkpoint: the ``--out`` of ``train``.
+      checkpoint: the ``--out`` of ``train``; its canvas is the run's ``image_size``.
       out: folder for ``detections.json`` (and the drawings).
       model_name: the architecture expected in the checkpoint, if given.
+      **kwargs: the options of :func:`detect_files`.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file; give a folder")
+    paths = expand_image_paths(specs)
+    model, variables, class_names, config = load_trained(checkpoint, model_name)
+    return detect_files(model, variables, class_names, (config.image_size, config.image_size), paths, out, **kwargs)
+
+
+def detect_files(model, variables, class_names: Sequence[str], canvas: tuple[int, int], paths: Sequence[Path],
+                 out: str | os.PathLike, *, score_thresh: float | None = None, batch_size: int = 8,
+                 draw: bool = False, results: str | os.PathLike | None = None, num_workers: int = 4,
+                 progress: bool = True) -> PredictReport:
+    """Detect objects in image files with a model and its variables.
+
+    Args:
+      model, variables: the detector.
+      class_names: its foreground classes (label l is ``class_names[l - 1]``).
+      canvas: (height, width) the images are fitted onto.
+      paths: image files.
+      out: folder for ``detections.json`` (and the drawings).
       score_thresh: keep detections scoring at least this (default:
         :func:`default_score_thresh`).
       batch_size: images per compiled call.
@@ -137,15 +157,11 @@ def predict_files(specs: Sequence[str | os.PathLike], checkpoint, out: str | os.
       A :class:`PredictReport`.
     """
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a folder")
     if batch_size < 1:
         raise JobError(f"--batch-size must be >= 1, got {batch_size}")
-    paths = expand_image_paths(specs)
-    model, variables, class_names, config = load_trained(checkpoint, model_name)
     thresh = default_score_thresh(results is not None) if score_thresh is None else score_thresh
     predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh))
-    canvas = (config.image_size, config.image_size)
+    canvas = (int(canvas[0]), int(canvas[1]))
     names = ["background", *class_names]
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
