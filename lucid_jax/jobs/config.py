@@ -57,6 +57,9 @@ class TrainConfig:
     init: str | None = _flag(None, "start from pretrained weights: .lcd, .safetensors, .npz, .pth or a run "
                              "directory (Lucid detector or backbone, torchvision ResNet or FasterRCNN); "
                              "ignored when the run resumes")
+    augment: str = _flag("flip", "training augmentation: none; flip (horizontal, p = 0.5); jitter (large-scale "
+                         "jitter: resize to 0.5..2.0 x the canvas fit, random crop or pad, flip; boxes keeping "
+                         "under 30% of their area are dropped)", choices=("none", "flip", "jitter"))
     max_boxes: int | None = _flag(None, "objects per image kept in training (none: the largest object count "
                                   "in the training split, so nothing is dropped)", type=int)
     split: str = _flag("train", "VOC training split, ImageSets/Main/<split>.txt (VOC 2007: trainval); without "

@@ -5,6 +5,7 @@ from functools import partial
 import numpy as np
 
 from lucid_jax.data import COCODataset, DatasetError, Loader, ShapesDataset, VOCDataset, preprocess
+from lucid_jax.data.jitter import jitter_preprocess
 from lucid_jax.jobs.config import JobError, TrainConfig, size_divisibility
 
 
@@ -54,8 +55,12 @@ def describe_data(dataset, echo=print) -> dict:
 
 def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | None = None) -> Loader:
     size = config.image_size
-    transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=0.5 if train else 0.0,
-                        size_divisibility=size_divisibility(config.model))
+    if train and config.augment == "jitter":
+        transform = partial(jitter_preprocess, canvas=size)
+    else:
+        flip = 0.5 if train and config.augment == "flip" else 0.0
+        transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=flip,
+                            size_divisibility=size_divisibility(config.model))
     try:
         return Loader(
             dataset,
