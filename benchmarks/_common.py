@@ -54,8 +54,8 @@ def torchvision_targets(batch):
     import torch
 
     return [
-        {"boxes": torch.from_numpy(b[v]), "labels": torch.from_numpy(l[v]).long()}
-        for b, l, v in zip(batch["boxes"], batch["labels"], batch["valid"])
+        {"boxes": torch.from_numpy(b[v]), "labels": torch.from_numpy(lab[v]).long()}
+        for b, lab, v in zip(batch["boxes"], batch["labels"], batch["valid"])
     ]
 
 
@@ -178,7 +178,7 @@ def run_child(script, argv, side, timeout=1800):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     tail = (proc.stdout + proc.stderr)[-3000:]
     print(f"[child {side} failed, rc={proc.returncode}]\n{tail}", file=sys.stderr)
     return None
@@ -246,7 +246,10 @@ def environment_line():
         import torch
         import torchvision
 
-        parts += [f"torch {torch.__version__} ({torch.get_num_threads()} threads)", f"torchvision {torchvision.__version__}"]
+        parts += [
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+            f"torchvision {torchvision.__version__}",
+        ]
     except ImportError:
         pass
     return ", ".join(parts)

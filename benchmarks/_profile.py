@@ -283,7 +283,9 @@ def profile_torch(run, title, top=12):
     print(f"\n## {title} (torch.profiler, self CPU time summed over threads, total {total / 1e6:.2f} s)")
     rows = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
     print_table(
-        [(e.key, e.count, f"{e.self_cpu_time_total / 1e3:.0f}", f"{100 * e.self_cpu_time_total / total:.1f}")
-         for e in rows],
+        [
+            (e.key, e.count, f"{e.self_cpu_time_total / 1e3:.0f}", f"{100 * e.self_cpu_time_total / total:.1f}")
+            for e in rows
+        ],
         ["op", "calls", "self ms", "%"],
     )

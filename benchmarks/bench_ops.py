@@ -107,8 +107,10 @@ def main(argv=None):
         sys.exit(TV_MISSING)
     import jax
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), torchvision {torchvision.__version__}, {os.cpu_count()} CPUs")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), torchvision {torchvision.__version__}, {os.cpu_count()} CPUs"
+    )
     rows = [bench_nms(n, args.repeats) for n in args.sizes]
     if not args.skip_roi_align:
         try:

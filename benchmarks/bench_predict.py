@@ -47,15 +47,23 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="timed calls per function (interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per function after the first one")
-    p.add_argument("--config", choices=("lucid", "torchvision"), default="lucid",
-                   help="our model: the seed's (lucid) or TORCHVISION_FASTER_RCNN")
+    p.add_argument(
+        "--config",
+        choices=("lucid", "torchvision"),
+        default="lucid",
+        help="our model: the seed's (lucid) or TORCHVISION_FASTER_RCNN",
+    )
     p.add_argument("--no-rss", action="store_true", help="skip the per-side child processes")
     p.add_argument("--child-steps", type=int, default=3, help="calls after the first one in each child")
     p.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling")
     p.add_argument("--profile", action="store_true", help="also profile where our predict's time goes")
     p.add_argument("--profile-steps", type=int, default=2)
-    p.add_argument("--side", choices=("both", "ours", "torchvision"), default="both",
-                   help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)")
+    p.add_argument(
+        "--side",
+        choices=("both", "ours", "torchvision"),
+        default="both",
+        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)",
+    )
     args = p.parse_args(argv)
     multiple = C.ours_model(args.config).backbone.size_divisibility
     if args.size % multiple:
@@ -67,6 +75,7 @@ def build_ours(args, images):
     """Our jitted predict and seed forward on ``images``; dict of blocking callables."""
     import jax
     import jax.numpy as jnp
+
     from lucid_jax.train import make_predict_fn
 
     model = C.ours_model(args.config)
@@ -86,8 +95,15 @@ def build_ours(args, images):
     def run_forward():
         box["forward"] = jax.block_until_ready(forward(variables, x))
 
-    return {"predict": run_predict, "forward": run_forward, "box": box, "init_s": init_s,
-            "jit_predict": predict, "variables": variables, "x": x}
+    return {
+        "predict": run_predict,
+        "forward": run_forward,
+        "box": box,
+        "init_s": init_s,
+        "jit_predict": predict,
+        "variables": variables,
+        "x": x,
+    }
 
 
 def build_torchvision(args, images):
@@ -114,13 +130,15 @@ def run_child_side(args, images):
         fn = build_torchvision(args, images)["run"]
     first = C.time_call(fn)
     times = [C.time_call(fn) for _ in range(args.child_steps)]
-    C.emit_result({
-        "side": args.side,
-        "first_call_s": first,
-        "times_s": times,
-        "median_s": C.median(times),
-        "peak_rss_mib": C.peak_rss_mib(),
-    })
+    C.emit_result(
+        {
+            "side": args.side,
+            "first_call_s": first,
+            "times_s": times,
+            "median_s": C.median(times),
+            "peak_rss_mib": C.peak_rss_mib(),
+        }
+    )
 
 
 def main(argv=None):
@@ -134,15 +152,25 @@ def main(argv=None):
     if args.side != "both":
         return run_child_side(args, images)
 
-    print(f"# bench_predict: Faster R-CNN ResNet-101 FPN inference, {args.batch}x3x{args.size}x{args.size}, "
-          f"our config '{args.config}'")
+    print(
+        f"# bench_predict: Faster R-CNN ResNet-101 FPN inference, {args.batch}x3x{args.size}x{args.size}, "
+        f"our config '{args.config}'"
+    )
     print(C.environment_line())
 
     children = {}
     if not args.no_rss:
         script = os.path.abspath(__file__)
-        argv_child = ["--size", str(args.size), "--batch", str(args.batch), "--config", args.config,
-                      "--child-steps", str(args.child_steps)]
+        argv_child = [
+            "--size",
+            str(args.size),
+            "--batch",
+            str(args.batch),
+            "--config",
+            args.config,
+            "--child-steps",
+            str(args.child_steps),
+        ]
         for side in ("ours", "torchvision"):
             print(f"running the '{side}' child for its peak RSS ...", flush=True)
             children[side] = C.run_child(script, argv_child, side)
@@ -173,8 +201,10 @@ def main(argv=None):
     best_ceiling = max(v for v in ceiling.values() if v) if ceiling else None
 
     tv_med = C.median(times["torchvision"])
-    print(f"\n## Inference time ({args.steps} calls per function, interleaved in one process, "
-          f"after {args.warmup} warm-up)")
+    print(
+        f"\n## Inference time ({args.steps} calls per function, interleaved in one process, "
+        f"after {args.warmup} warm-up)"
+    )
     rows = []
     for name in fns:
         med = C.median(times[name])
@@ -183,12 +213,35 @@ def main(argv=None):
         achieved = f"{fl / med / 1e9:.0f}" if fl else "-"
         share = f"{100 * fl / med / 1e9 / best_ceiling:.0f}%" if fl and best_ceiling else "-"
         per_round = [a / b for a, b in zip(times[name], times["torchvision"])]
-        rows.append((name, f"{med:.3f}", C.spread(times[name]), f"{med / tv_med:.2f}x",
-                     f"{C.median(per_round):.2f}x", gf, achieved, share))
-    C.print_table(rows, ["function", "median s", "min..max s", "vs tv (medians)", "vs tv (per round)",
-                         "GFLOP", "GFLOP/s", "of ceiling"])
-    print("GFLOP: ours from XLA cost_analysis of predict (every HLO op), torchvision from FlopCounterMode "
-          "(matmuls and convolutions only).")
+        rows.append(
+            (
+                name,
+                f"{med:.3f}",
+                C.spread(times[name]),
+                f"{med / tv_med:.2f}x",
+                f"{C.median(per_round):.2f}x",
+                gf,
+                achieved,
+                share,
+            )
+        )
+    C.print_table(
+        rows,
+        [
+            "function",
+            "median s",
+            "min..max s",
+            "vs tv (medians)",
+            "vs tv (per round)",
+            "GFLOP",
+            "GFLOP/s",
+            "of ceiling",
+        ],
+    )
+    print(
+        "GFLOP: ours from XLA cost_analysis of predict (every HLO op), torchvision from FlopCounterMode "
+        "(matmuls and convolutions only)."
+    )
     print(f"our predict's bytes accessed (XLA): {bytes_accessed / 2**30:.2f} GiB")
     if ceiling:
         tv_part = f", torch.mm {ceiling['torch']:.0f}" if ceiling.get("torch") else ""
@@ -213,8 +266,11 @@ def main(argv=None):
             rows.append((f"{side} child", "failed (see stderr)"))
     C.print_table(rows, ["what", "value"])
     if children.get("ours") and children.get("torchvision"):
-        print(f"peak RSS ours / torchvision: {children['ours']['peak_rss_mib'] / children['torchvision']['peak_rss_mib']:.2f}x "
-              "(each side in its own process; ours includes XLA's compile)")
+        print(
+            f"peak RSS ours / torchvision: "
+            f"{children['ours']['peak_rss_mib'] / children['torchvision']['peak_rss_mib']:.2f}x "
+            "(each side in its own process; ours includes XLA's compile)"
+        )
 
     import numpy as np
 
@@ -224,17 +280,24 @@ def main(argv=None):
     print(f"\ndetections kept (random weights): ours {n_ours}, torchvision {n_tv}")
 
     if args.profile:
-        op_times, wall = P.trace_op_times(ours["predict"], args.profile_steps,
-                                          tempfile.mkdtemp(prefix="bench_predict_trace_"))
+        op_times, wall = P.trace_op_times(
+            ours["predict"], args.profile_steps, tempfile.mkdtemp(prefix="bench_predict_trace_")
+        )
         rows, kinds, top = P.op_breakdown(compiled_text, op_times)
         busy = sum(op_times.values())
-        print(f"\n## Profile of our predict (jax.profiler, {args.profile_steps} call(s), wall {wall:.3f} s/call, "
-              f"op busy time {busy:.3f} s/call)")
-        C.print_table([(c, f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}", n) for c, d, s, n in rows],
-                      ["component", "ms/call", "%", "ops"])
+        print(
+            f"\n## Profile of our predict (jax.profiler, {args.profile_steps} call(s), wall {wall:.3f} s/call, "
+            f"op busy time {busy:.3f} s/call)"
+        )
+        C.print_table(
+            [(c, f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}", n) for c, d, s, n in rows],
+            ["component", "ms/call", "%", "ops"],
+        )
         print()
-        C.print_table([(k, f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}")
-                       for k, s in sorted(kinds.items(), key=lambda kv: -kv[1])], ["kind", "ms/call", "%"])
+        C.print_table(
+            [(k, f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}") for k, s in sorted(kinds.items(), key=lambda kv: -kv[1])],
+            ["kind", "ms/call", "%"],
+        )
         P.profile_torch(tv["run"], "torchvision's top ops over one call")
     return {name: C.median(t) for name, t in times.items()}
 

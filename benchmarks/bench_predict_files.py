@@ -56,8 +56,10 @@ def main(argv=None) -> None:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.images)
-        print(f"# predict over {len(paths)} JPEGs (640x480, 480x640) on a {args.canvas}^2 canvas, "
-              f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+        print(
+            f"# predict over {len(paths)} JPEGs (640x480, 480x640) on a {args.canvas}^2 canvas, "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s)"
+        )
         print("| model | batch | images/s | vs batch 1 |")
         print("|---|---|---|---|")
         for key in args.models.split(","):
@@ -66,8 +68,16 @@ def main(argv=None) -> None:
             params = dict(variables["params"])
             params["cls_score"] = {**params["cls_score"], "kernel": params["cls_score"]["kernel"] * 30.0}
             variables = {**variables, "params": params}
-            run = functools.partial(detect_files, model, variables, ["a", "b", "c"], (args.canvas, args.canvas),
-                                    paths, results=Path(tmp) / "coco.json", progress=False)
+            run = functools.partial(
+                detect_files,
+                model,
+                variables,
+                ["a", "b", "c"],
+                (args.canvas, args.canvas),
+                paths,
+                results=Path(tmp) / "coco.json",
+                progress=False,
+            )
 
             for b in batch_sizes:  # compile each batch size once, untimed
                 run(Path(tmp) / f"warm{b}", batch_size=b)

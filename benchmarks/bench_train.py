@@ -7,7 +7,8 @@ Both sides train the same synthetic batch (random images in [0, 1], ``--boxes``
 random boxes per image, labels 1..20) at size x size with the same trainable stages:
 
 - ours: ``faster_rcnn_resnet_101_fpn(num_classes=21, norm_mode="frozen")``, the jitted
-  ``make_train_step(frozen=...)`` step (frozen parameters get no gradient work), SGD (lr 0.01, momentum 0.9, weight decay 1e-4) from
+  ``make_train_step(frozen=...)`` step (frozen parameters get no gradient work), SGD (lr 0.01,
+  momentum 0.9, weight decay 1e-4) from
   ``build_optimizer(trainable_backbone_layers=N, freeze_batchnorm=True)``. With
   ``--config torchvision`` it uses ``TORCHVISION_FASTER_RCNN`` instead (3 anchors on
   P2..P6, 2000 training proposals, ...), the same work as torchvision's model.
@@ -59,16 +60,24 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side after the first call")
     p.add_argument("--trainable-layers", type=int, default=3, help="trainable backbone stages, both sides")
     p.add_argument("--boxes", type=int, default=4, help="ground-truth boxes per image")
-    p.add_argument("--config", choices=("lucid", "torchvision"), default="lucid",
-                   help="our model: the seed's (lucid) or TORCHVISION_FASTER_RCNN")
+    p.add_argument(
+        "--config",
+        choices=("lucid", "torchvision"),
+        default="lucid",
+        help="our model: the seed's (lucid) or TORCHVISION_FASTER_RCNN",
+    )
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--no-rss", action="store_true", help="skip the per-side child processes")
     p.add_argument("--child-steps", type=int, default=2, help="steps after the first one in each child")
     p.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling")
     p.add_argument("--profile", action="store_true", help="also profile where our step's time goes")
     p.add_argument("--profile-steps", type=int, default=1)
-    p.add_argument("--side", choices=("both", "ours", "torchvision"), default="both",
-                   help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)")
+    p.add_argument(
+        "--side",
+        choices=("both", "ours", "torchvision"),
+        default="both",
+        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)",
+    )
     args = p.parse_args(argv)
     multiple = C.ours_model(args.config).backbone.size_divisibility
     if args.size % multiple:
@@ -79,9 +88,20 @@ def parse_args(argv=None):
 def child_argv(args):
     """The arguments a child needs to build the same step."""
     return [
-        "--size", str(args.size), "--batch", str(args.batch), "--boxes", str(args.boxes),
-        "--trainable-layers", str(args.trainable_layers), "--config", args.config,
-        "--lr", str(args.lr), "--child-steps", str(args.child_steps),
+        "--size",
+        str(args.size),
+        "--batch",
+        str(args.batch),
+        "--boxes",
+        str(args.boxes),
+        "--trainable-layers",
+        str(args.trainable_layers),
+        "--config",
+        args.config,
+        "--lr",
+        str(args.lr),
+        "--child-steps",
+        str(args.child_steps),
     ]
 
 
@@ -176,13 +196,15 @@ def run_child_side(args):
         side = build_torchvision(args, batch)
     first = C.time_call(side["run"])
     times = [C.time_call(side["run"]) for _ in range(args.child_steps)]
-    C.emit_result({
-        "side": args.side,
-        "first_call_s": first,
-        "times_s": times,
-        "median_s": C.median(times),
-        "peak_rss_mib": C.peak_rss_mib(),
-    })
+    C.emit_result(
+        {
+            "side": args.side,
+            "first_call_s": first,
+            "times_s": times,
+            "median_s": C.median(times),
+            "peak_rss_mib": C.peak_rss_mib(),
+        }
+    )
 
 
 def profile_ours(ours, compiled_text, steps):
@@ -190,8 +212,10 @@ def profile_ours(ours, compiled_text, steps):
     op_times, wall = P.trace_op_times(ours["run"], steps, tempfile.mkdtemp(prefix="bench_train_trace_"))
     rows, kinds, top = P.op_breakdown(compiled_text, op_times)
     busy = sum(op_times.values())
-    print(f"\n## Profile of our step (jax.profiler, {steps} step(s), wall {wall:.2f} s/step, "
-          f"op busy time {busy:.2f} s/step; ops on the two threads overlap, so busy > wall)")
+    print(
+        f"\n## Profile of our step (jax.profiler, {steps} step(s), wall {wall:.2f} s/step, "
+        f"op busy time {busy:.2f} s/step; ops on the two threads overlap, so busy > wall)"
+    )
     print("\nBy component (fwd = forward, bwd = backward; % of op busy time):")
     C.print_table(
         [(c, d or "-", f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}", n) for c, d, s, n in rows],
@@ -221,8 +245,10 @@ def main(argv=None):
 
     import jax
 
-    print(f"# bench_train: Faster R-CNN ResNet-101 FPN training step, {args.batch}x3x{args.size}x{args.size}, "
-          f"trainable backbone layers {args.trainable_layers}, our config '{args.config}'")
+    print(
+        f"# bench_train: Faster R-CNN ResNet-101 FPN training step, {args.batch}x3x{args.size}x{args.size}, "
+        f"trainable backbone layers {args.trainable_layers}, our config '{args.config}'"
+    )
     print(C.environment_line())
 
     children = {}
@@ -270,17 +296,25 @@ def main(argv=None):
         achieved = fl / med / 1e9
         rows.append((name, f"{med:.2f}", C.spread(times[key]), f"{fl / 1e9:.0f}", f"{achieved:.0f}", pct(achieved)))
     C.print_table(rows, ["side", "median s", "min..max s", "GFLOP/step", "GFLOP/s", "of ceiling"])
-    print(f"ratio ours / torchvision: {ours_med / tv_med:.2f}x (medians), "
-          f"{C.median(round_ratios):.2f}x (median of per-round ratios: "
-          f"{', '.join(f'{r:.2f}' for r in round_ratios)})")
-    print("GFLOP/step: ours from XLA cost_analysis (every HLO op, elementwise included), "
-          "torchvision from FlopCounterMode (matmuls and convolutions only).")
-    print(f"our step's bytes accessed (XLA): {bytes_accessed / 2**30:.1f} GiB; "
-          f"arithmetic intensity {flops / bytes_accessed:.1f} FLOP/byte")
+    print(
+        f"ratio ours / torchvision: {ours_med / tv_med:.2f}x (medians), "
+        f"{C.median(round_ratios):.2f}x (median of per-round ratios: "
+        f"{', '.join(f'{r:.2f}' for r in round_ratios)})"
+    )
+    print(
+        "GFLOP/step: ours from XLA cost_analysis (every HLO op, elementwise included), "
+        "torchvision from FlopCounterMode (matmuls and convolutions only)."
+    )
+    print(
+        f"our step's bytes accessed (XLA): {bytes_accessed / 2**30:.1f} GiB; "
+        f"arithmetic intensity {flops / bytes_accessed:.1f} FLOP/byte"
+    )
     if ceiling:
         tv_part = f", torch.mm {ceiling['torch']:.0f}" if ceiling.get("torch") else ""
-        print(f"float32 ceiling (best 4096^3 matmul): jnp.dot {ceiling['jax']:.0f} GFLOP/s{tv_part}; "
-              f"'of ceiling' uses the larger, {best_ceiling:.0f} GFLOP/s")
+        print(
+            f"float32 ceiling (best 4096^3 matmul): jnp.dot {ceiling['jax']:.0f} GFLOP/s{tv_part}; "
+            f"'of ceiling' uses the larger, {best_ceiling:.0f} GFLOP/s"
+        )
 
     print("\n## Compile time and memory")
     rows = [
@@ -303,8 +337,11 @@ def main(argv=None):
             rows.append((f"{side} child", "failed (see stderr)"))
     C.print_table(rows, ["what", "value"])
     if children.get("ours") and children.get("torchvision"):
-        print(f"peak RSS ours / torchvision: {children['ours']['peak_rss_mib'] / children['torchvision']['peak_rss_mib']:.2f}x "
-              "(each side in its own process; ours includes XLA's compile)")
+        print(
+            f"peak RSS ours / torchvision: "
+            f"{children['ours']['peak_rss_mib'] / children['torchvision']['peak_rss_mib']:.2f}x "
+            "(each side in its own process; ours includes XLA's compile)"
+        )
 
     m_ours = {k: float(v) for k, v in ours["box"]["metrics"].items()}
     print("\nlast losses, ours: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(m_ours.items())))

@@ -33,7 +33,7 @@ with no ground truth has an undefined AP, reported as NaN and left out of the me
 import contextlib
 import copy
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -46,7 +46,9 @@ from lucid_jax.data.dataset import get_annotation
 def _images(predictions, targets) -> list[tuple[dict, dict]]:
     """Split (batched or per-image, dict or list of dicts) inputs into per-image (pred, gt) pairs."""
     if isinstance(predictions, (list, tuple)) or isinstance(targets, (list, tuple)):
-        if not (isinstance(predictions, (list, tuple)) and isinstance(targets, (list, tuple))) or len(predictions) != len(targets):
+        if not (isinstance(predictions, (list, tuple)) and isinstance(targets, (list, tuple))) or len(
+            predictions
+        ) != len(targets):
             raise ValueError("predictions and targets must both be dicts, or lists of the same length")
         return [pair for p, t in zip(predictions, targets) for pair in _images(p, t)]
     pred = {k: np.asarray(v) for k, v in predictions.items() if k in ("boxes", "scores", "labels", "valid")}
@@ -66,12 +68,20 @@ def _images(predictions, targets) -> list[tuple[dict, dict]]:
             keep &= pred["valid"][i].astype(bool)
         real = gt["valid"][i].astype(bool) if "valid" in gt else np.ones(gt["labels"].shape[1], bool)
         difficult = gt["difficult"][i].astype(bool) if "difficult" in gt else np.zeros_like(real)
-        out.append((
-            {"boxes": pred["boxes"][i][keep].astype(np.float64), "scores": pred["scores"][i][keep].astype(np.float64),
-             "labels": pred["labels"][i][keep].astype(np.int64)},
-            {"boxes": gt["boxes"][i][real].astype(np.float64), "labels": gt["labels"][i][real].astype(np.int64),
-             "difficult": difficult[real]},
-        ))
+        out.append(
+            (
+                {
+                    "boxes": pred["boxes"][i][keep].astype(np.float64),
+                    "scores": pred["scores"][i][keep].astype(np.float64),
+                    "labels": pred["labels"][i][keep].astype(np.int64),
+                },
+                {
+                    "boxes": gt["boxes"][i][real].astype(np.float64),
+                    "labels": gt["labels"][i][real].astype(np.int64),
+                    "difficult": difficult[real],
+                },
+            )
+        )
     return out
 
 
@@ -171,8 +181,11 @@ def _run_cocoeval(coco_gt, results: list[dict]) -> dict:
         coco_dt = coco_gt.loadRes(copy.deepcopy(results))  # loadRes writes into the records
     else:  # loadRes cannot take an empty list
         coco_dt = COCO()
-        coco_dt.dataset = {"images": coco_gt.dataset.get("images", []),
-                           "categories": coco_gt.dataset.get("categories", []), "annotations": []}
+        coco_dt.dataset = {
+            "images": coco_gt.dataset.get("images", []),
+            "categories": coco_gt.dataset.get("categories", []),
+            "annotations": [],
+        }
         coco_dt.createIndex()
     evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
     evaluator.evaluate()
@@ -231,12 +244,26 @@ def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -
     for image_id, (pred, gt) in enumerate(images, start=1):
         for box, label in zip(gt["boxes"], gt["labels"]):
             # ids start at 1: COCOeval uses 0 for "unmatched".
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                                "bbox": xywh(box), "area": float((box[2] - box[0]) * (box[3] - box[1])), "iscrowd": 0})
-        results += [{"image_id": image_id, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
-                    for box, score, label in zip(pred["boxes"], pred["scores"], pred["labels"])]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": xywh(box),
+                    "area": float((box[2] - box[0]) * (box[3] - box[1])),
+                    "iscrowd": 0,
+                }
+            )
+        results += [
+            {"image_id": image_id, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
+            for box, score, label in zip(pred["boxes"], pred["scores"], pred["labels"])
+        ]
     categories = [{"id": k, "name": name} for k, name in enumerate(class_names, start=1)]
-    gt = {"images": [{"id": i} for i in range(1, len(images) + 1)], "categories": categories, "annotations": annotations}
+    gt = {
+        "images": [{"id": i} for i in range(1, len(images) + 1)],
+        "categories": categories,
+        "annotations": annotations,
+    }
     metrics = coco_evaluate_official(gt, results)
     del metrics["stats"]
     return metrics
@@ -350,7 +377,11 @@ def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5) -> 
     images, counts = [], np.zeros(len(names) + 1, np.int64)
     for i, det in enumerate(dets):
         ann = get_annotation(dataset, i)
-        gt = {"boxes": ann["boxes"].astype(np.float64), "labels": ann["labels"].astype(np.int64), "difficult": ann["ignore"]}
+        gt = {
+            "boxes": ann["boxes"].astype(np.float64),
+            "labels": ann["labels"].astype(np.int64),
+            "difficult": ann["ignore"],
+        }
         images.append((det, gt))
         counts += np.bincount(gt["labels"][~gt["difficult"]], minlength=len(counts))[: len(counts)]
     gt_source = dataset.annotation_file if isinstance(dataset, COCODataset) else coco_ground_truth(dataset)

@@ -38,8 +38,9 @@ OUTPUT_SIGNATURE = {
 }
 
 
-def uint8_predict_fn(model, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                     **predict_kwargs) -> Callable:
+def uint8_predict_fn(
+    model, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, **predict_kwargs
+) -> Callable:
     """``predict(variables, images, image_sizes) -> detections`` on uint8 canvases.
 
     Args:
@@ -74,8 +75,15 @@ def serving_function(model, variables: Mapping, **kwargs) -> Callable:
     return lambda images, image_sizes: predict(variables, images, image_sizes)
 
 
-def export_prediction(model, variables: Mapping, *, canvas: tuple[int, int], batch_size: int | None = None,
-                      platforms: Sequence[str] = PLATFORMS, **serving_kwargs) -> jax.export.Exported:
+def export_prediction(
+    model,
+    variables: Mapping,
+    *,
+    canvas: tuple[int, int],
+    batch_size: int | None = None,
+    platforms: Sequence[str] = PLATFORMS,
+    **serving_kwargs,
+) -> jax.export.Exported:
     """``jax.export`` of :func:`serving_function` for one canvas and batch size.
 
     Args:
@@ -103,9 +111,15 @@ def export_prediction(model, variables: Mapping, *, canvas: tuple[int, int], bat
     return jax.export.export(serve, platforms=tuple(platforms))(*specs)
 
 
-def write_artifact(exported: jax.export.Exported, path: str | os.PathLike, *, class_names: Sequence[str],
-                   mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                   extra: Mapping[str, Any] | None = None) -> dict:
+def write_artifact(
+    exported: jax.export.Exported,
+    path: str | os.PathLike,
+    *,
+    class_names: Sequence[str],
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
     """Write ``exported.serialize()`` to ``path`` and its description to ``path + ".json"``.
 
     Returns:

@@ -25,7 +25,8 @@ import collections
 import importlib
 import os
 import pickle
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class _StateDictUnpickler(pickle.Unpickler):
         self._allowed = _allowed_globals()
 
     def find_class(self, module: str, name: str):
-        canonical = "numpy._core" + module[len("numpy.core"):] if module.startswith("numpy.core") else module
+        canonical = "numpy._core" + module[len("numpy.core") :] if module.startswith("numpy.core") else module
         try:
             return self._allowed[(canonical, name)]
         except KeyError:

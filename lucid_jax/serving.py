@@ -55,8 +55,9 @@ class Detector:
         """
         for i, image in enumerate(images):
             if np.asarray(image).dtype != np.uint8 or np.ndim(image) != 3 or np.shape(image)[2] != 3:
-                raise ValueError(f"images[{i}] must be uint8 [H, W, 3] RGB, got {np.asarray(image).dtype} "
-                                 f"{tuple(np.shape(image))}")
+                raise ValueError(
+                    f"images[{i}] must be uint8 [H, W, 3] RGB, got {np.asarray(image).dtype} {tuple(np.shape(image))}"
+                )
         out: list[dict] = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
@@ -70,12 +71,14 @@ class Detector:
             for i, (sy, sx) in enumerate(scales):
                 keep = dets["valid"][i] & (dets["scores"][i] >= score_thresh)
                 labels = dets["labels"][i][keep].astype(np.int32)
-                out.append({
-                    "boxes": (dets["boxes"][i][keep] / np.array([sx, sy, sx, sy], np.float32)).astype(np.float32),
-                    "scores": dets["scores"][i][keep].astype(np.float32),
-                    "labels": labels,
-                    "classes": [self.class_names[int(lab) - 1] for lab in labels],
-                })
+                out.append(
+                    {
+                        "boxes": (dets["boxes"][i][keep] / np.array([sx, sy, sx, sy], np.float32)).astype(np.float32),
+                        "scores": dets["scores"][i][keep].astype(np.float32),
+                        "labels": labels,
+                        "classes": [self.class_names[int(lab) - 1] for lab in labels],
+                    }
+                )
         return out
 
 

@@ -20,7 +20,8 @@ checked for shape only, since here they follow from the model's configuration.
 
 import os
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
@@ -325,8 +326,10 @@ def _load_torch_file(path: str) -> dict[str, np.ndarray]:
             obj = obj[wrapper]
     if not isinstance(obj, Mapping) or not all(hasattr(v, "detach") for v in obj.values()):
         raise StateDictError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return {k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
-            for k, v in obj.items()}
+    return {
+        k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+        for k, v in obj.items()
+    }
 
 
 def save_state_dict_file(flat: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -13,7 +13,7 @@ half a pixel onto a pixel centre.
 
 import math
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from matplotlib import colormaps
@@ -122,10 +122,28 @@ def draw_detections(
         keep = np.ones(len(gt_boxes), bool) if gt_valid is None else np.asarray(gt_valid, bool).reshape(-1)
         for (x1, y1, x2, y2), label in zip(gt_boxes[keep], gt_labels[keep]):
             color = class_color(label)
-            ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color,
-                                   linewidth=linewidth, linestyle="--", snap=False))
-            ax.text(x1 + 2, y2 - 2, _name(label, class_names), color=color, fontsize=fontsize * 0.9,
-                    va="bottom", ha="left", clip_on=True)
+            ax.add_patch(
+                Rectangle(
+                    (x1, y1),
+                    x2 - x1,
+                    y2 - y1,
+                    fill=False,
+                    edgecolor=color,
+                    linewidth=linewidth,
+                    linestyle="--",
+                    snap=False,
+                )
+            )
+            ax.text(
+                x1 + 2,
+                y2 - 2,
+                _name(label, class_names),
+                color=color,
+                fontsize=fontsize * 0.9,
+                va="bottom",
+                ha="left",
+                clip_on=True,
+            )
 
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)  # [K, 4]
     labels = np.asarray(labels).reshape(-1)  # [K]
@@ -139,13 +157,22 @@ def draw_detections(
             continue
         x1, y1, x2, y2 = boxes[k]
         color = class_color(labels[k])
-        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color,
-                               linewidth=linewidth, snap=False))
+        ax.add_patch(
+            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth, snap=False)
+        )
         # Above the box, unless that would leave the image: then just inside it.
         above = y1 >= fontsize * 1.6
-        ax.text(x1, y1, f"{_name(labels[k], class_names)} {scores[k]:.2f}", color="white", fontsize=fontsize,
-                va="bottom" if above else "top", ha="left", clip_on=True,
-                bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0})
+        ax.text(
+            x1,
+            y1,
+            f"{_name(labels[k], class_names)} {scores[k]:.2f}",
+            color="white",
+            fontsize=fontsize,
+            va="bottom" if above else "top",
+            ha="left",
+            clip_on=True,
+            bbox={"facecolor": color, "edgecolor": "none", "pad": 1.0},
+        )
     return ax
 
 
@@ -194,9 +221,16 @@ def save_detections_grid(
         ax = fig.add_axes((col / ncols, 1.0 - (row + 1) / nrows, 1.0 / ncols, 1.0 / nrows))
         pred, gt = _select(predictions, i), _select(targets, i)
         draw_detections(
-            images[i], pred["boxes"], pred["labels"], pred["scores"], pred.get("valid"), class_names,
-            score_thresh=score_thresh, ax=ax,
-            gt_boxes=None if gt is None else gt["boxes"], gt_labels=None if gt is None else gt["labels"],
+            images[i],
+            pred["boxes"],
+            pred["labels"],
+            pred["scores"],
+            pred.get("valid"),
+            class_names,
+            score_thresh=score_thresh,
+            ax=ax,
+            gt_boxes=None if gt is None else gt["boxes"],
+            gt_labels=None if gt is None else gt["labels"],
             gt_valid=None if gt is None else gt.get("valid"),
         )
     fig.savefig(os.fspath(path), dpi=dpi, facecolor=fig.get_facecolor())
@@ -205,7 +239,14 @@ def save_detections_grid(
 
 def save_detections(image, prediction: Mapping, path: str | os.PathLike, class_names=None, **kwargs) -> Axes:
     """``draw_detections`` for one image's prediction dict, saved as a PNG of W x H pixels."""
-    ax = draw_detections(image, prediction["boxes"], prediction["labels"], prediction["scores"],
-                         prediction.get("valid"), class_names, **kwargs)
+    ax = draw_detections(
+        image,
+        prediction["boxes"],
+        prediction["labels"],
+        prediction["scores"],
+        prediction.get("valid"),
+        class_names,
+        **kwargs,
+    )
     ax.figure.savefig(os.fspath(path), dpi=ax.figure.dpi)
     return ax

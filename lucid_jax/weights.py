@@ -25,8 +25,9 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -70,8 +71,10 @@ class InitReport:
 
     def summary(self) -> str:
         """One line: ``torchvision ResNet -> backbone.net: 522 loaded, 0 skipped, 30 left initial``."""
-        return (f"{self.kind} -> {self.target}: {len(self.loaded)} loaded, {len(self.skipped)} skipped, "
-                f"{len(self.left_initial)} left initial")
+        return (
+            f"{self.kind} -> {self.target}: {len(self.loaded)} loaded, {len(self.skipped)} skipped, "
+            f"{len(self.left_initial)} left initial"
+        )
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=1)
@@ -146,14 +149,14 @@ def _file_to_model_names(flat: Mapping[str, Any], kind: str, detector: bool):
                     apart["stem_aliases"].append(key)
                     continue
             if not detector:  # a detector's weights into a bare ResNet classifier
-                name = name[len("backbone.net."):] if name.startswith("backbone.net.") else None
+                name = name[len("backbone.net.") :] if name.startswith("backbone.net.") else None
         names[key] = name
     # Lucid's stem copy stands in for the canonical stem only when that is absent.
     for alias in list(apart["stem_aliases"]):
-        canonical = "backbone.net." + alias[len("backbone."):]
+        canonical = "backbone.net." + alias[len("backbone.") :]
         if canonical not in flat:
             apart["stem_aliases"].remove(alias)
-            names[alias] = canonical if detector else canonical[len("backbone.net."):]
+            names[alias] = canonical if detector else canonical[len("backbone.net.") :]
     return names, apart
 
 
@@ -203,14 +206,16 @@ def load_pretrained(variables: Mapping, source, *, model=None) -> tuple[dict, In
             loaded[key] = name
     if mismatched:
         raise sd.StateDictError(
-            f"{description}: {len(mismatched)} key(s) of the {kind} do not fit the model: " + "; ".join(mismatched[:3])
+            f"{description}: {len(mismatched)} key(s) of the {kind} do not fit the model: "
+            + "; ".join(mismatched[:3])
             + (f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else "")
         )
     new = sd.from_state_dict(variables, {loaded[k]: flat[k] for k in loaded}, strict=False, model=model)
     target = "backbone.net" if kind in BACKBONE_KINDS and detector else ("detector" if detector else "classifier")
     left = sorted(set(entries) - set(loaded.values()))
-    report = InitReport(kind=kind, source=description, target=target, loaded=loaded, skipped=skipped,
-                        left_initial=left, apart=apart)
+    report = InitReport(
+        kind=kind, source=description, target=target, loaded=loaded, skipped=skipped, left_initial=left, apart=apart
+    )
     return new, report
 
 

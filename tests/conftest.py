@@ -19,7 +19,8 @@ def voc(tmp_path_factory):
 def trained(tmp_path_factory, voc):
     """A mini detector trained through the CLI on the VOC folder's train split (128x128 canvas)."""
     out = tmp_path_factory.mktemp("run")
-    code = cli.main(["train", "--data", f"voc:{voc[0]}", "--steps", "300", "--out", str(out), "--checkpoint-every", "150",
-                     *SMALL])
+    code = cli.main(
+        ["train", "--data", f"voc:{voc[0]}", "--steps", "300", "--out", str(out), "--checkpoint-every", "150", *SMALL]
+    )
     assert code == 0
     return out

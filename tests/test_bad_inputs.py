@@ -17,8 +17,13 @@ QUICK = ["--image-size", "64", "--batch-size", "2", "--steps", "1", "--no-progre
 
 
 def _run(*args, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", "lucid_jax.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lucid_jax.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -29,9 +34,13 @@ def _one_line_error(code, err, expected_code=1) -> str:
 
 
 def _xml(filename, w, h, objects) -> str:
-    body = "".join(f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
-                   f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>" for name, (x1, y1, x2, y2) in objects)
-    return f"<annotation><filename>{filename}</filename><size><width>{w}</width><height>{h}</height></size>{body}</annotation>"
+    body = "".join(
+        f"<object><name>{name}</name><difficult>0</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+        f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+        for name, (x1, y1, x2, y2) in objects
+    )
+    size = f"<size><width>{w}</width><height>{h}</height></size>"
+    return f"<annotation><filename>{filename}</filename>{size}{body}</annotation>"
 
 
 def _voc(root, images: dict, objects=None):
@@ -73,7 +82,9 @@ def test_every_image_mode_trains_and_predicts(tmp_path):
     root = _voc(tmp_path / "voc", _odd_images())
     # one object with no area: dropped and counted
     xml = root / "Annotations" / "grey.xml"
-    xml.write_text(_xml("grey.png", 64, 48, [("cat", (2, 2, 20, 20)), ("dog", (22, 10, 40, 40)), ("cat", (30, 30, 10, 40))]))
+    xml.write_text(
+        _xml("grey.png", 64, 48, [("cat", (2, 2, 20, 20)), ("dog", (22, 10, 40, 40)), ("cat", (30, 30, 10, 40))])
+    )
     out = tmp_path / "run"
     code, stdout, err = _run("train", "--data", f"voc:{root}", "--out", out, "--max-boxes", "1", *QUICK)
     assert code == 0, err
@@ -85,8 +96,9 @@ def test_every_image_mode_trains_and_predicts(tmp_path):
     assert log[-1]["step"] == 1 and log[-1]["finite"] == 1.0
 
     files = sorted((root / "JPEGImages").iterdir())
-    code, _, err = _run("predict", *files, "--checkpoint", out, "--out", tmp_path / "pred", "--score-thresh", "0",
-                        "--draw")
+    code, _, err = _run(
+        "predict", *files, "--checkpoint", out, "--out", tmp_path / "pred", "--score-thresh", "0", "--draw"
+    )
     assert code == 0, err
     results = json.loads((tmp_path / "pred" / "detections.json").read_text())
     sizes = {os.path.basename(r["image"]): Image.open(r["detections_png"]).size for r in results}
@@ -119,7 +131,9 @@ def test_truncated_and_non_image_files(tmp_path):
 
 def test_output_paths_that_are_the_wrong_kind(tmp_path):
     (tmp_path / "file").write_text("x")
-    line = _one_line_error(*_run("predict", tmp_path / "file", "--checkpoint", tmp_path, "--out", tmp_path / "file")[::2])
+    line = _one_line_error(
+        *_run("predict", tmp_path / "file", "--checkpoint", tmp_path, "--out", tmp_path / "file")[::2]
+    )
     assert "--out" in line and "is a file" in line
     line = _one_line_error(*_run("eval", "--data", "shapes", "--checkpoint", tmp_path, "--results", tmp_path)[::2])
     assert "--results" in line and "is a folder" in line
@@ -129,22 +143,36 @@ def test_coco_file_name_escaping_the_image_folder(tmp_path):
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "secret.png")
     for name in ("../secret.png", str(tmp_path / "secret.png")):
-        ann = {"images": [{"id": 1, "file_name": name, "width": 8, "height": 8}],
-               "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}],
-               "categories": [{"id": 1, "name": "a"}]}
+        ann = {
+            "images": [{"id": 1, "file_name": name, "width": 8, "height": 8}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "a"}],
+        }
         (tmp_path / "ann.json").write_text(json.dumps(ann))
-        line = _one_line_error(*_run("train", "--data", f"coco:{tmp_path / 'ann.json'}:{tmp_path / 'images'}",
-                                     "--out", tmp_path / "run", *QUICK)[::2])
+        line = _one_line_error(
+            *_run(
+                "train",
+                "--data",
+                f"coco:{tmp_path / 'ann.json'}:{tmp_path / 'images'}",
+                "--out",
+                tmp_path / "run",
+                *QUICK,
+            )[::2]
+        )
         assert "ann.json: images[0] file_name" in line and "leaves the image folder" in line
         assert not (tmp_path / "run").exists()
 
 
 def test_xml_entity_tricks_are_refused_quickly(tmp_path):
-    bomb = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
-            + "".join(f'<!ENTITY lol{i + 1} "{f"&lol{i};" * 10 if i else "&lol;" * 10}">' for i in range(9))
-            + ']><annotation><filename>&lol9;</filename></annotation>')
-    external = ('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
-                "<annotation><filename>&x;</filename></annotation>")
+    bomb = (
+        '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
+        + "".join(f'<!ENTITY lol{i + 1} "{f"&lol{i};" * 10 if i else "&lol;" * 10}">' for i in range(9))
+        + "]><annotation><filename>&lol9;</filename></annotation>"
+    )
+    external = (
+        '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        "<annotation><filename>&x;</filename></annotation>"
+    )
     for name, text in (("bomb", bomb), ("external", external)):
         root = _voc(tmp_path / name, {"a.png": Image.new("RGB", (64, 48))})
         (root / "Annotations" / "a.xml").write_text(text)
@@ -155,10 +183,14 @@ def test_xml_entity_tricks_are_refused_quickly(tmp_path):
 
 
 def test_voc_class_list_names_the_file_with_an_unknown_class(tmp_path):
-    root = _voc(tmp_path / "voc", {"a.png": Image.new("RGB", (64, 48)), "b.png": Image.new("RGB", (64, 48))},
-                objects=[("cat", (2, 2, 20, 20)), ("dgo", (22, 10, 40, 40))])
-    line = _one_line_error(*_run("train", "--data", f"voc:{root}", "--classes", "cat,dog", "--out", tmp_path / "r",
-                                 *QUICK)[::2])
+    root = _voc(
+        tmp_path / "voc",
+        {"a.png": Image.new("RGB", (64, 48)), "b.png": Image.new("RGB", (64, 48))},
+        objects=[("cat", (2, 2, 20, 20)), ("dgo", (22, 10, 40, 40))],
+    )
+    line = _one_line_error(
+        *_run("train", "--data", f"voc:{root}", "--classes", "cat,dog", "--out", tmp_path / "r", *QUICK)[::2]
+    )
     assert "a.xml" in line and "'dgo'" in line
     (root / "classes.txt").write_text("cat\ndog\n")
     line = _one_line_error(*_run("train", "--data", f"voc:{root}", "--out", tmp_path / "r", *QUICK)[::2])

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from lucid_jax import checkpoint, manifest, state_dict
-from lucid_jax.checkpoint import MANIFEST_NAME, CheckpointError, Checkpointer, export_inference_weights
+from lucid_jax.checkpoint import MANIFEST_NAME, Checkpointer, CheckpointError, export_inference_weights
 from lucid_jax.train import create_train_state
 
 
@@ -48,8 +48,13 @@ def train_step(state, rng):
     dropout_key = jax.random.fold_in(rng, state.step)
 
     def loss_fn(params):
-        out, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, X, train=True,
-                                      rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+        out, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats},
+            X,
+            train=True,
+            rngs={"dropout": dropout_key},
+            mutable=["batch_stats"],
+        )
         return jnp.mean((out - Y) ** 2), updates
 
     grads, updates = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -132,8 +137,9 @@ def test_keep_last_n_deletes_older_steps(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["4", "5"]
 
 
-@pytest.mark.parametrize("mode, values, best", [("max", [0.5, 0.9, 0.1, 0.2, 0.3], 2),
-                                                ("min", [0.1, 0.9, 0.5, 0.4, 0.3], 1)])
+@pytest.mark.parametrize(
+    "mode, values, best", [("max", [0.5, 0.9, 0.1, 0.2, 0.3], 2), ("min", [0.1, 0.9, 0.5, 0.4, 0.3], 1)]
+)
 def test_best_by_metric_is_kept_beside_the_latest(tmp_path, mode, values, best):
     state = fresh_state()
     with Checkpointer(tmp_path, keep_last=2, best_metric="mAP", best_mode=mode) as ckpt:
@@ -149,8 +155,12 @@ def test_best_by_metric_is_kept_beside_the_latest(tmp_path, mode, values, best):
 
 def _data_files(step_dir):
     """Tensor data files (tensorstore/OCDBT chunks live in directories named d)."""
-    files = [os.path.join(root, f) for root, _, fs in os.walk(step_dir / "state") for f in fs
-             if os.path.basename(root) == "d"]
+    files = [
+        os.path.join(root, f)
+        for root, _, fs in os.walk(step_dir / "state")
+        for f in fs
+        if os.path.basename(root) == "d"
+    ]
     assert files, "expected tensor data files under state/"
     return sorted(files, key=os.path.getsize)
 
@@ -167,8 +177,9 @@ def _flip_bytes(path):
     open(path, "wb").write(bytes(data))
 
 
-@pytest.mark.parametrize("damage, message", [(_truncate, "truncated"), (_flip_bytes, "sha256 mismatch"),
-                                             (os.remove, "is missing")])
+@pytest.mark.parametrize(
+    "damage, message", [(_truncate, "truncated"), (_flip_bytes, "sha256 mismatch"), (os.remove, "is missing")]
+)
 def test_corruption_is_detected(tmp_path, damage, message):
     ckpt, _, _ = saved_once(tmp_path)
     ckpt.close()
@@ -212,7 +223,10 @@ def test_meta_format_is_checked_too(tmp_path, monkeypatch):
     ckpt, _, _ = saved_once(tmp_path)
     ckpt.close()
     monkeypatch.undo()
-    with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointError, match=r"format version 2, newer than version 1"):
+    with (
+        Checkpointer(tmp_path) as ckpt,
+        pytest.raises(CheckpointError, match=r"format version 2, newer than version 1"),
+    ):
         ckpt.restore(fresh_state())
 
 
@@ -249,8 +263,10 @@ def test_commit_is_atomic_when_killed_before_rename(tmp_path, monkeypatch):
         assert reader.latest_step() == 2
 
 
-@pytest.mark.parametrize("model_kwargs, message", [({"hidden": 16}, "shape mismatches"),
-                                                   ({"extra_layer": True}, "missing from the checkpoint")])
+@pytest.mark.parametrize(
+    "model_kwargs, message",
+    [({"hidden": 16}, "shape mismatches"), ({"extra_layer": True}, "missing from the checkpoint")],
+)
 def test_architecture_mismatch_names_the_keys(tmp_path, model_kwargs, message):
     ckpt, _, _ = saved_once(tmp_path)
     with pytest.raises(CheckpointError, match=message) as info:
@@ -258,8 +274,11 @@ def test_architecture_mismatch_names_the_keys(tmp_path, model_kwargs, message):
     ckpt.close()
     text = str(info.value)
     assert "\n" not in text and str(tmp_path / "2") in text
-    assert ("params/hidden/bias (8,) vs (16,)" in text
-            if "hidden" in model_kwargs else "params/extra/bias, params/extra/kernel" in text)
+    assert (
+        "params/hidden/bias (8,) vs (16,)" in text
+        if "hidden" in model_kwargs
+        else "params/extra/bias, params/extra/kernel" in text
+    )
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])

@@ -19,11 +19,13 @@ from lucid_jax.evaluation import DetectionEvaluator
 from lucid_jax.train import make_predict_fn
 
 
-
 def _run(*args, timeout=600):
     """Run the console script in a fresh interpreter; (returncode, stdout, stderr)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lucid_jax.cli", *args], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "lucid_jax.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     return proc.returncode, proc.stdout, proc.stderr
@@ -46,8 +48,23 @@ def test_voc_train_eval_counts_every_box_and_equals_pycocotools(trained, voc, tm
     root, written = voc
     capsys.readouterr()
     results, truth = tmp_path / "dets.json", tmp_path / "gt.json"
-    assert cli.main(["eval", "--data", f"voc:{root}", "--checkpoint", str(trained), "--no-progress",
-                     "--results", str(results), "--ground-truth", str(truth)]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--data",
+                f"voc:{root}",
+                "--checkpoint",
+                str(trained),
+                "--no-progress",
+                "--results",
+                str(results),
+                "--ground-truth",
+                str(truth),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     print("held-out VOC:", {k: round(result[k], 4) for k in ("AP", "AP50", "AP75", "voc_AP50_all", "voc_AP50_11pt")})
     assert result["AP50"] >= 0.5
@@ -62,11 +79,14 @@ def test_voc_train_eval_counts_every_box_and_equals_pycocotools(trained, voc, tm
 
     # The metrics do not depend on the eval batch size (the last batch is padded, not dropped).
     capsys.readouterr()
-    assert cli.main(["eval", "--data", f"voc:{root}", "--checkpoint", str(trained), "--no-progress",
-                     "--batch-size", "5"]) == 0
+    assert (
+        cli.main(["eval", "--data", f"voc:{root}", "--checkpoint", str(trained), "--no-progress", "--batch-size", "5"])
+        == 0
+    )
     again = json.loads(capsys.readouterr().out)
     assert {k: again[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")} == {
-        k: result[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")}
+        k: result[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")
+    }
 
     # Before: padded targets kept the 16 largest objects per image and counted fewer misses.
     model, variables, class_names, config = jobs.load_trained(trained)
@@ -79,16 +99,33 @@ def test_voc_train_eval_counts_every_box_and_equals_pycocotools(trained, voc, tm
         old.add(jax.device_get(predict(variables, batch["images"], batch["image_sizes"])), batch)
         counted += int((batch["valid"] & ~batch["difficult"]).sum())
     before = old.compute()
-    print(f"padded to 16 boxes: {counted} objects counted, AP {before['AP']:.4f}, AP50 {before['AP50']:.4f}; "
-          f"every box: {written['val_objects']} objects, AP {result['AP']:.4f}, AP50 {result['AP50']:.4f}")
+    print(
+        f"padded to 16 boxes: {counted} objects counted, AP {before['AP']:.4f}, AP50 {before['AP50']:.4f}; "
+        f"every box: {written['val_objects']} objects, AP {result['AP']:.4f}, AP50 {result['AP50']:.4f}"
+    )
     assert counted < written["val_objects"]
 
 
 def test_eval_on_shapes_writes_results_that_pycocotools_reproduces(trained, tmp_path, capsys):
     capsys.readouterr()
     results, truth = tmp_path / "dets.json", tmp_path / "gt.json"
-    assert cli.main(["eval", "--data", "shapes", "--checkpoint", str(trained), "--no-progress",
-                     "--results", str(results), "--ground-truth", str(truth)]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--data",
+                "shapes",
+                "--checkpoint",
+                str(trained),
+                "--no-progress",
+                "--results",
+                str(results),
+                "--ground-truth",
+                str(truth),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert set(result["per_class_AP"]) == {"rectangle", "ellipse", "triangle"}
     stats = _pycocotools(truth, results)
@@ -105,8 +142,21 @@ def test_predict_writes_pngs_and_json(trained, tmp_path):
     for i in range(2):
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(ds[i]["image"]).save(paths[-1])
-    assert cli.main(["predict", *map(str, paths), "--checkpoint", str(trained), "--out", str(tmp_path / "out"),
-                     "--draw", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                *map(str, paths),
+                "--checkpoint",
+                str(trained),
+                "--out",
+                str(tmp_path / "out"),
+                "--draw",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [r["image"] for r in results] == list(map(str, paths))
     model, variables, class_names, config = jobs.load_trained(trained)
@@ -121,22 +171,41 @@ def test_predict_writes_pngs_and_json(trained, tmp_path):
         expected = dets["boxes"][0][keep] / np.array([sx, sy, sx, sy])
         got = np.array([d["box_xyxy"] for d in r["detections"]]).reshape(-1, 4)
         np.testing.assert_allclose(got, expected, atol=0.01)
-        assert [d["class"] for d in r["detections"]] == [class_names[l - 1] for l in dets["labels"][0][keep]]
+        assert [d["class"] for d in r["detections"]] == [class_names[lab - 1] for lab in dets["labels"][0][keep]]
         assert ((got[:, 2] <= 160.01) & (got[:, 3] <= 96.01)).all()
 
 
 def test_resume_after_kill_is_bit_identical(tmp_path):
-    args = ["train", "--data", "shapes", "--steps", "30", "--checkpoint-every", "10", "--log-every", "1",
-            "--batch-size", "4", "--no-progress", "--num-workers", "1"]
+    args = [
+        "train",
+        "--data",
+        "shapes",
+        "--steps",
+        "30",
+        "--checkpoint-every",
+        "10",
+        "--log-every",
+        "1",
+        "--batch-size",
+        "4",
+        "--no-progress",
+        "--num-workers",
+        "1",
+    ]
     straight = tmp_path / "straight"
     assert _run(*args, "--out", str(straight))[0] == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lucid_jax.cli", *args, "--out", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lucid_jax.cli", *args, "--out", str(killed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
-        done = [json.loads(l)["step"] for l in open(killed / "log.jsonl")] if (killed / "log.jsonl").exists() else []
+        done = (
+            [json.loads(line)["step"] for line in open(killed / "log.jsonl")] if (killed / "log.jsonl").exists() else []
+        )
         if done and done[-1] >= 15:
             break
         time.sleep(0.2)
@@ -149,7 +218,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     _, b, _, _ = jobs.load_trained(killed)
     same = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)
     assert all(jax.tree_util.tree_leaves(same))
-    log = [json.loads(l) for l in open(killed / "log.jsonl")]
+    log = [json.loads(line) for line in open(killed / "log.jsonl")]
     print(f"killed after step {done[-1]}, resumed from step 10's checkpoint; log steps {[r['step'] for r in log]}")
 
 
@@ -206,7 +275,7 @@ def test_errors_are_one_line(case, match, tmp_path, trained):
     else:
         args = ["train", "--data", "shapes", "--image-size", "100", "--out", str(tmp_path / "o")]
     code, out, err = _run(*args)
-    lines = [l for l in err.splitlines() if l.strip()]
+    lines = [line for line in err.splitlines() if line.strip()]
     assert code != 0
     assert len(lines) == 1 and lines[0].startswith("lucid-jax: error:"), err
     assert "Traceback" not in err

@@ -32,8 +32,15 @@ from pycocotools.cocoeval import COCOeval
 
 from lucid_jax.data import COCODataset, VOCDataset, collate, preprocess
 from lucid_jax.evaluation import (
-    DetectionEvaluator, coco_evaluate_official, coco_ground_truth, coco_results, evaluate, evaluate_dataset,
-    num_ground_truth, unpad_detections, voc_ap,
+    DetectionEvaluator,
+    coco_evaluate_official,
+    coco_ground_truth,
+    coco_results,
+    evaluate,
+    evaluate_dataset,
+    num_ground_truth,
+    unpad_detections,
+    voc_ap,
 )
 
 NAMES = ("cat", "dog", "bird")
@@ -42,8 +49,12 @@ CAT_VOC_ALL, CAT_VOC_11, CAT_COCO = 4 / 9, 14 / 33, 134 / 303
 
 def _pad(rows, k):
     """Per-image lists of (box, score, label) -> padded arrays with a valid mask."""
-    out = {"boxes": np.zeros((len(rows), k, 4), np.float32), "scores": np.zeros((len(rows), k), np.float32),
-           "labels": np.zeros((len(rows), k), np.int32), "valid": np.zeros((len(rows), k), bool)}
+    out = {
+        "boxes": np.zeros((len(rows), k, 4), np.float32),
+        "scores": np.zeros((len(rows), k), np.float32),
+        "labels": np.zeros((len(rows), k), np.int32),
+        "valid": np.zeros((len(rows), k), bool),
+    }
     for i, row in enumerate(rows):
         for j, (box, score, label) in enumerate(row):
             out["boxes"][i, j], out["scores"][i, j], out["labels"][i, j], out["valid"][i, j] = box, score, label, True
@@ -106,7 +117,12 @@ def test_invalid_background_and_padding_rows_are_ignored():
     base = evaluate(_pad(DETS, 5), _targets(GT, 4), NAMES)
     noisy = _pad(DETS, 5)
     noisy["boxes"][:, 4], noisy["scores"][:, 4], noisy["labels"][:, 4] = [200, 200, 210, 210], 0.99, 1  # valid False
-    noisy["boxes"][0, 3], noisy["scores"][0, 3], noisy["labels"][0, 3], noisy["valid"][0, 3] = [300, 0, 310, 9], 0.95, 0, True
+    noisy["boxes"][0, 3], noisy["scores"][0, 3], noisy["labels"][0, 3], noisy["valid"][0, 3] = (
+        [300, 0, 310, 9],
+        0.95,
+        0,
+        True,
+    )
     # A third, padding row (image_valid False) whose confident detection would be a false positive.
     extra = _pad(DETS + [[([0, 0, 5, 5], 0.99, 2)]], 5)
     for key in ("boxes", "scores", "labels", "valid"):
@@ -143,8 +159,11 @@ def test_batches_lists_and_jax_arrays_give_the_same_result():
     evaluator.add({k: jnp.asarray(v[:1]) for k, v in p.items()}, {k: jnp.asarray(v[:1]) for k, v in t.items()})
     evaluator.add({k: v[1] for k, v in p.items()}, {k: v[1] for k, v in t.items()})  # one unbatched image
     assert len(evaluator) == 2 and _flat(evaluator.compute()) == pytest.approx(_flat(stacked), nan_ok=True)
-    as_list = evaluate([{k: v[:1] for k, v in p.items()}, {k: v[1:] for k, v in p.items()}],
-                       [{k: v[:1] for k, v in t.items()}, {k: v[1:] for k, v in t.items()}], NAMES)
+    as_list = evaluate(
+        [{k: v[:1] for k, v in p.items()}, {k: v[1:] for k, v in p.items()}],
+        [{k: v[:1] for k, v in t.items()}, {k: v[1:] for k, v in t.items()}],
+        NAMES,
+    )
     assert _flat(as_list) == pytest.approx(_flat(stacked), nan_ok=True)
 
 
@@ -169,16 +188,37 @@ def test_coco_wiring_matches_pycocotools_on_files(tmp_path):
 
     image_ids = [17, 42, 5, 8, 99, 1000]  # anything: pycocotools does not need 1..N
     images = [{"id": i, "width": 300, "height": 300, "file_name": f"{i}.jpg"} for i in image_ids]
-    anns = [{"id": n + 1, "image_id": image_ids[i], "category_id": lab, "iscrowd": 0,
-             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-             "area": float((b[2] - b[0]) * (b[3] - b[1]))}
-            for n, (i, b, lab) in enumerate((i, b, lab) for i, row in enumerate(gt_rows) for b, lab in row)]
+    anns = [
+        {
+            "id": n + 1,
+            "image_id": image_ids[i],
+            "category_id": lab,
+            "iscrowd": 0,
+            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+            "area": float((b[2] - b[0]) * (b[3] - b[1])),
+        }
+        for n, (i, b, lab) in enumerate((i, b, lab) for i, row in enumerate(gt_rows) for b, lab in row)
+    ]
     path = tmp_path / "gt.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns,
-                                "categories": [{"id": k + 1, "name": n} for k, n in enumerate(NAMES)]}))
-    results = [{"image_id": image_ids[i], "category_id": lab, "score": s,
-                "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
-               for i, row in enumerate(det_rows) for b, s, lab in row]
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": anns,
+                "categories": [{"id": k + 1, "name": n} for k, n in enumerate(NAMES)],
+            }
+        )
+    )
+    results = [
+        {
+            "image_id": image_ids[i],
+            "category_id": lab,
+            "score": s,
+            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+        }
+        for i, row in enumerate(det_rows)
+        for b, s, lab in row
+    ]
     coco = COCO(str(path))
     e = COCOeval(coco, coco.loadRes(results), "bbox")
     e.evaluate()
@@ -241,8 +281,11 @@ def _jittered_detections(rng, gt_boxes, gt_labels, h, w, num_classes, extra):
             scores.append(rng.random())
     for box in _random_boxes(rng, extra, h, w):
         boxes.append(box), labels.append(int(rng.integers(1, num_classes + 1))), scores.append(rng.random() * 0.6)
-    return {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "scores": np.asarray(scores, np.float32),
-            "labels": np.asarray(labels, np.int32)}
+    return {
+        "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+        "scores": np.asarray(scores, np.float32),
+        "labels": np.asarray(labels, np.int32),
+    }
 
 
 # Non-contiguous ids, listed out of order; sizes of several aspect ratios; image 55 has 25 objects.
@@ -260,13 +303,30 @@ def coco_file(tmp_path):
         n = 25 if image_id == 55 else int(rng.integers(4, 9))
         for box in _random_boxes(rng, n, h, w):
             bw, bh = box[2] - box[0], box[3] - box[1]
-            annotations.append({"id": next(ann_ids), "image_id": image_id, "category_id": int(rng.choice(cat_ids)),
-                                "bbox": [float(box[0]), float(box[1]), float(bw), float(bh)],
-                                "area": float(bw * bh * rng.uniform(0.5, 1.0)), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": next(ann_ids),
+                    "image_id": image_id,
+                    "category_id": int(rng.choice(cat_ids)),
+                    "bbox": [float(box[0]), float(box[1]), float(bw), float(bh)],
+                    "area": float(bw * bh * rng.uniform(0.5, 1.0)),
+                    "iscrowd": 0,
+                }
+            )
         if image_id != 55:  # a crowd region over a third of the image
-            annotations.append({"id": next(ann_ids), "image_id": image_id, "category_id": int(rng.choice(cat_ids)),
-                                "bbox": [0.0, 0.0, w / 3, h / 3], "area": w * h / 12, "iscrowd": 1})
-    annotations.append({"id": 20_000, "image_id": 7, "category_id": 3, "bbox": [5.0, 5.0, 0.0, 9.0], "area": 0.0, "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": next(ann_ids),
+                    "image_id": image_id,
+                    "category_id": int(rng.choice(cat_ids)),
+                    "bbox": [0.0, 0.0, w / 3, h / 3],
+                    "area": w * h / 12,
+                    "iscrowd": 1,
+                }
+            )
+    annotations.append(
+        {"id": 20_000, "image_id": 7, "category_id": 3, "bbox": [5.0, 5.0, 0.0, 9.0], "area": 0.0, "iscrowd": 0}
+    )
     images = [{"id": i, "file_name": f"{i}.jpg", "height": h, "width": w} for i, (h, w) in COCO_IMAGES.items()]
     path = tmp_path / "instances.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}))
@@ -276,13 +336,25 @@ def coco_file(tmp_path):
     detections = []
     for i, image_id in enumerate(sorted(COCO_IMAGES)):
         ann = ds.annotation(i)
-        det = _jittered_detections(rng, ann["boxes"][~ann["ignore"]], ann["labels"][~ann["ignore"]],
-                                   *COCO_IMAGES[image_id], num_classes=3, extra=4)
+        det = _jittered_detections(
+            rng,
+            ann["boxes"][~ann["ignore"]],
+            ann["labels"][~ann["ignore"]],
+            *COCO_IMAGES[image_id],
+            num_classes=3,
+            extra=4,
+        )
         crowd = ann["boxes"][ann["ignore"]]
         if len(crowd):  # detections inside a crowd region: neither hits nor misses
             inside = crowd[0] * np.array([1, 1, 0.5, 0.5]) + np.array([2, 2, 0, 0])
-            det = {k: np.concatenate([det[k], v]) for k, v in
-                   (("boxes", inside[None].astype(np.float32)), ("scores", np.float32([0.95])), ("labels", ann["labels"][ann["ignore"]][:1]))}
+            det = {
+                k: np.concatenate([det[k], v])
+                for k, v in (
+                    ("boxes", inside[None].astype(np.float32)),
+                    ("scores", np.float32([0.95])),
+                    ("labels", ann["labels"][ann["ignore"]][:1]),
+                )
+            }
         detections.append(det)
     return ds, path, annotations, detections
 
@@ -290,9 +362,16 @@ def coco_file(tmp_path):
 def _independent_results(detections):
     """COCO results from the test's own id maps: index -> sorted image id, label -> sorted category id."""
     image_ids, cat_ids = sorted(COCO_IMAGES), sorted(c["id"] for c in COCO_CATEGORIES)
-    return [{"image_id": image_ids[i], "category_id": cat_ids[int(lab) - 1], "score": float(s),
-             "bbox": [float(b[0]), float(b[1]), float(b[2]) - float(b[0]), float(b[3]) - float(b[1])]}
-            for i, det in enumerate(detections) for b, s, lab in zip(det["boxes"].astype(np.float64), det["scores"], det["labels"])]
+    return [
+        {
+            "image_id": image_ids[i],
+            "category_id": cat_ids[int(lab) - 1],
+            "score": float(s),
+            "bbox": [float(b[0]), float(b[1]), float(b[2]) - float(b[0]), float(b[3]) - float(b[1])],
+        }
+        for i, det in enumerate(detections)
+        for b, s, lab in zip(det["boxes"].astype(np.float64), det["scores"], det["labels"])
+    ]
 
 
 def test_coco_dataset_metrics_equal_pycocotools_on_the_original_file(coco_file):
@@ -308,8 +387,10 @@ def test_coco_dataset_metrics_equal_pycocotools_on_the_original_file(coco_file):
     _assert_matches_pycocotools({"coco_stats": official, **official}, stats, per_class)
     np.testing.assert_allclose(official["stats"], stats, rtol=0, atol=1e-9)
     # Ground truth counted per class: every non-crowd box the loader keeps (not the zero-width one).
-    expected = {c["name"]: sum(1 for a in annotations if a["category_id"] == c["id"] and not a["iscrowd"] and a["bbox"][2] > 0)
-                for c in COCO_CATEGORIES}
+    expected = {
+        c["name"]: sum(1 for a in annotations if a["category_id"] == c["id"] and not a["iscrowd"] and a["bbox"][2] > 0)
+        for c in COCO_CATEGORIES
+    }
     assert metrics["num_ground_truth"] == expected == num_ground_truth(ds)
     assert sum(expected.values()) > 40 and metrics["num_images"] == 4
 
@@ -341,8 +422,10 @@ def test_empty_results_score_zero(coco_file):
 
 def _obj(name, box, difficult=0):
     x1, y1, x2, y2 = box
-    return (f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
-            f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>")
+    return (
+        f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+        f"<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+    )
 
 
 def _voc(tmp_path, images):
@@ -353,7 +436,9 @@ def _voc(tmp_path, images):
     for stem, ((h, w), objects) in images.items():
         Image.fromarray(np.full((h, w, 3), 60, np.uint8)).save(root / "JPEGImages" / f"{stem}.jpg")
         body = "".join(_obj(*o) for o in objects)
-        (root / "Annotations" / f"{stem}.xml").write_text(f"<annotation><filename>{stem}.jpg</filename>{body}</annotation>")
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename>{body}</annotation>"
+        )
     return VOCDataset(root)
 
 
@@ -361,8 +446,17 @@ def _random_voc(tmp_path, rng):
     images = {}
     for stem, (h, w) in {"p": (120, 200), "q": (240, 90), "r": (160, 160)}.items():
         boxes = np.round(_random_boxes(rng, int(rng.integers(5, 10)), h, w))
-        images[stem] = ((h, w), [(str(rng.choice(["cat", "dog", "horse"])), (int(b[0]) + 1, int(b[1]) + 1, int(b[2]), int(b[3])),
-                                  int(rng.random() < 0.2)) for b in boxes])
+        images[stem] = (
+            (h, w),
+            [
+                (
+                    str(rng.choice(["cat", "dog", "horse"])),
+                    (int(b[0]) + 1, int(b[1]) + 1, int(b[2]), int(b[3])),
+                    int(rng.random() < 0.2),
+                )
+                for b in boxes
+            ],
+        )
     return _voc(tmp_path, images)
 
 
@@ -371,8 +465,10 @@ def test_voc_dataset_coco_metrics_equal_pycocotools_and_voc_metrics_equal_the_de
     ds = _random_voc(tmp_path, rng)
     anns = [ds.annotation(i) for i in range(len(ds))]
     assert any(a["ignore"].any() for a in anns), "the fixture needs difficult objects"
-    detections = {i: _jittered_detections(rng, a["boxes"], a["labels"], a["height"], a["width"], 3, extra=3)
-                  for i, a in enumerate(anns)}
+    detections = {
+        i: _jittered_detections(rng, a["boxes"], a["labels"], a["height"], a["width"], 3, extra=3)
+        for i, a in enumerate(anns)
+    }
     metrics = evaluate_dataset(ds, detections)
 
     path = tmp_path / "voc_as_coco.json"
@@ -383,16 +479,22 @@ def test_voc_dataset_coco_metrics_equal_pycocotools_and_voc_metrics_equal_the_de
 
     # VOC AP: the padded evaluator, given room for every box, runs the same devkit rules.
     m = max(len(a["labels"]) for a in anns)
-    padded_dets = _pad([[(b, s, lab) for b, s, lab in zip(d["boxes"], d["scores"], d["labels"])]
-                        for d in detections.values()], 16)
-    padded_gt = _targets([[(b, lab) for b, lab in zip(a["boxes"], a["labels"])] for a in anns], m,
-                         difficult=[(i, j) for i, a in enumerate(anns) for j in np.flatnonzero(a["ignore"])])
+    padded_dets = _pad(
+        [[(b, s, lab) for b, s, lab in zip(d["boxes"], d["scores"], d["labels"])] for d in detections.values()], 16
+    )
+    padded_gt = _targets(
+        [[(b, lab) for b, lab in zip(a["boxes"], a["labels"])] for a in anns],
+        m,
+        difficult=[(i, j) for i, a in enumerate(anns) for j in np.flatnonzero(a["ignore"])],
+    )
     devkit = evaluate(padded_dets, padded_gt, ds.class_names)
     for key in ("voc_AP50_11pt", "voc_AP50_all"):
         assert metrics[key] == pytest.approx(devkit[key], abs=1e-12), key
     assert metrics["per_class_voc_AP50"] == pytest.approx(devkit["per_class_voc_AP50"], abs=1e-12, nan_ok=True)
-    assert metrics["num_ground_truth"] == {n: sum(int(((a["labels"] == k) & ~a["ignore"]).sum()) for a in anns)
-                                           for k, n in enumerate(ds.class_names, start=1)}
+    assert metrics["num_ground_truth"] == {
+        n: sum(int(((a["labels"] == k) & ~a["ignore"]).sum()) for a in anns)
+        for k, n in enumerate(ds.class_names, start=1)
+    }
 
 
 def test_every_ground_truth_box_counts_whatever_max_boxes_is(tmp_path):
@@ -409,8 +511,11 @@ def test_every_ground_truth_box_counts_whatever_max_boxes_is(tmp_path):
     area = (ann["boxes"][:, 2] - ann["boxes"][:, 0]) * (ann["boxes"][:, 3] - ann["boxes"][:, 1])
     assert len(ann["boxes"]) == 40 and len(np.unique(area)) == 40
     largest = np.argsort(-area)[:16]
-    found = {"boxes": ann["boxes"][largest], "scores": np.linspace(0.9, 0.5, 16, dtype=np.float32),
-             "labels": ann["labels"][largest]}
+    found = {
+        "boxes": ann["boxes"][largest],
+        "scores": np.linspace(0.9, 0.5, 16, dtype=np.float32),
+        "labels": ann["labels"][largest],
+    }
 
     # Before: the loader's padded targets keep the 16 largest boxes, and the padded evaluation sees only those.
     example = preprocess(ds[0], canvas=(256, 416))
@@ -421,9 +526,11 @@ def test_every_ground_truth_box_counts_whatever_max_boxes_is(tmp_path):
     before = evaluate(padded, batch, ds.class_names)
     # After: every annotated box is in the denominator.
     after = evaluate_dataset(ds, [found])
-    print(f"padded to 16 boxes: AP {before['AP']:.4f}, VOC AP50 all {before['voc_AP50_all']:.4f}, "
-          f"11pt {before['voc_AP50_11pt']:.4f}; every box: AP {after['AP']:.4f}, VOC AP50 all "
-          f"{after['voc_AP50_all']:.4f}, 11pt {after['voc_AP50_11pt']:.4f}, AR100 {after['coco_stats']['AR100']:.4f}")
+    print(
+        f"padded to 16 boxes: AP {before['AP']:.4f}, VOC AP50 all {before['voc_AP50_all']:.4f}, "
+        f"11pt {before['voc_AP50_11pt']:.4f}; every box: AP {after['AP']:.4f}, VOC AP50 all "
+        f"{after['voc_AP50_all']:.4f}, 11pt {after['voc_AP50_11pt']:.4f}, AR100 {after['coco_stats']['AR100']:.4f}"
+    )
     assert before["AP"] == pytest.approx(1.0) and before["voc_AP50_all"] == pytest.approx(1.0)
     assert after["num_ground_truth"] == {"cat": 40}
     assert after["voc_AP50_all"] == pytest.approx(16 / 40)  # precision 1 up to recall 0.4
@@ -438,8 +545,12 @@ def test_unpadded_detections_return_to_original_pixels(tmp_path):
     examples = [preprocess(ds[i], canvas=128, longer_side=128) for i in range(len(ds))]
     assert any(abs(float(e["scale"][0]) - 1.0) > 0.1 for e in examples)
     batch = collate(examples, max_boxes=16, batch_size=4)  # a fourth, padding row
-    predictions = {"boxes": batch["boxes"], "scores": np.where(batch["valid"], 0.9, 0.0).astype(np.float32),
-                   "labels": batch["labels"], "valid": batch["valid"]}
+    predictions = {
+        "boxes": batch["boxes"],
+        "scores": np.where(batch["valid"], 0.9, 0.0).astype(np.float32),
+        "labels": batch["labels"],
+        "valid": batch["valid"],
+    }
     predictions["labels"][0, -1], predictions["valid"][0, -1] = 1, False  # an invalid row is dropped
     dets = unpad_detections(predictions, batch)
     assert len(dets) == 3

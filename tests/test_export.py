@@ -57,7 +57,11 @@ def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, phot
     assert meta["platforms"] == ["cpu", "cuda", "tpu"] and meta["jax_version"] == jax.__version__
     assert meta["normalisation"]["mean"] == [0.485, 0.456, 0.406] and meta["score_thresh"] == 0.3
     assert meta["inputs"]["images"][:5] == ["any", 128, 128, 3, "uint8"] and set(meta["outputs"]) == {
-        "boxes", "scores", "labels", "valid"}
+        "boxes",
+        "scores",
+        "labels",
+        "valid",
+    }
 
     _, images = photos
     fitted = [fit_to_canvas(images[name], (128, 128)) for name in sorted(images)]
@@ -65,20 +69,49 @@ def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, phot
     sizes = np.stack([f[1] for f in fitted])
     np.save(tmp_path / "images.npy", canvases)
     np.save(tmp_path / "sizes.npy", sizes)
-    proc = subprocess.run([sys.executable, "-c", RUNNER, str(artifact), str(tmp_path / "images.npy"),
-                           str(tmp_path / "sizes.npy"), str(tmp_path / "out.npz")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUNNER,
+            str(artifact),
+            str(tmp_path / "images.npy"),
+            str(tmp_path / "sizes.npy"),
+            str(tmp_path / "out.npz"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "lucid_jax imported: False" in proc.stdout
     got = dict(np.load(tmp_path / "out.npz"))
 
     # the library's predict on the preprocessed float canvas of the same images
-    x = np.stack([preprocess({"image": images[name], "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
-                             canvas=128, longer_side=128, size_divisibility=32)["image"] for name in sorted(images)])
-    np.testing.assert_array_equal(np.stack([f[2] for f in fitted]),
-                                  [preprocess({"image": images[n], "boxes": np.zeros((0, 4)), "labels": np.zeros(0)},
-                                              canvas=128, longer_side=128, size_divisibility=32)["scale"]
-                                   for n in sorted(images)])
+    x = np.stack(
+        [
+            preprocess(
+                {"image": images[name], "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
+                canvas=128,
+                longer_side=128,
+                size_divisibility=32,
+            )["image"]
+            for name in sorted(images)
+        ]
+    )
+    np.testing.assert_array_equal(
+        np.stack([f[2] for f in fitted]),
+        [
+            preprocess(
+                {"image": images[n], "boxes": np.zeros((0, 4)), "labels": np.zeros(0)},
+                canvas=128,
+                longer_side=128,
+                size_divisibility=32,
+            )["scale"]
+            for n in sorted(images)
+        ],
+    )
     want = jax.device_get(make_predict_fn(model, score_thresh=0.3)(variables, x, sizes.astype(np.float32)))
     assert got["valid"].sum() >= 6, "the trained detector should find objects in most images"
     np.testing.assert_array_equal(got["valid"], want["valid"])
@@ -89,25 +122,59 @@ def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, phot
 
 def test_fixed_batch_export_and_bad_arguments(trained, tmp_path):
     path = tmp_path / "b2.jax"
-    assert cli.main(["export", "--checkpoint", str(trained), "--out", str(path), "--batch-size", "2",
-                     "--platforms", "cpu"]) == 0
+    assert (
+        cli.main(
+            ["export", "--checkpoint", str(trained), "--out", str(path), "--batch-size", "2", "--platforms", "cpu"]
+        )
+        == 0
+    )
     exported = jax.export.deserialize(bytearray(path.read_bytes()))
     assert exported.in_avals[0].shape == (2, 128, 128, 3) and exported.platforms == ("cpu",)
     assert json.loads((tmp_path / "b2.jax.json").read_text())["batch_size"] == 2
     with pytest.raises(ValueError, match="exported for batch size 2, not 4"):
         serving.load(path, batch_size=4)
-    for args, message in [(["--platforms", "cpu,gpu"], "--platforms must be among cpu, cuda, tpu, got cpu, gpu"),
-                          (["--batch-size", "0"], "--batch-size must be >= 1, got 0")]:
-        proc = subprocess.run([sys.executable, "-m", "lucid_jax.cli", "export", "--checkpoint", str(trained),
-                               "--out", str(tmp_path / "x.jax"), *args], capture_output=True, text=True, timeout=300)
+    for args, message in [
+        (["--platforms", "cpu,gpu"], "--platforms must be among cpu, cuda, tpu, got cpu, gpu"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    ]:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lucid_jax.cli",
+                "export",
+                "--checkpoint",
+                str(trained),
+                "--out",
+                str(tmp_path / "x.jax"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr  # usage errors
         assert not (tmp_path / "x.jax").exists()
 
 
 def test_serving_load_equals_lucid_jax_predict(trained, artifact, photos, tmp_path):
     folder, images = photos
-    assert cli.main(["predict", str(folder), "--checkpoint", str(trained), "--out", str(tmp_path / "pred"),
-                     "--score-thresh", "0.3", "--no-progress"]) == 0
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(folder),
+                "--checkpoint",
+                str(trained),
+                "--out",
+                str(tmp_path / "pred"),
+                "--score-thresh",
+                "0.3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     listed = json.loads((tmp_path / "pred" / "detections.json").read_text())
     assert [os.path.basename(r["image"]) for r in listed] == sorted(images)
     detect = serving.load(artifact, batch_size=4)
@@ -116,8 +183,9 @@ def test_serving_load_equals_lucid_jax_predict(trained, artifact, photos, tmp_pa
     for entry, dets, name in zip(listed, served, sorted(images), strict=True):
         h, w = images[name].shape[:2]
         assert (entry["height"], entry["width"]) == (h, w)
-        np.testing.assert_allclose(dets["boxes"], np.array([d["box_xyxy"] for d in entry["detections"]]).reshape(-1, 4),
-                                   atol=0.011)  # the JSON rounds to 0.01 px
+        np.testing.assert_allclose(
+            dets["boxes"], np.array([d["box_xyxy"] for d in entry["detections"]]).reshape(-1, 4), atol=0.011
+        )  # the JSON rounds to 0.01 px
         assert dets["classes"] == [d["class"] for d in entry["detections"]]
         np.testing.assert_allclose(dets["scores"], [d["score"] for d in entry["detections"]], atol=6e-5)
         assert (dets["boxes"][:, 2] <= w + 0.01).all() and (dets["boxes"][:, 3] <= h + 0.01).all()
@@ -133,9 +201,27 @@ def test_predict_batches_globs_skips_unreadable_files_and_writes_coco_results(tr
     one, four = tmp_path / "one", tmp_path / "four"
     args = ["--checkpoint", str(trained), "--score-thresh", "0.3", "--no-progress"]
     assert cli.main(["predict", str(folder), "--out", str(one), "--batch-size", "1", *args]) == 0
-    proc = subprocess.run([sys.executable, "-m", "lucid_jax.cli", "predict", str(folder / "*.png"), str(broken),
-                           "--out", str(four), "--batch-size", "4", "--results", str(tmp_path / "coco.json"),
-                           "--draw", *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lucid_jax.cli",
+            "predict",
+            str(folder / "*.png"),
+            str(broken),
+            "--out",
+            str(four),
+            "--batch-size",
+            "4",
+            "--results",
+            str(tmp_path / "coco.json"),
+            "--draw",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 1, proc.stderr
     assert f"skipped {broken}" in proc.stderr and "1 file(s) could not be read" in proc.stderr
     by_one = json.loads((one / "detections.json").read_text())
@@ -146,8 +232,11 @@ def test_predict_batches_globs_skips_unreadable_files_and_writes_coco_results(tr
     # the batch size changes nothing but speed
     for a, b in zip(by_one, by_four, strict=True):
         assert [d["class"] for d in a["detections"]] == [d["class"] for d in b["detections"]]
-        np.testing.assert_allclose(np.array([d["box_xyxy"] for d in a["detections"]]).reshape(-1, 4),
-                                   np.array([d["box_xyxy"] for d in b["detections"]]).reshape(-1, 4), atol=0.011)
+        np.testing.assert_allclose(
+            np.array([d["box_xyxy"] for d in a["detections"]]).reshape(-1, 4),
+            np.array([d["box_xyxy"] for d in b["detections"]]).reshape(-1, 4),
+            atol=0.011,
+        )
     coco = json.loads((tmp_path / "coco.json").read_text())
     assert {r["image_id"] for r in coco} <= {1, 2, 3, 4, 5, 6}  # numeric file names are the image ids
     assert len(coco) == sum(len(r["detections"]) for r in by_four) > 0

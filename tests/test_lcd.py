@@ -25,12 +25,14 @@ def _lucid_file(path, content, protocol=4, type_name="OrderedDict"):
 @pytest.fixture(scope="module")
 def flat():
     rng = np.random.default_rng(0)
-    return collections.OrderedDict([
-        ("stem.0.weight", rng.standard_normal((4, 3, 7, 7)).astype(np.float32)),
-        ("stem.1.running_mean", rng.standard_normal(4).astype(np.float32)),
-        ("stem.1.num_batches_tracked", np.array(7, np.int64)),
-        ("fc.bias", np.arange(5, dtype=np.float64)),
-    ])
+    return collections.OrderedDict(
+        [
+            ("stem.0.weight", rng.standard_normal((4, 3, 7, 7)).astype(np.float32)),
+            ("stem.1.running_mean", rng.standard_normal(4).astype(np.float32)),
+            ("stem.1.num_batches_tracked", np.array(7, np.int64)),
+            ("fc.bias", np.arange(5, dtype=np.float64)),
+        ]
+    )
 
 
 def test_write_lcd_is_lucids_format_in_protocol_4(flat, tmp_path):
@@ -93,11 +95,14 @@ def test_booby_trapped_lcd_runs_nothing(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("payload", [
-    (eval, ("1+1",)),
-    (getattr, ("abc", "upper")),
-    (collections.namedtuple, ("T", "a b")),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        (eval, ("1+1",)),
+        (getattr, ("abc", "upper")),
+        (collections.namedtuple, ("T", "a b")),
+    ],
+)
 def test_any_other_global_is_refused_by_name(tmp_path, payload):
     class Reduce:
         def __reduce__(self):
@@ -114,12 +119,15 @@ def test_object_arrays_are_refused(tmp_path):
         read_lcd(path)
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"not a pickle at all", "not a readable .lcd"),
-    (pickle.dumps([1, 2, 3]), "not a Lucid .lcd file"),
-    (pickle.dumps({"type": "Tensor", "format_version": 1.1, "content": np.zeros(3)}), "Tensor"),
-    (pickle.dumps({"type": "dict", "format_version": 1.1, "content": {"a": [1, 2]}}), "a is a list"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (b"not a pickle at all", "not a readable .lcd"),
+        (pickle.dumps([1, 2, 3]), "not a Lucid .lcd file"),
+        (pickle.dumps({"type": "Tensor", "format_version": 1.1, "content": np.zeros(3)}), "Tensor"),
+        (pickle.dumps({"type": "dict", "format_version": 1.1, "content": {"a": [1, 2]}}), "a is a list"),
+    ],
+)
 def test_malformed_files_raise_one_line(tmp_path, content, match):
     (tmp_path / "bad.lcd").write_bytes(content)
     with pytest.raises(StateDictError, match=match) as err:

@@ -37,9 +37,13 @@ def test_tiny_detector_overfits_two_images():
         state, metrics = step(state, inputs, jax.random.key(i))
         if i % EVAL_EVERY:
             continue
-        dets = predict({"params": state.params, "batch_stats": state.batch_stats}, inputs["images"], inputs["image_sizes"])
+        dets = predict(
+            {"params": state.params, "batch_stats": state.batch_stats}, inputs["images"], inputs["image_sizes"]
+        )
         ap50 = evaluate(dets, batch, dataset.class_names)["AP50"]
-        history.append((i, round(time.perf_counter() - start, 1), round(float(metrics["total_loss"]), 3), round(ap50, 3)))
+        history.append(
+            (i, round(time.perf_counter() - start, 1), round(float(metrics["total_loss"]), 3), round(ap50, 3))
+        )
         if ap50 >= 0.9:
             break
     print("steps, seconds, total_loss, AP50:", history)

@@ -25,7 +25,9 @@ from tests.test_train import make_batch
 
 assert jax.device_count() == 8, jax.devices()
 # Every RoI candidate (256 proposals + 4 gts) is sampled, see the test's docstring.
-model = tiny_detector(num_classes=5, rpn_post_nms_top_n=(256, 300), box_batch_size_per_image=260, box_positive_fraction=1.0)
+model = tiny_detector(
+    num_classes=5, rpn_post_nms_top_n=(256, 300), box_batch_size_per_image=260, box_positive_fraction=1.0
+)
 variables = jax.jit(model.init)(jax.random.key(0), random_images(0))
 state = create_train_state(model, variables, build_optimizer(variables["params"], learning_rate=0.01))
 batch = make_batch(21, batch=8)
@@ -46,7 +48,8 @@ images = placed["images"]
 leaves = jax.tree_util.tree_leaves(sharded_state.params) + jax.tree_util.tree_leaves(sharded_state.batch_stats)
 
 def max_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    pairs = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs)
 
 print("RESULT " + json.dumps({
     "params_diff": max_diff(plain_state.params, sharded_state.params),
@@ -57,8 +60,12 @@ print("RESULT " + json.dumps({
     "batch_split_on_data": isinstance(images.sharding, NamedSharding) and images.sharding.spec == PartitionSpec("data"),
     "batch_devices": len(images.sharding.device_set),
     "shard_shapes": sorted({tuple(s.data.shape) for s in images.addressable_shards}),
-    "targets_sharded": all(len(placed[k].sharding.device_set) == 8 and placed[k].sharding.spec == PartitionSpec("data") for k in placed),
-    "state_replicated": all(leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8 for leaf in leaves),
+    "targets_sharded": all(
+        len(placed[k].sharding.device_set) == 8 and placed[k].sharding.spec == PartitionSpec("data") for k in placed
+    ),
+    "state_replicated": all(
+        leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == 8 for leaf in leaves
+    ),
     "step": int(sharded_state.step),
     "compiles": compiles.count,
 }))
@@ -83,11 +90,16 @@ def test_sharded_step_matches_unsharded():
         JAX_PLATFORMS="cpu",
         PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
     )
-    proc = subprocess.run([sys.executable, "-c", WORKER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", WORKER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    line = [out for out in proc.stdout.splitlines() if out.startswith("RESULT ")][-1]
     result = json.loads(line[len("RESULT ") :])
-    print(f"sharded vs unsharded: params max |diff| = {result['params_diff']:.3g}, batch_stats {result['batch_stats_diff']:.3g}")
+    print(
+        f"sharded vs unsharded: params max |diff| = {result['params_diff']:.3g}, "
+        f"batch_stats {result['batch_stats_diff']:.3g}"
+    )
     print(result)
 
     # the batch really was split over the 8 devices, one image each, and the state replicated

@@ -15,7 +15,10 @@ from tests.models.conftest import TV_REASON
 @pytest.fixture(scope="module")
 def flat():
     rng = np.random.default_rng(0)
-    return {"stem.0.weight": rng.standard_normal((4, 3, 7, 7)).astype(np.float32), "fc.bias": np.arange(5, dtype=np.float32)}
+    return {
+        "stem.0.weight": rng.standard_normal((4, 3, 7, 7)).astype(np.float32),
+        "fc.bias": np.arange(5, dtype=np.float32),
+    }
 
 
 @pytest.mark.parametrize("ext", [".safetensors", ".npz"])
@@ -65,12 +68,18 @@ def test_torchvision_resnet50_file_imports_into_our_resnet(tmp_path):
     with torch.no_grad():
         expected = tv(torch.from_numpy(x)).numpy()
     model = resnet_50()
-    template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(model.init, jax.random.key(0), x))
+    template = jax.tree_util.tree_map(
+        lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(model.init, jax.random.key(0), x)
+    )
     flat = state_dict.from_torchvision_resnet(state_dict.load_state_dict_file(path))
     variables = state_dict.from_state_dict(template, flat, strict=True)
-    np.testing.assert_allclose(np.asarray(jax.jit(model.apply)(variables, x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(model.apply)(variables, x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
     # and the same weights through .npz
     state_dict.save_state_dict_file(flat, tmp_path / "r50.npz")
     again = state_dict.from_state_dict(template, state_dict.load_state_dict_file(tmp_path / "r50.npz"))
-    np.testing.assert_array_equal(np.asarray(again["params"]["layer3"]["5"]["conv2"]["conv"]["kernel"]),
-                                  np.asarray(variables["params"]["layer3"]["5"]["conv2"]["conv"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(again["params"]["layer3"]["5"]["conv2"]["conv"]["kernel"]),
+        np.asarray(variables["params"]["layer3"]["5"]["conv2"]["conv"]["kernel"]),
+    )

@@ -143,8 +143,12 @@ def test_batchnorm_statistics_follow_the_batch(trainer, first_step):
     x = torch.from_numpy(make_batch(0)["images"].astype(np.float64))
     y = torch.nn.functional.conv2d(x, torch.from_numpy(kernel.transpose(3, 2, 0, 1)), stride=2, padding=3).numpy()
     mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3))
-    np.testing.assert_allclose(new["backbone/net/stem/1/mean"], 0.9 * old["backbone/net/stem/1/mean"] + 0.1 * mean, rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(new["backbone/net/stem/1/var"], 0.9 * old["backbone/net/stem/1/var"] + 0.1 * var, rtol=1e-4)
+    np.testing.assert_allclose(
+        new["backbone/net/stem/1/mean"], 0.9 * old["backbone/net/stem/1/mean"] + 0.1 * mean, rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        new["backbone/net/stem/1/var"], 0.9 * old["backbone/net/stem/1/var"] + 0.1 * var, rtol=1e-4
+    )
 
 
 # --- optimizer builder, on synthetic gradients --------------------------------------------
@@ -176,7 +180,9 @@ def section(tiny):
 def _grads(params, seed=0, scale=1.0):
     leaves, tree = jax.tree_util.tree_flatten(params)
     rng = np.random.default_rng(seed)
-    return jax.tree_util.tree_unflatten(tree, [jnp.asarray(rng.normal(0, scale, np.shape(p)), jnp.float32) for p in leaves])
+    return jax.tree_util.tree_unflatten(
+        tree, [jnp.asarray(rng.normal(0, scale, np.shape(p)), jnp.float32) for p in leaves]
+    )
 
 
 def _first_update(params, grads, **kwargs):
@@ -207,7 +213,12 @@ def test_backbone_lr_mult_scales_only_the_backbone(section):
 
 def test_param_labels_freeze_stages_from_the_bottom(tiny):
     _, variables = tiny
-    for trainable, frozen in [(5, ()), (3, ("stem", "layer1")), (1, ("stem", "layer1", "layer2", "layer3")), (0, ("stem", "layer1", "layer2", "layer3", "layer4"))]:
+    for trainable, frozen in [
+        (5, ()),
+        (3, ("stem", "layer1")),
+        (1, ("stem", "layer1", "layer2", "layer3")),
+        (0, ("stem", "layer1", "layer2", "layer3", "layer4")),
+    ]:
         labels = _flat(param_labels(variables["params"], trainable_backbone_layers=trainable))
         for k, label in labels.items():
             parts = k.split("/")
@@ -254,7 +265,16 @@ def test_adamw_first_update(section):
 def test_warmup_step_and_cosine_schedules():
     lr = 0.02
     step = learning_rate_schedule(lr, schedule="step", warmup_steps=100, warmup_factor=1e-3, decay_steps=(1000, 1500))
-    expected = {0: lr * 1e-3, 50: lr * (1e-3 + (1 - 1e-3) * 0.5), 100: lr, 999: lr, 1000: lr * 0.1, 1499: lr * 0.1, 1500: lr * 0.01, 10**5: lr * 0.01}
+    expected = {
+        0: lr * 1e-3,
+        50: lr * (1e-3 + (1 - 1e-3) * 0.5),
+        100: lr,
+        999: lr,
+        1000: lr * 0.1,
+        1499: lr * 0.1,
+        1500: lr * 0.01,
+        10**5: lr * 0.01,
+    }
     for t, value in expected.items():
         # float32 arithmetic: optax's warmup computes (init - end) * (1 - t / T) + end
         np.testing.assert_allclose(float(step(t)), value, rtol=1e-5, atol=1e-7 * lr, err_msg=f"step schedule at {t}")
@@ -262,13 +282,26 @@ def test_warmup_step_and_cosine_schedules():
     # other decay step in force from its own index on
     for decay_steps, factor in (((100,), 0.1), ((50, 80), 0.01), ((80, 100, 300), 0.01)):
         early = learning_rate_schedule(lr, warmup_steps=100, decay_steps=decay_steps)
-        np.testing.assert_allclose(float(early(99)), lr * (1e-3 + (1 - 1e-3) * 0.99), rtol=1e-5, err_msg=str(decay_steps))
-        np.testing.assert_allclose([float(early(t)) for t in (100, 101, 299)], lr * factor, rtol=1e-5, err_msg=str(decay_steps))
+        np.testing.assert_allclose(
+            float(early(99)), lr * (1e-3 + (1 - 1e-3) * 0.99), rtol=1e-5, err_msg=str(decay_steps)
+        )
+        np.testing.assert_allclose(
+            [float(early(t)) for t in (100, 101, 299)], lr * factor, rtol=1e-5, err_msg=str(decay_steps)
+        )
         np.testing.assert_allclose(float(early(300)), lr * 0.001 if len(decay_steps) == 3 else lr * factor, rtol=1e-5)
     cosine = learning_rate_schedule(lr, schedule="cosine", total_steps=1100, warmup_steps=100)
-    expected = {0: lr * 1e-3, 100: lr, 350: lr * 0.5 * (1 + math.cos(math.pi * 0.25)), 600: lr / 2, 1100: 0.0, 2000: 0.0}
+    expected = {
+        0: lr * 1e-3,
+        100: lr,
+        350: lr * 0.5 * (1 + math.cos(math.pi * 0.25)),
+        600: lr / 2,
+        1100: 0.0,
+        2000: 0.0,
+    }
     for t, value in expected.items():
-        np.testing.assert_allclose(float(cosine(t)), value, rtol=1e-5, atol=1e-7 * lr, err_msg=f"cosine schedule at {t}")
+        np.testing.assert_allclose(
+            float(cosine(t)), value, rtol=1e-5, atol=1e-7 * lr, err_msg=f"cosine schedule at {t}"
+        )
     constant = learning_rate_schedule(lr, schedule="constant")
     assert float(constant(0)) == float(constant(10**6)) == np.float32(lr)
     with pytest.raises(ValueError, match="schedule"):
@@ -322,8 +355,14 @@ def test_frozen_stages_and_batchnorm_affine_do_not_move(fine_tuned):
             assert k not in moved, f"{k} belongs to a frozen stage but changed"
         if k.rsplit("/", 1)[0] in bn:
             assert k not in moved, f"{k} is a BatchNorm affine parameter but changed"
-    for k in ("backbone/net/layer2/0/downsample/0/kernel", "backbone/net/layer2/0/conv1/conv/kernel",
-              "backbone/fpn/lateral_convs.0/kernel", "rpn/head/conv/kernel", "fc1/kernel", "cls_score/bias"):
+    for k in (
+        "backbone/net/layer2/0/downsample/0/kernel",
+        "backbone/net/layer2/0/conv1/conv/kernel",
+        "backbone/fpn/lateral_convs.0/kernel",
+        "rpn/head/conv/kernel",
+        "fc1/kernel",
+        "cls_score/bias",
+    ):
         assert k in moved, f"{k} is trainable but did not change"
 
 
@@ -379,7 +418,10 @@ def _set(key, index, value):
         (_bad(_set("boxes", (0, 1, 0), np.nan)), r"boxes contain NaN"),
         (_bad(lambda b: b.update(boxes=b["boxes"][:1])), r'batch\["boxes"\] has 1 entries but batch\["images"\] has 2'),
         (_bad(lambda b: b.update(labels=np.concatenate([b["labels"]] * 2))), r'batch\["labels"\] has 4 entries'),
-        (_bad(lambda b: b.update(image_sizes=np.full((3, 2), 128.0, np.float32))), r'batch\["image_sizes"\] has 3 entries'),
+        (
+            _bad(lambda b: b.update(image_sizes=np.full((3, 2), 128.0, np.float32))),
+            r'batch\["image_sizes"\] has 3 entries',
+        ),
     ],
 )
 def test_bad_batches_are_refused_before_compute(tiny, trainer, batch, match):
@@ -429,7 +471,9 @@ def test_backbone_classifier_is_never_optimised_in_detection(tiny):
     for layers in (5, 3, 0):
         labels = flatten_dict(param_labels(tiny[1]["params"], trainable_backbone_layers=layers))
         assert labels[("backbone", "net", "fc", "kernel")] == "frozen"
-        assert labels[("backbone", "net", "layer4", "0", "conv1", "conv", "kernel")] == ("backbone" if layers else "frozen")
+        assert labels[("backbone", "net", "layer4", "0", "conv1", "conv", "kernel")] == (
+            "backbone" if layers else "frozen"
+        )
         assert labels[("fc1", "kernel")] == "heads"
 
 

@@ -52,8 +52,15 @@ def test_box_edges_are_drawn_in_the_class_color_at_the_box_pixels(tmp_path):
 def test_invalid_and_low_scoring_detections_are_not_drawn(tmp_path):
     boxes = [[10, 30, 60, 80], [80, 30, 130, 80], [140, 30, 190, 80]]
     pred = prediction(boxes, [1, 2, 3], [0.9, 0.95, 0.2], valid=[True, False, True])
-    ax = draw_detections(np.zeros((H, W, 3), np.uint8), pred["boxes"], pred["labels"], pred["scores"],
-                         pred["valid"], CLASS_NAMES, score_thresh=0.5)
+    ax = draw_detections(
+        np.zeros((H, W, 3), np.uint8),
+        pred["boxes"],
+        pred["labels"],
+        pred["scores"],
+        pred["valid"],
+        CLASS_NAMES,
+        score_thresh=0.5,
+    )
     assert len(ax.patches) == 1 and [t.get_text() for t in ax.texts] == ["cat 0.90"]
     path = tmp_path / "filtered.png"
     ax.figure.savefig(path, dpi=ax.figure.dpi)
@@ -74,11 +81,18 @@ def test_grid_has_one_native_size_cell_per_image_and_dashed_ground_truth(tmp_pat
     images = np.zeros((n, h, w, 3), np.uint8)
     boxes = np.zeros((n, 2, 4), np.float32)
     boxes[2, 0] = [20, 20, 70, 50]  # image 2 sits in row 1, column 0 of a 2-column grid
-    preds = {"boxes": boxes, "labels": np.full((n, 2), 2), "scores": np.full((n, 2), 0.8, np.float32),
-             "valid": np.zeros((n, 2), bool)}
+    preds = {
+        "boxes": boxes,
+        "labels": np.full((n, 2), 2),
+        "scores": np.full((n, 2), 0.8, np.float32),
+        "valid": np.zeros((n, 2), bool),
+    }
     preds["valid"][2, 0] = True
-    targets = {"boxes": np.tile(np.asarray([[[10, 10, 80, 40]]], np.float32), (n, 1, 1)),
-               "labels": np.ones((n, 1), int), "valid": np.asarray([[True], [False], [False]])}
+    targets = {
+        "boxes": np.tile(np.asarray([[[10, 10, 80, 40]]], np.float32), (n, 1, 1)),
+        "labels": np.ones((n, 1), int),
+        "valid": np.asarray([[True], [False], [False]]),
+    }
     path = tmp_path / "grid.png"
     save_detections_grid(images, preds, path, CLASS_NAMES, targets=targets, ncols=2)
     png = read_png(path)
@@ -97,8 +111,12 @@ def test_grid_accepts_normalized_model_inputs(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)
     inputs = np.stack([normalize(im).transpose(2, 0, 1) for im in images])  # [N, 3, H, W]
-    empty = {"boxes": np.zeros((2, 1, 4)), "labels": np.ones((2, 1), int), "scores": np.zeros((2, 1)),
-             "valid": np.zeros((2, 1), bool)}
+    empty = {
+        "boxes": np.zeros((2, 1, 4)),
+        "labels": np.ones((2, 1), int),
+        "scores": np.zeros((2, 1)),
+        "valid": np.zeros((2, 1), bool),
+    }
     path = tmp_path / "inputs.png"
     save_detections_grid(inputs, empty, path, normalized=True, ncols=4)
     np.testing.assert_array_equal(read_png(path), np.concatenate(list(images), axis=1))

@@ -65,8 +65,12 @@ def test_lucid_detector(tiny):
     assert report.skipped == {} and report.left_initial == []
     assert len(report.apart["buffers"]) == 4
     assert sorted(report.apart["stem_aliases"]) == sorted(k for k in flat if k.startswith("backbone.stem."))
-    for name in ("backbone.net.layer2.0.conv2.conv.weight", "rpn.head.conv.weight", "fc1.weight",
-                 "backbone.net.layer4.0.conv3.1.running_var"):
+    for name in (
+        "backbone.net.layer2.0.conv2.conv.weight",
+        "rpn.head.conv.weight",
+        "fc1.weight",
+        "backbone.net.layer4.0.conv3.1.running_var",
+    ):
         np.testing.assert_array_equal(_value(new, name), flat[name])
 
 
@@ -101,7 +105,8 @@ def test_class_count_heads_of_another_size_are_skipped_with_both_shapes(tiny):
     _check_accounting(report, flat, variables)
     assert set(report.skipped) == {"cls_score.weight", "cls_score.bias", "bbox_pred.weight", "bbox_pred.bias"}
     assert report.skipped["cls_score.weight"] == (
-        "class-count head of another size: file has shape (9, 64), model expects (5, 64)")
+        "class-count head of another size: file has shape (9, 64), model expects (5, 64)"
+    )
     assert set(report.left_initial) == set(report.skipped)
     np.testing.assert_array_equal(_value(new, "cls_score.weight"), 0)
 
@@ -115,15 +120,19 @@ def test_rpn_head_with_another_anchor_count_is_skipped(tiny):
     _check_accounting(report, flat, variables)
     assert set(report.skipped) == {f"rpn.head.{n}.{p}" for n in ("cls_logits", "bbox_pred") for p in ("weight", "bias")}
     assert "RPN head with another anchor count: file has shape (3, 32, 1, 1), model expects (9, 32, 1, 1)" in (
-        report.skipped.values())
+        report.skipped.values()
+    )
 
 
 def test_any_other_mismatch_raises_naming_key_and_shapes(tiny):
     model, variables = tiny
     flat = sd.to_state_dict(sd.backbone_variables(variables))
     flat["layer2.0.conv1.conv.weight"] = np.zeros((3, 3, 1, 1), np.float32)
-    with pytest.raises(StateDictError, match=r"layer2\.0\.conv1\.conv\.weight .*file has shape \(3, 3, 1, 1\), "
-                                             r"model expects \(16, 32, 1, 1\)"):
+    with pytest.raises(
+        StateDictError,
+        match=r"layer2\.0\.conv1\.conv\.weight .*file has shape \(3, 3, 1, 1\), "
+        r"model expects \(16, 32, 1, 1\)",
+    ):
         weights.load_pretrained(variables, flat, model=model)
 
 
@@ -202,8 +211,9 @@ def _torchvision_faster_rcnn(num_classes, seed):
     """A perturbed torchvision fasterrcnn_resnet50_fpn state dict with ``num_classes``."""
     torch, torchvision = _torchvision()
     torch.manual_seed(0)
-    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None,
-                                                              num_classes=num_classes)
+    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=num_classes
+    )
     return _perturbed(torch, tv, seed)
 
 
@@ -218,7 +228,9 @@ def test_torchvision_resnet_into_resnet50_detector():
     assert report.summary() == "torchvision ResNet -> backbone.net: 267 loaded, 0 skipped, 30 left initial"
     _check_accounting(report, tv, variables)
     assert len(report.apart["counters"]) == 53
-    np.testing.assert_array_equal(_value(new, "backbone.net.layer3.5.conv2.bn.running_var"), tv["layer3.5.bn2.running_var"])
+    np.testing.assert_array_equal(
+        _value(new, "backbone.net.layer3.5.conv2.bn.running_var"), tv["layer3.5.bn2.running_var"]
+    )
     np.testing.assert_array_equal(_value(new, "backbone.net.stem.0.weight"), tv["conv1.weight"])
 
 
@@ -235,8 +247,9 @@ def test_torchvision_faster_rcnn_into_its_architecture(file_classes, skipped):
     assert set(report.skipped) == {"roi_heads.box_predictor." + k for k in heads if skipped}
     assert set(report.left_initial) == {"backbone.net.fc.weight", "backbone.net.fc.bias", *(heads if skipped else ())}
     np.testing.assert_array_equal(_value(new, "rpn.head.cls_logits.weight"), flat["rpn.head.cls_logits.weight"])
-    np.testing.assert_array_equal(_value(new, "backbone.fpn.output_convs.3.weight"),
-                                  flat["backbone.fpn.layer_blocks.3.0.weight"])
+    np.testing.assert_array_equal(
+        _value(new, "backbone.fpn.output_convs.3.weight"), flat["backbone.fpn.layer_blocks.3.0.weight"]
+    )
 
 
 def test_torchvision_faster_rcnn_into_lucids_default_skips_the_rpn_head():
@@ -246,18 +259,44 @@ def test_torchvision_faster_rcnn_into_lucids_default_skips_the_rpn_head():
     variables = _zeros(model)
     _, report = weights.load_pretrained(variables, tv.state_dict(), model=model)
     _check_accounting(report, tv.state_dict(), variables)
-    assert sorted(report.skipped) == ["rpn.head.bbox_pred.bias", "rpn.head.bbox_pred.weight",
-                                      "rpn.head.cls_logits.bias", "rpn.head.cls_logits.weight"]
+    assert sorted(report.skipped) == [
+        "rpn.head.bbox_pred.bias",
+        "rpn.head.bbox_pred.weight",
+        "rpn.head.cls_logits.bias",
+        "rpn.head.cls_logits.weight",
+    ]
 
 
 # --- the command line ---------------------------------------------------------------
 
 
 def _train(*args, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", "lucid_jax.cli", "train", "--data", "shapes", "--steps", "1",
-                           "--batch-size", "1", "--image-size", "64", "--shapes-train-examples", "4", "--no-progress",
-                           "--num-workers", "1", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lucid_jax.cli",
+            "train",
+            "--data",
+            "shapes",
+            "--steps",
+            "1",
+            "--batch-size",
+            "1",
+            "--image-size",
+            "64",
+            "--shapes-train-examples",
+            "4",
+            "--no-progress",
+            "--num-workers",
+            "1",
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -274,8 +313,16 @@ def test_cli_init_from_torchvision_resnet101_pth(tmp_path):
     tv = _perturbed(torch, torchvision.models.resnet101(weights=None), 3)
     torch.save(tv, tmp_path / "resnet101.pth")
     out = tmp_path / "run"
-    stdout = _train("--model", "faster_rcnn_resnet_101_fpn", "--init", tmp_path / "resnet101.pth",
-                    "--trainable-backbone-layers", "0", "--out", out)
+    stdout = _train(
+        "--model",
+        "faster_rcnn_resnet_101_fpn",
+        "--init",
+        tmp_path / "resnet101.pth",
+        "--trainable-backbone-layers",
+        "0",
+        "--out",
+        out,
+    )
     assert "init: fine-tuning recipe --norm-mode frozen" in stdout
     assert "init: torchvision ResNet -> backbone.net: 522 loaded, 0 skipped, 30 left initial" in stdout
     report = json.loads((out / "init_report.json").read_text())
@@ -291,8 +338,16 @@ def test_cli_init_from_torchvision_faster_rcnn(tmp_path, file_classes):
     flat = _torchvision_faster_rcnn(file_classes, seed=4)
     torch.save(flat, tmp_path / "frcnn.pth")
     out = tmp_path / "run"
-    stdout = _train("--model", "faster_rcnn_resnet_50_fpn_torchvision", "--init", tmp_path / "frcnn.pth",
-                    "--trainable-backbone-layers", "0", "--out", out)
+    stdout = _train(
+        "--model",
+        "faster_rcnn_resnet_50_fpn_torchvision",
+        "--init",
+        tmp_path / "frcnn.pth",
+        "--trainable-backbone-layers",
+        "0",
+        "--out",
+        out,
+    )
     skipped = 0 if file_classes == 4 else 4  # shapes has 3 classes + background
     assert "init: torchvision FasterRCNN -> detector: " in stdout
     report = json.loads((out / "init_report.json").read_text())

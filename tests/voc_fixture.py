@@ -19,12 +19,15 @@ def _xml(filename: str, height: int, width: int, boxes, labels, difficult) -> st
         "</bndbox></object>"
         for (x1, y1, x2, y2), label, d in zip(np.round(boxes), labels, difficult)
     )
-    return (f"<annotation><filename>{filename}</filename><size><width>{width}</width><height>{height}</height>"
-            f"<depth>3</depth></size>{objects}</annotation>")
+    return (
+        f"<annotation><filename>{filename}</filename><size><width>{width}</width><height>{height}</height>"
+        f"<depth>3</depth></size>{objects}</annotation>"
+    )
 
 
-def write_voc(root: Path, *, train: int = 240, val: int = 48, crowded_every: int = 12,
-              difficult_every: int = 9) -> dict:
+def write_voc(
+    root: Path, *, train: int = 240, val: int = 48, crowded_every: int = 12, difficult_every: int = 9
+) -> dict:
     """Write the folder; returns {"train": stems, "val": stems, "val_objects": non-difficult count}.
 
     Images alternate landscape 128x160 and portrait 160x128; every ``crowded_every``-th
@@ -38,8 +41,16 @@ def write_voc(root: Path, *, train: int = 240, val: int = 48, crowded_every: int
     kinds = {
         "landscape": ShapesDataset(num_examples=train + val, image_size=(128, 160), seed=11),
         "portrait": ShapesDataset(num_examples=train + val, image_size=(160, 128), seed=12),
-        "crowded": ShapesDataset(num_examples=train + val, image_size=(160, 160), seed=13, min_objects=17,
-                                 max_objects=24, min_object_size=12, max_object_size=24, max_overlap=0.05),
+        "crowded": ShapesDataset(
+            num_examples=train + val,
+            image_size=(160, 160),
+            seed=13,
+            min_objects=17,
+            max_objects=24,
+            min_object_size=12,
+            max_object_size=24,
+            max_overlap=0.05,
+        ),
     }
     stems = {"train": [], "val": []}
     val_objects, object_index = 0, 0
@@ -56,7 +67,9 @@ def write_voc(root: Path, *, train: int = 240, val: int = 48, crowded_every: int
                 object_index += 1
             val_objects += int((~difficult).sum())
         h, w = ex["image"].shape[:2]
-        (root / "Annotations" / f"{stem}.xml").write_text(_xml(f"{stem}.png", h, w, ex["boxes"], ex["labels"], difficult))
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            _xml(f"{stem}.png", h, w, ex["boxes"], ex["labels"], difficult)
+        )
         stems[split].append(stem)
     for split, names in stems.items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(names) + "\n")

@@ -29,7 +29,13 @@ from pathlib import Path, PurePath
 import numpy as np
 
 from lucid_jax.data.dataset import (
-    Annotation, DatasetError, Example, image_size, load_image, make_annotation, make_example,
+    Annotation,
+    DatasetError,
+    Example,
+    image_size,
+    load_image,
+    make_annotation,
+    make_example,
 )
 
 
@@ -73,14 +79,19 @@ def _safe_file_name(value, path, where: str) -> str:
         raise DatasetError(path, f"{where} file_name must be a non-empty string, got {_short(value)}")
     rel = PurePath(value)
     if rel.is_absolute() or rel.anchor or ".." in rel.parts or "\x00" in value:
-        raise DatasetError(path, f"{where} file_name {_short(value)} leaves the image folder; "
-                                 "file names must be relative paths inside it")
+        raise DatasetError(
+            path,
+            f"{where} file_name {_short(value)} leaves the image folder; file names must be relative paths inside it",
+        )
     return value
 
 
 def _bbox(value, path, where: str) -> tuple[float, float, float, float]:
-    if (not isinstance(value, list) or len(value) != 4
-            or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+    if (
+        not isinstance(value, list)
+        or len(value) != 4
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)
+    ):
         raise DatasetError(path, f"{where} bbox must be [x, y, width, height], got {_short(value)}")
     x, y, w, h = (float(v) for v in value)
     if not all(math.isfinite(v) for v in (x, y, w, h)):
@@ -149,7 +160,9 @@ class COCODataset:
                 "file_name": _safe_file_name(_field(img, "file_name", path, where), path, where),
                 "height": _size_field(img, "height", path, where),
                 "width": _size_field(img, "width", path, where),
-                "boxes": [], "labels": [], "crowd": [],
+                "boxes": [],
+                "labels": [],
+                "crowd": [],
             }
         self.dropped_invalid_boxes = 0
         for k, ann in enumerate(annotations):
@@ -204,8 +217,14 @@ class COCODataset:
         record = self._images[image_id]
         if record["height"] is None or record["width"] is None:
             record["height"], record["width"] = image_size(self.image_path(index))
-        return make_annotation(record["boxes"].copy(), record["labels"].copy(), record["crowd"].copy(),
-                               image_id, record["height"], record["width"])
+        return make_annotation(
+            record["boxes"].copy(),
+            record["labels"].copy(),
+            record["crowd"].copy(),
+            image_id,
+            record["height"],
+            record["width"],
+        )
 
     def train_object_counts(self) -> np.ndarray:
         """[N] objects per image that training sees (crowd regions left out)."""

@@ -107,13 +107,15 @@ def coco_ground_truth(dataset) -> dict:
         ann = get_annotation(dataset, index)
         images.append({"id": image_id, "width": ann["width"], "height": ann["height"], "file_name": str(ann["id"])})
         for box, label, ignore in zip(ann["boxes"].astype(np.float64), ann["labels"], ann["ignore"]):
-            annotations.append({
-                "id": len(annotations) + 1,  # from 1: COCOeval uses 0 for "unmatched"
-                "image_id": image_id,
-                "category_id": cat_ids[int(label)],
-                "bbox": _xywh(box),
-                "area": float((box[2] - box[0]) * (box[3] - box[1])),
-                "iscrowd": int(ignore),
-            })
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,  # from 1: COCOeval uses 0 for "unmatched"
+                    "image_id": image_id,
+                    "category_id": cat_ids[int(label)],
+                    "bbox": _xywh(box),
+                    "area": float((box[2] - box[0]) * (box[3] - box[1])),
+                    "iscrowd": int(ignore),
+                }
+            )
     categories = [{"id": cat_ids[k], "name": str(name)} for k, name in enumerate(dataset.class_names, start=1)]
     return {"images": images, "annotations": annotations, "categories": categories}

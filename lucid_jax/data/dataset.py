@@ -13,8 +13,9 @@ what evaluation counts, and ``train_object_counts()``, which is what training ke
 """
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, Sequence, TypedDict, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypedDict, runtime_checkable
 
 import numpy as np
 
@@ -194,7 +195,6 @@ def object_counts(dataset) -> np.ndarray:
     return np.asarray([len(dataset[i]["labels"]) for i in range(len(dataset))], np.int64)
 
 
-
 class DroppedBoxes(NamedTuple):
     """What a ``max_boxes`` cut removes from a dataset's training targets."""
 
@@ -204,8 +204,9 @@ class DroppedBoxes(NamedTuple):
     max_boxes: int
 
     def __str__(self) -> str:
-        return (f"dropped {self.dropped:,} of {self.total:,} boxes in {self.images:,} images "
-                f"(max-boxes {self.max_boxes})")
+        return (
+            f"dropped {self.dropped:,} of {self.total:,} boxes in {self.images:,} images (max-boxes {self.max_boxes})"
+        )
 
 
 def dropped_boxes_summary(counts, max_boxes: int) -> DroppedBoxes:

@@ -41,8 +41,15 @@ class Jitter:
     flip: bool
 
 
-def draw_jitter(rng: np.random.Generator, height: int, width: int, canvas: tuple[int, int], *,
-                scale_range: tuple[float, float] = SCALE_RANGE, flip_prob: float = 0.5) -> Jitter:
+def draw_jitter(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    canvas: tuple[int, int],
+    *,
+    scale_range: tuple[float, float] = SCALE_RANGE,
+    flip_prob: float = 0.5,
+) -> Jitter:
     """Draw the scale, the crop origin and the flip, in that order, from ``rng``.
 
     Args:
@@ -60,8 +67,9 @@ def draw_jitter(rng: np.random.Generator, height: int, width: int, canvas: tuple
     return Jitter((nh, nw), (y0, x0), (min(nh - y0, ch), min(nw - x0, cw)), flip)
 
 
-def jitter_boxes(boxes: np.ndarray, height: int, width: int, jitter: Jitter,
-                 min_visible: float = MIN_VISIBLE) -> tuple[np.ndarray, np.ndarray]:
+def jitter_boxes(
+    boxes: np.ndarray, height: int, width: int, jitter: Jitter, min_visible: float = MIN_VISIBLE
+) -> tuple[np.ndarray, np.ndarray]:
     """Move [M, 4] xyxy boxes with the pixels of a jittered image.
 
     Returns:
@@ -82,9 +90,17 @@ def jitter_boxes(boxes: np.ndarray, height: int, width: int, jitter: Jitter,
     return clipped.astype(np.float32), keep
 
 
-def jitter_preprocess(example: dict, rng: np.random.Generator, *, canvas, scale_range=SCALE_RANGE,
-                      flip_prob: float = 0.5, min_visible: float = MIN_VISIBLE, mean=IMAGENET_MEAN,
-                      std=IMAGENET_STD) -> dict:
+def jitter_preprocess(
+    example: dict,
+    rng: np.random.Generator,
+    *,
+    canvas,
+    scale_range=SCALE_RANGE,
+    flip_prob: float = 0.5,
+    min_visible: float = MIN_VISIBLE,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+) -> dict:
     """Large-scale jitter of one example onto a fixed canvas (a training transform).
 
     Args:

@@ -27,8 +27,14 @@ RECTANGLE, ELLIPSE, TRIANGLE = 1, 2, 3
 # Bright colours, all far from the background greys below.
 _PALETTE = np.array(
     [
-        (230, 40, 40), (40, 200, 60), (60, 90, 240), (240, 220, 40),
-        (220, 60, 220), (40, 220, 220), (250, 140, 30), (245, 245, 245),
+        (230, 40, 40),
+        (40, 200, 60),
+        (60, 90, 240),
+        (240, 220, 40),
+        (220, 60, 220),
+        (40, 220, 220),
+        (250, 140, 30),
+        (245, 245, 245),
     ],
     np.uint8,
 )
@@ -59,7 +65,9 @@ def rasterize(kind: int, rng: np.random.Generator, x0: float, y0: float, x1: flo
     elif kind == TRIANGLE:
         t = rng.uniform(0.0, 1.0)
         side = int(rng.integers(4))  # the frame side that holds the apex
-        apex = [(x0 + t * (x1 - x0), y0), (x0 + t * (x1 - x0), y1), (x0, y0 + t * (y1 - y0)), (x1, y0 + t * (y1 - y0))][side]
+        apex = [(x0 + t * (x1 - x0), y0), (x0 + t * (x1 - x0), y1), (x0, y0 + t * (y1 - y0)), (x1, y0 + t * (y1 - y0))][
+            side
+        ]
         base = [((x0, y1), (x1, y1)), ((x0, y0), (x1, y0)), ((x1, y0), (x1, y1)), ((x0, y0), (x0, y1))][side]
         verts = [apex, *base]
         # Edge functions: a point is inside when it is on the same side of all three edges.

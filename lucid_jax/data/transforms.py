@@ -142,9 +142,19 @@ def pad_to(image: np.ndarray, canvas: tuple[int, int], value: float = 0.0) -> np
     return out
 
 
-def preprocess(example: dict, rng: np.random.Generator | None = None, *, canvas=None, longer_side=None,
-               shorter_side=None, max_size=None, flip_prob: float = 0.0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-               size_divisibility: int = SIZE_DIVISIBILITY) -> dict:
+def preprocess(
+    example: dict,
+    rng: np.random.Generator | None = None,
+    *,
+    canvas=None,
+    longer_side=None,
+    shorter_side=None,
+    max_size=None,
+    flip_prob: float = 0.0,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    size_divisibility: int = SIZE_DIVISIBILITY,
+) -> dict:
     """Resize, flip, normalise and pad one example onto a fixed canvas.
 
     Args:
@@ -173,7 +183,9 @@ def preprocess(example: dict, rng: np.random.Generator | None = None, *, canvas=
     labels = np.asarray(example["labels"], np.int32)
     difficult = np.asarray(example.get("difficult", np.zeros(len(labels), bool)), bool)
     if longer_side is not None or shorter_side is not None:
-        image, boxes = resize(image, boxes, resized_shape(h0, w0, longer_side=longer_side, shorter_side=shorter_side, max_size=max_size))
+        image, boxes = resize(
+            image, boxes, resized_shape(h0, w0, longer_side=longer_side, shorter_side=shorter_side, max_size=max_size)
+        )
     flipped = False
     if flip_prob > 0:
         if rng is None:

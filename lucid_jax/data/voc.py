@@ -22,21 +22,44 @@ are parsed when the dataset is built, so a broken file fails at once with a
 
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from pathlib import Path, PurePath
-from typing import Sequence
 
 import numpy as np
 from defusedxml import DefusedXmlException
 from defusedxml import ElementTree as SafeET
 
 from lucid_jax.data.dataset import (
-    Annotation, DatasetError, Example, image_size, load_image, make_annotation, make_example,
+    Annotation,
+    DatasetError,
+    Example,
+    image_size,
+    load_image,
+    make_annotation,
+    make_example,
 )
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # Splits that may be derived when their file is missing: the images no held-out split lists.
@@ -131,7 +154,9 @@ def _split_stems(root: Path, split: str | None, all_stems: list[str]) -> tuple[l
         files = [split_dir / f"{s}.txt" for s in _HELD_OUT[split] if (split_dir / f"{s}.txt").is_file()]
         held_out = {line.split()[0] for f in files for line in _read_lines(f)}
         where = ", ".join(f.name for f in files)
-        return [s for s in all_stems if s not in held_out], f"every annotation not in {where}" if files else "every annotation"
+        return [
+            s for s in all_stems if s not in held_out
+        ], f"every annotation not in {where}" if files else "every annotation"
     raise DatasetError(split_file, f"split file for split {split!r} not found; pass --split all to score every image")
 
 
@@ -188,7 +213,9 @@ class VOCDataset:
         ann_dir, img_dir = self.root / "Annotations", self.root / "JPEGImages"
         for folder in (self.root, ann_dir, img_dir):
             if not folder.is_dir():
-                raise DatasetError(folder, "folder not found (expected a VOCdevkit folder with Annotations/ and JPEGImages/)")
+                raise DatasetError(
+                    folder, "folder not found (expected a VOCdevkit folder with Annotations/ and JPEGImages/)"
+                )
         self.split = split
         all_stems = sorted(p.stem for p in ann_dir.glob("*.xml"))
         stems, self.split_source = _split_stems(self.root, split, all_stems)
@@ -199,7 +226,9 @@ class VOCDataset:
         for stem in stems:
             xml = ann_dir / f"{stem}.xml"
             if not xml.is_file():
-                raise DatasetError(xml, "annotation file not found" + (f" (listed in split {split!r})" if split else ""))
+                raise DatasetError(
+                    xml, "annotation file not found" + (f" (listed in split {split!r})" if split else "")
+                )
             parsed[stem] = parse_annotation(xml)
         names, self.class_source = _class_list(self.root, class_names)
         if names is None:
@@ -222,13 +251,15 @@ class VOCDataset:
             unknown = [n for n in ann["names"] if n not in index]
             if unknown:
                 raise DatasetError(xml, f"class {unknown[0]!r} is not in {self.class_source} {list(self.class_names)}")
-            self._records.append({
-                "id": stem,
-                "image": self._resolve_image(img_dir, ann["filename"], stem, images_by_stem, xml),
-                "boxes": ann["boxes"],
-                "labels": np.asarray([index[n] for n in ann["names"]], np.int32),
-                "difficult": ann["difficult"],
-            })
+            self._records.append(
+                {
+                    "id": stem,
+                    "image": self._resolve_image(img_dir, ann["filename"], stem, images_by_stem, xml),
+                    "boxes": ann["boxes"],
+                    "labels": np.asarray([index[n] for n in ann["names"]], np.int32),
+                    "difficult": ann["difficult"],
+                }
+            )
         self.dropped_invalid_boxes = sum(parsed[s]["dropped_invalid"] for s in stems)
         labels = np.concatenate([r["labels"] for r in self._records])
         self.class_counts = {n: int((labels == k + 1).sum()) for k, n in enumerate(self.class_names)}
@@ -245,7 +276,9 @@ class VOCDataset:
         for candidate in (PurePath(filename).stem, stem):
             if candidate in images_by_stem:
                 return img_dir / images_by_stem[candidate][0]
-        raise DatasetError(xml, f"image {filename!r} not found in {img_dir} (nor any image with stem {PurePath(filename).stem!r})")
+        raise DatasetError(
+            xml, f"image {filename!r} not found in {img_dir} (nor any image with stem {PurePath(filename).stem!r})"
+        )
 
     def __len__(self) -> int:
         return len(self._records)
@@ -258,7 +291,9 @@ class VOCDataset:
     def __getitem__(self, index: int) -> Example:
         """Example ``index``; ``id`` is the annotation's file stem."""
         r = self._records[index]
-        return make_example(load_image(r["image"]), r["boxes"].copy(), r["labels"].copy(), r["difficult"].copy(), id=r["id"])
+        return make_example(
+            load_image(r["image"]), r["boxes"].copy(), r["labels"].copy(), r["difficult"].copy(), id=r["id"]
+        )
 
     def annotation(self, index: int) -> Annotation:
         """Every object of image ``index``, difficult ones flagged ``ignore``; no pixels decoded.

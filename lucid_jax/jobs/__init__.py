@@ -12,8 +12,16 @@ settings that prints little and returns what it made.
 """
 
 from lucid_jax.jobs.config import (
-    DEMO_OVERRIDES, RESUMABLE_CHANGES, JobError, TrainConfig, apply_init_recipe, check_config, check_model_name,
-    config_from_dict, detector_names, reconcile_resume,
+    DEMO_OVERRIDES,
+    RESUMABLE_CHANGES,
+    JobError,
+    TrainConfig,
+    apply_init_recipe,
+    check_config,
+    check_model_name,
+    config_from_dict,
+    detector_names,
+    reconcile_resume,
 )
 from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
 from lucid_jax.jobs.demo import demo, pad_targets
@@ -24,8 +32,31 @@ from lucid_jax.jobs.seed import seed_example
 from lucid_jax.jobs.training import build_model, frozen_labels, initial_state, load_trained, train
 
 __all__ = [
-    "DEMO_OVERRIDES", "RESUMABLE_CHANGES", "JobError", "TrainConfig", "apply_init_recipe", "build_model",
-    "check_config", "check_model_name", "config_from_dict", "default_score_thresh", "demo", "describe_data", "detector_names", "evaluate", "expand_image_paths", "export_checkpoint", "frozen_labels",
-    "initial_state", "load_trained", "make_loader", "open_dataset", "pad_targets", "predict_files",
-    "predictions_on", "reconcile_resume", "seed_example", "train",
+    "DEMO_OVERRIDES",
+    "RESUMABLE_CHANGES",
+    "JobError",
+    "TrainConfig",
+    "apply_init_recipe",
+    "build_model",
+    "check_config",
+    "check_model_name",
+    "config_from_dict",
+    "default_score_thresh",
+    "demo",
+    "describe_data",
+    "detector_names",
+    "evaluate",
+    "expand_image_paths",
+    "export_checkpoint",
+    "frozen_labels",
+    "initial_state",
+    "load_trained",
+    "make_loader",
+    "open_dataset",
+    "pad_targets",
+    "predict_files",
+    "predictions_on",
+    "reconcile_resume",
+    "seed_example",
+    "train",
 ]

@@ -7,6 +7,7 @@ recipe where the user set nothing else.
 
 import dataclasses
 
+
 class JobError(RuntimeError):
     """A user-facing failure: bad arguments, data or checkpoints (one line)."""
 
@@ -34,8 +35,9 @@ class TrainConfig:
 
     data: str = _flag("shapes", "shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
     model: str = _flag("faster_rcnn_mini_fpn", "a registered model name", choices="models")
-    image_size: int = _flag(128, "square canvas in pixels, a multiple of the model's largest stride (32 for "
-                            "the ResNet FPNs)", type=int)
+    image_size: int = _flag(
+        128, "square canvas in pixels, a multiple of the model's largest stride (32 for the ResNet FPNs)", type=int
+    )
     batch_size: int = _flag(8, "images per step", type=int)
     steps: int = _flag(1000, "training steps in all (may change on resume)", type=int)
     lr: float = _flag(1e-3, "peak learning rate of the heads", type=float)
@@ -43,29 +45,55 @@ class TrainConfig:
     weight_decay: float = _flag(1e-4, "decoupled for AdamW, L2 for SGD", type=float)
     schedule: str = _flag("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine", "step"))
     warmup_steps: int = _flag(50, "linear warmup steps (at most a quarter of --steps)", type=int)
-    decay_steps: tuple[int, ...] = _flag((), "steps where --schedule step multiplies the LR by --decay-factor, "
-                                         "e.g. 16000,22000", type=_ints)
+    decay_steps: tuple[int, ...] = _flag(
+        (), "steps where --schedule step multiplies the LR by --decay-factor, e.g. 16000,22000", type=_ints
+    )
     decay_factor: float = _flag(0.1, "the step schedule's factor", type=float)
     clip_grad_norm: float | None = _flag(None, "clip the global gradient norm to this (none: no clipping)", type=float)
     backbone_lr_mult: float = _flag(1.0, "backbone LR / heads' LR", type=float)
-    trainable_backbone_layers: int = _flag(5, "backbone stages trained, from the top, as torchvision counts them: "
-                                           "5 all, 3 freezes the stem and layer1, 0 the whole ResNet "
-                                           "(with --init: 3)", type=int, choices=range(6))
-    norm_mode: str = _flag("batch", "batch: BatchNorm trains its statistics, scale and bias; frozen: fixed "
-                           "statistics, scale and bias, as torchvision's FrozenBatchNorm2d (with --init: frozen)",
-                           choices=("batch", "frozen"))
-    init: str | None = _flag(None, "start from pretrained weights: .lcd, .safetensors, .npz, .pth or a run "
-                             "directory (Lucid detector or backbone, torchvision ResNet or FasterRCNN); "
-                             "ignored when the run resumes")
-    augment: str = _flag("flip", "training augmentation: none; flip (horizontal, p = 0.5); jitter (large-scale "
-                         "jitter: resize to 0.5..2.0 x the canvas fit, random crop or pad, flip; boxes keeping "
-                         "under 30% of their area are dropped)", choices=("none", "flip", "jitter"))
-    max_boxes: int | None = _flag(None, "objects per image kept in training (none: the largest object count "
-                                  "in the training split, so nothing is dropped)", type=int)
-    split: str = _flag("train", "VOC training split, ImageSets/Main/<split>.txt (VOC 2007: trainval); without "
-                       "the file, every image not listed in val.txt or test.txt")
-    classes: tuple[str, ...] | None = _flag(None, "VOC class list, e.g. cat,dog (none: classes.txt beside the "
-                                            "data, or the names found in the XML)", type=_names)
+    trainable_backbone_layers: int = _flag(
+        5,
+        "backbone stages trained, from the top, as torchvision counts them: "
+        "5 all, 3 freezes the stem and layer1, 0 the whole ResNet "
+        "(with --init: 3)",
+        type=int,
+        choices=range(6),
+    )
+    norm_mode: str = _flag(
+        "batch",
+        "batch: BatchNorm trains its statistics, scale and bias; frozen: fixed "
+        "statistics, scale and bias, as torchvision's FrozenBatchNorm2d (with --init: frozen)",
+        choices=("batch", "frozen"),
+    )
+    init: str | None = _flag(
+        None,
+        "start from pretrained weights: .lcd, .safetensors, .npz, .pth or a run "
+        "directory (Lucid detector or backbone, torchvision ResNet or FasterRCNN); "
+        "ignored when the run resumes",
+    )
+    augment: str = _flag(
+        "flip",
+        "training augmentation: none; flip (horizontal, p = 0.5); jitter (large-scale "
+        "jitter: resize to 0.5..2.0 x the canvas fit, random crop or pad, flip; boxes keeping "
+        "under 30% of their area are dropped)",
+        choices=("none", "flip", "jitter"),
+    )
+    max_boxes: int | None = _flag(
+        None,
+        "objects per image kept in training (none: the largest object count "
+        "in the training split, so nothing is dropped)",
+        type=int,
+    )
+    split: str = _flag(
+        "train",
+        "VOC training split, ImageSets/Main/<split>.txt (VOC 2007: trainval); without "
+        "the file, every image not listed in val.txt or test.txt",
+    )
+    classes: tuple[str, ...] | None = _flag(
+        None,
+        "VOC class list, e.g. cat,dog (none: classes.txt beside the data, or the names found in the XML)",
+        type=_names,
+    )
     seed: int = _flag(0, "seed of the initialisation, data order and sampling", type=int)
     checkpoint_every: int = _flag(200, "steps between checkpoints", type=int)
     keep_checkpoints: int = _flag(2, "newest checkpoints kept", type=int)
@@ -113,17 +141,27 @@ def size_divisibility(model_name: str) -> int:
 
 def check_config(config: TrainConfig) -> None:
     """Raise JobError for values no run can use (one line, naming the flag)."""
+
     def flag(name):
         return "--" + name.replace("_", "-")
 
-    for name in ("image_size", "batch_size", "steps", "checkpoint_every", "keep_checkpoints", "log_every",
-                 "shapes_train_examples"):
+    for name in (
+        "image_size",
+        "batch_size",
+        "steps",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "shapes_train_examples",
+    ):
         if getattr(config, name) < 1:
             raise JobError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
     multiple = size_divisibility(config.model)
     if config.image_size % multiple:
-        raise JobError(f"--image-size must be a positive multiple of {multiple} ({config.model}'s largest stride), "
-                       f"got {config.image_size}")
+        raise JobError(
+            f"--image-size must be a positive multiple of {multiple} ({config.model}'s largest stride), "
+            f"got {config.image_size}"
+        )
     if config.max_boxes is not None and config.max_boxes < 1:
         raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
     for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers"):
@@ -159,17 +197,23 @@ def reconcile_resume(stored: TrainConfig, config: TrainConfig, given) -> tuple[T
     changed = {k for k in given if getattr(config, k) != getattr(stored, k)}
     refused = sorted(changed - set(RESUMABLE_CHANGES))
     if refused:
-        diffs = ", ".join(f"--{k.replace('_', '-')} {_show(getattr(config, k))} (the run has {_show(getattr(stored, k))})"
-                          for k in refused)
-        raise JobError(f"this run was started with other settings; resuming would change them: {diffs}. "
-                       "Drop these flags to continue it, or use a new --out")
+        diffs = ", ".join(
+            f"--{k.replace('_', '-')} {_show(getattr(config, k))} (the run has {_show(getattr(stored, k))})"
+            for k in refused
+        )
+        raise JobError(
+            f"this run was started with other settings; resuming would change them: {diffs}. "
+            "Drop these flags to continue it, or use a new --out"
+        )
     notes = []
     resumed = dataclasses.replace(stored, **{k: getattr(config, k) for k in changed if k != "init"})
     if "init" in given and config.init is not None:
         notes.append("resuming from the run's own checkpoint; --init is ignored")
     if "steps" in changed:
-        notes.append(f"--steps changed from {stored.steps} to {config.steps}: the {stored.schedule} schedule is "
-                     f"recomputed for {config.steps} steps (warmup {warmup_steps(resumed)})")
+        notes.append(
+            f"--steps changed from {stored.steps} to {config.steps}: the {stored.schedule} schedule is "
+            f"recomputed for {config.steps} steps (warmup {warmup_steps(resumed)})"
+        )
     return resumed, notes
 
 

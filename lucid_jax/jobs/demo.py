@@ -19,9 +19,13 @@ def pad_targets(boxes: list, labels: list) -> dict:
     """Per-image boxes [M_i, 4] and labels [M_i] padded to {"boxes": [N, M, 4], "labels", "valid": [N, M]}."""
     m = max(1, max(len(b) for b in boxes))
     n = len(boxes)
-    out = {"boxes": np.zeros((n, m, 4), np.float32), "labels": np.zeros((n, m), np.int32), "valid": np.zeros((n, m), bool)}
-    for i, (b, l) in enumerate(zip(boxes, labels)):
-        out["boxes"][i, : len(b)], out["labels"][i, : len(l)], out["valid"][i, : len(b)] = b, l, True
+    out = {
+        "boxes": np.zeros((n, m, 4), np.float32),
+        "labels": np.zeros((n, m), np.int32),
+        "valid": np.zeros((n, m), bool),
+    }
+    for i, (b, lab) in enumerate(zip(boxes, labels)):
+        out["boxes"][i, : len(b)], out["labels"][i, : len(lab)], out["valid"][i, : len(b)] = b, lab, True
     return out
 
 
@@ -35,8 +39,10 @@ def demo(config: TrainConfig, out: str | os.PathLike, *, given=(), progress: boo
     config = dataclasses.replace(config, data="shapes")
     out = Path(out)
     start = time.perf_counter()
-    echo(f"training {config.model} on synthetic shapes for {config.steps} steps "
-         f"(batch {config.batch_size}, {config.image_size}x{config.image_size}) into {out}")
+    echo(
+        f"training {config.model} on synthetic shapes for {config.steps} steps "
+        f"(batch {config.batch_size}, {config.image_size}x{config.image_size}) into {out}"
+    )
     train(config, out, given=set(given) | set(DEMO_OVERRIDES) | {"data"}, progress=progress, echo=echo)
     train_s = time.perf_counter() - start
     model, variables, class_names, config = load_trained(out)
@@ -50,7 +56,11 @@ def demo(config: TrainConfig, out: str | os.PathLike, *, given=(), progress: boo
     targets = pad_targets([e["boxes"] * up for e in examples], [e["labels"] for e in examples])
     viz.save_detections_grid(pictures, preds, png, ["background", *class_names], targets, ncols=4, score_thresh=0.5)
     summary = {k: metrics[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")}
-    summary.update(per_class_AP=metrics["per_class_AP"], held_out_images=len(held_out),
-                   train_seconds=round(train_s, 1), total_seconds=round(time.perf_counter() - start, 1),
-                   detections_png=str(png))
+    summary.update(
+        per_class_AP=metrics["per_class_AP"],
+        held_out_images=len(held_out),
+        train_seconds=round(train_s, 1),
+        total_seconds=round(time.perf_counter() - start, 1),
+        detections_png=str(png),
+    )
     return summary

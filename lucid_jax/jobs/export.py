@@ -10,8 +10,15 @@ from lucid_jax.jobs.config import JobError
 from lucid_jax.jobs.training import load_trained
 
 
-def export_checkpoint(checkpoint, out: str | os.PathLike, *, model_name: str | None = None,
-                      batch_size: int | None = None, platforms=PLATFORMS, score_thresh: float | None = None) -> dict:
+def export_checkpoint(
+    checkpoint,
+    out: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    batch_size: int | None = None,
+    platforms=PLATFORMS,
+    score_thresh: float | None = None,
+) -> dict:
     """Export a run's prediction on its canvas as ``out`` (jax.export) and ``out.json``.
 
     Args:
@@ -35,9 +42,19 @@ def export_checkpoint(checkpoint, out: str | os.PathLike, *, model_name: str | N
     start = time.perf_counter()
     model, variables, class_names, config = load_trained(checkpoint, model_name)
     kwargs = {} if score_thresh is None else {"score_thresh": score_thresh}
-    exported = export_prediction(model, variables, canvas=(config.image_size, config.image_size),
-                                 batch_size=batch_size, platforms=tuple(platforms), **kwargs)
+    exported = export_prediction(
+        model,
+        variables,
+        canvas=(config.image_size, config.image_size),
+        batch_size=batch_size,
+        platforms=tuple(platforms),
+        **kwargs,
+    )
     thresh = model.roi_heads.score_thresh if score_thresh is None else score_thresh
-    meta = write_artifact(exported, out, class_names=class_names,
-                          extra={"model": config.model, "score_thresh": thresh, "checkpoint": str(checkpoint)})
+    meta = write_artifact(
+        exported,
+        out,
+        class_names=class_names,
+        extra={"model": config.model, "score_thresh": thresh, "checkpoint": str(checkpoint)},
+    )
     return {**meta, "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 1)}

@@ -113,8 +113,9 @@ def _decoded(paths: Sequence[Path], num_workers: int, ahead: int) -> Iterator[tu
             yield path, future.result()
 
 
-def predict_files(specs: Sequence[str | os.PathLike], checkpoint, out: str | os.PathLike, *,
-                  model_name: str | None = None, **kwargs) -> PredictReport:
+def predict_files(
+    specs: Sequence[str | os.PathLike], checkpoint, out: str | os.PathLike, *, model_name: str | None = None, **kwargs
+) -> PredictReport:
     """Detect objects in image files with a trained run (see :func:`detect_files`).
 
     Args:
@@ -132,10 +133,21 @@ def predict_files(specs: Sequence[str | os.PathLike], checkpoint, out: str | os.
     return detect_files(model, variables, class_names, (config.image_size, config.image_size), paths, out, **kwargs)
 
 
-def detect_files(model, variables, class_names: Sequence[str], canvas: tuple[int, int], paths: Sequence[Path],
-                 out: str | os.PathLike, *, score_thresh: float | None = None, batch_size: int = 8,
-                 draw: bool = False, results: str | os.PathLike | None = None, num_workers: int = 4,
-                 progress: bool = True) -> PredictReport:
+def detect_files(
+    model,
+    variables,
+    class_names: Sequence[str],
+    canvas: tuple[int, int],
+    paths: Sequence[Path],
+    out: str | os.PathLike,
+    *,
+    score_thresh: float | None = None,
+    batch_size: int = 8,
+    draw: bool = False,
+    results: str | os.PathLike | None = None,
+    num_workers: int = 4,
+    progress: bool = True,
+) -> PredictReport:
     """Detect objects in image files with a model and its variables.
 
     Args:
@@ -185,20 +197,32 @@ def detect_files(model, variables, class_names: Sequence[str], canvas: tuple[int
                 viz.save_detections(image, {"boxes": boxes, "scores": scores, "labels": labels}, png, names)
             if results is not None:
                 image_id = _coco_image_id(path, position[path])
-                coco.extend({"image_id": image_id, "category_id": int(lab), "score": float(s),
-                             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
-                            for b, s, lab in zip(boxes, scores, labels, strict=True))
-            report.results.append({
-                "image": str(path),
-                "height": int(image.shape[0]),
-                "width": int(image.shape[1]),
-                "detections_png": None if png is None else str(png),
-                "detections": [
-                    {"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4), "label": int(lab),
-                     "class": class_names[int(lab) - 1]}
+                coco.extend(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(lab),
+                        "score": float(s),
+                        "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+                    }
                     for b, s, lab in zip(boxes, scores, labels, strict=True)
-                ],
-            })
+                )
+            report.results.append(
+                {
+                    "image": str(path),
+                    "height": int(image.shape[0]),
+                    "width": int(image.shape[1]),
+                    "detections_png": None if png is None else str(png),
+                    "detections": [
+                        {
+                            "box_xyxy": [round(float(v), 2) for v in b],
+                            "score": round(float(s), 4),
+                            "label": int(lab),
+                            "class": class_names[int(lab) - 1],
+                        }
+                        for b, s, lab in zip(boxes, scores, labels, strict=True)
+                    ],
+                }
+            )
 
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
     batch: list = []

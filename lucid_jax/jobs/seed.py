@@ -2,14 +2,14 @@
 and predict timings, as the document the project started from shows them."""
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lucid_jax.models import faster_rcnn_resnet_101_fpn
 from lucid_jax import count_params
+from lucid_jax.models import faster_rcnn_resnet_101_fpn
 from lucid_jax.train import make_predict_fn
 
 
@@ -32,5 +32,7 @@ def seed_example(sizes: Sequence[int] = (224, 512), *, num_classes: int = 21, re
             start = time.perf_counter()
             dets = jax.block_until_ready(predict(variables, x, None))
             times.append(time.perf_counter() - start)
-        echo(f"  predict: first call (compile + run) {compile_s:.1f} s, steady state {np.median(times):.3f} s "
-             f"(median of {repeats}); boxes {tuple(dets['boxes'].shape)}")
+        echo(
+            f"  predict: first call (compile + run) {compile_s:.1f} s, steady state {np.median(times):.3f} s "
+            f"(median of {repeats}); boxes {tuple(dets['boxes'].shape)}"
+        )

@@ -10,7 +10,7 @@ divided by the feature map's. That is the nominal stride wherever it divides the
 canvas, and less on a ceil-sized level such as P6 when H/32 is odd.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,9 +21,7 @@ def octave_sizes(base_sizes: Sequence[float], scales_per_octave: int = 3) -> tup
 
     >>> octave_sizes((32,), 3)  # ((32.0, 40.3..., 50.7...),)
     """
-    return tuple(
-        tuple(float(b) * 2.0 ** (k / scales_per_octave) for k in range(scales_per_octave)) for b in base_sizes
-    )
+    return tuple(tuple(float(b) * 2.0 ** (k / scales_per_octave) for k in range(scales_per_octave)) for b in base_sizes)
 
 
 def cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float], round_to_int: bool = False) -> np.ndarray:

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 
 
 def _conv(x, w, strides, padding, precision):
-    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        precision=precision)
+    return jax.lax.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
+    )
 
 
 def _weight_grad_matmuls(x, dy, kernel_hw, strides, padding, precision):
@@ -62,8 +63,18 @@ def _bwd(strides, padding, precision, residuals, dy):
 _conv_with_matmul_wgrad.defvjp(_fwd, _bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    **kwargs,
+):
     """The ``conv_general_dilated`` flax's ``nn.Conv`` calls, for plain NHWC convolutions.
 
     ``precision`` applies to the forward pass and to both gradients, the matmul
@@ -71,11 +82,25 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     (``preferred_element_type``, ``batch_group_count``) takes XLA's own convolution,
     gradients and all, so that it is honoured; an unknown keyword is a TypeError.
     """
-    plain = (feature_group_count == 1 and all(d == 1 for d in (lhs_dilation or (1, 1)))
-             and all(d == 1 for d in (rhs_dilation or (1, 1))) and not kwargs)
+    plain = (
+        feature_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and not kwargs
+    )
     if not plain or lhs.ndim != 4:
-        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                            dimension_numbers, feature_group_count, precision=precision, **kwargs)
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
     if isinstance(padding, str):
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     if isinstance(precision, list):

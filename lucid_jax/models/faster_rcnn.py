@@ -63,7 +63,9 @@ class FasterRCNN(nn.Module):
         features = self.backbone(x.astype(self.backbone.dtype), train)  # P2..P5 (P6)
         return features, sizes, self.rpn(features, sizes, (h, w), train)
 
-    def forward_with_proposals(self, images: jax.Array, image_sizes: jax.Array | None = None, train: bool = False) -> dict:
+    def forward_with_proposals(
+        self, images: jax.Array, image_sizes: jax.Array | None = None, train: bool = False
+    ) -> dict:
         """The whole forward pass, with every intermediate the user may want.
 
         Args:
@@ -114,8 +116,14 @@ class FasterRCNN(nn.Module):
         keys = jax.random.split(self.make_rng("sampling"), (gt_boxes.shape[0], 2))  # an (anchor, RoI) pair per image
         losses = self.rpn.loss(rpn, gt_boxes, gt_valid, keys[:, 0])
         losses |= self.roi_heads.loss(
-            features, self.backbone.roi_strides, rpn["proposals"], rpn["proposal_valid"],
-            gt_boxes, gt_labels, gt_valid, keys[:, 1],
+            features,
+            self.backbone.roi_strides,
+            rpn["proposals"],
+            rpn["proposal_valid"],
+            gt_boxes,
+            gt_labels,
+            gt_valid,
+            keys[:, 1],
         )
         return losses | {"total_loss": L.total_loss(losses)}
 
@@ -153,6 +161,12 @@ class FasterRCNN(nn.Module):
         """
         out = self.forward_with_proposals(images, image_sizes, train=False)
         return self.roi_heads.postprocess(
-            out["cls_logits"], out["class_deltas"], out["proposals"], out["proposal_valid"], out["image_sizes"],
-            score_thresh, nms_thresh, max_detections,
+            out["cls_logits"],
+            out["class_deltas"],
+            out["proposals"],
+            out["proposal_valid"],
+            out["image_sizes"],
+            score_thresh,
+            nms_thresh,
+            max_detections,
         )

@@ -79,7 +79,9 @@ def check_targets(targets, images) -> int:
     """
     if not isinstance(targets, dict) or not {"boxes", "labels", "valid"} <= set(targets):
         got = sorted(targets) if isinstance(targets, dict) else type(targets).__name__
-        raise ValueError(f'targets must be a dict with "boxes" [B, M, 4], "labels" [B, M] and "valid" [B, M], got {got}')
+        raise ValueError(
+            f'targets must be a dict with "boxes" [B, M, 4], "labels" [B, M] and "valid" [B, M], got {got}'
+        )
     b = np.shape(images)[0]
     boxes, labels, valid = (np.shape(targets[k]) for k in ("boxes", "labels", "valid"))
     if len(boxes) != 3 or boxes[-1] != 4 or boxes[0] != b:
@@ -87,7 +89,9 @@ def check_targets(targets, images) -> int:
     m = boxes[1]
     for name, shape in (("labels", labels), ("valid", valid)):
         if shape != (b, m):
-            raise ValueError(f'targets["{name}"] must have shape [B, M] = ({b}, {m}) like targets["boxes"], got {shape}')
+            raise ValueError(
+                f'targets["{name}"] must have shape [B, M] = ({b}, {m}) like targets["boxes"], got {shape}'
+            )
     if not jnp.issubdtype(jnp.result_type(targets["boxes"]), jnp.floating):
         raise TypeError(f'targets["boxes"] must be floating point, got {jnp.result_type(targets["boxes"])}')
     if not jnp.issubdtype(jnp.result_type(targets["labels"]), jnp.integer):

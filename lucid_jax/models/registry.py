@@ -1,6 +1,7 @@
 """Model registry: names to keyword builders, as Lucid's ``@register_model``."""
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -189,15 +190,21 @@ def faster_rcnn_mini_fpn(num_classes: int = 21, backbone_num_classes: int = 1000
 
 
 @register_model
-def faster_rcnn_resnet_50_fpn_torchvision(num_classes: int = 91, backbone_num_classes: int = 1000, **kwargs) -> FasterRCNN:
+def faster_rcnn_resnet_50_fpn_torchvision(
+    num_classes: int = 91, backbone_num_classes: int = 1000, **kwargs
+) -> FasterRCNN:
     """torchvision's ``fasterrcnn_resnet50_fpn`` architecture (``TORCHVISION_FASTER_RCNN``),
     to fine-tune a torchvision FasterRCNN state dict; COCO's 91 classes by default."""
-    return build_resnet_fpn_faster_rcnn((3, 4, 6, 3), num_classes, backbone_num_classes,
-                                        **{**TORCHVISION_FASTER_RCNN, **kwargs})
+    return build_resnet_fpn_faster_rcnn(
+        (3, 4, 6, 3), num_classes, backbone_num_classes, **{**TORCHVISION_FASTER_RCNN, **kwargs}
+    )
 
 
 @register_model
-def faster_rcnn_resnet_101_fpn_torchvision(num_classes: int = 91, backbone_num_classes: int = 1000, **kwargs) -> FasterRCNN:
+def faster_rcnn_resnet_101_fpn_torchvision(
+    num_classes: int = 91, backbone_num_classes: int = 1000, **kwargs
+) -> FasterRCNN:
     """torchvision's FasterRCNN on a ResNet-101 FPN backbone (``TORCHVISION_FASTER_RCNN``)."""
-    return build_resnet_fpn_faster_rcnn((3, 4, 23, 3), num_classes, backbone_num_classes,
-                                        **{**TORCHVISION_FASTER_RCNN, **kwargs})
+    return build_resnet_fpn_faster_rcnn(
+        (3, 4, 23, 3), num_classes, backbone_num_classes, **{**TORCHVISION_FASTER_RCNN, **kwargs}
+    )

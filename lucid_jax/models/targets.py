@@ -8,7 +8,7 @@ the proposals, which are matched at IoU 0.5 and sampled 512 at a time, at most a
 quarter positive (Fast R-CNN, Girshick 2015, section 2.3).
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

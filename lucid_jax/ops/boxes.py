@@ -90,8 +90,10 @@ def box_iou(boxes1, boxes2):
     _check_boxes("box_iou", "boxes1", boxes1, rank=2)
     _check_boxes("box_iou", "boxes2", boxes2, rank=2)
     inter, union = box_inter_union(
-        tuple(boxes1[:, None, i] for i in range(4)), box_area(boxes1)[:, None],  # [N, 1]
-        tuple(boxes2[None, :, i] for i in range(4)), box_area(boxes2)[None, :],  # [1, M]
+        tuple(boxes1[:, None, i] for i in range(4)),
+        box_area(boxes1)[:, None],  # [N, 1]
+        tuple(boxes2[None, :, i] for i in range(4)),
+        box_area(boxes2)[None, :],  # [1, M]
     )  # [N, M]
     positive = union > 0
     # Divide by a safe value so that neither the value nor its gradient is NaN.
@@ -173,9 +175,7 @@ def decode_boxes(deltas, boxes, weights=(1.0, 1.0, 1.0, 1.0), clamp=BBOX_XFORM_C
     pred_cy = dy * heights + ctr_y
     half_w = 0.5 * (jnp.exp(dw) * widths)
     half_h = 0.5 * (jnp.exp(dh) * heights)
-    return jnp.stack(
-        [pred_cx - half_w, pred_cy - half_h, pred_cx + half_w, pred_cy + half_h], axis=-1
-    )  # [..., 4]
+    return jnp.stack([pred_cx - half_w, pred_cy - half_h, pred_cx + half_w, pred_cy + half_h], axis=-1)  # [..., 4]
 
 
 def clip_boxes(boxes, image_size):

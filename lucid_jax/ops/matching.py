@@ -81,8 +81,9 @@ def match_boxes(iou, gt_valid, candidate_valid=None, *, fg_iou_thresh, bg_iou_th
       labels: [N] int32 ``MatchLabel`` values. With no valid gt every valid
         candidate is NEGATIVE; invalid candidates are always IGNORE.
     """
-    g, n = _check_inputs("match_boxes", iou, gt_valid, candidate_valid, fg_iou_thresh, bg_iou_thresh,
-                         allow_low_quality_matches)
+    g, n = _check_inputs(
+        "match_boxes", iou, gt_valid, candidate_valid, fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches
+    )
     iou = jnp.asarray(iou)
     gt_valid = jnp.asarray(gt_valid)
     candidate_valid = jnp.ones((n,), bool) if candidate_valid is None else jnp.asarray(candidate_valid)

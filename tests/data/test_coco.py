@@ -81,22 +81,39 @@ def test_errors_name_the_file_and_the_problem(coco, tmp_path):
         COCODataset(_write(tmp_path, {"images": []}), images)
     base = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 4, "name": "x"}]}
     with pytest.raises(DatasetError, match=r"annotations\[0\] refers to unknown category id 5"):
-        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1]}]}), images)
+        COCODataset(
+            _write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 5, "bbox": [0, 0, 1, 1]}]}), images
+        )
     with pytest.raises(DatasetError, match=r"annotations\[0\] refers to unknown image id 3"):
-        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 3, "category_id": 4, "bbox": [0, 0, 1, 1]}]}), images)
+        COCODataset(
+            _write(tmp_path, {**base, "annotations": [{"image_id": 3, "category_id": 4, "bbox": [0, 0, 1, 1]}]}), images
+        )
     with pytest.raises(DatasetError, match=r"bbox must be \[x, y, width, height\]"):
-        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1]}]}), images)
+        COCODataset(
+            _write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1]}]}), images
+        )
     with pytest.raises(DatasetError, match=r"bbox has a non-finite value"):
-        COCODataset(_write(tmp_path, '{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 4, "name": "x"}],'
-                                     ' "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1, NaN, 2]}]}'), images)
+        COCODataset(
+            _write(
+                tmp_path,
+                '{"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 4, "name": "x"}],'
+                ' "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1, NaN, 2]}]}',
+            ),
+            images,
+        )
     with pytest.raises(DatasetError, match=r"does not fit in float32"):
-        COCODataset(_write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1, 1e39, 2]}]}), images)
+        COCODataset(
+            _write(tmp_path, {**base, "annotations": [{"image_id": 1, "category_id": 4, "bbox": [0, 1, 1e39, 2]}]}),
+            images,
+        )
     with pytest.raises(DatasetError, match=r"images\[0\] id must be an integer, got '1'"):
         COCODataset(_write(tmp_path, {**base, "images": [{"id": "1", "file_name": "a.png"}]}), images)
     with pytest.raises(DatasetError, match=r"images\[1\] repeats image id 1"):
         COCODataset(_write(tmp_path, {**base, "images": base["images"] * 2}), images)
     with pytest.raises(DatasetError, match=r"images\[0\] height must be a positive integer"):
-        COCODataset(_write(tmp_path, {**base, "images": [{"id": 1, "file_name": "a.png", "height": 0, "width": 3}]}), images)
+        COCODataset(
+            _write(tmp_path, {**base, "images": [{"id": 1, "file_name": "a.png", "height": 0, "width": 3}]}), images
+        )
     with pytest.raises(DatasetError, match=r"annotations must be a list"):
         COCODataset(_write(tmp_path, {**base, "annotations": {"0": 1}}), images)
     with pytest.raises(DatasetError, match=r"malformed JSON \(RecursionError"):
@@ -121,7 +138,11 @@ def test_annotation_keeps_crowds_as_ignored_and_counts_dropped_boxes(coco):
     np.testing.assert_array_equal(ann["labels"], [2, 3, 3])
     np.testing.assert_array_equal(ann["ignore"], [False, True, False])
     empty = ds.annotation(1)
-    assert empty["boxes"].shape == (0, 4) and empty["ignore"].shape == (0,) and (empty["height"], empty["width"]) == (8, 12)
+    assert (
+        empty["boxes"].shape == (0, 4)
+        and empty["ignore"].shape == (0,)
+        and (empty["height"], empty["width"]) == (8, 12)
+    )
     np.testing.assert_array_equal(ds.train_object_counts(), [1, 0, 2])  # crowds are not trained on
 
 
@@ -131,9 +152,11 @@ def test_sizes_come_from_the_file_else_from_the_rotated_header(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # stored 10 x 30, shown upright 30 x 10
     Image.fromarray(np.zeros((10, 30, 3), np.uint8)).save(images / "r.jpg", exif=exif.tobytes())
-    data = {"images": [{"id": 1, "file_name": "r.jpg"}, {"id": 2, "file_name": "r.jpg", "height": 30, "width": 10}],
-            "categories": [{"id": 1, "name": "a"}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 20, 5, 8]}]}
+    data = {
+        "images": [{"id": 1, "file_name": "r.jpg"}, {"id": 2, "file_name": "r.jpg", "height": 30, "width": 10}],
+        "categories": [{"id": 1, "name": "a"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 20, 5, 8]}],
+    }
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(data))
     ds = COCODataset(path, images)

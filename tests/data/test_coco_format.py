@@ -16,8 +16,10 @@ def coco(tmp_path):
     (tmp_path / "images").mkdir()
     data = {
         "info": {"description": "kept as it is"},
-        "images": [{"id": 40, "file_name": "x.jpg", "height": 10, "width": 20},
-                   {"id": 3, "file_name": "y.jpg", "height": 30, "width": 15}],
+        "images": [
+            {"id": 40, "file_name": "x.jpg", "height": 10, "width": 20},
+            {"id": 3, "file_name": "y.jpg", "height": 30, "width": 15},
+        ],
         "categories": [{"id": 9, "name": "dog"}, {"id": 2, "name": "cat"}],
         "annotations": [{"id": 77, "image_id": 40, "category_id": 9, "bbox": [1, 1, 4, 4], "area": 9.5, "iscrowd": 0}],
     }
@@ -31,13 +33,22 @@ def test_coco_results_use_the_files_ids(coco):
     assert ds.image_ids == [3, 40] and ds.label_to_cat_id == {1: 2, 2: 9}
     dets = [
         {"boxes": [[1, 2, 4, 8], [0, 0, 1, 1]], "scores": [0.5, 0.25], "labels": [2, 1]},
-        {"boxes": [[2, 2, 3, 5], [9, 9, 9.5, 9.5], [0, 0, 2, 2]], "scores": [0.75, 0.9, 0.1], "labels": [1, 0, 3],
-         "valid": [True, True, True]},
+        {
+            "boxes": [[2, 2, 3, 5], [9, 9, 9.5, 9.5], [0, 0, 2, 2]],
+            "scores": [0.75, 0.9, 0.1],
+            "labels": [1, 0, 3],
+            "valid": [True, True, True],
+        },
     ]
     assert coco_results(ds, dets) == [
         {"image_id": 3, "category_id": 9, "bbox": [1.0, 2.0, 3.0, 6.0], "score": 0.5},
         {"image_id": 3, "category_id": 2, "bbox": [0.0, 0.0, 1.0, 1.0], "score": 0.25},
-        {"image_id": 40, "category_id": 2, "bbox": [2.0, 2.0, 1.0, 3.0], "score": 0.75},  # background and label 3 dropped
+        {
+            "image_id": 40,
+            "category_id": 2,
+            "bbox": [2.0, 2.0, 1.0, 3.0],
+            "score": 0.75,
+        },  # background and label 3 dropped
     ]
     assert coco_results(ds, {1: dets[1]}) == coco_results(ds, [None, dets[1]])
     assert len(coco_results(ds, {1: dets[1]})) == 1
@@ -49,7 +60,9 @@ def test_coco_ground_truth_is_the_original_file(coco):
 
 
 def test_detection_list_checks_lengths_and_masks():
-    out = detection_list([{"boxes": np.zeros((2, 4)), "scores": [1, 2], "labels": [1, 1], "valid": [False, True]}], 1, 1)
+    out = detection_list(
+        [{"boxes": np.zeros((2, 4)), "scores": [1, 2], "labels": [1, 1], "valid": [False, True]}], 1, 1
+    )
     assert out[0]["scores"].tolist() == [2.0] and out[0]["boxes"].dtype == np.float64
     with pytest.raises(ValueError, match="2 images of detections for a dataset of 3"):
         detection_list([None, None], 3, 1)
@@ -65,13 +78,23 @@ def test_voc_ground_truth_has_synthetic_ids_and_difficult_objects_as_crowds(tmp_
         (root / sub).mkdir(parents=True)
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(root / "JPEGImages/p.jpg")
     Image.fromarray(np.zeros((50, 20, 3), np.uint8)).save(root / "JPEGImages/q.png")
-    obj = "<object><name>{}</name><difficult>{}</difficult><bndbox><xmin>{}</xmin><ymin>{}</ymin><xmax>{}</xmax><ymax>{}</ymax></bndbox></object>"
-    (root / "Annotations/p.xml").write_text(f"<annotation><filename>p.jpg</filename>{obj.format('dog', 0, 1, 1, 10, 20)}"
-                                            f"{obj.format('cat', 1, 5, 6, 7, 8)}</annotation>")
-    (root / "Annotations/q.xml").write_text(f"<annotation><filename>q.png</filename>{obj.format('cat', 0, 2, 3, 4, 5)}</annotation>")
+    obj = (
+        "<object><name>{}</name><difficult>{}</difficult>"
+        "<bndbox><xmin>{}</xmin><ymin>{}</ymin><xmax>{}</xmax><ymax>{}</ymax></bndbox></object>"
+    )
+    (root / "Annotations/p.xml").write_text(
+        f"<annotation><filename>p.jpg</filename>{obj.format('dog', 0, 1, 1, 10, 20)}"
+        f"{obj.format('cat', 1, 5, 6, 7, 8)}</annotation>"
+    )
+    (root / "Annotations/q.xml").write_text(
+        f"<annotation><filename>q.png</filename>{obj.format('cat', 0, 2, 3, 4, 5)}</annotation>"
+    )
     ds = VOCDataset(root)
     assert coco_ground_truth(ds) == {
-        "images": [{"id": 1, "width": 40, "height": 30, "file_name": "p"}, {"id": 2, "width": 20, "height": 50, "file_name": "q"}],
+        "images": [
+            {"id": 1, "width": 40, "height": 30, "file_name": "p"},
+            {"id": 2, "width": 20, "height": 50, "file_name": "q"},
+        ],
         "annotations": [
             {"id": 1, "image_id": 1, "category_id": 2, "bbox": [0.0, 0.0, 10.0, 20.0], "area": 200.0, "iscrowd": 0},
             {"id": 2, "image_id": 1, "category_id": 1, "bbox": [4.0, 5.0, 3.0, 3.0], "area": 9.0, "iscrowd": 1},
@@ -94,4 +117,7 @@ def test_shapes_ground_truth_matches_its_examples():
         np.testing.assert_allclose(boxes[:, :2], ex["boxes"][:, :2])
         np.testing.assert_allclose(boxes[:, :2] + boxes[:, 2:], ex["boxes"][:, 2:])
         assert [a["category_id"] for a in anns] == ex["labels"].tolist()
-    assert len({a["id"] for a in gt["annotations"]}) == len(gt["annotations"]) and min(a["id"] for a in gt["annotations"]) == 1
+    assert (
+        len({a["id"] for a in gt["annotations"]}) == len(gt["annotations"])
+        and min(a["id"] for a in gt["annotations"]) == 1
+    )

@@ -6,7 +6,13 @@ import pytest
 from PIL import Image
 
 from lucid_jax.data import (
-    DatasetError, ShapesDataset, dropped_boxes_summary, get_annotation, image_size, load_image, object_counts,
+    DatasetError,
+    ShapesDataset,
+    dropped_boxes_summary,
+    get_annotation,
+    image_size,
+    load_image,
+    object_counts,
 )
 
 ORIENTATION = 0x0112
@@ -87,7 +93,10 @@ def test_exif_orientation_turns_the_image_upright(tmp_path):
     rows, cols = np.flatnonzero(bright.any(1)), np.flatnonzero(bright.any(0))
     assert (rows[0], rows[-1], cols[0], cols[-1]) == (30, 37, 13, 17)
     _exif_jpeg(tmp_path / "upright.jpg", stored, 1)
-    assert load_image(tmp_path / "upright.jpg").shape == (20, 40, 3) and image_size(tmp_path / "upright.jpg") == (20, 40)
+    assert load_image(tmp_path / "upright.jpg").shape == (20, 40, 3) and image_size(tmp_path / "upright.jpg") == (
+        20,
+        40,
+    )
 
 
 def test_image_size_reads_the_header_only(tmp_path):
@@ -121,8 +130,9 @@ def test_truncated_png_raises(tmp_path):
 
 
 def test_shapes_annotation_matches_the_example_and_counts_match_decoding():
-    ds = ShapesDataset(num_examples=6, image_size=(64, 96), min_objects=1, max_objects=6,
-                       min_object_size=8, max_object_size=20, seed=4)
+    ds = ShapesDataset(
+        num_examples=6, image_size=(64, 96), min_objects=1, max_objects=6, min_object_size=8, max_object_size=20, seed=4
+    )
     for i in range(len(ds)):
         ann, ex = ds.annotation(i), ds[i]
         np.testing.assert_array_equal(ann["boxes"], ex["boxes"])
@@ -147,8 +157,13 @@ class _PlainDataset:
 
     def __getitem__(self, i):
         m = self.sizes[i]
-        return {"image": np.zeros((10, 12, 3), np.uint8), "boxes": np.tile([[0, 0, 2, 2]], (m, 1)).astype(np.float32),
-                "labels": np.ones(m, np.int32), "difficult": np.arange(m) == 0, "id": f"x{i}"}
+        return {
+            "image": np.zeros((10, 12, 3), np.uint8),
+            "boxes": np.tile([[0, 0, 2, 2]], (m, 1)).astype(np.float32),
+            "labels": np.ones(m, np.int32),
+            "difficult": np.arange(m) == 0,
+            "id": f"x{i}",
+        }
 
 
 def test_datasets_without_annotations_fall_back_to_decoding():

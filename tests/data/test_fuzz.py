@@ -14,8 +14,12 @@ from PIL import Image
 
 from lucid_jax.data import COCODataset, DatasetError, VOCDataset, parse_annotation
 
-FUZZ = settings(max_examples=60, deadline=timedelta(milliseconds=1500), derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=timedelta(milliseconds=1500),
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 VALID_XML = (
     '<?xml version="1.0" encoding="utf-8"?><annotation><folder>VOC2007</folder><filename>a.jpg</filename>'
@@ -34,10 +38,37 @@ VALID_COCO = {
 }
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
-tricky = st.sampled_from(["", " ", "0", "1", "-1", "nan", "inf", "-inf", "1e400", "1e39", "3.5", "a.jpg", "../a.jpg", "/a.jpg",
-                          "&amp;", "<", "]]>", "\u00e9", "0x10", "1_0"])
+tricky = st.sampled_from(
+    [
+        "",
+        " ",
+        "0",
+        "1",
+        "-1",
+        "nan",
+        "inf",
+        "-inf",
+        "1e400",
+        "1e39",
+        "3.5",
+        "a.jpg",
+        "../a.jpg",
+        "/a.jpg",
+        "&amp;",
+        "<",
+        "]]>",
+        "\u00e9",
+        "0x10",
+        "1_0",
+    ]
+)
 json_value = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=True, allow_infinity=True) | text | tricky,
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | text
+    | tricky,
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(text | tricky, inner, max_size=5),
     max_leaves=20,
 )
@@ -101,8 +132,11 @@ def test_the_unmutated_inputs_are_valid(folder):
 
 
 @FUZZ
-@given(content=st.one_of(mutated(VALID_XML).map(lambda s: s.encode()), st.binary(max_size=200),
-                         text.map(lambda s: s.encode())))
+@given(
+    content=st.one_of(
+        mutated(VALID_XML).map(lambda s: s.encode()), st.binary(max_size=200), text.map(lambda s: s.encode())
+    )
+)
 def test_voc_xml_fuzz(folder, content):
     _read_voc(folder, content)
 
@@ -110,8 +144,9 @@ def test_voc_xml_fuzz(folder, content):
 @st.composite
 def structured_xml(draw):
     """Well-formed XML with VOC's tags in random places and odd values."""
-    tags = st.sampled_from(["annotation", "object", "name", "bndbox", "xmin", "ymin", "xmax", "ymax", "difficult",
-                            "filename", "size"])
+    tags = st.sampled_from(
+        ["annotation", "object", "name", "bndbox", "xmin", "ymin", "xmax", "ymax", "difficult", "filename", "size"]
+    )
 
     def element(depth):
         tag = draw(tags)

@@ -120,8 +120,15 @@ def test_partly_cropped_boxes_are_clipped_or_dropped_and_empty_images_stay_valid
 
 def test_the_jittered_loader_is_seeded_and_resumes_bit_identically():
     dataset = ShapesDataset(num_examples=12, seed=0, image_size=(96, 160))
-    loader = lambda: Loader(dataset, 4, transform=lambda ex, rng: jitter_preprocess(ex, rng, canvas=128),
-                            max_boxes=6, shuffle=True, seed=7, num_workers=2)
+    loader = lambda: Loader(
+        dataset,
+        4,
+        transform=lambda ex, rng: jitter_preprocess(ex, rng, canvas=128),
+        max_boxes=6,
+        shuffle=True,
+        seed=7,
+        num_workers=2,
+    )
     straight = list(loader().iterate(0, 7))
     resumed = list(loader().iterate(4, 3))
     for a, b in zip(straight[4:], resumed, strict=True):

@@ -52,7 +52,13 @@ def test_boxes_tightly_bound_the_drawn_pixels():
         covered = np.zeros_like(foreground)
         for x1, y1, x2, y2 in boxes.astype(int):
             inside = foreground[y1:y2, x1:x2]
-            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any(), (i, x1, y1, x2, y2)
+            assert inside[0].any() and inside[-1].any() and inside[:, 0].any() and inside[:, -1].any(), (
+                i,
+                x1,
+                y1,
+                x2,
+                y2,
+            )
             covered[y1:y2, x1:x2] = True
         assert not (foreground & ~covered).any(), f"example {i}: drawn pixels outside every box"
 

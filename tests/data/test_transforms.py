@@ -112,7 +112,9 @@ def test_preprocess_moves_boxes_with_pixels_onto_a_fixed_canvas():
         assert out["image"].shape == (3, 160, 160) and out["image"].dtype == np.float32
         np.testing.assert_array_equal(out["image_size"], [120, 160])
         np.testing.assert_allclose(out["scale"], [2, 2])
-        white = (out["image"] * np.asarray(IMAGENET_STD)[:, None, None] + np.asarray(IMAGENET_MEAN)[:, None, None]).min(0) > 0.5
+        white = (out["image"] * np.asarray(IMAGENET_STD)[:, None, None] + np.asarray(IMAGENET_MEAN)[:, None, None]).min(
+            0
+        ) > 0.5
         np.testing.assert_array_equal(_bright_box(white), out["boxes"][0])
         expected = [60, 20, 120, 60] if out["flipped"] else [40, 20, 100, 60]
         np.testing.assert_array_equal(out["boxes"], [expected])
@@ -129,7 +131,9 @@ def test_preprocess_canvas_rules_and_box_clipping():
     assert out["image"].shape == (3, 64, 96)
     np.testing.assert_array_equal(out["boxes"], [[0, 5, 20, 50], [10, 10, 20, 20]])  # clipped; the outside box dropped
     assert out["labels"].tolist() == [1, 3] and out["difficult"].tolist() == [False, False]
-    shorter = preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, shorter_side=100, max_size=120)
+    shorter = preprocess(
+        {"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, shorter_side=100, max_size=120
+    )
     assert shorter["image"].shape == (3, 128, 128)  # canvas from max_size, rounded up to 32
     np.testing.assert_array_equal(shorter["image_size"], [86, 120])
     with pytest.raises(ValueError, match="multiples of 32"):

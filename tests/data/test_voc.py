@@ -18,8 +18,10 @@ def _xml(filename, objects, size=(40, 30)):
         f"<bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
         for name, b, diff in objects
     )
-    return (f"<annotation><folder>VOC2007</folder><filename>{filename}</filename>"
-            f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>")
+    return (
+        f"<annotation><folder>VOC2007</folder><filename>{filename}</filename>"
+        f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>{objs}</annotation>"
+    )
 
 
 @pytest.fixture
@@ -156,7 +158,11 @@ def test_classes_txt_sets_the_labels_and_rejects_unknown_names(voc):
     ds = VOCDataset(voc)
     assert ds.class_names == ("person", "dog", "cat", "horse") and ds.class_source.endswith("classes.txt")
     np.testing.assert_array_equal(ds[0]["labels"], [2, 3])
-    assert VOCDataset(voc, class_names=["dog", "cat", "person"]).class_names == ("dog", "cat", "person")  # argument wins
+    assert VOCDataset(voc, class_names=["dog", "cat", "person"]).class_names == (
+        "dog",
+        "cat",
+        "person",
+    )  # argument wins
     (voc / "classes.txt").write_text("cat\ndog\n")
     with pytest.raises(DatasetError, match=r"c\.xml: class 'person' is not in .*classes\.txt \['cat', 'dog'\]") as err:
         VOCDataset(voc)
@@ -225,8 +231,10 @@ BILLION_LAUGHS = (
     + "".join(f'<!ENTITY lol{k} "{("&lol" + (str(k - 1) if k > 1 else "") + ";") * 10}">' for k in range(1, 10))
     + "]><annotation><filename>a.jpg</filename><object><name>&lol9;</name></object></annotation>"
 )
-EXTERNAL_ENTITY = ('<?xml version="1.0"?><!DOCTYPE a [<!ENTITY ext SYSTEM "file:///etc/passwd">]>'
-                   "<annotation><filename>&ext;</filename></annotation>")
+EXTERNAL_ENTITY = (
+    '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY ext SYSTEM "file:///etc/passwd">]>'
+    "<annotation><filename>&ext;</filename></annotation>"
+)
 
 
 @pytest.mark.parametrize("body", [BILLION_LAUGHS, EXTERNAL_ENTITY], ids=["billion_laughs", "external_entity"])

@@ -12,8 +12,15 @@ from lucid_jax.models.conv import Conv, conv_general_dilated
 
 @pytest.mark.parametrize(
     "kernel, stride, padding",
-    [(3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))), (1, 2, ((0, 0), (0, 0))), (7, 2, ((3, 3), (3, 3))),
-     (1, 1, "SAME"), (3, 1, "SAME"), (3, 2, ((0, 1), (2, 0)))],
+    [
+        (3, 1, ((1, 1), (1, 1))),
+        (3, 2, ((1, 1), (1, 1))),
+        (1, 2, ((0, 0), (0, 0))),
+        (7, 2, ((3, 3), (3, 3))),
+        (1, 1, "SAME"),
+        (3, 1, "SAME"),
+        (3, 2, ((0, 1), (2, 0))),
+    ],
 )
 def test_gradients_match_plain_conv(kernel, stride, padding):
     x = jax.random.normal(jax.random.key(0), (2, 17, 14, 5))

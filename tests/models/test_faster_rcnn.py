@@ -55,7 +55,12 @@ def _reference_postprocess(logits, deltas, proposals, valid, size, thresh, nms_t
             dw = min(deltas[r, c, 2] * 0.2, math.log(1000 / 16))
             dh = min(deltas[r, c, 3] * 0.2, math.log(1000 / 16))
             ncx, ncy, nw, nh = cx + dx * pw, cy + dy * ph, pw * math.exp(dw), ph * math.exp(dh)
-            box = [min(max(ncx - nw / 2, 0), w), min(max(ncy - nh / 2, 0), h), min(max(ncx + nw / 2, 0), w), min(max(ncy + nh / 2, 0), h)]
+            box = [
+                min(max(ncx - nw / 2, 0), w),
+                min(max(ncy - nh / 2, 0), h),
+                min(max(ncx + nw / 2, 0), w),
+                min(max(ncy + nh / 2, 0), h),
+            ]
             if probs[r, c] > thresh and box[2] - box[0] >= 1e-2 and box[3] - box[1] >= 1e-2:
                 cands.append((probs[r, c], c, box))
     cands.sort(key=lambda t: -t[0])
@@ -73,8 +78,14 @@ def test_predict_matches_float64_reference(tiny, forward, predict):
     dets = predict(variables, x, sizes)
     for i in range(2):
         ref = _reference_postprocess(
-            raw["cls_logits"][i], raw["class_deltas"][i], raw["proposals"][i], np.asarray(raw["proposal_valid"][i]),
-            sizes[i], 0.0, 0.5, 100,
+            raw["cls_logits"][i],
+            raw["class_deltas"][i],
+            raw["proposals"][i],
+            np.asarray(raw["proposal_valid"][i]),
+            sizes[i],
+            0.0,
+            0.5,
+            100,
         )
         n = int(dets["valid"][i].sum())
         assert n == len(ref) and n > 0
@@ -100,7 +111,9 @@ def test_forward_invariants(tiny, forward):
         assert (np.diff(scores) <= 0).all()
     # the per-image result does not depend on the other images of the batch
     single = forward(variables, x[1:], sizes[1:])
-    np.testing.assert_allclose(np.asarray(single["cls_logits"][0]), np.asarray(raw["cls_logits"][1]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(single["cls_logits"][0]), np.asarray(raw["cls_logits"][1]), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_compiles_once_per_shape(tiny):
@@ -153,7 +166,9 @@ def bf16_and_f32():
 
 def test_bfloat16_computation_keeps_float32_params(bf16_and_f32):
     model, ref_model, variables, x = bf16_and_f32
-    assert all(l.dtype == jnp.float32 for l in jax.tree_util.tree_leaves(jax.jit(model.init)(jax.random.key(0), x)))
+    assert all(
+        leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(jax.jit(model.init)(jax.random.key(0), x))
+    )
     out = jax.jit(lambda v, x: model.apply(v, x, method="forward_with_proposals"))(variables, x)
     assert out["cls_logits"].dtype == jnp.float32 and out["proposals"].dtype == jnp.float32
     ref = jax.jit(lambda v, x: ref_model.apply(v, x, method="forward_with_proposals"))(variables, x)
@@ -177,8 +192,12 @@ def _pairwise_iou(a, b):
 
 def test_bfloat16_predict_finds_the_float32_detections(bf16_and_f32):
     model, ref_model, variables, x = bf16_and_f32
-    got = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), jax.jit(lambda v, x: model.apply(v, x, method="predict"))(variables, x))
-    want = jax.tree_util.tree_map(lambda a: np.asarray(a[0]), jax.jit(lambda v, x: ref_model.apply(v, x, method="predict"))(variables, x))
+    got = jax.tree_util.tree_map(
+        lambda a: np.asarray(a[0]), jax.jit(lambda v, x: model.apply(v, x, method="predict"))(variables, x)
+    )
+    want = jax.tree_util.tree_map(
+        lambda a: np.asarray(a[0]), jax.jit(lambda v, x: ref_model.apply(v, x, method="predict"))(variables, x)
+    )
     confident = want["valid"] & (want["scores"] > 0.8)
     assert confident.sum() >= 10  # measured 45
     ious = _pairwise_iou(want["boxes"][confident], got["boxes"][got["valid"]])
@@ -197,7 +216,9 @@ def test_training_notes_flow(tiny):
 
     @jax.jit
     def loss_fn(params):
-        logits, updates = net.apply({"params": params, "batch_stats": net_vars["batch_stats"]}, x, train=True, mutable=["batch_stats"])
+        logits, updates = net.apply(
+            {"params": params, "batch_stats": net_vars["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+        )
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels]), updates
 
     (loss0, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(net_vars["params"])
@@ -215,7 +236,9 @@ def test_training_notes_flow(tiny):
         np.asarray(trained["batch_stats"]["stem"]["1"]["mean"]),
     )
     # the rest of the detector is untouched
-    np.testing.assert_array_equal(np.asarray(loaded["params"]["fc1"]["kernel"]), np.asarray(variables["params"]["fc1"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(loaded["params"]["fc1"]["kernel"]), np.asarray(variables["params"]["fc1"]["kernel"])
+    )
     classify = jax.jit(net.apply)
     logits = classify(state_dict.backbone_variables(loaded), x)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(classify(trained, x)), rtol=1e-6)
@@ -230,8 +253,13 @@ def test_registry():
 
 def test_flat_keywords_set_each_stage():
     model = faster_rcnn_resnet_101_fpn(
-        num_classes=4, rpn_post_nms_top_n=[50, 20], rpn_fg_iou_thresh=0.6, box_score_thresh=0.3,
-        box_detections_per_img=7, roi_aligned=False, smooth_l1_beta=0.5,
+        num_classes=4,
+        rpn_post_nms_top_n=[50, 20],
+        rpn_fg_iou_thresh=0.6,
+        box_score_thresh=0.3,
+        box_detections_per_img=7,
+        roi_aligned=False,
+        smooth_l1_beta=0.5,
     )
     assert (model.rpn.post_nms_top_n, model.rpn.fg_iou_thresh, model.rpn.smooth_l1_beta) == ((50, 20), 0.6, 0.5)
     heads = model.roi_heads
@@ -245,7 +273,9 @@ def test_flat_keywords_set_each_stage():
 
 def test_non_default_anchors_and_stds_round_trip_their_buffers():
     model = tiny_detector(
-        anchor_sizes=((20,), (40,), (80,), (160,)), aspect_ratios=(1.0, 2.0), round_anchors=True,
+        anchor_sizes=((20,), (40,), (80,), (160,)),
+        aspect_ratios=(1.0, 2.0),
+        round_anchors=True,
         bbox_reg_stds=(0.05, 0.05, 0.1, 0.1),
     )
     variables = jax.jit(model.init)(jax.random.key(0), random_images(0))
@@ -260,7 +290,9 @@ def test_non_default_anchors_and_stds_round_trip_their_buffers():
     for name in flat:
         np.testing.assert_array_equal(again[name], flat[name], err_msg=name)
     # the default configuration has 9 anchors per location (3 octave sizes x 3 ratios): refused by name
-    with pytest.raises(state_dict.StateDictError, match=r"base_anchors: state dict has shape \(2, 4\), model expects \(9, 4\)"):
+    with pytest.raises(
+        state_dict.StateDictError, match=r"base_anchors: state dict has shape \(2, 4\), model expects \(9, 4\)"
+    ):
         state_dict.from_state_dict(variables, flat, model=tiny_detector())
 
 

@@ -60,7 +60,7 @@ def test_state_dict_has_exactly_lucids_keys_and_shapes(model, variables):
     flat = state_dict.to_state_dict(variables, model=model)
     reference = _reference_keys()
     assert len(reference) == 561
-    assert set(flat) == set(reference), (set(flat) ^ set(reference))
+    assert set(flat) == set(reference), set(flat) ^ set(reference)
     wrong = {k: (flat[k].shape, reference[k]) for k in reference if flat[k].shape != reference[k]}
     assert not wrong, wrong
     np.testing.assert_array_equal(flat["backbone.stem.0.weight"], flat["backbone.net.stem.0.weight"])
@@ -112,7 +112,9 @@ def test_mismatched_backbone_num_classes_names_key_and_shapes(variables):
     flat = state_dict.backbone_state_dict(variables)
     flat["fc.weight"] = np.zeros((10, 2048), np.float32)
     flat["fc.bias"] = np.zeros((10,), np.float32)
-    with pytest.raises(state_dict.StateDictError, match=r"fc\.weight: state dict has shape \(10, 2048\), model expects \(1000, 2048\)"):
+    with pytest.raises(
+        state_dict.StateDictError, match=r"fc\.weight: state dict has shape \(10, 2048\), model expects \(1000, 2048\)"
+    ):
         state_dict.load_backbone(variables, flat)
 
 

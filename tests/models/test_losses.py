@@ -31,7 +31,9 @@ def test_smooth_l1_and_loss_terms_against_numpy():
     obj, d, td = rng.normal(0, 2, n), rng.normal(0, 0.5, (n, 4)), rng.normal(0, 0.5, (n, 4))
     pos, neg = rng.random(n) < 0.2, rng.random(n) < 0.5
     neg &= ~pos
-    terms = L.rpn_loss_terms(jnp.float32(obj), jnp.float32(d), {"positive": pos, "negative": neg, "deltas": jnp.float32(td)}, beta)
+    terms = L.rpn_loss_terms(
+        jnp.float32(obj), jnp.float32(d), {"positive": pos, "negative": neg, "deltas": jnp.float32(td)}, beta
+    )
     bce = np.log1p(np.exp(-np.abs(obj))) + np.maximum(obj, 0) - obj * pos
     sl1 = lambda v: np.where(np.abs(v) < beta, 0.5 * v * v / beta, np.abs(v) - 0.5 * beta)  # noqa: E731
     np.testing.assert_allclose(float(terms["cls"]), bce[pos | neg].sum(), rtol=1e-5)
@@ -44,7 +46,10 @@ def test_smooth_l1_and_loss_terms_against_numpy():
     pos = valid & (rng.random(n) < 0.3)
     labels = np.where(pos, rng.integers(1, c, n), 0)
     terms = L.roi_loss_terms(
-        jnp.float32(logits), jnp.float32(cd), {"labels": labels, "deltas": jnp.float32(td), "positive": pos, "valid": valid}, beta
+        jnp.float32(logits),
+        jnp.float32(cd),
+        {"labels": labels, "deltas": jnp.float32(td), "positive": pos, "valid": valid},
+        beta,
     )
     logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     np.testing.assert_allclose(float(terms["cls"]), -logp[np.arange(n), labels][valid].sum(), rtol=1e-5)
@@ -92,7 +97,9 @@ def test_losses_match_torchvision():
     torch.manual_seed(0)
     body = ResNet(Bottleneck, [1, 1, 1, 1], norm_layer=FrozenBatchNorm2d)
     _randomise_bn(body, torch.Generator().manual_seed(1))
-    backbone = BackboneWithFPN(body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [256, 512, 1024, 2048], 256)
+    backbone = BackboneWithFPN(
+        body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [256, 512, 1024, 2048], 256
+    )
     sampling = dict(
         rpn_pre_nms_top_n_train=TV_TOPN,
         rpn_post_nms_top_n_train=TV_TOPN,
@@ -116,8 +123,10 @@ def test_losses_match_torchvision():
 
     x, targets = _tv_batch()
     tv_targets = [
-        {"boxes": torch.from_numpy(targets["boxes"][i][targets["valid"][i]]),
-         "labels": torch.from_numpy(targets["labels"][i][targets["valid"][i]]).long()}
+        {
+            "boxes": torch.from_numpy(targets["boxes"][i][targets["valid"][i]]),
+            "labels": torch.from_numpy(targets["labels"][i][targets["valid"][i]]).long(),
+        }
         for i in range(2)
     ]
     with torch.no_grad():
@@ -150,10 +159,18 @@ def test_losses_match_torchvision():
     )
     template = jax.eval_shape(model.init, jax.random.key(0), x)
     template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
-    variables = state_dict.from_state_dict(template, state_dict.from_torchvision_faster_rcnn(tv.state_dict()), strict=False, model=model)
+    variables = state_dict.from_state_dict(
+        template, state_dict.from_torchvision_faster_rcnn(tv.state_dict()), strict=False, model=model
+    )
     loss = jax.jit(
         lambda v, x, t, s: model.apply(
-            v, x, t, s, method="loss", rngs={"dropout": jax.random.key(0), "sampling": jax.random.key(1)}, mutable=["batch_stats"]
+            v,
+            x,
+            t,
+            s,
+            method="loss",
+            rngs={"dropout": jax.random.key(0), "sampling": jax.random.key(1)},
+            mutable=["batch_stats"],
         )
     )
     got, updates = loss(variables, x, targets, np.array(TV_SIZES, np.float32))
@@ -186,7 +203,9 @@ def _targets():
 def loss_fn(tiny):
     model, _ = tiny
     return jax.jit(
-        lambda v, x, t, k1, k2: model.apply(v, x, t, method="loss", rngs={"dropout": k1, "sampling": k2}, mutable=["batch_stats"])
+        lambda v, x, t, k1, k2: model.apply(
+            v, x, t, method="loss", rngs={"dropout": k1, "sampling": k2}, mutable=["batch_stats"]
+        )
     )
 
 
@@ -198,7 +217,12 @@ def loss_grads(tiny):
     def grads(v, x, t, k1, k2):
         def f(params):
             losses, _ = model.apply(
-                {**v, "params": params}, x, t, method="loss", rngs={"dropout": k1, "sampling": k2}, mutable=["batch_stats"]
+                {**v, "params": params},
+                x,
+                t,
+                method="loss",
+                rngs={"dropout": k1, "sampling": k2},
+                mutable=["batch_stats"],
             )
             return jnp.stack([losses["total_loss"], losses["roi_cls_loss"] + losses["roi_reg_loss"]]), losses
 
@@ -221,7 +245,12 @@ def _spread(variables):
     """The tiny detector's init with its output layers scaled up, so that every loss
     depends on the logits and deltas (at init the RPN's BCE is ln 2 to 6 digits)."""
     params = jax.tree_util.tree_map(lambda a: a, variables["params"])
-    for path, factor in (("rpn/head/cls_logits", 100.0), ("rpn/head/bbox_pred", 30.0), ("cls_score", 30.0), ("bbox_pred", 300.0)):
+    for path, factor in (
+        ("rpn/head/cls_logits", 100.0),
+        ("rpn/head/bbox_pred", 30.0),
+        ("cls_score", 30.0),
+        ("bbox_pred", 300.0),
+    ):
         node = params
         for key in path.split("/"):
             node = node[key]
@@ -231,7 +260,9 @@ def _spread(variables):
 
 def test_golden_losses(tiny, loss_fn):
     _, variables = tiny
-    losses, _ = loss_fn(_spread(variables), random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2))
+    losses, _ = loss_fn(
+        _spread(variables), random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2)
+    )
     got = {k: float(v) for k, v in losses.items()}
     for name, value in GOLDEN.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-4, err_msg=name)
@@ -255,7 +286,9 @@ def test_golden_losses_from_a_float64_recomputation(tiny, monkeypatch):
     batch_mean = L.batch_mean
     monkeypatch.setattr(L, "batch_mean", lambda terms, stage: {**batch_mean(terms, stage), stage: terms["inputs"]})
     out, _ = jax.jit(
-        lambda v, x, t, k1, k2: model.apply(v, x, t, method="loss", rngs={"dropout": k1, "sampling": k2}, mutable=["batch_stats"])
+        lambda v, x, t, k1, k2: model.apply(
+            v, x, t, method="loss", rngs={"dropout": k1, "sampling": k2}, mutable=["batch_stats"]
+        )
     )(_spread(variables), random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2))
     assert model.rpn.smooth_l1_beta == model.roi_heads.smooth_l1_beta
     beta = model.rpn.smooth_l1_beta
@@ -290,7 +323,9 @@ def test_images_without_boxes(tiny, loss_grads):
     _, variables = tiny
     targets = _targets()
     targets["valid"][:] = False
-    g_total, _, losses = loss_grads(variables, random_images(12, batch=2), targets, jax.random.key(1), jax.random.key(2))
+    g_total, _, losses = loss_grads(
+        variables, random_images(12, batch=2), targets, jax.random.key(1), jax.random.key(2)
+    )
     assert all(np.isfinite(float(v)) for v in losses.values())
     assert float(losses["rpn_reg_loss"]) == 0.0 and float(losses["roi_reg_loss"]) == 0.0
     assert float(losses["rpn_cls_loss"]) > 0 and float(losses["roi_cls_loss"]) > 0
@@ -305,7 +340,9 @@ def test_images_without_boxes(tiny, loss_grads):
 
 def test_proposals_are_under_stop_gradient(tiny, loss_grads):
     _, variables = tiny
-    g_total, g_roi, losses = loss_grads(variables, random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2))
+    g_total, g_roi, losses = loss_grads(
+        variables, random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2)
+    )
     assert float(losses["roi_reg_loss"]) > 0
     rpn_roi = jax.tree_util.tree_leaves(g_roi["rpn"]["head"])
     assert len(rpn_roi) == 6 and all((np.asarray(g) == 0).all() for g in rpn_roi)
@@ -331,13 +368,26 @@ def _bad(change):
         (_bad(lambda t: t.update(boxes=t["boxes"][..., :3])), r'targets\["boxes"\] must have shape \[B, M, 4\]'),
         (_bad(lambda t: t.update(boxes=t["boxes"][:1])), r'targets\["boxes"\] must have shape \[B, M, 4\] with B = 2'),
         (_bad(lambda t: t.update(boxes=t["boxes"][0])), r'targets\["boxes"\] must have shape \[B, M, 4\]'),
-        (_bad(lambda t: t.update(labels=t["labels"][:, :3])), r'targets\["labels"\] must have shape \[B, M\] = \(2, 4\)'),
+        (
+            _bad(lambda t: t.update(labels=t["labels"][:, :3])),
+            r'targets\["labels"\] must have shape \[B, M\] = \(2, 4\)',
+        ),
         (_bad(lambda t: t.update(labels=t["labels"][:1])), r'targets\["labels"\] must have shape \[B, M\] = \(2, 4\)'),
-        (_bad(lambda t: t.update(valid=t["valid"][..., None])), r'targets\["valid"\] must have shape \[B, M\] = \(2, 4\)'),
+        (
+            _bad(lambda t: t.update(valid=t["valid"][..., None])),
+            r'targets\["valid"\] must have shape \[B, M\] = \(2, 4\)',
+        ),
     ],
 )
 def test_bad_targets_fail_at_trace_time(tiny, targets, match):
     model, variables = tiny
-    fn = lambda v, x, t: model.apply(v, x, t, method="loss", rngs={"dropout": jax.random.key(0), "sampling": jax.random.key(1)}, mutable=["batch_stats"])  # noqa: E731
+    fn = lambda v, x, t: model.apply(
+        v,
+        x,
+        t,
+        method="loss",
+        rngs={"dropout": jax.random.key(0), "sampling": jax.random.key(1)},
+        mutable=["batch_stats"],
+    )  # noqa: E731
     with pytest.raises(ValueError, match=match):
         jax.eval_shape(fn, variables, random_images(0, batch=2), targets)

@@ -44,7 +44,9 @@ def test_backbone_declares_strides_on_the_unbound_module():
 def test_one_anchor_level_per_backbone_level():
     model = tiny_detector(extra_p6=True)  # 5 levels, but Lucid's 4 anchor levels
     x = np.zeros((1, 3, 128, 128), np.float32)
-    with pytest.raises(ValueError, match=r"anchor_sizes has 4 levels but the backbone returns 5 \(strides \(4, 8, 16, 32, 64\)\)"):
+    with pytest.raises(
+        ValueError, match=r"anchor_sizes has 4 levels but the backbone returns 5 \(strides \(4, 8, 16, 32, 64\)\)"
+    ):
         jax.eval_shape(model.init, jax.random.key(0), x)
 
 
@@ -83,7 +85,7 @@ def test_rpn_anchors_match_torchvision(h, w):
 
     # P6, the last level: its centres step by canvas // grid on each axis
     gh, gw = grids[-1]
-    p6, tv_p6 = ours[-gh * gw * 3:], theirs[-gh * gw * 3:]
+    p6, tv_p6 = ours[-gh * gw * 3 :], theirs[-gh * gw * 3 :]
     centres = (p6[:, :2] + p6[:, 2:]) / 2  # [N6, 2] (x, y)
     np.testing.assert_array_equal(centres, (tv_p6[:, :2] + tv_p6[:, 2:]) / 2)
     np.testing.assert_array_equal(np.unique(centres[:, 0]), np.arange(gw) * (w // gw))

@@ -130,7 +130,9 @@ def _rpn_case():
     gt = np.concatenate(
         [
             gt,
-            np.array([[300, 300, 310, 310], [400, 400, 410, 410], [600, 600, 620, 620], [520, 520, 560, 560]], np.float32),
+            np.array(
+                [[300, 300, 310, 310], [400, 400, 410, 410], [600, 600, 620, 620], [520, 520, 560, 560]], np.float32
+            ),
         ]
     )
     gt_valid = np.array([True] * 7 + [False])
@@ -235,7 +237,16 @@ def roi_reference(request):
 def roi_targets_fn():
     return jax.jit(
         lambda p, pv, g, gl, gv, key, fg, bg, num, frac: roi_targets(
-            p, pv, g, gl, gv, key, fg_iou_thresh=fg, bg_iou_thresh=bg, num_samples=num, positive_fraction=frac,
+            p,
+            pv,
+            g,
+            gl,
+            gv,
+            key,
+            fg_iou_thresh=fg,
+            bg_iou_thresh=bg,
+            num_samples=num,
+            positive_fraction=frac,
             weights=tuple(1 / s for s in STDS),
         ),
         static_argnums=(6, 7, 8, 9),
@@ -279,7 +290,9 @@ def test_roi_targets_match_float64_reference(roi_reference, roi_targets_fn, num_
         if s < num_pos:
             assert labels[j] == 1, f"sampled positive {s} is not a foreground candidate"
             assert got_cls[s] == cls[j]
-            np.testing.assert_allclose(deltas[s], _encode(inputs[2][matched[j]], cands[j], [1 / w for w in STDS]), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(
+                deltas[s], _encode(inputs[2][matched[j]], cands[j], [1 / w for w in STDS]), rtol=1e-5, atol=1e-5
+            )
         else:
             assert labels[j] == 0, f"sampled negative {s} is not a background candidate"
             assert (deltas[s] == 0).all()
@@ -292,7 +305,9 @@ def test_roi_targets_match_float64_reference(roi_reference, roi_targets_fn, num_
 def test_roi_targets_append_gt_without_proposals(roi_targets_fn):
     """With no valid proposal the positives are exactly the valid gts, regressing to 0."""
     proposals, _, gt, gt_labels, gt_valid = _roi_case()
-    out = roi_targets_fn(proposals, np.zeros(len(proposals), bool), gt, gt_labels, gt_valid, jax.random.key(0), 0.5, 0.5, 32, 0.25)
+    out = roi_targets_fn(
+        proposals, np.zeros(len(proposals), bool), gt, gt_labels, gt_valid, jax.random.key(0), 0.5, 0.5, 32, 0.25
+    )
     pos = np.asarray(out["positive"])
     assert pos.sum() == 5 and np.asarray(out["valid"]).sum() == 5
     got = np.asarray(out["rois"])[pos]

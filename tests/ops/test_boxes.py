@@ -69,7 +69,9 @@ def test_encode_decode_match_loop(seed, weights):
     # Large log-scales reach the clamp, which the reference must reproduce.
     wild = deltas * np.float32(8.0)
     decoded = decode_boxes(wild, prop, weights)
-    expect = [ref_decode(d.astype(np.float64), p.astype(np.float64), weights, BBOX_XFORM_CLIP) for d, p in zip(wild, prop)]
+    expect = [
+        ref_decode(d.astype(np.float64), p.astype(np.float64), weights, BBOX_XFORM_CLIP) for d, p in zip(wild, prop)
+    ]
     assert np.any(wild[:, 2:] / np.asarray(weights[2:]) > BBOX_XFORM_CLIP)
     np.testing.assert_allclose(decoded, expect, rtol=1e-5, atol=1e-2)
 
@@ -173,7 +175,9 @@ def test_iou_symmetric_bounded_unit_diagonal(xy, wh):
     np.testing.assert_allclose(np.diag(iou), 1.0, rtol=1e-6)
 
 
-_roundtrip_jit = jax.jit(lambda r, p: decode_boxes(encode_boxes(r, p, (10.0, 10.0, 5.0, 5.0)), p, (10.0, 10.0, 5.0, 5.0)))
+_roundtrip_jit = jax.jit(
+    lambda r, p: decode_boxes(encode_boxes(r, p, (10.0, 10.0, 5.0, 5.0)), p, (10.0, 10.0, 5.0, 5.0))
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -200,18 +204,58 @@ def test_encode_decode_round_trip(ref_xy, ref_wh, prop_xy, prop_wh):
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: box_iou(np.zeros((5, 3), np.float32), np.zeros((2, 4), np.float32)), ValueError, r"box_iou: boxes1 must have shape \[N, 4\], got \(5, 3\)"),
-        (lambda: box_iou(np.zeros((5, 4), np.float32), np.zeros((2, 2, 4), np.float32)), ValueError, r"boxes2 must have shape \[N, 4\]"),
-        (lambda: box_iou(np.zeros((5, 4), np.int32), np.zeros((2, 4), np.float32)), TypeError, "boxes1 must be a floating-point"),
-        (lambda: encode_boxes(np.zeros((5, 4), np.float32), np.zeros((4, 4), np.float32)), ValueError, "reference_boxes and proposals must have the same shape"),
-        (lambda: encode_boxes(np.zeros((5, 2), np.float32), np.zeros((5, 2), np.float32)), ValueError, r"reference_boxes must have shape \[\.\.\., 4\]"),
-        (lambda: encode_boxes(np.zeros((5, 4), np.float32), np.zeros((5, 4), np.float32), (1.0, 1.0)), ValueError, "weights"),
-        (lambda: decode_boxes(np.zeros((5, 3), np.float32), np.zeros((5, 4), np.float32)), ValueError, r"deltas must have shape \[\.\.\., 4\]"),
-        (lambda: decode_boxes(np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32)), ValueError, "deltas .* and boxes .* must broadcast"),
-        (lambda: decode_boxes(np.zeros((5, 4), np.float32), np.zeros((5, 4), np.int64)), TypeError, "boxes must be a floating-point"),
+        (
+            lambda: box_iou(np.zeros((5, 3), np.float32), np.zeros((2, 4), np.float32)),
+            ValueError,
+            r"box_iou: boxes1 must have shape \[N, 4\], got \(5, 3\)",
+        ),
+        (
+            lambda: box_iou(np.zeros((5, 4), np.float32), np.zeros((2, 2, 4), np.float32)),
+            ValueError,
+            r"boxes2 must have shape \[N, 4\]",
+        ),
+        (
+            lambda: box_iou(np.zeros((5, 4), np.int32), np.zeros((2, 4), np.float32)),
+            TypeError,
+            "boxes1 must be a floating-point",
+        ),
+        (
+            lambda: encode_boxes(np.zeros((5, 4), np.float32), np.zeros((4, 4), np.float32)),
+            ValueError,
+            "reference_boxes and proposals must have the same shape",
+        ),
+        (
+            lambda: encode_boxes(np.zeros((5, 2), np.float32), np.zeros((5, 2), np.float32)),
+            ValueError,
+            r"reference_boxes must have shape \[\.\.\., 4\]",
+        ),
+        (
+            lambda: encode_boxes(np.zeros((5, 4), np.float32), np.zeros((5, 4), np.float32), (1.0, 1.0)),
+            ValueError,
+            "weights",
+        ),
+        (
+            lambda: decode_boxes(np.zeros((5, 3), np.float32), np.zeros((5, 4), np.float32)),
+            ValueError,
+            r"deltas must have shape \[\.\.\., 4\]",
+        ),
+        (
+            lambda: decode_boxes(np.zeros((5, 4), np.float32), np.zeros((3, 4), np.float32)),
+            ValueError,
+            "deltas .* and boxes .* must broadcast",
+        ),
+        (
+            lambda: decode_boxes(np.zeros((5, 4), np.float32), np.zeros((5, 4), np.int64)),
+            TypeError,
+            "boxes must be a floating-point",
+        ),
         (lambda: clip_boxes(np.zeros((5, 5), np.float32), (10, 10)), ValueError, r"clip_boxes: boxes must have shape"),
         (lambda: clip_boxes(np.zeros((5, 4), np.float32), (10, 10, 3)), ValueError, "image_size must be"),
-        (lambda: clip_boxes(np.zeros((5, 4), np.float32), np.zeros((3,))), ValueError, r"image_size .* got shape \(3,\)"),
+        (
+            lambda: clip_boxes(np.zeros((5, 4), np.float32), np.zeros((3,))),
+            ValueError,
+            r"image_size .* got shape \(3,\)",
+        ),
         (lambda: min_size_mask(np.zeros((5,), np.float32), 1.0), ValueError, "min_size_mask: boxes must have shape"),
     ],
 )

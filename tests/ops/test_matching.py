@@ -9,7 +9,7 @@ from lucid_jax.compile_count import count_compiles
 from lucid_jax.ops.matching import MatchLabel, match_boxes
 from tests.ops.conftest import TV_REASON, random_boxes, ref_box_iou
 
-P, N_, I = MatchLabel.POSITIVE, MatchLabel.NEGATIVE, MatchLabel.IGNORE
+P, N_, IG = MatchLabel.POSITIVE, MatchLabel.NEGATIVE, MatchLabel.IGNORE
 RPN = dict(fg_iou_thresh=0.7, bg_iou_thresh=0.3, allow_low_quality_matches=True)
 ROI = dict(fg_iou_thresh=0.5, bg_iou_thresh=0.5, allow_low_quality_matches=False)
 jmatch = jax.jit(match_boxes, static_argnames=tuple(RPN))
@@ -25,7 +25,7 @@ def ref_match(iou, gt_valid, cand_valid, *, fg_iou_thresh, bg_iou_thresh, allow_
     fg, bg = float(np.float32(fg_iou_thresh)), float(np.float32(bg_iou_thresh))
     g_count, n_count = iou.shape
     gts = [g for g in range(g_count) if gt_valid[g]]
-    matched, labels, best = [0] * n_count, [int(I)] * n_count, [0] * n_count
+    matched, labels, best = [0] * n_count, [int(IG)] * n_count, [0] * n_count
     for n in range(n_count):
         if not cand_valid[n]:
             continue
@@ -37,7 +37,7 @@ def ref_match(iou, gt_valid, cand_valid, *, fg_iou_thresh, bg_iou_thresh, allow_
             if iou[g, n] > iou[best[n], n]:  # strict: ties keep the lower index
                 best[n] = g
         v = iou[best[n], n]
-        labels[n] = int(P) if v >= fg else int(N_) if v < bg else int(I)
+        labels[n] = int(P) if v >= fg else int(N_) if v < bg else int(IG)
     if allow_low_quality_matches:
         for g in gts:
             top = max([iou[g, n] for n in range(n_count) if cand_valid[n]], default=0.0)
@@ -57,7 +57,7 @@ def _case(seed, g, n, none_valid=False):
     if g and n > 1:  # jittered copies of the gts give the full IoU range; exact copies give ties
         k = min(n // 2, 4 * g)
         anchors[:k] = gt[np.arange(k) % g] + rng.normal(0.0, 8.0, (k, 4)).astype(np.float32)
-        anchors[k: k + k // 4] = anchors[: k // 4]
+        anchors[k : k + k // 4] = anchors[: k // 4]
     gt_valid = np.zeros(g, bool) if none_valid else rng.random(g) < 0.8
     cand_valid = rng.random(n) < 0.9
     return ref_box_iou(gt, anchors).astype(np.float32).reshape(g, n), gt_valid, cand_valid
@@ -81,13 +81,13 @@ def test_matches_float64_loop(g, n, seed):
     for settings in (RPN, ROI):
         seen |= set(_check(iou, gt_valid, cand_valid, settings)[1].tolist())
     if g == 5 and n == 500:  # the inputs do exercise every label
-        assert seen == {int(P), int(N_), int(I)}
+        assert seen == {int(P), int(N_), int(IG)}
 
 
 def test_ignore_band_and_threshold_edges():
     iou = np.array([[0.1, 0.29, 0.3, 0.5, 0.69, 0.7, 0.95]], np.float32)  # 0.7 is float32(0.7): POSITIVE
     gv, cv = np.ones(1, bool), np.ones(7, bool)
-    np.testing.assert_array_equal(_check(iou, gv, cv, RPN)[1], [N_, N_, I, I, I, P, P])
+    np.testing.assert_array_equal(_check(iou, gv, cv, RPN)[1], [N_, N_, IG, IG, IG, P, P])
     np.testing.assert_array_equal(_check(iou, gv, cv, ROI)[1], [N_, N_, N_, P, P, P, P])  # no band when equal
 
 
@@ -99,14 +99,14 @@ def test_best_anchor_rule_with_ties_keeps_own_argmax():
     np.testing.assert_array_equal(labels, [P, P, P, N_])
     np.testing.assert_array_equal(matched, [1, 0, 1, 0])
     matched, labels = _check(iou, gv, cv, dict(RPN, allow_low_quality_matches=False))
-    np.testing.assert_array_equal(labels, [I, I, P, N_])
+    np.testing.assert_array_equal(labels, [IG, IG, P, N_])
     np.testing.assert_array_equal(matched, [0, 0, 1, 0])
 
 
 def test_invalid_gts_are_never_matched():
     iou = np.array([[0.4, 0.4, 0.2, 0.0], [0.5, 0.0, 0.9, 0.1]], np.float32)
     matched, labels = _check(iou, np.array([False, True]), np.ones(4, bool), RPN)
-    np.testing.assert_array_equal(labels, [I, N_, P, N_])  # gt 0 claims no best anchor
+    np.testing.assert_array_equal(labels, [IG, N_, P, N_])  # gt 0 claims no best anchor
     np.testing.assert_array_equal(matched, [0, 0, 1, 0])
     tie = np.array([[0.8], [0.8]], np.float32)  # ties go to the lowest valid gt index
     assert _check(tie, np.array([True, True]), np.ones(1, bool), ROI)[0].tolist() == [0]
@@ -116,22 +116,22 @@ def test_invalid_gts_are_never_matched():
 def test_invalid_candidates_are_ignored_and_not_best():
     iou = np.array([[0.9, 0.4, 0.4, 0.1]], np.float32)
     matched, labels = _check(iou, np.ones(1, bool), np.array([False, True, True, True]), RPN)
-    np.testing.assert_array_equal(labels, [I, P, P, N_])  # best valid IoU is 0.4, shared by two
+    np.testing.assert_array_equal(labels, [IG, P, P, N_])  # best valid IoU is 0.4, shared by two
     matched, labels = _check(iou, np.ones(1, bool), np.ones(4, bool), RPN)
-    np.testing.assert_array_equal(labels, [P, I, I, N_])
+    np.testing.assert_array_equal(labels, [P, IG, IG, N_])
     np.testing.assert_array_equal(jmatch(iou, np.ones(1, bool), None, **RPN)[1], labels)  # None: all valid
 
 
 def test_gt_overlapping_nothing_adds_no_positives_and_no_gt_is_negative():
     iou = np.array([[0.0, 0.0, 0.0], [0.0, 0.8, 0.2]], np.float32)
     cv = np.array([True, True, False])
-    np.testing.assert_array_equal(_check(iou, np.array([True, True]), cv, RPN)[1], [N_, P, I])
+    np.testing.assert_array_equal(_check(iou, np.array([True, True]), cv, RPN)[1], [N_, P, IG])
     for gv in (np.array([True, False]), np.array([False, False])):
         matched, labels = _check(iou, gv, cv, RPN)
-        np.testing.assert_array_equal(labels, [N_, N_, I])
+        np.testing.assert_array_equal(labels, [N_, N_, IG])
         np.testing.assert_array_equal(matched, [0, 0, 0])
     matched, labels = jmatch(np.zeros((0, 3), np.float32), np.zeros(0, bool), cv, **RPN)
-    np.testing.assert_array_equal(labels, [N_, N_, I])
+    np.testing.assert_array_equal(labels, [N_, N_, IG])
     np.testing.assert_array_equal(matched, [0, 0, 0])
 
 
@@ -151,8 +151,8 @@ def test_matches_torchvision_matcher(settings, seed):
     gts, cands = np.flatnonzero(gt_valid), np.flatnonzero(cand_valid)
     assert np.all(iou[gts][:, cands].max(axis=1) > 0)
     tv = matcher(torch.from_numpy(iou[gts][:, cands])).numpy()
-    want_labels = np.full(300, int(I))
-    want_labels[cands] = np.where(tv >= 0, int(P), np.where(tv == -1, int(N_), int(I)))
+    want_labels = np.full(300, int(IG))
+    want_labels[cands] = np.where(tv >= 0, int(P), np.where(tv == -1, int(N_), int(IG)))
     want_matched = np.zeros(300, int)
     want_matched[cands] = np.where(tv >= 0, gts[np.maximum(tv, 0)], 0)
     matched, labels = jmatch(iou, gt_valid, cand_valid, **settings)

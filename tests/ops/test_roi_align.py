@@ -14,16 +14,17 @@ TV_REASON = "torchvision is not installed; pip install -e '.[parity]' to run the
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 # Built once per module, so that tests sharing shapes share compilations.
-_roi_align_jit = jax.jit(roi_align, static_argnames=("output_size", "spatial_scale", "sampling_ratio",
-                                                     "aligned"))
+_roi_align_jit = jax.jit(roi_align, static_argnames=("output_size", "spatial_scale", "sampling_ratio", "aligned"))
 FPN_STRIDES = (4, 8, 16, 32)  # P2..P5
-_multiscale_jit = jax.jit(partial(multiscale_roi_align, strides=FPN_STRIDES),
-                          static_argnames=("output_size", "sampling_ratio", "aligned"))
+_multiscale_jit = jax.jit(
+    partial(multiscale_roi_align, strides=FPN_STRIDES), static_argnames=("output_size", "sampling_ratio", "aligned")
+)
 
 
 def pool(features, boxes, output_size=7, scale=0.25, sr=2, aligned=True):
-    return _roi_align_jit(features, boxes, output_size=output_size, spatial_scale=scale, sampling_ratio=sr,
-                          aligned=aligned)
+    return _roi_align_jit(
+        features, boxes, output_size=output_size, spatial_scale=scale, sampling_ratio=sr, aligned=aligned
+    )
 
 
 def pool_fpn(features, boxes, output_size=7, aligned=True):

@@ -33,13 +33,19 @@ def _labels(seed, pos, neg, n=N, positive_value=MatchLabel.POSITIVE):
     """[n] int32 labels with ``pos`` positives and ``neg`` negatives, the rest IGNORE, shuffled."""
     labels = np.full(n, int(MatchLabel.IGNORE), np.int32)
     labels[:pos] = positive_value
-    labels[pos: pos + neg] = MatchLabel.NEGATIVE
+    labels[pos : pos + neg] = MatchLabel.NEGATIVE
     return np.random.default_rng(seed).permutation(labels)
 
 
 CONFIGS = {  # name: (positives, negatives) out of N
-    "few_pos": (3, 200), "many_pos": (250, 40), "no_neg": (100, 0), "all_ignore": (0, 0),
-    "all_neg": (0, N), "few_neg": (0, 10), "tiny": (1, 2), "all_pos": (N, 0),
+    "few_pos": (3, 200),
+    "many_pos": (250, 40),
+    "no_neg": (100, 0),
+    "all_ignore": (0, 0),
+    "all_neg": (0, N),
+    "few_neg": (0, 10),
+    "tiny": (1, 2),
+    "all_pos": (N, 0),
 }
 
 
@@ -112,8 +118,8 @@ def test_keys_decide_the_sample():
 def test_vmap_over_images_and_keys_equals_per_image_calls():
     labels = np.stack([_labels(i, *c) for i, c in enumerate([(3, 200), (250, 40), (0, 10)])])  # [3, N]
     keys = jax.random.split(jax.random.key(9), 3)
-    masks = jax.jit(jax.vmap(lambda l, k: sample_balanced(l, k, **RPN)))(labels, keys)
-    index = jax.jit(jax.vmap(lambda l, k: sample_balanced_indices(l, k, **RPN)))(labels, keys)
+    masks = jax.jit(jax.vmap(lambda lab, k: sample_balanced(lab, k, **RPN)))(labels, keys)
+    index = jax.jit(jax.vmap(lambda lab, k: sample_balanced_indices(lab, k, **RPN)))(labels, keys)
     for i in range(3):
         for got, want in zip(masks + index, jsample(labels[i], keys[i], **RPN) + jindices(labels[i], keys[i], **RPN)):
             np.testing.assert_array_equal(got[i], want)
