@@ -34,6 +34,7 @@ import contextlib
 import copy
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -192,7 +193,7 @@ def _run_cocoeval(coco_gt, results: list[dict]) -> dict:
     evaluator.accumulate()
     evaluator.summarize()
     stats = [float(v) for v in evaluator.stats]
-    metrics = {name: v if v > -1 else float("nan") for name, v in zip(_COCO_STATS, stats)}
+    metrics: dict[str, Any] = {name: v if v > -1 else float("nan") for name, v in zip(_COCO_STATS, stats)}
     metrics["stats"] = stats
     precision = evaluator.eval["precision"]  # [T, R, K, A, M]: IoU thresholds, recalls, classes, areas, maxDets
     per_class = {}
@@ -240,7 +241,8 @@ def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -
     def xywh(b):
         return [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
 
-    annotations, results = [], []
+    annotations: list[dict] = []
+    results: list[dict] = []
     for image_id, (pred, gt) in enumerate(images, start=1):
         for box, label in zip(gt["boxes"], gt["labels"]):
             # ids start at 1: COCOeval uses 0 for "unmatched".

@@ -48,7 +48,8 @@ def class_color(label: int) -> tuple[float, float, float]:
     11-20 the light ones, so neighbouring class ids never share a hue.
     """
     k = (int(label) - 1) % 20
-    return tuple(colormaps["tab20"]((2 * k) % 20 + k // 10)[:3])
+    r, g, b = colormaps["tab20"]((2 * k) % 20 + k // 10)[:3]
+    return r, g, b
 
 
 def _to_display(image) -> np.ndarray:
@@ -220,6 +221,7 @@ def save_detections_grid(
         row, col = divmod(i, ncols)
         ax = fig.add_axes((col / ncols, 1.0 - (row + 1) / nrows, 1.0 / ncols, 1.0 / nrows))
         pred, gt = _select(predictions, i), _select(targets, i)
+        assert pred is not None
         draw_detections(
             images[i],
             pred["boxes"],
@@ -248,5 +250,7 @@ def save_detections(image, prediction: Mapping, path: str | os.PathLike, class_n
         class_names,
         **kwargs,
     )
-    ax.figure.savefig(os.fspath(path), dpi=ax.figure.dpi)
+    figure = ax.get_figure(root=True)
+    assert figure is not None
+    figure.savefig(os.fspath(path), dpi=figure.dpi)
     return ax

@@ -150,12 +150,27 @@ class Loader:
     ``iterate(start_step, num_steps)`` for a finite one.
     """
 
-    def __init__(self, dataset: Dataset, batch_size: int, *, transform: Callable | None = None, max_boxes: int = 100,
-                 shuffle: bool = False, seed: int = 0, drop_remainder: bool = True, num_workers: int = 4,
-                 prefetch: int = 2, num_shards: int = 1, shard_index: int = 0, warn_dropped: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        transform: Callable | None = None,
+        max_boxes: int = 100,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_remainder: bool = True,
+        num_workers: int = 4,
+        prefetch: int = 2,
+        num_shards: int = 1,
+        shard_index: int = 0,
+        warn_dropped: bool = True,
+    ):
         if batch_size < 1 or max_boxes < 1 or num_workers < 0 or prefetch < 1:
-            raise ValueError(f"need batch_size, max_boxes, prefetch >= 1 and num_workers >= 0, got "
-                             f"{batch_size}, {max_boxes}, {prefetch}, {num_workers}")
+            raise ValueError(
+                f"need batch_size, max_boxes, prefetch >= 1 and num_workers >= 0, got "
+                f"{batch_size}, {max_boxes}, {prefetch}, {num_workers}"
+            )
         if not 0 <= shard_index < num_shards:
             raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
         self.dataset, self.batch_size, self.max_boxes = dataset, batch_size, max_boxes
@@ -170,8 +185,10 @@ class Loader:
         rounding = math.floor if drop_remainder else math.ceil
         self.steps_per_epoch = rounding(self._per_shard / batch_size)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"a dataset of {n} examples gives no full batch of {batch_size} on {num_shards} shard(s); "
-                             "use a smaller batch or drop_remainder=False")
+            raise ValueError(
+                f"a dataset of {n} examples gives no full batch of {batch_size} on {num_shards} shard(s); "
+                "use a smaller batch or drop_remainder=False"
+            )
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -201,8 +218,9 @@ class Loader:
         if self.num_workers == 0:
             for step in steps:
                 epoch, indices = self.batch_indices(step)
-                yield collate([self._load(i, epoch) for i in indices], self.max_boxes, self.batch_size,
-                              warn=self.warn_dropped)
+                yield collate(
+                    [self._load(i, epoch) for i in indices], self.max_boxes, self.batch_size, warn=self.warn_dropped
+                )
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="lucid_jax-loader")
         pending = collections.deque()  # bounded: at most prefetch + 1 batches in flight

@@ -150,7 +150,7 @@ class COCODataset:
         self.cat_id_to_label = {cat_id: k + 1 for k, cat_id in enumerate(self.category_ids)}
         self.label_to_cat_id = {label: cat_id for cat_id, label in self.cat_id_to_label.items()}
 
-        self._images = {}
+        self._images: dict[int, dict] = {}
         for k, img in enumerate(images):
             where = f"images[{k}]"
             image_id = _int(_field(img, "id", path, where), path, f"{where} id")

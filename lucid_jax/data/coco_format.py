@@ -102,7 +102,8 @@ def coco_ground_truth(dataset) -> dict:
         with open(dataset.annotation_file, encoding="utf-8") as f:
             return json.load(f)
     image_ids, cat_ids = coco_ids(dataset)
-    images, annotations = [], []
+    images: list[dict] = []
+    annotations: list[dict] = []
     for index, image_id in enumerate(image_ids):
         ann = get_annotation(dataset, index)
         images.append({"id": image_id, "width": ann["width"], "height": ann["height"], "file_name": str(ann["id"])})

@@ -115,7 +115,7 @@ def jitter_preprocess(
       "boxes" [M', 4], "labels" [M'], "difficult" [M'], "image_size" [2] (the kept
       window), "scale" [2] (sy, sx), "flipped", "id"; plus "origin" [2] (y0, x0).
     """
-    canvas = (int(canvas), int(canvas)) if np.isscalar(canvas) else (int(canvas[0]), int(canvas[1]))
+    canvas = (int(canvas), int(canvas)) if isinstance(canvas, int | np.integer) else (int(canvas[0]), int(canvas[1]))
     image = example["image"]
     h, w = image.shape[:2]
     labels = np.asarray(example["labels"], np.int32)

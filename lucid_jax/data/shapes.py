@@ -122,7 +122,7 @@ class ShapesDataset:
     def size(self) -> tuple[int, int]:
         """(height, width) of every image."""
         s = self.image_size
-        return (int(s), int(s)) if np.isscalar(s) else (int(s[0]), int(s[1]))
+        return (int(s), int(s)) if isinstance(s, int | np.integer) else (int(s[0]), int(s[1]))
 
     def __len__(self) -> int:
         return self.num_examples

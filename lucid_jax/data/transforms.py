@@ -68,10 +68,12 @@ def resize(image: np.ndarray, boxes: np.ndarray, size: tuple[int, int]):
     if (nh, nw) == (h, w):
         return image, np.asarray(boxes, np.float32)
     if image.dtype == np.uint8:
-        out = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+        out = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
     else:  # Pillow resizes float data one 32-bit channel ("F" mode) at a time
         chans = [Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)) for c in range(image.shape[2])]
-        out = np.stack([np.asarray(c.resize((nw, nh), Image.BILINEAR)) for c in chans], axis=-1).astype(image.dtype)
+        out = np.stack([np.asarray(c.resize((nw, nh), Image.Resampling.BILINEAR)) for c in chans], axis=-1).astype(
+            image.dtype
+        )
     scale = np.array([nw / w, nh / h, nw / w, nh / h], np.float32)
     return out, np.asarray(boxes, np.float32) * scale
 
@@ -200,7 +202,7 @@ def preprocess(
         if side is None:
             raise ValueError("preprocess: give canvas, or longer_side / max_size to derive it")
         canvas = round_up(side, size_divisibility)
-    canvas = (int(canvas), int(canvas)) if np.isscalar(canvas) else tuple(int(c) for c in canvas)
+    canvas = (int(canvas), int(canvas)) if isinstance(canvas, int | np.integer) else tuple(int(c) for c in canvas)
     if canvas[0] % size_divisibility or canvas[1] % size_divisibility:
         raise ValueError(f"canvas must be multiples of {size_divisibility}, got {canvas}")
     image = pad_to(normalize(image, mean, std), canvas)

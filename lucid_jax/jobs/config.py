@@ -6,6 +6,7 @@ recipe where the user set nothing else.
 """
 
 import dataclasses
+from typing import Any
 
 
 class JobError(RuntimeError):
@@ -114,7 +115,7 @@ def config_from_dict(saved: dict) -> TrainConfig:
     unknown = sorted(set(saved) - fields)
     if unknown:
         raise JobError(f"the checkpoint's config has settings this version does not know: {', '.join(unknown)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
     return TrainConfig(**values)
 
 
