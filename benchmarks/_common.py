@@ -62,8 +62,43 @@ def torchvision_targets(batch):
 # --- models -------------------------------------------------------------------------
 
 
-def torchvision_model(size, trainable_layers=3, num_classes=21, seed=0):
-    """torchvision's FasterRCNN on a ResNet-101 FPN backbone, random weights.
+def realistic_weights(model, seed=0, spread=30.0):
+    """Give a random torchvision FasterRCNN weights that behave like trained ones, in place.
+
+    - every BN has non-trivial statistics, scale and bias (a trained network's BN
+      is far from the identity, and the conversion of all four tensors is exercised);
+    - each residual branch is damped (bn3's scale x 0.2), so activations stay bounded
+      through 33 random bottlenecks instead of doubling per block;
+    - the RPN's objectness and the classifier are spread (x ``spread``, 30), so that
+      both keep about 100 confident detections above the 0.05 threshold and
+      post-processing and NMS do the work they do on a trained model. Training uses
+      a spread of 1 (both still keep 100 detections, less confident): the losses
+      then start where a fresh head's do (the classifier's near 3) and SGD stays
+      stable.
+    """
+    import torch
+    from torchvision.models.resnet import Bottleneck
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.backbone.body.modules():
+            if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
+                c = m.weight.shape[0]
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+        for m in model.backbone.body.modules():
+            if isinstance(m, Bottleneck):
+                m.bn3.weight.mul_(0.2)
+        model.rpn.head.cls_logits.weight.mul_(spread)
+        model.roi_heads.box_predictor.cls_score.weight.mul_(spread)
+    return model
+
+
+def torchvision_model(size, trainable_layers=3, num_classes=21, seed=0, spread=30.0):
+    """torchvision's FasterRCNN on a ResNet-101 FPN backbone with :func:`realistic_weights`.
 
     ``min_size = max_size = size`` makes GeneralizedRCNNTransform keep a size x size
     batch as it is (its default min_size=800 would upsample 512 to 800 and do 2.4x
@@ -74,19 +109,101 @@ def torchvision_model(size, trainable_layers=3, num_classes=21, seed=0):
     import torch
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
-    from torchvision.models.resnet import Bottleneck
 
     torch.manual_seed(seed)
     backbone = resnet_fpn_backbone(backbone_name="resnet101", weights=None, trainable_layers=trainable_layers)
-    # Zero-init the last BN of every bottleneck, as lucid_jax does (Goyal et al. 2017;
-    # torchvision's zero_init_residual). With identity FrozenBatchNorm2d and random
-    # convs, 33 plain residual blocks blow activations up and the losses become NaN
-    # after a step or two, which would change the work done (NMS, sampling).
-    with torch.no_grad():
-        for module in backbone.body.modules():
-            if isinstance(module, Bottleneck):
-                module.bn3.weight.zero_()
-    return FasterRCNN(backbone, num_classes=num_classes, min_size=size, max_size=size)
+    model = FasterRCNN(backbone, num_classes=num_classes, min_size=size, max_size=size)
+    return realistic_weights(model, seed, spread)
+
+
+def ours_from_torchvision(tv, num_classes=21):
+    """Our TORCHVISION_FASTER_RCNN detector (frozen BN) with torchvision's exact weights.
+
+    Returns:
+      (model, variables).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lucid_jax import state_dict
+
+    model = ours_model("torchvision", num_classes=num_classes, norm_mode="frozen")
+    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64), jnp.float32))
+    template = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), template)
+    flat = state_dict.from_torchvision_faster_rcnn(tv.state_dict())
+    return model, state_dict.from_state_dict(template, flat, strict=False, model=model)
+
+
+def write_same_weights(size, path, spread=30.0):
+    """Save the weights both sides share (torchvision's, converted) for the ours child.
+
+    Run in a child of its own (``--side weights``): Linux keeps a process's peak RSS
+    across exec, so the measuring children must start before the parent holds models.
+    """
+    from lucid_jax import state_dict
+
+    model, variables = ours_from_torchvision(torchvision_model(size, spread=spread))
+    state_dict.save_state_dict_file(state_dict.to_state_dict(variables, model=model), path)
+
+
+def spread_heads(variables, gain=30.0):
+    """Our own random weights with the RPN's objectness and the classifier spread as
+    :func:`realistic_weights` spreads torchvision's."""
+    params = dict(variables["params"])
+    params["cls_score"] = {**params["cls_score"], "kernel": params["cls_score"]["kernel"] * gain}
+    head = dict(params["rpn"]["head"])
+    head["cls_logits"] = {**head["cls_logits"], "kernel": head["cls_logits"]["kernel"] * gain}
+    params["rpn"] = {**params["rpn"], "head": head}
+    return {**variables, "params": params}
+
+
+def normalised(images):
+    """[B, 3, H, W] images in [0, 1], normalised as torchvision's transform does (ImageNet)."""
+    from lucid_jax.data import IMAGENET_MEAN, IMAGENET_STD
+
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    return ((images - mean) / std).astype(np.float32)
+
+
+def check_same_detections(ours, theirs, box_atol=0.5, min_detections=50):
+    """Raise unless both sides keep the same detections: the same count per image (at
+    least ``min_detections``), and, rank by rank, the same labels and boxes within
+    ``box_atol`` px, allowing 2% of ranks to swap between near-equal scores.
+
+    Args:
+      ours: {"boxes": [B, K, 4], "scores", "labels", "valid": [B, K]}.
+      theirs: torchvision's list of {"boxes", "scores", "labels"} tensors.
+
+    Returns:
+      {"detections": per-image counts, "max_box_diff": px over the matched ranks,
+      "swapped": ranks that matched another rank}.
+    """
+    counts, worst, swapped = [], 0.0, 0
+    for i, tv in enumerate(theirs):
+        keep = np.asarray(ours["valid"][i])
+        ob, ol = np.asarray(ours["boxes"][i])[keep], np.asarray(ours["labels"][i])[keep]
+        tb, tl = tv["boxes"].numpy(), tv["labels"].numpy()
+        if len(ob) != len(tb) or len(ob) < min_detections:
+            raise RuntimeError(
+                f"image {i}: ours keeps {len(ob)} detections, torchvision {len(tb)}; "
+                f"not the same work (need equal counts, at least {min_detections})"
+            )
+        diff = np.abs(ob - tb).max(-1)
+        same = (diff <= box_atol) & (ol == tl)
+        for r in np.nonzero(~same)[0]:  # a near-tie may swap two ranks
+            close = (np.abs(ob[r] - tb).max(-1) <= box_atol) & (tl == ol[r])
+            if not close.any():
+                raise RuntimeError(
+                    f"image {i}: our detection {r} ({ob[r].round(1)}, label {ol[r]}) has no "
+                    f"torchvision counterpart within {box_atol} px"
+                )
+            swapped += 1
+        if swapped > max(2, 0.02 * len(ob)) * len(theirs):
+            raise RuntimeError(f"{swapped} detections differ in rank between the two sides")
+        counts.append(len(ob))
+        worst = max(worst, float(diff[same].max()) if same.any() else 0.0)
+    return {"detections": counts, "max_box_diff": worst, "swapped": swapped}
 
 
 def check_torchvision_size(model, images, size):

@@ -1,32 +1,37 @@
 """Inference of lucid_jax's Faster R-CNN ResNet-101 FPN against torchvision's, on CPU.
 
-    python benchmarks/bench_predict.py [--size 512] [--batch 1] [--steps 5]
-                                       [--config lucid|torchvision] [--profile] [--no-rss]
+    python benchmarks/bench_predict.py [--size 512] [--batch 1] [--steps 5] [--profile] [--no-rss]
 
-Both sides run the same synthetic images (random, in [0, 1]) at size x size:
+Both sides see the same synthetic images (random, in [0, 1]) at size x size, and the
+run gives two tables from one interleaved timing:
 
-- ours: ``faster_rcnn_resnet_101_fpn(num_classes=21)`` (inference-mode BatchNorm),
-  ``lucid_jax.train.make_predict_fn(model)``: RPN with 1000
-  pre-NMS boxes per level and 300 proposals (the seed's), box head, softmax,
-  per-class decode, score threshold 0.05, per-class NMS 0.5, top 100, padded.
-  Also the seed's forward ``jax.jit(model.apply)`` (cls_logits [B, 300, 21] and
-  bbox_deltas [B, 300, 4], no post-processing). ``--config torchvision`` uses
-  TORCHVISION_FASTER_RCNN (3 anchors on P2..P6, 1000 proposals) instead.
-- torchvision: ``FasterRCNN(resnet_fpn_backbone("resnet101", weights=None),
-  num_classes=21, min_size=size, max_size=size)`` in eval mode under
-  ``torch.inference_mode()``: 1000 pre-NMS boxes per level, 1000 proposals, the same
-  box post-processing (0.05, 0.5, 100). ``min_size = max_size = size`` is required:
-  the default min_size=800 would upsample 512x512 images to 800x800; the script
-  checks the transformed batch is size x size.
+1. **Same weights, same work** (the figure to quote). torchvision's
+   ``FasterRCNN(resnet_fpn_backbone("resnet101"), num_classes=21, min_size=size,
+   max_size=size)`` with realistic random weights (non-trivial frozen BN statistics,
+   damped residual branches, RPN and classifier spread so that about 100 detections
+   pass the 0.05 threshold), and ours built with ``TORCHVISION_FASTER_RCNN`` and
+   ``norm_mode="frozen"`` holding those very weights. Before anything is timed, both
+   sides' detections are checked equal (count, labels, boxes within 0.5 px); the run
+   stops if they are not. Ours gets the images normalised as torchvision's
+   transform normalises them.
+2. **Default configurations** (labelled as such): our seed model
+   (``faster_rcnn_resnet_101_fpn()``: 9 anchors on P2..P5, 300 proposals) with its own
+   random weights and the classifier spread alike, against the same torchvision model.
+
+ours: ``lucid_jax.train.make_predict_fn(model)`` (RPN, box head, softmax, per-class
+decode, score threshold 0.05, per-class NMS 0.5, top 100, padded). torchvision: eval
+mode under ``torch.inference_mode()``; ``min_size = max_size = size`` keeps the
+batch at size x size (the default 800 would upsample it), which the script checks.
 
 Reported: medians over ``--steps`` calls per function, interleaved in this process
-(after ``--warmup`` untimed calls), the ratios ours / torchvision (median of the
-per-round ratios too), our compile times (the first call of each jitted function),
-peak RSS per side from a fresh child process (``--side ours|torchvision``: build,
-first call, ``--child-steps`` more, then ``getrusage(RUSAGE_SELF).ru_maxrss``),
-GFLOP per call (XLA cost_analysis; torchvision's FlopCounterMode, matmuls and
-convolutions only), achieved GFLOP/s and a float32 matmul ceiling. ``--profile``
-adds where our predict's time goes (jax.profiler trace, per component).
+(after ``--warmup`` untimed calls), the ratio ours / torchvision as the median of
+the per-round ratios (and of the medians), our compile times, peak RSS per side
+from a fresh child process (``--side ours|torchvision``: build, first call,
+``--child-steps`` more, then ``getrusage(RUSAGE_SELF).ru_maxrss``; the ours child
+loads the same weights from a file and never imports torch), GFLOP per call (XLA
+cost_analysis; torchvision's FlopCounterMode, matmuls and convolutions only),
+achieved GFLOP/s and a float32 matmul ceiling. ``--profile`` adds where our
+predict's time goes (jax.profiler trace, per component).
 """
 
 import argparse
@@ -34,6 +39,8 @@ import os
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,12 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=5, help="timed calls per function (interleaved)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per function after the first one")
-    p.add_argument(
-        "--config",
-        choices=("lucid", "torchvision"),
-        default="lucid",
-        help="our model: the seed's (lucid) or TORCHVISION_FASTER_RCNN",
-    )
+    p.add_argument("--weights-file", default=None, help="internal: the ours child's weights (.npz)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-side child processes")
     p.add_argument("--child-steps", type=int, default=3, help="calls after the first one in each child")
     p.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling")
@@ -60,33 +62,26 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument(
         "--side",
-        choices=("both", "ours", "torchvision"),
+        choices=("both", "ours", "torchvision", "weights"),
         default="both",
-        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)",
+        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS); 'weights' writes the weights",
     )
     args = p.parse_args(argv)
-    multiple = C.ours_model(args.config).backbone.size_divisibility
+    multiple = C.ours_model().backbone.size_divisibility
     if args.size % multiple:
         p.error(f"--size must be a multiple of {multiple} (the backbone's largest stride), got {args.size}")
     return args
 
 
-def build_ours(args, images):
-    """Our jitted predict and seed forward on ``images``; dict of blocking callables."""
+def build_ours(model, variables, images):
+    """Our jitted predict and seed forward on ``images`` (normalised); blocking callables."""
     import jax
-    import jax.numpy as jnp
 
     from lucid_jax.train import make_predict_fn
 
-    model = C.ours_model(args.config)
-    start = time.perf_counter()
-    # The parameters do not depend on the image size; a 64x64 init compiles faster.
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 3, 64, 64), jnp.float32))
-    jax.block_until_ready(variables)
-    init_s = time.perf_counter() - start
     predict = make_predict_fn(model)
     forward = jax.jit(model.apply)
-    x = jax.device_put(images)
+    x = jax.device_put(C.normalised(images))
     box = {}
 
     def run_predict():
@@ -99,11 +94,22 @@ def build_ours(args, images):
         "predict": run_predict,
         "forward": run_forward,
         "box": box,
-        "init_s": init_s,
         "jit_predict": predict,
         "variables": variables,
         "x": x,
     }
+
+
+def ours_default(seed=0):
+    """Our seed model with its own random weights, the classifier spread; (model, variables, init s)."""
+    import jax
+    import jax.numpy as jnp
+
+    model = C.ours_model()
+    start = time.perf_counter()
+    # The parameters do not depend on the image size; a 64x64 init compiles faster.
+    variables = jax.block_until_ready(jax.jit(model.init)(jax.random.key(seed), jnp.zeros((1, 3, 64, 64))))
+    return model, C.spread_heads(variables), time.perf_counter() - start
 
 
 def build_torchvision(args, images):
@@ -124,8 +130,22 @@ def build_torchvision(args, images):
 
 
 def run_child_side(args, images):
+    if args.side == "weights":
+        C.write_same_weights(args.size, args.weights_file)
+        return C.emit_result({"side": "weights"})
     if args.side == "ours":
-        fn = build_ours(args, images)["predict"]
+        import jax
+        import jax.numpy as jnp
+
+        from lucid_jax import state_dict
+
+        model = C.ours_model("torchvision", norm_mode="frozen")
+        template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
+        template = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), template)
+        variables = state_dict.from_state_dict(
+            template, state_dict.load_state_dict_file(args.weights_file), model=model
+        )
+        fn = build_ours(model, variables, images)["predict"]
     else:
         fn = build_torchvision(args, images)["run"]
     first = C.time_call(fn)
@@ -152,44 +172,59 @@ def main(argv=None):
     if args.side != "both":
         return run_child_side(args, images)
 
-    print(
-        f"# bench_predict: Faster R-CNN ResNet-101 FPN inference, {args.batch}x3x{args.size}x{args.size}, "
-        f"our config '{args.config}'"
-    )
+    print(f"# bench_predict: Faster R-CNN ResNet-101 FPN inference, {args.batch}x3x{args.size}x{args.size}")
     print(C.environment_line())
 
     children = {}
-    if not args.no_rss:
+    if not args.no_rss:  # first, while this process is small: Linux keeps peak RSS across exec
         script = os.path.abspath(__file__)
+        weights = os.path.join(tempfile.mkdtemp(prefix="bench_predict_"), "weights.npz")
         argv_child = [
             "--size",
             str(args.size),
             "--batch",
             str(args.batch),
-            "--config",
-            args.config,
             "--child-steps",
             str(args.child_steps),
+            "--weights-file",
+            weights,
         ]
-        for side in ("ours", "torchvision"):
-            print(f"running the '{side}' child for its peak RSS ...", flush=True)
-            children[side] = C.run_child(script, argv_child, side)
+        if C.run_child(script, argv_child, "weights") is not None:
+            for side in ("ours", "torchvision"):
+                print(f"running the '{side}' child for its peak RSS ...", flush=True)
+                children[side] = C.run_child(script, argv_child, side)
 
-    print("building ours ...", flush=True)
-    ours = build_ours(args, images)
-    predict_first_s = C.time_call(ours["predict"])  # trace + compile + run
-    forward_first_s = C.time_call(ours["forward"])
-    compiled = ours["jit_predict"].lower(ours["variables"], ours["x"], None).compile()
+    print("building torchvision (realistic random weights) and ours with the same weights ...", flush=True)
+    tv = build_torchvision(args, images)
+    tv_first_s = C.time_call(tv["run"])
+    start = time.perf_counter()
+    model, variables = C.ours_from_torchvision(tv["model"])
+    import_s = time.perf_counter() - start
+    same = build_ours(model, variables, images)
+    predict_first_s = C.time_call(same["predict"])  # trace + compile + run
+    check = C.check_same_detections(same["box"]["dets"], tv["box"]["dets"])
+    print(
+        f"same detections on both sides: {check['detections']} per image, boxes within "
+        f"{check['max_box_diff']:.2g} px, {check['swapped']} near-tie rank swaps",
+        flush=True,
+    )
+
+    default_model, default_variables, init_s = ours_default()
+    default = build_ours(default_model, default_variables, images)
+    default_first_s = C.time_call(default["predict"])
+    forward_first_s = C.time_call(default["forward"])
+    compiled = same["jit_predict"].lower(same["variables"], same["x"], None).compile()
     flops, bytes_accessed = C.xla_cost(compiled)
     compiled_text = compiled.as_text() if args.profile else None
     del compiled
 
-    print("building torchvision ...", flush=True)
-    tv = build_torchvision(args, images)
-    tv_first_s = C.time_call(tv["run"])
-
     print(f"timing {args.steps} interleaved calls per function ...", flush=True)
-    fns = {"ours predict": ours["predict"], "ours forward": ours["forward"], "torchvision": tv["run"]}
+    fns = {
+        "ours predict, same weights": same["predict"],
+        "ours predict, default config": default["predict"],
+        "ours seed forward, default config": default["forward"],
+        "torchvision": tv["run"],
+    }
     times = C.interleaved(fns, args.steps, warmup=args.warmup)
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -200,43 +235,53 @@ def main(argv=None):
     ceiling = None if args.no_ceiling else C.matmul_ceiling()
     best_ceiling = max(v for v in ceiling.values() if v) if ceiling else None
 
-    tv_med = C.median(times["torchvision"])
-    print(
-        f"\n## Inference time ({args.steps} calls per function, interleaved in one process, "
-        f"after {args.warmup} warm-up)"
-    )
-    rows = []
-    for name in fns:
-        med = C.median(times[name])
-        fl = tv_flops if name == "torchvision" else (flops if name == "ours predict" else None)
-        gf = f"{fl / 1e9:.0f}" if fl else "-"
-        achieved = f"{fl / med / 1e9:.0f}" if fl else "-"
-        share = f"{100 * fl / med / 1e9 / best_ceiling:.0f}%" if fl and best_ceiling else "-"
-        per_round = [a / b for a, b in zip(times[name], times["torchvision"])]
-        rows.append(
-            (
-                name,
-                f"{med:.3f}",
-                C.spread(times[name]),
-                f"{med / tv_med:.2f}x",
-                f"{C.median(per_round):.2f}x",
-                gf,
-                achieved,
-                share,
+    def table(title, names):
+        print(f"\n## {title}")
+        tv_med = C.median(times["torchvision"])
+        rows = []
+        for name in names:
+            med = C.median(times[name])
+            fl = tv_flops if name == "torchvision" else (flops if name == "ours predict, same weights" else None)
+            gf = f"{fl / 1e9:.0f}" if fl else "-"
+            achieved = f"{fl / med / 1e9:.0f}" if fl else "-"
+            share = f"{100 * fl / med / 1e9 / best_ceiling:.0f}%" if fl and best_ceiling else "-"
+            per_round = [a / b for a, b in zip(times[name], times["torchvision"])]
+            rows.append(
+                (
+                    name,
+                    f"{med:.3f}",
+                    C.spread(times[name]),
+                    f"{C.median(per_round):.2f}x",
+                    f"{med / tv_med:.2f}x",
+                    gf,
+                    achieved,
+                    share,
+                )
             )
+        C.print_table(
+            rows,
+            [
+                "function",
+                "median s",
+                "min..max s",
+                "vs tv (per round)",
+                "vs tv (medians)",
+                "GFLOP",
+                "GFLOP/s",
+                "of ceiling",
+            ],
         )
-    C.print_table(
-        rows,
-        [
-            "function",
-            "median s",
-            "min..max s",
-            "vs tv (medians)",
-            "vs tv (per round)",
-            "GFLOP",
-            "GFLOP/s",
-            "of ceiling",
-        ],
+
+    n_default = [int(v) for v in np.asarray(default["box"]["dets"]["valid"]).sum(-1)]
+    table(
+        f"Same weights, same work ({args.steps} calls per function, interleaved, after {args.warmup} warm-up; "
+        f"{check['detections']} detections per image on both sides, checked equal)",
+        ["ours predict, same weights", "torchvision"],
+    )
+    table(
+        f"Default configurations (not the same work: our seed model, 300 proposals, its own weights, "
+        f"{n_default} detections per image, against torchvision's defaults, 1000 proposals)",
+        ["ours predict, default config", "ours seed forward, default config", "torchvision"],
     )
     print(
         "GFLOP: ours from XLA cost_analysis of predict (every HLO op), torchvision from FlopCounterMode "
@@ -249,16 +294,18 @@ def main(argv=None):
 
     print("\n## Compile time and memory")
     rows = [
-        ("ours: init (jit(model.init) at 64x64)", f"{ours['init_s']:.1f} s"),
-        ("ours: predict, first call (trace + compile + run)", f"{predict_first_s:.1f} s"),
-        ("ours: seed forward, first call (trace + compile + run)", f"{forward_first_s:.1f} s"),
+        ("ours: torchvision's weights imported", f"{import_s:.1f} s"),
+        ("ours: predict (same weights), first call (trace + compile + run)", f"{predict_first_s:.1f} s"),
+        ("ours: init of the default config (jit(model.init) at 64x64)", f"{init_s:.1f} s"),
+        ("ours: predict (default config), first call", f"{default_first_s:.1f} s"),
+        ("ours: seed forward (default config), first call", f"{forward_first_s:.1f} s"),
         ("torchvision: first call", f"{tv_first_s:.2f} s"),
     ]
     for side in ("ours", "torchvision"):
         res = children.get(side)
         if res:
             rows += [
-                (f"{side} child: peak RSS", f"{res['peak_rss_mib']:.0f} MiB"),
+                (f"{side} child (same weights): peak RSS", f"{res['peak_rss_mib']:.0f} MiB"),
                 (f"{side} child: first call", f"{res['first_call_s']:.1f} s"),
                 (f"{side} child: median of {len(res['times_s'])} more calls (alone)", f"{res['median_s']:.3f} s"),
             ]
@@ -266,18 +313,9 @@ def main(argv=None):
             rows.append((f"{side} child", "failed (see stderr)"))
     C.print_table(rows, ["what", "value"])
     if children.get("ours") and children.get("torchvision"):
-        print(
-            f"peak RSS ours / torchvision: "
-            f"{children['ours']['peak_rss_mib'] / children['torchvision']['peak_rss_mib']:.2f}x "
-            "(each side in its own process; ours includes XLA's compile)"
-        )
-
-    import numpy as np
-
-    dets = ours["box"]["dets"]
-    n_ours = int(np.sum(np.asarray(dets["valid"])))
-    n_tv = sum(len(d["boxes"]) for d in tv["box"]["dets"])
-    print(f"\ndetections kept (random weights): ours {n_ours}, torchvision {n_tv}")
+        ratio = children["ours"]["peak_rss_mib"] / children["torchvision"]["peak_rss_mib"]
+        print(f"peak RSS ours / torchvision: {ratio:.2f}x (each side in its own process; ours includes XLA's compile)")
+    ours = same
 
     if args.profile:
         op_times, wall = P.trace_op_times(

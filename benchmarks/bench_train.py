@@ -4,21 +4,29 @@
                                      [--config lucid|torchvision] [--profile] [--no-rss]
 
 Both sides train the same synthetic batch (random images in [0, 1], ``--boxes``
-random boxes per image, labels 1..20) at size x size with the same trainable stages:
+random boxes per image, labels 1..20) at size x size. Two comparisons:
 
-- ours: ``faster_rcnn_resnet_101_fpn(num_classes=21, norm_mode="frozen")``, the jitted
-  ``make_train_step(frozen=...)`` step (frozen parameters get no gradient work), SGD (lr 0.01,
-  momentum 0.9, weight decay 1e-4) from
-  ``build_optimizer(trainable_backbone_layers=N, freeze_batchnorm=True)``. With
-  ``--config torchvision`` it uses ``TORCHVISION_FASTER_RCNN`` instead (3 anchors on
-  P2..P6, 2000 training proposals, ...), the same work as torchvision's model.
-- torchvision: ``FasterRCNN(resnet_fpn_backbone("resnet101", weights=None,
-  trainable_layers=N), num_classes=21, min_size=size, max_size=size)`` in train mode
-  (FrozenBatchNorm2d), loss = sum of the loss dict, backward, ``torch.optim.SGD``
-  (same lr, momentum and weight decay) over the parameters that require grad.
-  ``min_size = max_size = size`` is required: GeneralizedRCNNTransform's default
-  min_size=800 would upsample 512x512 images to 800x800. The script checks the
-  transformed batch is size x size.
+- ``--compare same`` (default; the figure to quote): torchvision's fine-tuning
+  recipe on both sides with the same weights. torchvision's
+  ``FasterRCNN(resnet_fpn_backbone("resnet101", trainable_layers=N), num_classes=21,
+  min_size=size, max_size=size)`` with realistic random weights (non-trivial frozen
+  BN statistics, damped residual branches; the RPN and the classifier at a fresh
+  head's scale, so that the losses start near a fresh head's and SGD stays stable),
+  and ours built
+  with ``TORCHVISION_FASTER_RCNN`` and ``norm_mode="frozen"`` holding those very
+  weights, fed the images normalised as torchvision's transform does. Before
+  anything is timed, both sides predict on the batch and their detections are
+  checked equal (the run stops if not). Both train the top N stages (default 3)
+  with SGD (lr 0.01, momentum 0.9, weight decay 1e-4).
+- ``--compare default`` (labelled as such; not the same work): our default model
+  (``faster_rcnn_resnet_101_fpn()``, BatchNorm with batch statistics, every stage
+  trained, its own random weights) against torchvision with every stage trainable.
+
+ours: the jitted ``make_train_step(frozen=...)`` (frozen parameters get no gradient
+work), SGD from ``build_optimizer(trainable_backbone_layers=N, ...)``. torchvision:
+train mode, loss = sum of the loss dict, backward, ``torch.optim.SGD`` over the
+parameters that require grad. ``min_size = max_size = size`` keeps the batch at size x
+size (the default 800 would upsample it), which the script checks.
 
 What it reports:
 
@@ -46,10 +54,15 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _common as C  # noqa: E402
 import _profile as P  # noqa: E402
+
+# The RPN's and the classifier's scale in training (see _common.realistic_weights).
+TRAIN_SPREAD = 1.0
 
 
 def parse_args(argv=None):
@@ -61,11 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--trainable-layers", type=int, default=3, help="trainable backbone stages, both sides")
     p.add_argument("--boxes", type=int, default=4, help="ground-truth boxes per image")
     p.add_argument(
-        "--config",
-        choices=("lucid", "torchvision"),
-        default="lucid",
-        help="our model: the seed's (lucid) or TORCHVISION_FASTER_RCNN",
+        "--compare",
+        choices=("same", "default"),
+        default="same",
+        help="same: torchvision's recipe with the same weights; default: the default configurations",
     )
+    p.add_argument("--weights-file", default=None, help="internal: the ours child's weights (.npz)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--no-rss", action="store_true", help="skip the per-side child processes")
     p.add_argument("--child-steps", type=int, default=2, help="steps after the first one in each child")
@@ -74,12 +88,14 @@ def parse_args(argv=None):
     p.add_argument("--profile-steps", type=int, default=1)
     p.add_argument(
         "--side",
-        choices=("both", "ours", "torchvision"),
+        choices=("both", "ours", "torchvision", "weights"),
         default="both",
-        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS)",
+        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS); 'weights' writes the weights",
     )
     args = p.parse_args(argv)
-    multiple = C.ours_model(args.config).backbone.size_divisibility
+    if args.compare == "default":
+        args.trainable_layers = 5
+    multiple = C.ours_model().backbone.size_divisibility
     if args.size % multiple:
         p.error(f"--size must be a multiple of {multiple} (the backbone's largest stride), got {args.size}")
     return args
@@ -96,8 +112,8 @@ def child_argv(args):
         str(args.boxes),
         "--trainable-layers",
         str(args.trainable_layers),
-        "--config",
-        args.config,
+        "--compare",
+        args.compare,
         "--lr",
         str(args.lr),
         "--child-steps",
@@ -108,38 +124,32 @@ def child_argv(args):
 # --- the two steps ------------------------------------------------------------------
 
 
-def build_ours(args, batch):
-    """Our jitted train step on ``batch``, ready to call.
+def build_ours(args, batch, model, variables):
+    """Our jitted train step on ``batch`` (images normalised as torchvision's), ready to call.
 
     Returns a dict with "run" (one blocking step), "box" (the current "state" and
-    last "metrics"), "step", "batch" (on device), "init_s" and "model".
-    The parameters are initialised on a 1x3x64x64 image (they do not depend on the
-    image size), which compiles faster than an init at full size.
+    last "metrics"), "step", "batch" (on device) and "model".
     """
     import jax
-    import jax.numpy as jnp
 
     from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
 
-    model = C.ours_model(args.config, norm_mode="frozen")
-    start = time.perf_counter()
-    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 3, 64, 64), jnp.float32))
-    jax.block_until_ready(variables)
-    init_s = time.perf_counter() - start
+    frozen_bn = args.compare == "same"
     tx = build_optimizer(
         variables["params"],
         learning_rate=args.lr,
         momentum=0.9,
         weight_decay=1e-4,
         trainable_backbone_layers=args.trainable_layers,
-        freeze_batchnorm=True,
+        freeze_batchnorm=frozen_bn,
     )
     # the same labels freeze parameters in the optimizer and skip their gradients in the step
-    frozen = param_labels(variables["params"], trainable_backbone_layers=args.trainable_layers, freeze_batchnorm=True)
+    frozen = param_labels(
+        variables["params"], trainable_backbone_layers=args.trainable_layers, freeze_batchnorm=frozen_bn
+    )
     box = {"state": create_train_state(model, variables, tx), "i": 0}
-    del variables
     step = make_train_step(model, frozen=frozen)
-    jbatch = {k: jax.device_put(v) for k, v in batch.items()}
+    jbatch = {k: jax.device_put(C.normalised(v) if k == "images" else v) for k, v in batch.items()}
     keys = [jax.random.key(i) for i in range(1000)]
 
     def run():
@@ -148,14 +158,52 @@ def build_ours(args, batch):
         jax.block_until_ready((box["state"], metrics))
         box["metrics"] = metrics
 
-    return {"run": run, "box": box, "step": step, "batch": jbatch, "init_s": init_s, "model": model}
+    return {"run": run, "box": box, "step": step, "batch": jbatch, "model": model}
+
+
+def ours_weights(args, tv_model=None):
+    """(model, variables, seconds): torchvision's weights imported (same), a weights file
+    (the ours child), or our default model's own random init (default)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lucid_jax import state_dict
+
+    start = time.perf_counter()
+    if args.compare == "default":
+        model = C.ours_model()
+        variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 3, 64, 64), jnp.float32))
+        variables = C.spread_heads(jax.block_until_ready(variables), TRAIN_SPREAD)
+    elif tv_model is not None:
+        model, variables = C.ours_from_torchvision(tv_model)
+    else:
+        model = C.ours_model("torchvision", norm_mode="frozen")
+        template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64), jnp.float32))
+        template = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), template)
+        flat = state_dict.load_state_dict_file(args.weights_file)
+        variables = state_dict.from_state_dict(template, flat, model=model)
+    return model, variables, time.perf_counter() - start
+
+
+def check_same_predictions(model, variables, tv_model, images):
+    """Both sides' detections on the batch, checked equal before training (see _common)."""
+    import torch
+
+    from lucid_jax.train import make_predict_fn
+
+    ours = make_predict_fn(model)(variables, C.normalised(images), None)
+    tv_model.eval()
+    with torch.inference_mode():
+        theirs = tv_model([torch.from_numpy(x) for x in images])
+    tv_model.train()
+    return C.check_same_detections(ours, theirs)
 
 
 def build_torchvision(args, batch):
     """torchvision's training step on the same batch; returns a dict with "run"."""
     import torch
 
-    model = C.torchvision_model(args.size, trainable_layers=args.trainable_layers)
+    model = C.torchvision_model(args.size, trainable_layers=args.trainable_layers, spread=TRAIN_SPREAD)
     images = [torch.from_numpy(x) for x in batch["images"]]
     C.check_torchvision_size(model, images, args.size)
     targets = C.torchvision_targets(batch)
@@ -189,9 +237,13 @@ def torchvision_flops(tv):
 
 def run_child_side(args):
     """One side alone: build, first step, a few steps; print the JSON result."""
+    if args.side == "weights":
+        C.write_same_weights(args.size, args.weights_file, spread=TRAIN_SPREAD)
+        return C.emit_result({"side": "weights"})
     batch = C.synthetic_batch(args.batch, args.size, args.boxes)
     if args.side == "ours":
-        side = build_ours(args, batch)
+        model, variables, _ = ours_weights(args)
+        side = build_ours(args, batch, model, variables)
     else:
         side = build_torchvision(args, batch)
     first = C.time_call(side["run"])
@@ -247,20 +299,45 @@ def main(argv=None):
 
     print(
         f"# bench_train: Faster R-CNN ResNet-101 FPN training step, {args.batch}x3x{args.size}x{args.size}, "
-        f"trainable backbone layers {args.trainable_layers}, our config '{args.config}'"
+        f"trainable backbone layers {args.trainable_layers}, "
+        + (
+            "same weights, torchvision's recipe"
+            if args.compare == "same"
+            else "default configurations, not the same work"
+        )
     )
     print(C.environment_line())
 
     children = {}
-    if not args.no_rss:
+    if not args.no_rss:  # first, while this process is small: Linux keeps peak RSS across exec
+        argv = child_argv(args)
         script = os.path.abspath(__file__)
-        for side in ("ours", "torchvision"):
+        ready = True
+        if args.compare == "same":
+            weights = os.path.join(tempfile.mkdtemp(prefix="bench_train_"), "weights.npz")
+            argv += ["--weights-file", weights]
+            ready = C.run_child(script, argv, "weights") is not None
+        for side in ("ours", "torchvision") if ready else ():
             print(f"running the '{side}' child for its peak RSS ...", flush=True)
-            children[side] = C.run_child(script, child_argv(args), side)
+            children[side] = C.run_child(script, argv, side)
 
     batch = C.synthetic_batch(args.batch, args.size, args.boxes)
+    print("building torchvision's step ...", flush=True)
+    tv = build_torchvision(args, batch)
+    model, variables, import_s = ours_weights(args, tv["model"])
+    check = None
+    if args.compare == "same":
+        check = check_same_predictions(model, variables, tv["model"], batch["images"])
+        print(
+            f"same detections on both sides before training: {check['detections']} per image, boxes within "
+            f"{check['max_box_diff']:.2g} px, {check['swapped']} near-tie rank swaps",
+            flush=True,
+        )
+    tv_first_s = C.time_call(tv["run"])
+
     print("building our step ...", flush=True)
-    ours = build_ours(args, batch)
+    ours = build_ours(args, batch, model, variables)
+    del variables
     state, jbatch = ours["box"]["state"], ours["batch"]
     rng = jax.random.key(0)
     start = time.perf_counter()
@@ -272,10 +349,6 @@ def main(argv=None):
     flops, bytes_accessed = C.xla_cost(compiled)
     compiled_text = compiled.as_text() if args.profile else None
     del lowered, compiled, state
-
-    print("building torchvision's step ...", flush=True)
-    tv = build_torchvision(args, batch)
-    tv_first_s = C.time_call(tv["run"])
 
     print(f"timing {args.steps} interleaved steps per side ...", flush=True)
     times = C.interleaved({"ours": ours["run"], "torchvision": tv["run"]}, args.steps, warmup=args.warmup)
@@ -289,7 +362,8 @@ def main(argv=None):
     def pct(gflops):
         return f"{100 * gflops / best_ceiling:.0f}%" if best_ceiling else "-"
 
-    print(f"\n## Step time ({args.steps} steps per side, interleaved in one process, after {args.warmup} warm-up)")
+    what = "same weights, same work" if args.compare == "same" else "default configurations, not the same work"
+    print(f"\n## Step time, {what} ({args.steps} steps per side, interleaved, after {args.warmup} warm-up)")
     rows = []
     for name, med, fl in (("ours (jit)", ours_med, flops), ("torchvision", tv_med, tv_flops)):
         key = "ours" if name.startswith("ours") else "torchvision"
@@ -318,7 +392,7 @@ def main(argv=None):
 
     print("\n## Compile time and memory")
     rows = [
-        ("ours: init (jit(model.init) at 64x64)", f"{ours['init_s']:.1f} s"),
+        ("ours: weights (imported from torchvision, or init at 64x64)", f"{import_s:.1f} s"),
         ("ours: trace + lower the step", f"{lower_s:.1f} s"),
         ("ours: XLA compile", f"{compile_s:.1f} s"),
         ("ours: first call after compile", f"{first_s:.1f} s"),
