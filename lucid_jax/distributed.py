@@ -9,14 +9,13 @@ its own devices. ``launch_local`` starts N such processes on one machine, each w
 ``--xla_force_host_platform_device_count`` CPU devices, joined over loopback.
 """
 
-import glob
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -47,8 +46,13 @@ def detect_cluster(environ=None) -> str | None:
 
 
 def _on_cloud_tpu_vm() -> bool:
-    """A Cloud TPU VM shows its chips as /dev/accel* (v2-v4) or /dev/vfio/<n> (v5 and later)."""
-    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+    """True on a VM with TPU chips attached, found as JAX finds them (their PCI ids)."""
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except (ImportError, AttributeError, OSError):
+        return False
 
 
 def check_args(coordinator: str | None, num_processes: int | None, process_id: int | None) -> str | None:
@@ -63,7 +67,8 @@ def check_args(coordinator: str | None, num_processes: int | None, process_id: i
         return None
     if missing:
         present = [flag for flag in given if flag not in missing]
-        return f"{' and '.join(present)} also needs {' and '.join(missing)} (give all three, or none)"
+        verb = "needs" if len(present) == 1 else "need"
+        return f"{' and '.join(present)} also {verb} {' and '.join(missing)} (give all three, or none)"
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         return f"--coordinator must be HOST:PORT, got {coordinator!r}"
