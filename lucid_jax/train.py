@@ -187,7 +187,9 @@ def make_train_step(
       model: the detector.
       mesh: shard the batch over ``mesh``'s ``data_axis``, replicate the state.
       donate: donate the incoming state's buffers (do not reuse it afterwards).
-      validate: check the batch's values on the host first (``validate_batch``).
+      validate: check the batch's values on the host first (``validate_batch``
+        on each process's own rows; under ``jax.distributed`` every process
+        raises the first problem any of them finds).
       frozen: the labels of ``param_labels`` (or a pytree of bools, True =
         frozen) given to ``build_optimizer``. Frozen parameters are held
         constant in the differentiation, so their gradients (and the backward
