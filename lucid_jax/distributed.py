@@ -205,7 +205,8 @@ def launch_local(num_processes: int, argv: Sequence[str], *, devices_per_process
     """
     port = port or free_port()
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    child_env = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
+    # gloo: CPU collectives across processes (the default in recent JAX, not in all)
+    child_env = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", **os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
                  "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices_per_process}"])}
     procs = [
         subprocess.Popen([sys.executable, "-m", "lucid_jax.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
