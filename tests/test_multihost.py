@@ -52,7 +52,7 @@ def _wait(procs, logs, expected_codes, timeout):
     """Wait for every process; on a failure or the timeout, stop the rest and fail with stderr."""
     deadline = time.monotonic() + timeout
     failure = None
-    while failure is None and any(p.poll() is None for p in procs):
+    while failure is None and [p.poll() for p in procs].count(None):  # poll every process, every time
         for i, p in enumerate(procs):
             if p.returncode is not None and p.returncode not in expected_codes:
                 failure = f"process {i} exited with {p.returncode}"
