@@ -15,6 +15,7 @@ The actions run in order; process 0 writes what the test compares into OUT:
   ``eval_results.json``).
 - ``killed DIR``: ``lucid-jax train`` into DIR, every process killed (SIGKILL)
   right after the checkpoint of step 2.
+- ``crash``: process 1 exits with 3 while process 0 waits for it.
 """
 
 import dataclasses
@@ -184,6 +185,11 @@ def main():
             evaluate(out, actions.pop(0))
         elif action == "killed":
             killed(actions.pop(0))
+        elif action == "crash":  # process 1 dies at once; process 0 waits for it at a barrier
+            if process_id == 1:
+                print("process 1 crashed on purpose", file=sys.stderr, flush=True)
+                os._exit(3)
+            distributed.barrier("never_reached_by_process_1")
         else:
             raise SystemExit(f"unknown action {action}")
 

@@ -222,3 +222,10 @@ def _flatten(tree, prefix=""):
         else:
             out[f"{prefix}{key}"] = np.asarray(value)
     return out
+
+
+def test_a_crashed_process_fails_the_launch_with_its_stderr(env, tmp_path):
+    """Process 1 dies while process 0 waits for it in a collective: the test fails
+    with process 1's exit code and stderr, and process 0 is stopped, not awaited."""
+    with pytest.raises(pytest.fail.Exception, match="(?s)process 1 exited with 3.*process 1 crashed on purpose"):
+        run_workers(tmp_path, 2, 1, "crash", env=env)
