@@ -85,14 +85,13 @@ def steps(out):
     results["slices"] = distributed.gather({k: np.array(v) for k, v in slices.items()})
     results["slices"] = {k: v.tolist() for k, v in results["slices"].items()}
     batches = [model_inputs(b, ("images", "boxes", "labels", "valid")) for b in loader.iterate(0, STEPS)]
-    initial = None
+    # the sampling settings change no parameter: one init serves both models
+    variables = jax.jit(tiny_detector(num_classes=NUM_CLASSES).init)(jax.random.key(0), random_images(0, size=64))
+    if distributed.is_primary():
+        np.savez(os.path.join(out, "params_initial.npz"), **_host_tree(variables["params"]))
 
     for name, sampling in SAMPLING.items():
         model = tiny_detector(num_classes=NUM_CLASSES, **sampling)
-        variables = jax.jit(model.init)(jax.random.key(0), random_images(0, size=64))
-        if initial is None and distributed.is_primary():
-            initial = _host_tree(variables["params"])
-            np.savez(os.path.join(out, "params_initial.npz"), **initial)
         state = create_train_state(model, variables, build_optimizer(variables["params"], learning_rate=0.01),
                                    mesh=mesh)
         step = make_train_step(model, mesh=mesh)
