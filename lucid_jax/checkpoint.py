@@ -14,6 +14,13 @@ The manifest is the seal: ``latest_step`` only counts sealed steps, and
 committed but we never sealed (the process died between the two) is skipped,
 and replaced if the same step is saved again.
 
+Several processes (``jax.distributed``): every process calls ``save`` and
+``restore`` with the same arguments. Orbax writes each array's shards from the
+processes that hold them, a replicated array once from its primary host
+(process 0); process 0 then writes the one manifest after a barrier, and every
+process verifies it before restoring. The directory must be one filesystem that
+all hosts see (a shared disk or a bucket), as orbax assumes.
+
 Retention (orbax preservation policies): the union of the ``keep_last`` newest
 steps and, when ``best_metric`` is given, the ``keep_best`` best steps by that
 metric. Orbax's legacy ``max_to_keep`` + ``best_fn`` would instead keep only the
@@ -33,6 +40,7 @@ from flax import serialization
 
 # The manifest and the weight export live in their own modules; their names are
 # re-exported here, where they were first.
+from lucid_jax.distributed import barrier
 from lucid_jax.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -228,10 +236,12 @@ class Checkpointer:
         if not self._manager.save(step, args=args, metrics=metrics, force=True):
             raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
         self._manager.wait_until_finished()
+        # Every process has written its part before process 0 hashes the files,
+        # and no process reads the step before the seal is on disk.
+        barrier(f"lucid_jax_checkpoint_written_{step}")
         if jax.process_index() == 0:
             write_manifest(self.step_dir(step))
-        if jax.process_count() > 1:
-            ocp.multihost.sync_global_processes(f"lucid_jax_checkpoint_sealed_{step}")
+        barrier(f"lucid_jax_checkpoint_sealed_{step}")
 
     def _checked_step(self, step: int | None) -> int:
         if step is None:
@@ -254,11 +264,15 @@ class Checkpointer:
         """``{"params", "batch_stats"}`` of a step as NumPy arrays, without a model template.
 
         For reading a run's weights into another model (``lucid_jax.weights``);
-        the step is verified against its manifest first.
+        the step is verified against its manifest first. Each array is read whole
+        onto this process's first device, whatever devices the run was saved from.
         """
         step = self._checked_step(step)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore()}))
+            saved = self._manager.item_metadata(step)[_STATE].tree
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
+            restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.step_dir(step)}: orbax failed to restore {_STATE}: {e}") from e
         tree = restored[_STATE]

@@ -8,6 +8,12 @@
     lucid-jax export   --checkpoint DIR --out FILE [--batch-size B] [--platforms cpu,cuda,tpu]
     lucid-jax bench    [ops] [predict] [train]
     lucid-jax seed     [--size 224 512]
+    lucid-jax launch   --local N [--devices-per-process D] -- train ...
+
+``train`` and ``eval`` run as one of several processes with ``--coordinator
+HOST:PORT --num-processes N --process-id I`` (``jax.distributed``), or by
+themselves in a detected cluster (a TPU pod, SLURM, ``JAX_COORDINATOR_ADDRESS``);
+only process 0 prints. ``launch`` starts N such processes on this machine.
 
 Bad input is one line on stderr: usage errors exit with 2, data and file errors
 with 1. Every default of ``train`` comes from ``jobs.TrainConfig``.
@@ -52,8 +58,15 @@ def _train(args) -> int:
 
     config, given = _config(args)
     last = jobs.train(config, args.out, given=given, progress=not args.no_progress)
-    print(json.dumps(last))
+    if _is_primary():
+        print(json.dumps(last))
     return 0
+
+
+def _is_primary() -> bool:
+    from lucid_jax.distributed import is_primary
+
+    return is_primary()
 
 
 def _writable_file(path, flag: str) -> Path | None:
@@ -85,6 +98,8 @@ def _eval(args) -> int:
         config = dataclasses.replace(config, batch_size=args.batch_size)
     metrics = jobs.evaluate(model, variables, dataset, config, progress=not args.no_progress,
                               results=results, ground_truth=ground_truth)
+    if metrics is None:  # another process scores and prints
+        return 0
     keys = ("AP", "AP50", "AP75", "voc_AP50_all", "voc_AP50_11pt", "per_class_AP", "num_ground_truth", "num_images",
             "num_detections")
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
@@ -139,6 +154,13 @@ def _bench(args) -> int:
     return code
 
 
+def _launch(args) -> int:
+    from lucid_jax.distributed import launch_local
+
+    return launch_local(args.local, args.command_args, devices_per_process=args.devices_per_process,
+                        port=args.port, timeout=args.timeout)
+
+
 def _seed(args) -> int:
     from lucid_jax import jobs
 
@@ -168,6 +190,16 @@ def _add_training_flags(p, overrides: dict, *, skip=()) -> None:
         p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
                        help=f"{help_text} (default: {shown})".replace("%", "%%"), **meta)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_distributed_flags(p) -> None:
+    """The flags passed to ``jax.distributed.initialize`` (all three, or none)."""
+    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address, for several processes (default: none, or the cluster's own)")
+    p.add_argument("--num-processes", dest="num_processes", type=int, default=None,
+                   help="processes in the run (default: 1, or the cluster's own)")
+    p.add_argument("--process-id", dest="process_id", type=int, default=None,
+                   help="this process, 0..N-1 (default: 0, or the cluster's own)")
 
 
 def _detector_names() -> list[str]:
@@ -204,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--num-workers, --log-every, --checkpoint-every and --keep-checkpoints.")
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, init_report.json)")
     _add_training_flags(p, {})
+    _add_distributed_flags(p)
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="AP, AP50, AP75 and per-class AP of a trained checkpoint, as JSON")
@@ -220,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ground-truth", dest="ground_truth", default=None, help="write the matching COCO ground "
                    "truth (for VOC and shapes; VOC difficult objects as iscrowd 1) (default: none)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_distributed_flags(p)
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("predict", help="detect objects in image files, folders and globs; write detections.json")
@@ -263,6 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=21, help="classes, background included (default: 21)")
     p.add_argument("--repeats", type=int, default=3, help="timed predict calls per size (default: 3)")
     p.set_defaults(func=_seed)
+
+    p = sub.add_parser("launch", help="run train or eval as N processes on this machine (CPU devices), for testing",
+                       description="Start N local processes of `lucid-jax COMMAND ...`, joined by jax.distributed "
+                       "over loopback, each with its own CPU devices. Example: lucid-jax launch --local 2 -- "
+                       "train --data shapes --out runs/two")
+    p.add_argument("--local", type=int, required=True, metavar="N", help="processes to start")
+    p.add_argument("--devices-per-process", dest="devices_per_process", type=int, default=1,
+                   help="CPU devices in each process (default: 1)")
+    p.add_argument("--port", type=int, default=None, help="the coordinator's port (default: a free one)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds before every process is stopped "
+                   "(default: none)")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- {train,eval} ...",
+                   help="the command each process runs")
+    p.set_defaults(func=_launch)
     return parser
 
 
@@ -296,7 +344,38 @@ def _check_args(args) -> str | None:
         platforms = [p for p in args.platforms.replace(" ", "").split(",") if p]
         if not platforms or set(platforms) - set(PLATFORMS):
             return f"--platforms must be among {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}"
+    if hasattr(args, "coordinator"):
+        from lucid_jax.distributed import check_args
+
+        return check_args(args.coordinator, args.num_processes, args.process_id)
+    if args.func is _launch:
+        return _check_launch(args)
     return None
+
+
+def _check_launch(args) -> str | None:
+    if args.command_args[:1] == ["--"]:
+        args.command_args = args.command_args[1:]
+    if args.local < 1 or args.devices_per_process < 1:
+        return f"--local and --devices-per-process must be >= 1, got {args.local} and {args.devices_per_process}"
+    if args.command_args[:1] not in (["train"], ["eval"]):
+        return "launch runs train or eval: lucid-jax launch --local N -- train ..."
+    if {"--coordinator", "--num-processes", "--process-id"} & set(args.command_args):
+        return "launch sets --coordinator, --num-processes and --process-id itself; leave them out"
+    if args.timeout is not None and not args.timeout > 0:
+        return f"--timeout must be > 0, got {args.timeout}"
+    return None
+
+
+def _join(args) -> None:
+    """Join the run's other processes (``jax.distributed``) before any other JAX call."""
+    from lucid_jax.distributed import initialize
+    from lucid_jax.jobs import JobError
+
+    try:
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    except (RuntimeError, ValueError) as e:
+        raise JobError(f"could not join the other processes: {e}") from None
 
 
 def main(argv=None) -> int:
@@ -315,6 +394,8 @@ def main(argv=None) -> int:
     from lucid_jax.state_dict import StateDictError
 
     try:
+        if hasattr(args, "coordinator"):
+            _join(args)
         return args.func(args)
     except (JobError, DatasetError, CheckpointError, StateDictError, OSError) as e:
         print(f"lucid-jax: error: {e}".splitlines()[0], file=sys.stderr)

@@ -4,8 +4,11 @@
 once per batch shape with the state's buffers donated. Given a
 ``jax.sharding.Mesh`` it shards the batch over the mesh's data axis and keeps the
 state replicated; XLA inserts the gradient all-reduce, and BatchNorm's batch
-statistics are computed over the global batch. On a multi-host TPU pod, call
-``jax.distributed.initialize()`` first and build the mesh with ``data_mesh()``.
+statistics are computed over the global batch. On several hosts (a TPU pod, a
+GPU cluster), call ``jax.distributed.initialize()`` first (see
+``lucid_jax.distributed``), build the mesh with ``data_mesh()`` and give each
+host's slice of the batch to ``shard_batch``; the metrics come back replicated,
+so every process reads them locally (``host_metrics``).
 """
 
 from typing import Any, Callable
@@ -18,6 +21,7 @@ from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 # Re-exported: the optimiser lived here before it moved to lucid_jax/optim.py.
+from lucid_jax.distributed import gather, host_value, local_rows
 from lucid_jax.optim import build_optimizer, learning_rate_schedule, param_labels  # noqa: F401
 
 TARGET_KEYS = ("boxes", "labels", "valid")
@@ -40,6 +44,8 @@ def create_train_state(model, variables, optimizer: optax.GradientTransformation
       variables: {"params": ..., "batch_stats": ...} from ``model.init``.
       optimizer: e.g. from ``build_optimizer``.
       mesh: replicate the state over this mesh (what a sharded step returns).
+        Under ``jax.distributed`` every process must pass the same variables
+        (the same seed); each one places its copy on its own devices.
     """
     copy = lambda tree: jax.tree_util.tree_map(jnp.array, tree)  # noqa: E731
     state = TrainState.create(
@@ -51,40 +57,99 @@ def create_train_state(model, variables, optimizer: optax.GradientTransformation
     # An int32 array from the start, so the step's input signature never changes.
     state = state.replace(step=jnp.asarray(0, jnp.int32))
     if mesh is not None:
-        state = jax.device_put(state, NamedSharding(mesh, PartitionSpec()))
+        state = replicate(state, mesh)
     return state
+
+
+def replicate(tree, mesh: Mesh):
+    """Place every array leaf of ``tree`` replicated on ``mesh``, from this process's copy.
+
+    Under ``jax.distributed`` each process fills its own devices from its own
+    values, which must be the same everywhere (the same seed and init). Unlike
+    ``jax.device_put`` onto a multi-process sharding, this does not compare every
+    leaf across processes, one collective each.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+
+    def place(leaf):
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding:
+            return leaf
+        value = np.asarray(host_value(leaf))
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree_util.tree_map(place, tree)
 
 
 # --- the step ---------------------------------------------------------------------
 
 
 def validate_batch(batch: dict, num_classes: int) -> None:
-    """Check a host batch's values before any compute; raise ValueError naming the problem.
+    """Check a batch's values before any compute; raise ValueError naming the problem.
 
     Checks: the same batch size everywhere, labels in 1..num_classes-1 and
     x1 <= x2, y1 <= y2 where valid, and no NaN or infinity in images or boxes.
+    Only this process's data is read: host arrays as they are, and of a batch
+    placed by ``shard_batch`` the rows on this process's devices (a global array
+    spanning other hosts is never fetched). Images are named by their row in the
+    global batch.
     """
-    images = np.asarray(batch["images"])
-    b = images.shape[0]
-    for key in ("boxes", "labels", "valid", "image_sizes"):
-        if key in batch and np.shape(batch[key])[0] != b:
-            raise ValueError(f'batch["{key}"] has {np.shape(batch[key])[0]} entries but batch["images"] has {b} images')
+    sizes = {k: np.shape(batch[k])[0] for k in ("images", "boxes", "labels", "valid", "image_sizes") if k in batch}
+    for key, size in sizes.items():
+        if size != sizes["images"]:
+            raise ValueError(f'batch["{key}"] has {size} entries but batch["images"] has {sizes["images"]} images')
+    images, _ = local_rows(batch["images"])
     if not np.isfinite(images).all():
         raise ValueError(f"batch images contain {np.size(images) - np.isfinite(images).sum()} NaN or infinite values")
-    boxes, labels, valid = (np.asarray(batch[k]) for k in TARGET_KEYS)
+    (boxes, rows), (labels, _), (valid, _) = (local_rows(batch[k]) for k in TARGET_KEYS)
     if not np.isfinite(boxes).all():
         raise ValueError("batch boxes contain NaN or infinite values")
     bad = valid & ((labels < 1) | (labels >= num_classes))
     if bad.any():
         i, j = np.argwhere(bad)[0]
         raise ValueError(
-            f"label {labels[i, j]} of box {j} in image {i} is outside 1..{num_classes - 1} "
+            f"label {labels[i, j]} of box {j} in image {rows[i]} is outside 1..{num_classes - 1} "
             f"(num_classes={num_classes}, 0 is background)"
         )
     bad = valid & ((boxes[..., 2] < boxes[..., 0]) | (boxes[..., 3] < boxes[..., 1]))
     if bad.any():
         i, j = np.argwhere(bad)[0]
-        raise ValueError(f"box {j} of image {i} has x2 < x1 or y2 < y1: {boxes[i, j].tolist()} (boxes are xyxy)")
+        raise ValueError(f"box {j} of image {rows[i]} has x2 < x1 or y2 < y1: {boxes[i, j].tolist()} (boxes are xyxy)")
+
+
+def host_metrics(metrics: dict) -> dict[str, float]:
+    """A step's metrics as Python floats, on any process.
+
+    The sharded step returns them replicated, so each process reads its own
+    copy (``lucid_jax.distributed.host_value``); nothing crosses hosts.
+    """
+    return {k: float(host_value(v)) for k, v in metrics.items()}
+
+
+_MESSAGE_BYTES = 1024
+
+
+def _validate_everywhere(batch: dict, num_classes: int) -> None:
+    """``validate_batch`` on each process's own rows; every process raises the first problem found.
+
+    A problem seen by one host alone would leave the others waiting in the step's
+    collectives, so the verdicts are gathered (one small all-gather per step) and
+    all processes raise the same ValueError, prefixed by the process that found it.
+    """
+    try:
+        validate_batch(batch, num_classes)
+        problem = ""
+    except ValueError as e:
+        if jax.process_count() == 1:
+            raise
+        problem = str(e)
+    if jax.process_count() == 1:
+        return
+    encoded = problem.encode()[:_MESSAGE_BYTES].ljust(_MESSAGE_BYTES, b"\0")
+    messages = gather(np.frombuffer(encoded, np.uint8))  # [P, _MESSAGE_BYTES]
+    for process, message in enumerate(messages):
+        text = message.tobytes().rstrip(b"\0").decode(errors="replace")
+        if text:
+            raise ValueError(f"process {process}: {text}")
 
 
 def _is_frozen(label) -> bool:
@@ -122,7 +187,9 @@ def make_train_step(
       model: the detector.
       mesh: shard the batch over ``mesh``'s ``data_axis``, replicate the state.
       donate: donate the incoming state's buffers (do not reuse it afterwards).
-      validate: check the batch's values on the host first (``validate_batch``).
+      validate: check the batch's values on the host first (``validate_batch``
+        on each process's own rows; under ``jax.distributed`` every process
+        raises the first problem any of them finds).
       frozen: the labels of ``param_labels`` (or a pytree of bools, True =
         frozen) given to ``build_optimizer``. Frozen parameters are held
         constant in the differentiation, so their gradients (and the backward
@@ -175,11 +242,11 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict, rng: jax.Array):
         if validate:
-            validate_batch(batch, model.num_classes)
+            _validate_everywhere(batch, model.num_classes)
         if replicated is not None:
             # The step returns its state replicated on the mesh; a state placed
             # anywhere else would be a new input signature and a second compile.
-            state = jax.device_put(state, replicated)
+            state = replicate(state, mesh)
         return jitted(state, batch, rng)
 
     step.jitted = jitted  # for lowering, export and cost analysis

@@ -54,7 +54,7 @@ def _subparsers():
     return sub.choices
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "export", "bench", "seed"])
+@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "export", "bench", "seed", "launch"])
 def test_every_optional_flag_of_every_subcommand_states_its_default(command):
     parser = _subparsers()[command]
     for action in parser._actions:
@@ -131,3 +131,48 @@ def test_bench_without_arguments_runs_every_benchmark(monkeypatch):
 def test_bench_unknown_name_is_a_usage_error(capsys):
     assert cli.main(["bench", "nope"]) == 2
     assert "unknown benchmark 'nope'; choose from ops, predict, train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-processes", "2", "--process-id", "0"],
+     "--num-processes and --process-id also need --coordinator (give all three, or none)"),
+    (["--coordinator", "127.0.0.1:1234"],
+     "--coordinator also needs --num-processes and --process-id (give all three, or none)"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+     "--process-id must be in 0..1 for --num-processes 2, got 2"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "-1"],
+     "--process-id must be in 0..1 for --num-processes 2, got -1"),
+    (["--coordinator", "127.0.0.1:1234", "--num-processes", "0", "--process-id", "0"],
+     "--num-processes must be >= 1, got 0"),
+    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+     "--coordinator must be HOST:PORT, got 'localhost'"),
+])
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_distributed_flag_errors_are_usage_errors(tmp_path, capsys, command, flags, message):
+    where = ["--out", str(tmp_path / "run")] if command == "train" else ["--checkpoint", str(tmp_path / "run")]
+    assert cli.main([command, "--data", "shapes", *where, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"lucid-jax: error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--local", "0", "--", "train"], "--local and --devices-per-process must be >= 1, got 0 and 1"),
+    (["--local", "2", "--", "predict", "x.png"], "launch runs train or eval: lucid-jax launch --local N -- train ..."),
+    (["--local", "2"], "launch runs train or eval"),
+    (["--local", "2", "--", "train", "--process-id", "1"], "launch sets --coordinator, --num-processes and --process-id"),
+    (["--local", "2", "--timeout", "0", "--", "train"], "--timeout must be > 0, got 0.0"),
+])
+def test_launch_usage_errors(capsys, argv, message):
+    assert cli.main(["launch", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_launch_passes_the_command_and_the_flags_to_each_process(monkeypatch):
+    from lucid_jax import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed, "launch_local", lambda n, argv, **kw: seen.update(n=n, argv=argv, **kw) or 0)
+    assert cli.main(["launch", "--local", "3", "--devices-per-process", "2", "--", "train", "--data", "shapes"]) == 0
+    assert seen == {"n": 3, "argv": ["train", "--data", "shapes"], "devices_per_process": 2, "port": None,
+                    "timeout": None}

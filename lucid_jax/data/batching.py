@@ -11,8 +11,12 @@ The loader is a pure function of ``(seed, step)``: step s reads epoch
 transform (the flip) is seeded by ``(seed, epoch, index)``. So resuming at step k
 gives exactly the batches a fresh run gives after k steps, and the number of
 prefetch threads changes nothing but speed. Host sharding (``num_shards``,
-``shard_index``; e.g. ``jax.process_count()`` and ``jax.process_index()``) splits
-every epoch's permutation the same way on every host.
+``shard_index``; e.g. ``jax.process_count()`` and ``jax.process_index()``) cuts the
+global batch of every step, ``num_shards * batch_size`` consecutive examples of the
+epoch's permutation, into one contiguous slice per host. The slices are disjoint,
+cover the global batch exactly once, and stacked in shard order they are the batch
+one unsharded loader of the global batch size reads at that step; a resumed run
+continues the same global order on every host.
 """
 
 import collections
@@ -180,10 +184,10 @@ class Loader:
         self.num_workers, self.prefetch = num_workers, prefetch
         self.num_shards, self.shard_index = num_shards, shard_index
         n = len(dataset)
-        # Every shard reads the same number of examples, so hosts stay in lockstep.
-        self._per_shard = n // num_shards if drop_remainder else math.ceil(n / num_shards)
+        # Every shard takes the same number of steps, so hosts stay in lockstep.
+        self.global_batch_size = batch_size * num_shards
         rounding = math.floor if drop_remainder else math.ceil
-        self.steps_per_epoch = rounding(self._per_shard / batch_size)
+        self.steps_per_epoch = rounding(n / self.global_batch_size)
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"a dataset of {n} examples gives no full batch of {batch_size} on {num_shards} shard(s); "
@@ -194,11 +198,31 @@ class Loader:
         return self.steps_per_epoch
 
     def batch_indices(self, step: int) -> tuple[int, list[int]]:
-        """(epoch, dataset indices) of global step ``step``; fewer than batch_size only in a padded last batch."""
+        """(epoch, dataset indices) of this shard at global step ``step``.
+
+        The global batch is ``order[pos * G : (pos + 1) * G]`` (G = num_shards *
+        batch_size) of the epoch's permutation, and this shard reads its
+        ``shard_index``-th slice of batch_size; fewer (or none) only in a padded
+        last batch.
+        """
         epoch, pos = divmod(step, self.steps_per_epoch)
         order = _epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
-        shard = order[self.shard_index :: self.num_shards][: self._per_shard]
-        return epoch, [int(i) for i in shard[pos * self.batch_size : (pos + 1) * self.batch_size]]
+        start = pos * self.global_batch_size + self.shard_index * self.batch_size
+        return epoch, [int(i) for i in order[start : start + self.batch_size]]
+
+    def _collate(self, examples: list[dict], epoch: int, step: int) -> dict:
+        if examples:
+            return collate(examples, self.max_boxes, self.batch_size, warn=self.warn_dropped)
+        # This shard's slice of a padded last batch is empty: padding rows on the
+        # canvas of the step's first example, so that every host's batch has one shape.
+        first = _epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)[
+            (step % self.steps_per_epoch) * self.global_batch_size]
+        example = self._load(int(first), epoch)
+        blank = {"image": np.zeros_like(example["image"]), "boxes": np.zeros((0, 4), np.float32),
+                 "labels": np.zeros(0, np.int32)}
+        batch = collate([blank], self.max_boxes, self.batch_size)
+        batch["image_valid"][0], batch["ids"][0] = False, None
+        return batch
 
     def _load(self, index: int, epoch: int) -> dict:
         rng = np.random.default_rng([self.seed, epoch, index])
@@ -218,9 +242,7 @@ class Loader:
         if self.num_workers == 0:
             for step in steps:
                 epoch, indices = self.batch_indices(step)
-                yield collate(
-                    [self._load(i, epoch) for i in indices], self.max_boxes, self.batch_size, warn=self.warn_dropped
-                )
+                yield self._collate([self._load(i, epoch) for i in indices], epoch, step)
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="lucid_jax-loader")
         pending = collections.deque()  # bounded: at most prefetch + 1 batches in flight
@@ -229,15 +251,15 @@ class Loader:
             step = next(steps, None)
             if step is not None:
                 epoch, indices = self.batch_indices(step)
-                pending.append([pool.submit(self._load, i, epoch) for i in indices])
+                pending.append((epoch, step, [pool.submit(self._load, i, epoch) for i in indices]))
 
         try:
             for _ in range(self.prefetch):
                 submit()
             while pending:
-                futures = pending.popleft()
+                epoch, step, futures = pending.popleft()
                 submit()
-                yield collate([f.result() for f in futures], self.max_boxes, self.batch_size, warn=self.warn_dropped)
+                yield self._collate([f.result() for f in futures], epoch, step)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -53,7 +53,16 @@ def describe_data(dataset, echo=print) -> dict:
     return {"class_counts": counts, "dropped_invalid_boxes": int(invalid)}
 
 
-def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | None = None) -> Loader:
+def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | None = None, batch_size=None,
+                num_shards: int = 1, shard_index: int = 0) -> Loader:
+    """The loader of a training run (shuffled, flipped) or of an evaluation (in order, padded).
+
+    Args:
+      batch_size: images per shard and step (default: ``config.batch_size``, the
+        global batch, split evenly over ``num_shards``).
+      num_shards, shard_index: the processes reading the data, and this one.
+    """
+    batch_size = batch_size or config.batch_size // num_shards
     size = config.image_size
     if train and config.augment == "jitter":
         transform = partial(jitter_preprocess, canvas=size)
@@ -64,13 +73,15 @@ def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | N
     try:
         return Loader(
             dataset,
-            config.batch_size,
+            batch_size,
             transform=transform,
             max_boxes=max_boxes or config.max_boxes or 16,
             shuffle=train,
             seed=config.seed,
             drop_remainder=train,
             num_workers=config.num_workers,
+            num_shards=num_shards,
+            shard_index=shard_index,
             warn_dropped=False,  # train reports the drops in one line; eval scores against the annotations
         )
     except ValueError as e:

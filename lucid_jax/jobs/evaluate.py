@@ -9,6 +9,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from lucid_jax import distributed
 from lucid_jax.data import model_inputs, preprocess
 from lucid_jax.evaluation import coco_ground_truth, coco_results, evaluate_dataset, unpad_detections
 from lucid_jax.jobs.config import TrainConfig
@@ -17,13 +18,18 @@ from lucid_jax.train import make_predict_fn
 
 
 def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool = True,
-             results: str | os.PathLike | None = None, ground_truth: str | os.PathLike | None = None) -> dict:
+             results: str | os.PathLike | None = None, ground_truth: str | os.PathLike | None = None) -> dict | None:
     """COCO AP, AP50, AP75, per-class AP and VOC AP50 against every annotated object.
 
     Predictions are mapped back to each image's own pixels and scored against the
     dataset's annotations, not the padded training targets, so ``max_boxes``
     plays no part. COCO numbers are pycocotools' COCOeval (on the original
     annotation file for COCO data).
+
+    Under ``jax.distributed`` every process calls this with the same arguments:
+    each predicts its own slice of every batch (``config.batch_size`` images per
+    process), the padded predictions are gathered once at the end, and process 0
+    scores them, so the metrics equal a single process's.
 
     Args:
       results: write the detections here in COCO results format (the file's own
@@ -32,15 +38,32 @@ def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool =
         objects as ``iscrowd: 1``, which COCOeval ignores).
 
     Returns:
-      ``evaluate_dataset``'s dict: AP, AP50, AP75, per_class_AP, voc_AP50_11pt,
-      voc_AP50_all, num_ground_truth, ...
+      On process 0, ``evaluate_dataset``'s dict: AP, AP50, AP75, per_class_AP,
+      voc_AP50_11pt, voc_AP50_all, num_ground_truth, ...; None on the others.
     """
-    loader = make_loader(dataset, config, train=False, max_boxes=1)
+    loader = make_loader(dataset, config, train=False, max_boxes=1, batch_size=config.batch_size,
+                         num_shards=jax.process_count(), shard_index=jax.process_index())
     predict = make_predict_fn(model)
-    detections = []
-    for batch in tqdm(loader.epoch(0), total=len(loader), desc="eval", disable=not progress, dynamic_ncols=True):
+    progress = progress and distributed.is_primary()
+    local = []  # per step: this process's padded predictions and what unpadding them needs
+    for step, batch in enumerate(tqdm(loader.epoch(0), total=len(loader), desc="eval", disable=not progress,
+                                      dynamic_ncols=True)):
         inputs = model_inputs(batch, ("images", "image_sizes"))
-        detections += unpad_detections(jax.device_get(predict(variables, inputs["images"], inputs["image_sizes"])), batch)
+        predictions = jax.device_get(predict(variables, inputs["images"], inputs["image_sizes"]))
+        indices = loader.batch_indices(step)[1]
+        local.append({**predictions, **{k: batch[k] for k in ("image_sizes", "scales", "image_valid")},
+                      "index": np.array(indices + [-1] * (loader.batch_size - len(indices)))})
+    # [P, steps, B, ...]: every process's steps, gathered in one collective
+    gathered = distributed.gather({k: np.stack([b[k] for b in local]) for k in local[0]})
+    if not distributed.is_primary():
+        return None
+    detections = {}
+    for process_steps in zip(*(gathered[k] for k in gathered)):
+        for step in zip(*process_steps):
+            part = dict(zip(gathered, step))
+            real = part["index"][part["image_valid"]]
+            detections.update(zip(real.tolist(), unpad_detections(part, part)))
+    detections = [detections[i] for i in range(len(dataset))]
     metrics = evaluate_dataset(dataset, detections)
     if results is not None:
         Path(results).write_text(json.dumps(coco_results(dataset, detections)))

@@ -4,6 +4,11 @@
 ``OUT/log.jsonl``, checkpoints to ``OUT/checkpoints`` and resumes from there. The
 step's randomness is ``fold_in(seed key, step)`` and the loader is a function of
 (seed, step), so a run that is killed and resumed continues bit-identically.
+
+With several devices the step is data-parallel over ``data_mesh()``; under
+``jax.distributed`` every process runs ``train`` with the same settings, loads its
+own slice of each global batch, and takes part in every checkpoint, while only
+process 0 prints, shows progress and writes ``log.jsonl``.
 """
 
 import dataclasses
@@ -16,6 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from lucid_jax import distributed
 from lucid_jax.checkpoint import Checkpointer, CheckpointError
 from lucid_jax.data import dropped_boxes_summary, model_inputs, object_counts
 from lucid_jax.jobs.config import (
@@ -24,7 +30,15 @@ from lucid_jax.jobs.config import (
 )
 from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
 from lucid_jax.models import get_model
-from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
+from lucid_jax.train import (
+    build_optimizer,
+    create_train_state,
+    data_mesh,
+    host_metrics,
+    make_train_step,
+    param_labels,
+    shard_batch,
+)
 
 
 def build_model(name: str, num_classes: int, *, norm_mode: str = "batch"):
@@ -61,11 +75,31 @@ def _init_variables(model, config: TrainConfig):
     return jax.jit(model.init)(jax.random.key(config.seed), images)
 
 
-def initial_state(model, config: TrainConfig, variables=None):
-    """(train state, frozen labels) at step 0, from ``variables`` or a fresh init."""
+def initial_state(model, config: TrainConfig, variables=None, *, mesh=None):
+    """(train state, frozen labels) at step 0, from ``variables`` or a fresh init.
+
+    With ``mesh`` the state is replicated over it (see ``create_train_state``).
+    """
     variables = _init_variables(model, config) if variables is None else variables
     labels = frozen_labels(variables["params"], config)
-    return create_train_state(model, variables, _optimizer(variables["params"], labels, config)), labels
+    state = create_train_state(model, variables, _optimizer(variables["params"], labels, config), mesh=mesh)
+    return state, labels
+
+
+def training_mesh(config: TrainConfig):
+    """The data mesh over every device of every process, or None on a single device.
+
+    Raises:
+      JobError: ``--batch-size`` (the global batch) does not split evenly over the
+        processes and devices.
+    """
+    processes, devices = jax.process_count(), jax.device_count()
+    if devices == 1:
+        return None
+    if config.batch_size % devices:
+        raise JobError(f"--batch-size {config.batch_size} must be a multiple of the {devices} devices "
+                       f"({processes} process(es)) it is split over")
+    return data_mesh()
 
 
 def _stored_run(checkpoints: Path):
@@ -92,6 +126,10 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
     ``OUT/checkpoints/<step>``. A run whose loss or gradient turns non-finite
     stops with a JobError; the last checkpoint stays the last sound state.
 
+    ``config.batch_size`` is the global batch: under ``jax.distributed`` each of
+    the P processes loads ``batch_size / P`` images of every step, and the run
+    reads the same examples in the same order as one process would.
+
     Args:
       config: the run's settings.
       out: the run directory; a run already there is resumed.
@@ -102,6 +140,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
 
     Every input is checked before anything is written or compiled.
     """
+    primary = distributed.is_primary()
+    if not primary:
+        echo, progress = (lambda *_: None), False
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise JobError(f"--out {out} is a file; give a directory")
@@ -126,9 +167,11 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
     if stored is not None and stored[1] is not None and stored[1] != class_names:
         raise JobError(f"the data's classes {class_names} differ from the run's {stored[1]}")
     model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
+    mesh = training_mesh(config)
     counts = object_counts(dataset)
     max_boxes = config.max_boxes or max(int(counts.max(initial=0)), 1)
-    loader = make_loader(dataset, config, train=True, max_boxes=max_boxes)
+    loader = make_loader(dataset, config, train=True, max_boxes=max_boxes, num_shards=jax.process_count(),
+                         shard_index=jax.process_index())
     data_info = describe_data(dataset, echo)
     dropped = dropped_boxes_summary(counts, max_boxes)
     if dropped.dropped:
@@ -141,9 +184,10 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
 
         variables, report = weights.load_pretrained(variables, init_flat, model=model)
         report.source = init_source
-        weights.save_report(report, out / "init_report.json")
+        if primary:
+            weights.save_report(report, out / "init_report.json")
         echo(f"init: {report.summary()}")
-    state, labels = initial_state(model, config, variables)
+    state, labels = initial_state(model, config, variables, mesh=mesh)
     rng = jax.random.key(config.seed)
     metadata = {"config": dataclasses.asdict(config), "class_names": class_names, "max_boxes": max_boxes, **data_info}
     with Checkpointer(out / "checkpoints", keep_last=config.keep_checkpoints) as ckpt:
@@ -151,8 +195,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         if stored is not None:
             state, rng, _ = ckpt.restore(state)
             start = int(state.step)
-        step_fn = make_train_step(model, frozen=labels)
-        log = open(out / "log.jsonl", "a")
+        step_fn = make_train_step(model, frozen=labels, mesh=mesh)
+        log = open(out / "log.jsonl", "a") if primary else open(os.devnull, "w")
         if dropped.dropped:
             log.write(json.dumps({"step": start, "dropped_boxes": dropped.dropped, "total_boxes": dropped.total,
                                   "images_with_dropped_boxes": dropped.images, "max_boxes": max_boxes}) + "\n")
@@ -160,11 +204,12 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         last, started = {}, time.perf_counter()
         try:
             for i, batch in enumerate(loader.iterate(start, config.steps - start), start=start + 1):
-                state, metrics = step_fn(state, model_inputs(batch), jax.random.fold_in(rng, i))
+                inputs = model_inputs(batch) if mesh is None else shard_batch(model_inputs(batch), mesh)
+                state, metrics = step_fn(state, inputs, jax.random.fold_in(rng, i))
                 bar.update(1)
-                if i % config.log_every and i != config.steps and bool(metrics["finite"]):
+                if i % config.log_every and i != config.steps and bool(distributed.host_value(metrics["finite"])):
                     continue
-                last = {k: float(v) for k, v in metrics.items()}
+                last = host_metrics(metrics)
                 last.update(step=i, seconds=round(time.perf_counter() - started, 2))
                 log.write(json.dumps(last) + "\n")
                 log.flush()

@@ -124,6 +124,35 @@ def test_shards_split_each_epoch_disjointly(shapes):
     assert len(a) == len(b) == 4 and not set(a) & set(b)
 
 
+@pytest.mark.parametrize("drop_remainder", [True, False])
+def test_shard_slices_stacked_are_the_global_batch(shapes, drop_remainder):
+    """Each host's slice, stacked in shard order, is one loader's batch of the global size,
+    at every step and across epochs; on a padded last batch a shard may get none."""
+    whole = Loader(shapes, 6, shuffle=True, seed=4, num_workers=0, drop_remainder=drop_remainder)
+    shards = [Loader(shapes, 3, shuffle=True, seed=4, num_workers=0, drop_remainder=drop_remainder,
+                     num_shards=2, shard_index=k) for k in range(2)]
+    assert len(shards[0]) == len(shards[1]) == len(whole) == (1 if drop_remainder else 2)
+    for step in range(4):  # two epochs when padded, four when dropped
+        assert shards[0].batch_indices(step)[1] + shards[1].batch_indices(step)[1] == whole.batch_indices(step)[1]
+    if not drop_remainder:
+        # 10 examples in global batches of 6: the second holds 4, so shard 1 gets only 1
+        last = [list(s.iterate(1, 1))[0] for s in shards]
+        assert [b["image_valid"].sum() for b in last] == [3, 1]
+        ids = [i for b in last for i in b["ids"] if i is not None]
+        assert ids == whole.batch_indices(1)[1]
+
+
+def test_an_empty_shard_of_a_padded_last_batch_is_all_padding(shapes):
+    """10 examples, global batch 8 over 4 shards: the last step leaves shards 1 to 3 empty."""
+    shards = [Loader(shapes, 2, max_boxes=6, num_workers=0, drop_remainder=False, num_shards=4, shard_index=k)
+              for k in range(4)]
+    last = [list(s.iterate(1, 1))[0] for s in shards]
+    assert [int(b["image_valid"].sum()) for b in last] == [2, 0, 0, 0]
+    empty = last[3]
+    assert empty["images"].shape == last[0]["images"].shape and not empty["images"].any()
+    assert not empty["valid"].any() and empty["ids"] == [None, None]
+
+
 def test_bad_loader_arguments(shapes):
     with pytest.raises(ValueError, match="no full batch"):
         Loader(shapes, 16)
