@@ -29,7 +29,8 @@ N best and may delete the newest step, which a resume needs.
 
 import json
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -86,8 +87,11 @@ def check_compatible(saved: Mapping, template: Mapping, where: str) -> None:
         more = f" (+{len(items) - _LIST_LIMIT} more)" if len(items) > _LIST_LIMIT else ""
         return f"{len(items)} {label}: {', '.join(items[:_LIST_LIMIT])}{more}" if items else ""
 
-    parts = [part("missing from the checkpoint", missing), part("unexpected in the checkpoint", unexpected),
-             part("shape mismatches (checkpoint vs model)", shapes)]
+    parts = [
+        part("missing from the checkpoint", missing),
+        part("unexpected in the checkpoint", unexpected),
+        part("shape mismatches (checkpoint vs model)", shapes),
+    ]
     if any(parts):
         raise CheckpointError(f"checkpoint {where} does not fit the model: " + "; ".join(p for p in parts if p))
 
@@ -115,8 +119,11 @@ def _encode_rng(rng) -> dict | None:
 
 
 def _decode_rng(encoded: dict | None):
-    return None if encoded is None else jax.random.wrap_key_data(np.asarray(encoded["data"], np.uint32),
-                                                                 impl=encoded["impl"])
+    return (
+        None
+        if encoded is None
+        else jax.random.wrap_key_data(jnp.asarray(encoded["data"], jnp.uint32), impl=encoded["impl"])
+    )
 
 
 class Checkpointer:
@@ -140,8 +147,16 @@ class Checkpointer:
       read_only: open for restoring only (an evaluation job beside training).
     """
 
-    def __init__(self, directory, *, keep_last: int = 3, best_metric: str | None = None, best_mode: str = "max",
-                 keep_best: int = 1, read_only: bool = False):
+    def __init__(
+        self,
+        directory,
+        *,
+        keep_last: int = 3,
+        best_metric: str | None = None,
+        best_mode: str = "max",
+        keep_best: int = 1,
+        read_only: bool = False,
+    ):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if best_mode not in ("max", "min"):
@@ -153,9 +168,14 @@ class Checkpointer:
         if best_metric is not None:
             best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
             # BestN sorts ascending and keeps the tail; reverse=True keeps the smallest.
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
-                keep_checkpoints_without_metrics=False))
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=best_fn,
+                    reverse=best_mode == "min",
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             best_fn=best_fn,  # orbax's best_step() and its metrics item need it
             best_mode=best_mode,
@@ -205,8 +225,15 @@ class Checkpointer:
         """The metrics saved with ``step`` (read without verifying the tensor files)."""
         return self._read_meta(step)["metrics"]
 
-    def save(self, step: int, state, rng=None, *, metrics: Mapping[str, Any] | None = None,
-             metadata: Mapping[str, Any] | None = None) -> None:
+    def save(
+        self,
+        step: int,
+        state,
+        rng=None,
+        *,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
         """Write step ``step`` and wait until it is on disk and sealed.
 
         Args:
@@ -220,8 +247,13 @@ class Checkpointer:
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
             raise ValueError(f"metrics {sorted(metrics)} lack best_metric {self.best_metric!r}")
-        meta = {"format": FORMAT_VERSION, "step": step, "rng": _encode_rng(rng), "metrics": metrics,
-                "metadata": dict(metadata or {})}
+        meta = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "rng": _encode_rng(rng),
+            "metrics": metrics,
+            "metadata": dict(metadata or {}),
+        }
         try:
             json.dumps(meta)
         except TypeError as e:
@@ -249,8 +281,9 @@ class Checkpointer:
             if step is None:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
         if not self.step_dir(step).exists():
-            raise CheckpointError(f"no checkpoint for step {step} in {self.directory}; "
-                                  f"complete steps: {self.all_steps()}")
+            raise CheckpointError(
+                f"no checkpoint for step {step} in {self.directory}; complete steps: {self.all_steps()}"
+            )
         verify_checkpoint(self.step_dir(step))
         return step
 
@@ -272,7 +305,9 @@ class Checkpointer:
             saved = self._manager.item_metadata(step)[_STATE].tree
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), saved)
-            restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+            )
         except Exception as e:
             raise CheckpointError(f"checkpoint {self.step_dir(step)}: orbax failed to restore {_STATE}: {e}") from e
         tree = restored[_STATE]
@@ -307,7 +342,9 @@ class Checkpointer:
         check_compatible(_flat_shapes(saved), _flat_shapes(template_tree), where)
         target = jax.tree.map(_abstract, template_tree)
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+            )
         except Exception as e:
             raise CheckpointError(f"checkpoint {where}: orbax failed to restore {_STATE}: {e}") from e
         old_step = state_template.step  # keep the template's kind of step: array or Python int

@@ -87,21 +87,38 @@ def _eval(args) -> int:
     results = _writable_file(args.results, "--results")
     ground_truth = _writable_file(args.ground_truth, "--ground-truth")
     model, variables, class_names, config = jobs.load_trained(args.checkpoint, args.model)
-    dataset = jobs.open_dataset(args.data, args.split, shapes_examples=config.shapes_train_examples,
-                                  image_size=config.image_size, class_names=class_names)
+    dataset = jobs.open_dataset(
+        args.data,
+        args.split,
+        shapes_examples=config.shapes_train_examples,
+        image_size=config.image_size,
+        class_names=class_names,
+    )
     unknown = sorted(set(dataset.class_names) - set(class_names))
     if unknown:
         raise jobs.JobError(f"the data has classes the checkpoint was not trained on: {', '.join(unknown)}")
     if list(dataset.class_names) != list(class_names):
-        raise jobs.JobError(f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}")
+        raise jobs.JobError(
+            f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}"
+        )
     if args.batch_size:
         config = dataclasses.replace(config, batch_size=args.batch_size)
-    metrics = jobs.evaluate(model, variables, dataset, config, progress=not args.no_progress,
-                              results=results, ground_truth=ground_truth)
+    metrics = jobs.evaluate(
+        model, variables, dataset, config, progress=not args.no_progress, results=results, ground_truth=ground_truth
+    )
     if metrics is None:  # another process scores and prints
         return 0
-    keys = ("AP", "AP50", "AP75", "voc_AP50_all", "voc_AP50_11pt", "per_class_AP", "num_ground_truth", "num_images",
-            "num_detections")
+    keys = (
+        "AP",
+        "AP50",
+        "AP75",
+        "voc_AP50_all",
+        "voc_AP50_11pt",
+        "per_class_AP",
+        "num_ground_truth",
+        "num_images",
+        "num_detections",
+    )
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     return 0
 
@@ -109,10 +126,18 @@ def _eval(args) -> int:
 def _predict(args) -> int:
     from lucid_jax import jobs
 
-    report = jobs.predict_files(args.images, args.checkpoint, args.out, model_name=args.model,
-                                score_thresh=args.score_thresh, batch_size=args.batch_size, draw=args.draw,
-                                results=_writable_file(args.results, "--results"), num_workers=args.num_workers,
-                                progress=not args.no_progress)
+    report = jobs.predict_files(
+        args.images,
+        args.checkpoint,
+        args.out,
+        model_name=args.model,
+        score_thresh=args.score_thresh,
+        batch_size=args.batch_size,
+        draw=args.draw,
+        results=_writable_file(args.results, "--results"),
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
+    )
     drawn = f"{len(report.results)} PNG(s), " if args.draw else ""
     extra = f" and {args.results}" if args.results else ""
     print(f"{len(report.results)} image(s): wrote {drawn}{Path(args.out) / 'detections.json'}{extra}")
@@ -130,10 +155,18 @@ def _export(args) -> int:
     platforms = tuple(p for p in args.platforms.replace(" ", "").split(",") if p)
     if args.format == "onnx":
         raise jobs.JobError("--format onnx is not available in this version; use --format jax")
-    meta = jobs.export_checkpoint(args.checkpoint, args.out, model_name=args.model, batch_size=args.batch_size,
-                                  platforms=platforms, score_thresh=args.score_thresh)
-    print(f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB; canvas {meta['canvas'][0]}x{meta['canvas'][1]}, "
-          f"batch {meta['batch_size']}, {', '.join(meta['platforms'])}) and {args.out}.json in {meta['seconds']} s")
+    meta = jobs.export_checkpoint(
+        args.checkpoint,
+        args.out,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        platforms=platforms,
+        score_thresh=args.score_thresh,
+    )
+    print(
+        f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB; canvas {meta['canvas'][0]}x{meta['canvas'][1]}, "
+        f"batch {meta['batch_size']}, {', '.join(meta['platforms'])}) and {args.out}.json in {meta['seconds']} s"
+    )
     return 0
 
 
@@ -157,8 +190,13 @@ def _bench(args) -> int:
 def _launch(args) -> int:
     from lucid_jax.distributed import launch_local
 
-    return launch_local(args.local, args.command_args, devices_per_process=args.devices_per_process,
-                        port=args.port, timeout=args.timeout)
+    return launch_local(
+        args.local,
+        args.command_args,
+        devices_per_process=args.devices_per_process,
+        port=args.port,
+        timeout=args.timeout,
+    )
 
 
 def _seed(args) -> int:
@@ -187,19 +225,38 @@ def _add_training_flags(p, overrides: dict, *, skip=()) -> None:
         shown = "none" if shown in (None, "") else shown
         if isinstance(meta.get("choices"), range):
             meta["metavar"] = f"{{{meta['choices'].start}..{meta['choices'].stop - 1}}}"
-        p.add_argument("--" + field.name.replace("_", "-"), dest=field.name, default=None,
-                       help=f"{help_text} (default: {shown})".replace("%", "%%"), **meta)
+        p.add_argument(
+            "--" + field.name.replace("_", "-"),
+            dest=field.name,
+            default=None,
+            help=f"{help_text} (default: {shown})".replace("%", "%%"),
+            **meta,
+        )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_distributed_flags(p) -> None:
     """The flags passed to ``jax.distributed.initialize`` (all three, or none)."""
-    p.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                   help="process 0's address, for several processes (default: none, or the cluster's own)")
-    p.add_argument("--num-processes", dest="num_processes", type=int, default=None,
-                   help="processes in the run (default: 1, or the cluster's own)")
-    p.add_argument("--process-id", dest="process_id", type=int, default=None,
-                   help="this process, 0..N-1 (default: 0, or the cluster's own)")
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="process 0's address, for several processes (default: none, or the cluster's own)",
+    )
+    p.add_argument(
+        "--num-processes",
+        dest="num_processes",
+        type=int,
+        default=None,
+        help="processes in the run (default: 1, or the cluster's own)",
+    )
+    p.add_argument(
+        "--process-id",
+        dest="process_id",
+        type=int,
+        default=None,
+        help="this process, 0..N-1 (default: 0, or the cluster's own)",
+    )
 
 
 def _detector_names() -> list[str]:
@@ -230,10 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_flags(p, _demo_overrides(), skip=("data", "init", "split", "classes"))
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("train", help="train a detector; resumes from --out",
-                       description="Train a detector. Run again with the same --out to resume: flags not given "
-                       "take the run's stored values, and a changed setting is refused, except --steps, "
-                       "--num-workers, --log-every, --checkpoint-every and --keep-checkpoints.")
+    p = sub.add_parser(
+        "train",
+        help="train a detector; resumes from --out",
+        description="Train a detector. Run again with the same --out to resume: flags not given "
+        "take the run's stored values, and a changed setting is refused, except --steps, "
+        "--num-workers, --log-every, --checkpoint-every and --keep-checkpoints.",
+    )
     p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, init_report.json)")
     _add_training_flags(p, {})
     _add_distributed_flags(p)
@@ -242,16 +302,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="AP, AP50, AP75 and per-class AP of a trained checkpoint, as JSON")
     p.add_argument("--data", required=True, help="shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
     p.add_argument("--checkpoint", required=True, help="a train --out directory")
-    p.add_argument("--split", default="val", help="shapes: val (held out); VOC: ImageSets/Main/<split>.txt, or all "
-                   "to score every image (default: val)")
-    p.add_argument("--model", default=None, help="the architecture expected in the checkpoint, one of "
-                   f"{', '.join(_detector_names())} (default: the checkpoint's)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
-                   help="images per predict call; the metrics do not depend on it (default: the run's)")
-    p.add_argument("--results", default=None, help="write the detections as a COCO results file: the annotation "
-                   "file's own image and category ids and [x, y, w, h] in original pixels (default: none)")
-    p.add_argument("--ground-truth", dest="ground_truth", default=None, help="write the matching COCO ground "
-                   "truth (for VOC and shapes; VOC difficult objects as iscrowd 1) (default: none)")
+    p.add_argument(
+        "--split",
+        default="val",
+        help="shapes: val (held out); VOC: ImageSets/Main/<split>.txt, or all to score every image (default: val)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the architecture expected in the checkpoint, one of "
+        f"{', '.join(_detector_names())} (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=None,
+        help="images per predict call; the metrics do not depend on it (default: the run's)",
+    )
+    p.add_argument(
+        "--results",
+        default=None,
+        help="write the detections as a COCO results file: the annotation "
+        "file's own image and category ids and [x, y, w, h] in original pixels (default: none)",
+    )
+    p.add_argument(
+        "--ground-truth",
+        dest="ground_truth",
+        default=None,
+        help="write the matching COCO ground "
+        "truth (for VOC and shapes; VOC difficult objects as iscrowd 1) (default: none)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_distributed_flags(p)
     p.set_defaults(func=_eval)
@@ -260,15 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
     p.add_argument("--checkpoint", required=True, help="a train --out directory")
     p.add_argument("--out", required=True, help="folder for detections.json (and the drawings)")
-    p.add_argument("--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)")
+    p.add_argument(
+        "--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)"
+    )
     p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="images per predict call (default: 8)")
-    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=None,
-                   help="keep detections scoring at least this (default: 0.05 with --results, COCO's convention; "
-                        "else 0.5)")
+    p.add_argument(
+        "--score-thresh",
+        dest="score_thresh",
+        type=float,
+        default=None,
+        help="keep detections scoring at least this (default: 0.05 with --results, COCO's convention; else 0.5)",
+    )
     p.add_argument("--draw", action="store_true", help="also draw each image's detections to OUT/<name>_detections.png")
-    p.add_argument("--results", default=None, help="also write a COCO results file: image ids from numeric file "
-                   "names (else 1-based positions), category ids = labels, [x, y, w, h] in the file's pixels "
-                   "(default: none)")
+    p.add_argument(
+        "--results",
+        default=None,
+        help="also write a COCO results file: image ids from numeric file "
+        "names (else 1-based positions), category ids = labels, [x, y, w, h] in the file's pixels "
+        "(default: none)",
+    )
     p.add_argument("--num-workers", dest="num_workers", type=int, default=4, help="image decoding threads (default: 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
@@ -276,40 +367,78 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a run's prediction as one serialized file (jax.export) and its JSON")
     p.add_argument("--checkpoint", required=True, help="a train --out directory")
     p.add_argument("--out", required=True, help="the artifact's file name; its description goes to OUT.json")
-    p.add_argument("--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None,
-                   help="a fixed batch size (default: a symbolic batch dimension: any batch size)")
+    p.add_argument(
+        "--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=None,
+        help="a fixed batch size (default: a symbolic batch dimension: any batch size)",
+    )
     p.add_argument("--platforms", default="cpu,cuda,tpu", help="lower for these platforms (default: cpu,cuda,tpu)")
-    p.add_argument("--score-thresh", dest="score_thresh", type=float, default=None,
-                   help="the artifact's detection threshold (default: the model's, 0.05)")
-    p.add_argument("--format", choices=("jax", "onnx"), default="jax", help="jax: a serialized jax.export program; onnx: an ONNX model (default: jax)")
+    p.add_argument(
+        "--score-thresh",
+        dest="score_thresh",
+        type=float,
+        default=None,
+        help="the artifact's detection threshold (default: the model's, 0.05)",
+    )
+    p.add_argument(
+        "--format",
+        choices=("jax", "onnx"),
+        default="jax",
+        help="jax: a serialized jax.export program; onnx: an ONNX model (default: jax)",
+    )
     p.set_defaults(func=_export)
 
     p = sub.add_parser("bench", help="run the side-by-side benchmarks against torchvision")
-    p.add_argument("which", nargs="*", metavar="{ops,predict,train}",
-                   help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
-    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to the scripts (default: none)")
+    p.add_argument(
+        "which",
+        nargs="*",
+        metavar="{ops,predict,train}",
+        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})",
+    )
+    p.add_argument(
+        "--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to the scripts (default: none)"
+    )
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("seed", help="the seed example on the full ResNet-101 FPN detector, with timings")
-    p.add_argument("--size", type=int, nargs="+", default=[224, 512],
-                   help="square input sizes, multiples of the backbone's largest stride, 32 (default: 224 512)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        default=[224, 512],
+        help="square input sizes, multiples of the backbone's largest stride, 32 (default: 224 512)",
+    )
     p.add_argument("--num-classes", type=int, default=21, help="classes, background included (default: 21)")
     p.add_argument("--repeats", type=int, default=3, help="timed predict calls per size (default: 3)")
     p.set_defaults(func=_seed)
 
-    p = sub.add_parser("launch", help="run train or eval as N processes on this machine (CPU devices), for testing",
-                       description="Start N local processes of `lucid-jax COMMAND ...`, joined by jax.distributed "
-                       "over loopback, each with its own CPU devices. Example: lucid-jax launch --local 2 -- "
-                       "train --data shapes --out runs/two")
+    p = sub.add_parser(
+        "launch",
+        help="run train or eval as N processes on this machine (CPU devices), for testing",
+        description="Start N local processes of `lucid-jax COMMAND ...`, joined by jax.distributed "
+        "over loopback, each with its own CPU devices. Example: lucid-jax launch --local 2 -- "
+        "train --data shapes --out runs/two",
+    )
     p.add_argument("--local", type=int, required=True, metavar="N", help="processes to start")
-    p.add_argument("--devices-per-process", dest="devices_per_process", type=int, default=1,
-                   help="CPU devices in each process (default: 1)")
+    p.add_argument(
+        "--devices-per-process",
+        dest="devices_per_process",
+        type=int,
+        default=1,
+        help="CPU devices in each process (default: 1)",
+    )
     p.add_argument("--port", type=int, default=None, help="the coordinator's port (default: a free one)")
-    p.add_argument("--timeout", type=float, default=None, help="seconds before every process is stopped "
-                   "(default: none)")
-    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- {train,eval} ...",
-                   help="the command each process runs")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="seconds before every process is stopped (default: none)"
+    )
+    p.add_argument(
+        "command_args", nargs=argparse.REMAINDER, metavar="-- {train,eval} ...", help="the command each process runs"
+    )
     p.set_defaults(func=_launch)
     return parser
 

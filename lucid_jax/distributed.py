@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +70,7 @@ def check_args(coordinator: str | None, num_processes: int | None, process_id: i
         present = [flag for flag in given if flag not in missing]
         verb = "needs" if len(present) == 1 else "need"
         return f"{' and '.join(present)} also {verb} {' and '.join(missing)} (give all three, or none)"
+    assert coordinator is not None and num_processes is not None and process_id is not None
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         return f"--coordinator must be HOST:PORT, got {coordinator!r}"
@@ -79,8 +81,7 @@ def check_args(coordinator: str | None, num_processes: int | None, process_id: i
     return None
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
+def initialize(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> bool:
     """Join the other processes of a run, before any other JAX call.
 
     Args:
@@ -141,9 +142,10 @@ def local_rows(x) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         values = np.asarray(x)
         return values, np.arange(len(values))
-    pieces = {}
+    pieces: dict[tuple[int, int], Any] = {}
     for shard in x.addressable_shards:
         rows = shard.index[0] if shard.index else slice(None)
+        assert isinstance(rows, slice)
         start, stop, _ = rows.indices(x.shape[0])
         pieces.setdefault((start, stop), shard.data)
     spans = sorted(pieces)
@@ -182,8 +184,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_local(num_processes: int, argv: Sequence[str], *, devices_per_process: int = 1, port: int | None = None,
-                 timeout: float | None = None, env: dict | None = None) -> int:
+def launch_local(
+    num_processes: int,
+    argv: Sequence[str],
+    *,
+    devices_per_process: int = 1,
+    port: int | None = None,
+    timeout: float | None = None,
+    env: dict | None = None,
+) -> int:
     """Run ``lucid-jax ARGV...`` as ``num_processes`` processes joined on this machine.
 
     Each process gets ``--coordinator 127.0.0.1:PORT --num-processes N --process-id I``
@@ -206,11 +215,29 @@ def launch_local(num_processes: int, argv: Sequence[str], *, devices_per_process
     port = port or free_port()
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     # gloo: CPU collectives across processes (the default in recent JAX, not in all)
-    child_env = {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", **os.environ, **(env or {}), "JAX_PLATFORMS": "cpu",
-                 "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices_per_process}"])}
+    child_env = {
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        **os.environ,
+        **(env or {}),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices_per_process}"]),
+    }
     procs = [
-        subprocess.Popen([sys.executable, "-m", "lucid_jax.cli", *argv, "--coordinator", f"127.0.0.1:{port}",
-                          "--num-processes", str(num_processes), "--process-id", str(i)], env=child_env)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "lucid_jax.cli",
+                *argv,
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                str(num_processes),
+                "--process-id",
+                str(i),
+            ],
+            env=child_env,
+        )
         for i in range(num_processes)
     ]
     deadline = None if timeout is None else time.monotonic() + timeout

@@ -11,7 +11,8 @@ host's slice of the batch to ``shard_batch``; the metrics come back replicated,
 so every process reads them locally (``host_metrics``).
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +34,9 @@ class TrainState(train_state.TrainState):
     batch_stats: Any = None
 
 
-def create_train_state(model, variables, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None) -> TrainState:
+def create_train_state(
+    model, variables, optimizer: optax.GradientTransformation, *, mesh: Mesh | None = None
+) -> TrainState:
     """A fresh train state at step 0.
 
     The state holds copies of ``variables``: the train step donates its state,
@@ -230,8 +233,7 @@ def make_train_step(
         new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         return new_state, {**losses, "grad_norm": grad_norm, "finite": finite}
 
-    kwargs = {"donate_argnums": (0,) if donate else ()}
-    replicated = None
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
         kwargs.update(
@@ -243,13 +245,13 @@ def make_train_step(
     def step(state: TrainState, batch: dict, rng: jax.Array):
         if validate:
             _validate_everywhere(batch, model.num_classes)
-        if replicated is not None:
+        if mesh is not None:
             # The step returns its state replicated on the mesh; a state placed
             # anywhere else would be a new input signature and a second compile.
             state = replicate(state, mesh)
         return jitted(state, batch, rng)
 
-    step.jitted = jitted  # for lowering, export and cost analysis
+    step.jitted = jitted  # type: ignore[attr-defined]  # for lowering, export and cost analysis
     return step
 
 
@@ -264,5 +266,8 @@ def make_predict_fn(model, **predict_kwargs) -> Callable:
       A function of variables, images [B, 3, H, W] and image_sizes [B, 2] (or
       None) returning ``{"boxes": [B, K, 4], "scores", "labels", "valid": [B, K]}``.
     """
-    return jax.jit(lambda variables, images, image_sizes: model.apply(
-        variables, images, image_sizes, method="predict", **predict_kwargs))
+    return jax.jit(
+        lambda variables, images, image_sizes: model.apply(
+            variables, images, image_sizes, method="predict", **predict_kwargs
+        )
+    )

@@ -38,13 +38,33 @@ STEPS = 3
 SAMPLING = {
     # 256 proposals + 4 ground-truth boxes per image, all of them sampled: the
     # sample no longer depends on the order of near-tied proposals (see test_sharding)
-    "every_candidate": {"rpn_post_nms_top_n": (256, 300), "box_batch_size_per_image": 260,
-                        "box_positive_fraction": 1.0},
+    "every_candidate": {
+        "rpn_post_nms_top_n": (256, 300),
+        "box_batch_size_per_image": 260,
+        "box_positive_fraction": 1.0,
+    },
     "default": {},
 }
 # lucid-jax train's flags for the runs the test kills, resumes and compares.
-CLI_TRAIN = ["--data", "shapes", "--shapes-train-examples", "16", "--image-size", "64", "--batch-size", "4",
-             "--steps", "4", "--checkpoint-every", "2", "--log-every", "1", "--num-workers", "0", "--no-progress"]
+CLI_TRAIN = [
+    "--data",
+    "shapes",
+    "--shapes-train-examples",
+    "16",
+    "--image-size",
+    "64",
+    "--batch-size",
+    "4",
+    "--steps",
+    "4",
+    "--checkpoint-every",
+    "2",
+    "--log-every",
+    "1",
+    "--num-workers",
+    "0",
+    "--no-progress",
+]
 EVAL_BATCH = 5  # 64 held-out images: the last global batch of 10 leaves process 1 an empty slice
 
 
@@ -55,8 +75,10 @@ def _write(out, name, payload):
 
 
 def _host_tree(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): distributed.host_value(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): distributed.host_value(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def steps(out):
@@ -75,13 +97,23 @@ def steps(out):
 
     count, index = jax.process_count(), jax.process_index()
     dataset = ShapesDataset(num_examples=14, image_size=64, seed=0)
-    loader = Loader(dataset, GLOBAL_BATCH // count, max_boxes=4, shuffle=True, seed=0, num_workers=0,
-                    num_shards=count, shard_index=index)
+    loader = Loader(
+        dataset,
+        GLOBAL_BATCH // count,
+        max_boxes=4,
+        shuffle=True,
+        seed=0,
+        num_workers=0,
+        num_shards=count,
+        shard_index=index,
+    )
     mesh = data_mesh()
     results = {"process_count": count, "device_count": jax.device_count(), "metrics": {}}
     # what each process read: 3 steps per epoch, 7 steps cross two epochs; then a resume at step 4
-    slices = {"ids": [[i for i in b["ids"]] for b in loader.iterate(0, 7)],
-              "resumed_ids": [[i for i in b["ids"]] for b in loader.iterate(4, 3)]}
+    slices = {
+        "ids": [[i for i in b["ids"]] for b in loader.iterate(0, 7)],
+        "resumed_ids": [[i for i in b["ids"]] for b in loader.iterate(4, 3)],
+    }
     results["slices"] = distributed.gather({k: np.array(v) for k, v in slices.items()})
     results["slices"] = {k: v.tolist() for k, v in results["slices"].items()}
     batches = [model_inputs(b, ("images", "boxes", "labels", "valid")) for b in loader.iterate(0, STEPS)]
@@ -92,8 +124,9 @@ def steps(out):
 
     for name, sampling in SAMPLING.items():
         model = tiny_detector(num_classes=NUM_CLASSES, **sampling)
-        state = create_train_state(model, variables, build_optimizer(variables["params"], learning_rate=0.01),
-                                   mesh=mesh)
+        state = create_train_state(
+            model, variables, build_optimizer(variables["params"], learning_rate=0.01), mesh=mesh
+        )
         step = make_train_step(model, mesh=mesh)
         history = []
         for i, batch in enumerate(batches):
@@ -116,15 +149,19 @@ def steps(out):
     # orbax from every process: save the replicated state, restore it into a fresh template
     with Checkpointer(os.path.join(out, "state_checkpoint")) as ckpt:
         ckpt.save(int(distributed.host_value(state.step)), state, jax.random.key(5))
-        template = create_train_state(model, variables, build_optimizer(variables["params"], learning_rate=0.01),
-                                      mesh=mesh)
+        template = create_train_state(
+            model, variables, build_optimizer(variables["params"], learning_rate=0.01), mesh=mesh
+        )
         restored, rng, _ = ckpt.restore(template)
     before, after = _host_tree(state), _host_tree(restored)
     results["checkpoint_round_trip"] = {
-        "bit_identical": sorted(before) == sorted(after) and all(before[k].tobytes() == after[k].tobytes() for k in before),
+        "bit_identical": sorted(before) == sorted(after)
+        and all(before[k].tobytes() == after[k].tobytes() for k in before),
         "step": int(distributed.host_value(restored.step)),
-        "replicated": all(leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == jax.device_count()
-                          for leaf in jax.tree_util.tree_leaves(restored.params)),
+        "replicated": all(
+            leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == jax.device_count()
+            for leaf in jax.tree_util.tree_leaves(restored.params)
+        ),
         "rng": np.asarray(jax.random.key_data(rng)).tolist(),
     }
     _write(out, "steps.json", results)
@@ -159,11 +196,22 @@ def evaluate(out, run_dir):
     from lucid_jax import jobs
 
     model, variables, class_names, config = jobs.load_trained(run_dir)
-    dataset = jobs.open_dataset("shapes", "val", shapes_examples=config.shapes_train_examples,
-                                image_size=config.image_size, class_names=class_names)
+    dataset = jobs.open_dataset(
+        "shapes",
+        "val",
+        shapes_examples=config.shapes_train_examples,
+        image_size=config.image_size,
+        class_names=class_names,
+    )
     config = dataclasses.replace(config, batch_size=EVAL_BATCH)
-    metrics = jobs.evaluate(model, variables, dataset, config, progress=False,
-                            results=os.path.join(out, "eval_results.json") if distributed.is_primary() else None)
+    metrics = jobs.evaluate(
+        model,
+        variables,
+        dataset,
+        config,
+        progress=False,
+        results=os.path.join(out, "eval_results.json") if distributed.is_primary() else None,
+    )
     assert (metrics is None) == (not distributed.is_primary())
     _write(out, "eval.json", metrics)
 

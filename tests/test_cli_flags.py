@@ -15,8 +15,13 @@ from lucid_jax.jobs import TrainConfig
 
 
 def _run(*args, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", "lucid_jax.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "lucid_jax.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -32,8 +37,9 @@ def test_train_flags_are_trainconfig_with_its_defaults_and_the_models():
         assert action.default is None  # so that the run knows which flags were given
         shown = "none" if field.default in (None, ()) else str(field.default)
         assert action.help.endswith(f"(default: {shown})"), (field.name, action.help)
-    assert actions["model"].help == ("a registered model name: " + ", ".join(jobs.detector_names())
-                                     + f" (default: {TrainConfig.model})")
+    assert actions["model"].help == (
+        "a registered model name: " + ", ".join(jobs.detector_names()) + f" (default: {TrainConfig.model})"
+    )
     assert "resnet_101," not in actions["model"].help  # classifiers are not trainable detectors
 
 
@@ -65,15 +71,21 @@ def test_every_optional_flag_of_every_subcommand_states_its_default(command):
         assert action.help and "(default: " in action.help, (command, action.option_strings)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--max-boxes", "0"], "--max-boxes must be >= 1, got 0"),
-    (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
-    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--image-size", "100"], "--image-size must be a positive multiple of 32 (faster_rcnn_mini_fpn's largest stride), got 100"),
-    (["--schedule", "step"], "--schedule step needs --decay-steps"),
-    (["--decay-steps", "300,200"], "--decay-steps must be increasing positive steps, got 300,200"),
-    (["--trainable-backbone-layers", "7"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-boxes", "0"], "--max-boxes must be >= 1, got 0"),
+        (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (
+            ["--image-size", "100"],
+            "--image-size must be a positive multiple of 32 (faster_rcnn_mini_fpn's largest stride), got 100",
+        ),
+        (["--schedule", "step"], "--schedule step needs --decay-steps"),
+        (["--decay-steps", "300,200"], "--decay-steps must be increasing positive steps, got 300,200"),
+        (["--trainable-backbone-layers", "7"], "invalid choice"),
+    ],
+)
 def test_usage_errors_exit_2_and_create_nothing(tmp_path, flags, message):
     out = tmp_path / "run"
     code, _, err = _run("train", "--data", "shapes", "--out", out, *flags)
@@ -100,17 +112,21 @@ def _fake_run(out, config):
 
 def test_resume_refuses_changed_settings_before_compiling(tmp_path):
     out = tmp_path / "run"
-    config = TrainConfig(steps=2, batch_size=2, image_size=64, shapes_train_examples=4, num_workers=0,
-                         checkpoint_every=2, log_every=1)
+    config = TrainConfig(
+        steps=2, batch_size=2, image_size=64, shapes_train_examples=4, num_workers=0, checkpoint_every=2, log_every=1
+    )
     _fake_run(out, config)
     # not given: taken from the run; given and different: refused, all differences in one line
     code, _, err = _run("train", "--out", out, "--batch-size", "4", "--lr", "0.5", "--model", "faster_rcnn_mini_fpn")
     assert code == 1
-    assert err.strip() == ("lucid-jax: error: this run was started with other settings; resuming would change them: "
-                           "--batch-size 4 (the run has 2), --lr 0.5 (the run has 0.001). Drop these flags to continue "
-                           "it, or use a new --out")
-    resumed, notes = jobs.reconcile_resume(config, dataclasses.replace(config, steps=5, num_workers=3),
-                                             given={"steps", "num_workers"})
+    assert err.strip() == (
+        "lucid-jax: error: this run was started with other settings; resuming would change them: "
+        "--batch-size 4 (the run has 2), --lr 0.5 (the run has 0.001). Drop these flags to continue "
+        "it, or use a new --out"
+    )
+    resumed, notes = jobs.reconcile_resume(
+        config, dataclasses.replace(config, steps=5, num_workers=3), given={"steps", "num_workers"}
+    )
     assert resumed == dataclasses.replace(config, steps=5, num_workers=3)
     assert notes == ["--steps changed from 2 to 5: the cosine schedule is recomputed for 5 steps (warmup 1)"]
     # an old checkpoint's config (image_size stored as an int, fields missing) still reads
@@ -133,20 +149,35 @@ def test_bench_unknown_name_is_a_usage_error(capsys):
     assert "unknown benchmark 'nope'; choose from ops, predict, train" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--num-processes", "2", "--process-id", "0"],
-     "--num-processes and --process-id also need --coordinator (give all three, or none)"),
-    (["--coordinator", "127.0.0.1:1234"],
-     "--coordinator also needs --num-processes and --process-id (give all three, or none)"),
-    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
-     "--process-id must be in 0..1 for --num-processes 2, got 2"),
-    (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "-1"],
-     "--process-id must be in 0..1 for --num-processes 2, got -1"),
-    (["--coordinator", "127.0.0.1:1234", "--num-processes", "0", "--process-id", "0"],
-     "--num-processes must be >= 1, got 0"),
-    (["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
-     "--coordinator must be HOST:PORT, got 'localhost'"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--num-processes", "2", "--process-id", "0"],
+            "--num-processes and --process-id also need --coordinator (give all three, or none)",
+        ),
+        (
+            ["--coordinator", "127.0.0.1:1234"],
+            "--coordinator also needs --num-processes and --process-id (give all three, or none)",
+        ),
+        (
+            ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "2"],
+            "--process-id must be in 0..1 for --num-processes 2, got 2",
+        ),
+        (
+            ["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "-1"],
+            "--process-id must be in 0..1 for --num-processes 2, got -1",
+        ),
+        (
+            ["--coordinator", "127.0.0.1:1234", "--num-processes", "0", "--process-id", "0"],
+            "--num-processes must be >= 1, got 0",
+        ),
+        (
+            ["--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+            "--coordinator must be HOST:PORT, got 'localhost'",
+        ),
+    ],
+)
 @pytest.mark.parametrize("command", ["train", "eval"])
 def test_distributed_flag_errors_are_usage_errors(tmp_path, capsys, command, flags, message):
     where = ["--out", str(tmp_path / "run")] if command == "train" else ["--checkpoint", str(tmp_path / "run")]
@@ -156,13 +187,22 @@ def test_distributed_flag_errors_are_usage_errors(tmp_path, capsys, command, fla
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--local", "0", "--", "train"], "--local and --devices-per-process must be >= 1, got 0 and 1"),
-    (["--local", "2", "--", "predict", "x.png"], "launch runs train or eval: lucid-jax launch --local N -- train ..."),
-    (["--local", "2"], "launch runs train or eval"),
-    (["--local", "2", "--", "train", "--process-id", "1"], "launch sets --coordinator, --num-processes and --process-id"),
-    (["--local", "2", "--timeout", "0", "--", "train"], "--timeout must be > 0, got 0.0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--local", "0", "--", "train"], "--local and --devices-per-process must be >= 1, got 0 and 1"),
+        (
+            ["--local", "2", "--", "predict", "x.png"],
+            "launch runs train or eval: lucid-jax launch --local N -- train ...",
+        ),
+        (["--local", "2"], "launch runs train or eval"),
+        (
+            ["--local", "2", "--", "train", "--process-id", "1"],
+            "launch sets --coordinator, --num-processes and --process-id",
+        ),
+        (["--local", "2", "--timeout", "0", "--", "train"], "--timeout must be > 0, got 0.0"),
+    ],
+)
 def test_launch_usage_errors(capsys, argv, message):
     assert cli.main(["launch", *argv]) == 2
     assert message in capsys.readouterr().err
@@ -174,5 +214,10 @@ def test_launch_passes_the_command_and_the_flags_to_each_process(monkeypatch):
     seen = {}
     monkeypatch.setattr(distributed, "launch_local", lambda n, argv, **kw: seen.update(n=n, argv=argv, **kw) or 0)
     assert cli.main(["launch", "--local", "3", "--devices-per-process", "2", "--", "train", "--data", "shapes"]) == 0
-    assert seen == {"n": 3, "argv": ["train", "--data", "shapes"], "devices_per_process": 2, "port": None,
-                    "timeout": None}
+    assert seen == {
+        "n": 3,
+        "argv": ["train", "--data", "shapes"],
+        "devices_per_process": 2,
+        "port": None,
+        "timeout": None,
+    }

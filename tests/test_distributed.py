@@ -10,15 +10,18 @@ import pytest
 from lucid_jax import distributed
 
 
-@pytest.mark.parametrize("environ, kind", [
-    ({}, None),
-    ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "coordinator"),
-    ({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, "tpu"),
-    ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
-    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "tpu"),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "1"}, "slurm"),
-    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, None),  # one task: run alone
-])
+@pytest.mark.parametrize(
+    "environ, kind",
+    [
+        ({}, None),
+        ({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"}, "coordinator"),
+        ({"TPU_WORKER_HOSTNAMES": "t1,t2,t3,t4"}, "tpu"),
+        ({"TPU_WORKER_HOSTNAMES": "localhost"}, None),
+        ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.1"}, "tpu"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4", "SLURM_PROCID": "1"}, "slurm"),
+        ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, None),  # one task: run alone
+    ],
+)
 def test_detect_cluster(environ, kind):
     assert distributed.detect_cluster(environ) == kind
 
@@ -52,7 +55,10 @@ def test_gather_on_one_process_adds_the_process_axis():
 
 def test_launch_stops_the_others_when_one_process_fails(monkeypatch):
     """Process 1 fails at once; process 0 would run for minutes, and is stopped."""
-    script = "import sys, time; i = sys.argv[sys.argv.index('--process-id') + 1]; time.sleep(300) if i == '0' else sys.exit(3)"
+    script = (
+        "import sys, time; i = sys.argv[sys.argv.index('--process-id') + 1]; "
+        "time.sleep(300) if i == '0' else sys.exit(3)"
+    )
     real_popen = distributed.subprocess.Popen
 
     def popen(argv, **kwargs):

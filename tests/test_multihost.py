@@ -64,8 +64,14 @@ def _wait(procs, logs, expected_codes, timeout):
             p.kill()
         p.wait()
     if failure is None:
-        failure = next((f"process {i} exited with {p.returncode}" for i, p in enumerate(procs)
-                        if p.returncode not in expected_codes), None)
+        failure = next(
+            (
+                f"process {i} exited with {p.returncode}"
+                for i, p in enumerate(procs)
+                if p.returncode not in expected_codes
+            ),
+            None,
+        )
     if failure is not None:
         tails = "\n".join(f"--- process {i} stderr:\n{log.read_text()[-4000:]}" for i, log in enumerate(logs))
         pytest.fail(f"{failure}\n{tails}")
@@ -77,10 +83,16 @@ def run_workers(out, num_processes, devices, *actions, env, expected_codes=(0,))
     port = free_port()
     logs = [out / f"stderr_{i}_{actions[0]}.txt" for i in range(num_processes)]
     with contextlib.ExitStack() as files:
-        procs = [subprocess.Popen(
-            [sys.executable, WORKER, str(out), str(num_processes), str(i), str(port), *map(str, actions)],
-            cwd=ROOT, env={**env, "XLA_FLAGS": _xla_flags(devices)}, stdout=subprocess.DEVNULL,
-            stderr=files.enter_context(log.open("w"))) for i, log in enumerate(logs)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, WORKER, str(out), str(num_processes), str(i), str(port), *map(str, actions)],
+                cwd=ROOT,
+                env={**env, "XLA_FLAGS": _xla_flags(devices)},
+                stdout=subprocess.DEVNULL,
+                stderr=files.enter_context(log.open("w")),
+            )
+            for i, log in enumerate(logs)
+        ]
         _wait(procs, logs, expected_codes, LAUNCH_TIMEOUT)
 
 
@@ -89,8 +101,20 @@ def two(tmp_path_factory, env):
     """2 processes x 2 devices: the steps, an uninterrupted lucid-jax train run, its gathered
     evaluation, and last the same run killed after its checkpoint of step 2 (``killed``)."""
     out = tmp_path_factory.mktemp("two_processes")
-    run_workers(out, 2, 2, "steps", "train", out / "uninterrupted", "eval", out / "uninterrupted",
-                "killed", out / "killed", env=env, expected_codes=(-signal.SIGKILL,))
+    run_workers(
+        out,
+        2,
+        2,
+        "steps",
+        "train",
+        out / "uninterrupted",
+        "eval",
+        out / "uninterrupted",
+        "killed",
+        out / "killed",
+        env=env,
+        expected_codes=(-signal.SIGKILL,),
+    )
     return out
 
 
@@ -138,8 +162,9 @@ def test_each_process_reads_a_disjoint_slice_of_the_global_batch(two, one):
     from lucid_jax.data import Loader, ShapesDataset
 
     ids = np.array(_steps(two)["slices"]["ids"])  # [process, step, per-process batch]
-    reference = Loader(ShapesDataset(num_examples=14, image_size=64, seed=0), worker.GLOBAL_BATCH, shuffle=True,
-                       seed=0, num_workers=0)
+    reference = Loader(
+        ShapesDataset(num_examples=14, image_size=64, seed=0), worker.GLOBAL_BATCH, shuffle=True, seed=0, num_workers=0
+    )
     for step in range(ids.shape[1]):
         assert len(set(ids[:, step].ravel())) == worker.GLOBAL_BATCH  # disjoint
         assert ids[:, step].ravel().tolist() == reference.batch_indices(step)[1]  # complete, in order
@@ -188,23 +213,44 @@ def test_killed_and_resumed_run_ends_bit_identical(two, env):
     with Checkpointer(run / "checkpoints", read_only=True) as ckpt:
         assert ckpt.all_steps() == [2]
     launch = subprocess.run(
-        [sys.executable, "-m", "lucid_jax.cli", "launch", "--local", "2", "--devices-per-process", "2",
-         "--timeout", str(LAUNCH_TIMEOUT), "--", "train", *worker.CLI_TRAIN, "--out", str(run)],
-        cwd=ROOT, env={**env, "XLA_FLAGS": FAST_COMPILE}, capture_output=True, text=True,
-        timeout=LAUNCH_TIMEOUT + 30, check=False)
+        [
+            sys.executable,
+            "-m",
+            "lucid_jax.cli",
+            "launch",
+            "--local",
+            "2",
+            "--devices-per-process",
+            "2",
+            "--timeout",
+            str(LAUNCH_TIMEOUT),
+            "--",
+            "train",
+            *worker.CLI_TRAIN,
+            "--out",
+            str(run),
+        ],
+        cwd=ROOT,
+        env={**env, "XLA_FLAGS": FAST_COMPILE},
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT + 30,
+        check=False,
+    )
     assert launch.returncode == 0, launch.stderr[-6000:]
     printed = [line for line in launch.stdout.splitlines() if line.startswith("{")]
     assert len(printed) == 1 and json.loads(printed[0])["step"] == 4  # only process 0 prints
 
     uninterrupted = two / "uninterrupted"
-    with Checkpointer(run / "checkpoints", read_only=True) as a, \
-            Checkpointer(uninterrupted / "checkpoints", read_only=True) as b:
+    with (
+        Checkpointer(run / "checkpoints", read_only=True) as a,
+        Checkpointer(uninterrupted / "checkpoints", read_only=True) as b,
+    ):
         assert a.latest_step() == b.latest_step() == 4
         resumed, straight = a.restore_variables(), b.restore_variables()
     resumed, straight = _flatten(resumed), _flatten(straight)
     assert sorted(resumed) == sorted(straight)
-    assert all(resumed[k].dtype == straight[k].dtype and resumed[k].tobytes() == straight[k].tobytes()
-               for k in resumed)
+    assert all(resumed[k].dtype == straight[k].dtype and resumed[k].tobytes() == straight[k].tobytes() for k in resumed)
     # log.jsonl: one line per step, written by process 0 alone, the same losses
     assert [r["step"] for r in _log_steps(run)] == [1, 2, 3, 4]
     assert _without_time(_log_steps(run)) == _without_time(_log_steps(uninterrupted))

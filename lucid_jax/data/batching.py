@@ -24,13 +24,14 @@ import functools
 import itertools
 import math
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from lucid_jax.data.dataset import Dataset
-from lucid_jax.data.transforms import preprocess, round_up
+from lucid_jax.data.transforms import preprocess
 
 # The arrays the train step needs; the rest of a batch ("ids", "difficult", ...) is for evaluation.
 TRAIN_KEYS = ("images", "boxes", "labels", "valid", "image_sizes")
@@ -75,7 +76,7 @@ def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = N
     shape = examples[0]["image"].shape
     if len(shape) != 3 or shape[0] != 3:
         raise ValueError(f"collate: images must be [3, H, W] (use transforms.preprocess), got {shape}")
-    batch = {
+    batch: dict[str, Any] = {
         "images": np.zeros((b, *shape), np.float32),
         "boxes": np.zeros((b, max_boxes, 4), np.float32),
         "labels": np.zeros((b, max_boxes), np.int32),
@@ -137,8 +138,8 @@ class Loader:
       dataset: a :class:`lucid_jax.data.Dataset`.
       batch_size: rows per batch (per host when sharded).
       transform: ``(example, rng) -> preprocessed example``; default
-        :func:`preprocess` with no resize onto a canvas rounded up to 32 (fine when all
-        images share one size, as the shapes dataset's do).
+        :func:`preprocess` with no resize and no padding (fine when all images share
+        one size that the model accepts, as the shapes dataset's do).
       max_boxes: targets per image (see :func:`collate`).
       shuffle: a new seeded permutation every epoch.
       seed: seeds the permutations and the per-example transform rngs.
@@ -216,10 +217,14 @@ class Loader:
         # This shard's slice of a padded last batch is empty: padding rows on the
         # canvas of the step's first example, so that every host's batch has one shape.
         first = _epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)[
-            (step % self.steps_per_epoch) * self.global_batch_size]
+            (step % self.steps_per_epoch) * self.global_batch_size
+        ]
         example = self._load(int(first), epoch)
-        blank = {"image": np.zeros_like(example["image"]), "boxes": np.zeros((0, 4), np.float32),
-                 "labels": np.zeros(0, np.int32)}
+        blank = {
+            "image": np.zeros_like(example["image"]),
+            "boxes": np.zeros((0, 4), np.float32),
+            "labels": np.zeros(0, np.int32),
+        }
         batch = collate([blank], self.max_boxes, self.batch_size)
         batch["image_valid"][0], batch["ids"][0] = False, None
         return batch
@@ -245,7 +250,7 @@ class Loader:
                 yield self._collate([self._load(i, epoch) for i in indices], epoch, step)
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="lucid_jax-loader")
-        pending = collections.deque()  # bounded: at most prefetch + 1 batches in flight
+        pending: collections.deque = collections.deque()  # bounded: at most prefetch + 1 batches in flight
 
         def submit() -> None:
             step = next(steps, None)
@@ -271,6 +276,6 @@ class Loader:
         return self.iterate()
 
 
-def _default_transform(example: dict, rng: np.random.Generator) -> dict:
+def _default_transform(example: Mapping, rng: np.random.Generator) -> dict:
     h, w = example["image"].shape[:2]
-    return preprocess(example, rng, canvas=(round_up(h), round_up(w)))
+    return preprocess(dict(example), rng, canvas=(h, w))

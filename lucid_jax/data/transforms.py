@@ -19,10 +19,9 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SIZE_DIVISIBILITY = 32  # the FPN's coarsest stride
 
 
-def round_up(n: int | float, multiple: int = SIZE_DIVISIBILITY) -> int:
+def round_up(n: int | float, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is >= n."""
     return int(math.ceil(n / multiple) * multiple)
 
@@ -155,7 +154,7 @@ def preprocess(
     flip_prob: float = 0.0,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
-    size_divisibility: int = SIZE_DIVISIBILITY,
+    size_divisibility: int | None = None,
 ) -> dict:
     """Resize, flip, normalise and pad one example onto a fixed canvas.
 
@@ -171,7 +170,8 @@ def preprocess(
       flip_prob: probability of a horizontal flip (0 for evaluation).
       mean, std: normalisation on [0, 1] RGB.
       size_divisibility: what the canvas sides must divide by: the model's
-        ``backbone.size_divisibility`` (32, the FPN's largest RoI stride).
+        ``backbone.size_divisibility`` (32 for the ResNet FPNs). Required to derive
+        the canvas; with an explicit canvas and None, the model checks the shape.
 
     Returns:
       {"image": [3, Hc, Wc] float32, "boxes": [M', 4] float32 (clipped; boxes left
@@ -199,11 +199,11 @@ def preprocess(
 
     if canvas is None:
         side = longer_side if longer_side is not None else max_size
-        if side is None:
-            raise ValueError("preprocess: give canvas, or longer_side / max_size to derive it")
+        if side is None or size_divisibility is None:
+            raise ValueError("preprocess: give canvas, or longer_side / max_size and size_divisibility to derive it")
         canvas = round_up(side, size_divisibility)
     canvas = (int(canvas), int(canvas)) if isinstance(canvas, int | np.integer) else tuple(int(c) for c in canvas)
-    if canvas[0] % size_divisibility or canvas[1] % size_divisibility:
+    if size_divisibility is not None and (canvas[0] % size_divisibility or canvas[1] % size_divisibility):
         raise ValueError(f"canvas must be multiples of {size_divisibility}, got {canvas}")
     image = pad_to(normalize(image, mean, std), canvas)
     return {

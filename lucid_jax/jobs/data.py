@@ -9,8 +9,9 @@ from lucid_jax.data.jitter import jitter_preprocess
 from lucid_jax.jobs.config import JobError, TrainConfig, size_divisibility
 
 
-def open_dataset(spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int = 128,
-                 class_names=None):
+def open_dataset(
+    spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int = 128, class_names=None
+):
     """A dataset from ``shapes``, ``voc:DIR`` or ``coco:ANNOTATIONS.json:IMAGE_DIR``.
 
     Args:
@@ -45,7 +46,11 @@ def describe_data(dataset, echo=print) -> dict:
         labels = np.concatenate([dataset.annotation(i)["labels"] for i in range(len(dataset))] or [np.zeros(0, int)])
         counts = {name: int((labels == k).sum()) for k, name in enumerate(dataset.class_names, start=1)}
     source = getattr(dataset, "class_source", None)
-    where = "" if source in (None, "class_names") else f" ({'found in the annotations' if source == 'discovered' else source})"
+    where = (
+        ""
+        if source in (None, "class_names")
+        else f" ({'found in the annotations' if source == 'discovered' else source})"
+    )
     echo(f"data: {len(dataset)} images; classes{where}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()))
     invalid = getattr(dataset, "dropped_invalid_boxes", 0)
     if invalid:
@@ -53,8 +58,16 @@ def describe_data(dataset, echo=print) -> dict:
     return {"class_counts": counts, "dropped_invalid_boxes": int(invalid)}
 
 
-def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | None = None, batch_size=None,
-                num_shards: int = 1, shard_index: int = 0) -> Loader:
+def make_loader(
+    dataset,
+    config: TrainConfig,
+    *,
+    train: bool,
+    max_boxes: int | None = None,
+    batch_size=None,
+    num_shards: int = 1,
+    shard_index: int = 0,
+) -> Loader:
     """The loader of a training run (shuffled, flipped) or of an evaluation (in order, padded).
 
     Args:
@@ -68,8 +81,9 @@ def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | N
         transform = partial(jitter_preprocess, canvas=size)
     else:
         flip = 0.5 if train and config.augment == "flip" else 0.0
-        transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=flip,
-                            size_divisibility=size_divisibility(config.model))
+        transform = partial(
+            preprocess, canvas=size, longer_side=size, flip_prob=flip, size_divisibility=size_divisibility(config.model)
+        )
     try:
         return Loader(
             dataset,
@@ -86,6 +100,8 @@ def make_loader(dataset, config: TrainConfig, *, train: bool, max_boxes: int | N
         )
     except ValueError as e:
         if len(dataset) < config.batch_size:
-            raise JobError(f"the data has {len(dataset)} image(s), fewer than --batch-size {config.batch_size}; "
-                           f"use --batch-size {max(len(dataset), 1)} or less") from None
+            raise JobError(
+                f"the data has {len(dataset)} image(s), fewer than --batch-size {config.batch_size}; "
+                f"use --batch-size {max(len(dataset), 1)} or less"
+            ) from None
         raise JobError(str(e)) from None

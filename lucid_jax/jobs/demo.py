@@ -48,6 +48,7 @@ def demo(config: TrainConfig, out: str | os.PathLike, *, given=(), progress: boo
     model, variables, class_names, config = load_trained(out)
     held_out = open_dataset("shapes", "val", shapes_examples=config.shapes_train_examples, image_size=config.image_size)
     metrics = evaluate(model, variables, held_out, config, progress=progress)
+    assert metrics is not None  # one process: it scores
     images, preds, examples = predictions_on(model, variables, held_out, config, range(8))
     png = out / "detections.png"
     up = 3  # drawn 3x larger than the 128-pixel inputs, so labels stay legible

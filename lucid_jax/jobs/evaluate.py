@@ -2,8 +2,8 @@
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import jax
 import numpy as np
@@ -17,8 +17,16 @@ from lucid_jax.jobs.data import make_loader
 from lucid_jax.train import make_predict_fn
 
 
-def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool = True,
-             results: str | os.PathLike | None = None, ground_truth: str | os.PathLike | None = None) -> dict | None:
+def evaluate(
+    model,
+    variables,
+    dataset,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    results: str | os.PathLike | None = None,
+    ground_truth: str | os.PathLike | None = None,
+) -> dict | None:
     """COCO AP, AP50, AP75, per-class AP and VOC AP50 against every annotated object.
 
     Predictions are mapped back to each image's own pixels and scored against the
@@ -41,29 +49,42 @@ def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool =
       On process 0, ``evaluate_dataset``'s dict: AP, AP50, AP75, per_class_AP,
       voc_AP50_11pt, voc_AP50_all, num_ground_truth, ...; None on the others.
     """
-    loader = make_loader(dataset, config, train=False, max_boxes=1, batch_size=config.batch_size,
-                         num_shards=jax.process_count(), shard_index=jax.process_index())
+    loader = make_loader(
+        dataset,
+        config,
+        train=False,
+        max_boxes=1,
+        batch_size=config.batch_size,
+        num_shards=jax.process_count(),
+        shard_index=jax.process_index(),
+    )
     predict = make_predict_fn(model)
     progress = progress and distributed.is_primary()
     local = []  # per step: this process's padded predictions and what unpadding them needs
-    for step, batch in enumerate(tqdm(loader.epoch(0), total=len(loader), desc="eval", disable=not progress,
-                                      dynamic_ncols=True)):
+    for step, batch in enumerate(
+        tqdm(loader.epoch(0), total=len(loader), desc="eval", disable=not progress, dynamic_ncols=True)
+    ):
         inputs = model_inputs(batch, ("images", "image_sizes"))
         predictions = jax.device_get(predict(variables, inputs["images"], inputs["image_sizes"]))
         indices = loader.batch_indices(step)[1]
-        local.append({**predictions, **{k: batch[k] for k in ("image_sizes", "scales", "image_valid")},
-                      "index": np.array(indices + [-1] * (loader.batch_size - len(indices)))})
+        local.append(
+            {
+                **predictions,
+                **{k: batch[k] for k in ("image_sizes", "scales", "image_valid")},
+                "index": np.array(indices + [-1] * (loader.batch_size - len(indices))),
+            }
+        )
     # [P, steps, B, ...]: every process's steps, gathered in one collective
     gathered = distributed.gather({k: np.stack([b[k] for b in local]) for k in local[0]})
     if not distributed.is_primary():
         return None
-    detections = {}
+    by_index: dict[int, dict] = {}
     for process_steps in zip(*(gathered[k] for k in gathered)):
-        for step in zip(*process_steps):
-            part = dict(zip(gathered, step))
+        for arrays in zip(*process_steps):
+            part = dict(zip(gathered, arrays))
             real = part["index"][part["image_valid"]]
-            detections.update(zip(real.tolist(), unpad_detections(part, part)))
-    detections = [detections[i] for i in range(len(dataset))]
+            by_index.update(zip(real.tolist(), unpad_detections(part, part)))
+    detections = [by_index[i] for i in range(len(dataset))]
     metrics = evaluate_dataset(dataset, detections)
     if results is not None:
         Path(results).write_text(json.dumps(coco_results(dataset, detections)))
@@ -74,8 +95,15 @@ def evaluate(model, variables, dataset, config: TrainConfig, *, progress: bool =
 
 def predictions_on(model, variables, dataset, config: TrainConfig, indices: Sequence[int]):
     """(normalised images [N, 3, S, S], predictions, targets) for a few examples."""
-    examples = [preprocess(dataset[i], canvas=config.image_size, longer_side=config.image_size,
-                           size_divisibility=model.backbone.size_divisibility) for i in indices]
+    examples = [
+        preprocess(
+            dataset[i],
+            canvas=config.image_size,
+            longer_side=config.image_size,
+            size_divisibility=model.backbone.size_divisibility,
+        )
+        for i in indices
+    ]
     images = np.stack([e["image"] for e in examples])
     sizes = np.stack([e["image_size"] for e in examples])
     return images, jax.device_get(make_predict_fn(model)(variables, images, sizes)), examples

@@ -25,7 +25,13 @@ from lucid_jax import distributed
 from lucid_jax.checkpoint import Checkpointer, CheckpointError
 from lucid_jax.data import dropped_boxes_summary, model_inputs, object_counts
 from lucid_jax.jobs.config import (
-    JobError, TrainConfig, apply_init_recipe, check_config, check_model_name, config_from_dict, reconcile_resume,
+    JobError,
+    TrainConfig,
+    apply_init_recipe,
+    check_config,
+    check_model_name,
+    config_from_dict,
+    reconcile_resume,
     warmup_steps,
 )
 from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
@@ -48,8 +54,11 @@ def build_model(name: str, num_classes: int, *, norm_mode: str = "batch"):
 
 def frozen_labels(params, config: TrainConfig):
     """Which parameters train: the one labelling the optimiser and the step share."""
-    return param_labels(params, trainable_backbone_layers=config.trainable_backbone_layers,
-                        freeze_batchnorm=config.norm_mode == "frozen")
+    return param_labels(
+        params,
+        trainable_backbone_layers=config.trainable_backbone_layers,
+        freeze_batchnorm=config.norm_mode == "frozen",
+    )
 
 
 def _optimizer(params, labels, config: TrainConfig):
@@ -97,8 +106,10 @@ def training_mesh(config: TrainConfig):
     if devices == 1:
         return None
     if config.batch_size % devices:
-        raise JobError(f"--batch-size {config.batch_size} must be a multiple of the {devices} devices "
-                       f"({processes} process(es)) it is split over")
+        raise JobError(
+            f"--batch-size {config.batch_size} must be a multiple of the {devices} devices "
+            f"({processes} process(es)) it is split over"
+        )
     return data_mesh()
 
 
@@ -160,9 +171,13 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         config, recipe = apply_init_recipe(config, weights.detect_kind(init_flat), given)
         if recipe:
             echo("init: fine-tuning recipe " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()))
-    dataset = open_dataset(config.data, config.split, shapes_examples=config.shapes_train_examples,
-                           image_size=config.image_size,
-                           class_names=config.classes or (stored[1] if stored is not None else None))
+    dataset = open_dataset(
+        config.data,
+        config.split,
+        shapes_examples=config.shapes_train_examples,
+        image_size=config.image_size,
+        class_names=config.classes or (stored[1] if stored is not None else None),
+    )
     class_names = list(dataset.class_names)
     if stored is not None and stored[1] is not None and stored[1] != class_names:
         raise JobError(f"the data's classes {class_names} differ from the run's {stored[1]}")
@@ -170,8 +185,14 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
     mesh = training_mesh(config)
     counts = object_counts(dataset)
     max_boxes = config.max_boxes or max(int(counts.max(initial=0)), 1)
-    loader = make_loader(dataset, config, train=True, max_boxes=max_boxes, num_shards=jax.process_count(),
-                         shard_index=jax.process_index())
+    loader = make_loader(
+        dataset,
+        config,
+        train=True,
+        max_boxes=max_boxes,
+        num_shards=jax.process_count(),
+        shard_index=jax.process_index(),
+    )
     data_info = describe_data(dataset, echo)
     dropped = dropped_boxes_summary(counts, max_boxes)
     if dropped.dropped:
@@ -198,9 +219,21 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         step_fn = make_train_step(model, frozen=labels, mesh=mesh)
         log = open(out / "log.jsonl", "a") if primary else open(os.devnull, "w")
         if dropped.dropped:
-            log.write(json.dumps({"step": start, "dropped_boxes": dropped.dropped, "total_boxes": dropped.total,
-                                  "images_with_dropped_boxes": dropped.images, "max_boxes": max_boxes}) + "\n")
-        bar = tqdm(total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+            log.write(
+                json.dumps(
+                    {
+                        "step": start,
+                        "dropped_boxes": dropped.dropped,
+                        "total_boxes": dropped.total,
+                        "images_with_dropped_boxes": dropped.images,
+                        "max_boxes": max_boxes,
+                    }
+                )
+                + "\n"
+            )
+        bar = tqdm(
+            total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+        )
         last, started = {}, time.perf_counter()
         try:
             for i, batch in enumerate(loader.iterate(start, config.steps - start), start=start + 1):
@@ -213,10 +246,16 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
                 last.update(step=i, seconds=round(time.perf_counter() - started, 2))
                 log.write(json.dumps(last) + "\n")
                 log.flush()
-                bar.set_postfix({k[:-5] if k.endswith("_loss") else k: f"{last[k]:.3f}" for k in
-                                 ("total_loss", "rpn_cls_loss", "roi_cls_loss", "roi_reg_loss")})
+                bar.set_postfix(
+                    {
+                        k[:-5] if k.endswith("_loss") else k: f"{last[k]:.3f}"
+                        for k in ("total_loss", "rpn_cls_loss", "roi_cls_loss", "roi_reg_loss")
+                    }
+                )
                 if not last["finite"]:
-                    raise JobError(f"loss or gradient became non-finite at step {i}; stopped (the last checkpoint is intact)")
+                    raise JobError(
+                        f"loss or gradient became non-finite at step {i}; stopped (the last checkpoint is intact)"
+                    )
                 if i % config.checkpoint_every == 0 or i == config.steps:
                     ckpt.save(i, state, rng, metrics=last, metadata=metadata)
         finally:

@@ -9,8 +9,9 @@ Images come in Lucid's layout, ``[B, 3, H, W]``; inside, activations are NHWC, t
 layout XLA's convolutions prefer on every backend.
 """
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -233,4 +234,3 @@ class ResNet(nn.Module):
         c5 = self.features(x.astype(self.dtype), train)[-1]
         pooled = jnp.mean(c5, axis=(1, 2))  # [B, 4*w4]
         return self.fc(pooled).astype(jnp.float32)
-

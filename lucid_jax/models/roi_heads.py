@@ -9,7 +9,8 @@ classifier (``cls_score``, C outputs) and a per-class box regressor (``bbox_pred
 buffer (torchvision's box-coder weights are their inverses).
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -151,7 +152,9 @@ class RoIHeads(nn.Module):
 
     def __post_init__(self):
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
-            raise ValueError(f"num_classes must be an int >= 2 (background + at least one class), got {self.num_classes!r}")
+            raise ValueError(
+                f"num_classes must be an int >= 2 (background + at least one class), got {self.num_classes!r}"
+            )
         super().__post_init__()
 
     @property
@@ -176,7 +179,11 @@ class RoIHeads(nn.Module):
           cls_logits [B, R, C] and class_deltas [B, R, C, 4] in units of ``bbox_reg_stds``.
         """
         pool = lambda f, boxes: ops.multiscale_roi_align(  # noqa: E731
-            f, boxes, output_size=self.output_size, sampling_ratio=self.sampling_ratio, aligned=self.aligned,
+            f,
+            boxes,
+            output_size=self.output_size,
+            sampling_ratio=self.sampling_ratio,
+            aligned=self.aligned,
             strides=tuple(strides),
         )
         roi_features = jax.vmap(pool)(list(features[: len(strides)]), rois)  # [B, R, S, S, C]

@@ -8,7 +8,8 @@ training, anchors are matched to the ground truth and sampled (``rpn_targets``),
 and the objectness and box losses are averaged over the sampled anchors.
 """
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -31,7 +32,9 @@ class RPNHead(nn.Module):
     def __call__(self, features: Sequence[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
         """Per level: [B, H, W, C] -> objectness [B, H*W*A], deltas [B, H*W*A, 4]."""
         init = nn.initializers.normal(0.01)  # Faster R-CNN's RPN init
-        conv = Conv(features[0].shape[-1], (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, dtype=self.dtype, name="conv")
+        conv = Conv(
+            features[0].shape[-1], (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, dtype=self.dtype, name="conv"
+        )
         cls = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="cls_logits")
         box = Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="bbox_pred")
         objectness, deltas = [], []

@@ -83,8 +83,10 @@ def _suppressed_by(a, b, threshold):
       compares False, so degenerate boxes suppress nothing.
     """
     inter, union = box_inter_union(
-        tuple(a[i][:, None] for i in range(4)), a[4][:, None],  # [T, 1]
-        tuple(b[i][None] for i in range(4)), b[4][None],  # [1, S]
+        tuple(a[i][:, None] for i in range(4)),
+        a[4][:, None],  # [T, 1]
+        tuple(b[i][None] for i in range(4)),
+        b[4][None],  # [1, S]
     )  # [T, S]
     return inter / union > threshold
 

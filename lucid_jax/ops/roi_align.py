@@ -174,8 +174,7 @@ def _check_pooling(fn, output_size, sampling_ratio):
         or len(size) != 2
         or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1 for v in size)
     ):
-        raise ValueError(f"{fn}: output_size must be an int >= 1 or a pair (oh, ow) of them, "
-                         f"got {output_size!r}")
+        raise ValueError(f"{fn}: output_size must be an int >= 1 or a pair (oh, ow) of them, got {output_size!r}")
     if not isinstance(sampling_ratio, numbers.Integral) or isinstance(sampling_ratio, bool):
         raise TypeError(f"{fn}: sampling_ratio must be an int >= 1, got {sampling_ratio!r}")
     if sampling_ratio <= 0:
@@ -193,11 +192,12 @@ def _check_pyramid(fn, features, strides):
         kind = type(features).__name__
         raise TypeError(f"{fn}: features must be a list of [H_l, W_l, C] arrays, one per stride, got {kind}")
     strides = tuple(strides)
-    if not strides or not all(isinstance(v, numbers.Integral) for v in strides) or any(
-        v < 1 or v & (v - 1) or v != strides[0] * 2**i for i, v in enumerate(strides)
+    if (
+        not strides
+        or not all(isinstance(v, numbers.Integral) for v in strides)
+        or any(v < 1 or v & (v - 1) or v != strides[0] * 2**i for i, v in enumerate(strides))
     ):
-        raise ValueError(f"{fn}: strides must be consecutive powers of two like (4, 8, 16, 32), "
-                         f"got {strides!r}")
+        raise ValueError(f"{fn}: strides must be consecutive powers of two like (4, 8, 16, 32), got {strides!r}")
     if len(features) != len(strides):
         n = len(features)
         raise ValueError(f"{fn}: got {n} features for {len(strides)} strides {strides}; need one per stride")
@@ -267,8 +267,15 @@ def fpn_level_of_boxes(boxes, min_level=2, max_level=5, canonical_scale=224, can
 
 
 def multiscale_roi_align(
-    features, boxes, output_size=7, sampling_ratio=2, aligned=True, *, strides,
-    canonical_scale=224, canonical_level=4,
+    features,
+    boxes,
+    output_size=7,
+    sampling_ratio=2,
+    aligned=True,
+    *,
+    strides,
+    canonical_scale=224,
+    canonical_level=4,
 ):
     """RoIAlign of each box on its FPN level (Lin et al. 2017, eq. 1).
 

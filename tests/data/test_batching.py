@@ -14,8 +14,9 @@ ARRAY_KEYS = ("images", "boxes", "labels", "valid", "difficult", "image_sizes", 
 
 @pytest.fixture(scope="module")
 def shapes():
-    return ShapesDataset(num_examples=10, image_size=48, min_objects=1, max_objects=5,
-                         min_object_size=8, max_object_size=20, seed=2)
+    return ShapesDataset(
+        num_examples=10, image_size=48, min_objects=1, max_objects=5, min_object_size=8, max_object_size=20, seed=2
+    )
 
 
 def _flip_transform():
@@ -90,23 +91,31 @@ def test_collate_rejects_mixed_canvases():
 
 def test_seeded_shuffle_is_deterministic_and_epoch_aware(shapes):
     def order(seed, epoch):
-        return [i for b in _loader(shapes, shuffle=True, seed=seed, drop_remainder=False).epoch(epoch)
-                for i in b["ids"] if i is not None]
+        return [
+            i
+            for b in _loader(shapes, shuffle=True, seed=seed, drop_remainder=False).epoch(epoch)
+            for i in b["ids"]
+            if i is not None
+        ]
 
     first = order(0, 0)
     assert sorted(first) == list(range(10))
     assert order(0, 0) == first
     assert order(0, 1) != first and sorted(order(0, 1)) == list(range(10))
     assert order(1, 0) != first
-    _assert_batches_equal(list(_loader(shapes, shuffle=True, seed=3).iterate(0, 5)),
-                          list(_loader(shapes, shuffle=True, seed=3).iterate(0, 5)))
+    _assert_batches_equal(
+        list(_loader(shapes, shuffle=True, seed=3).iterate(0, 5)),
+        list(_loader(shapes, shuffle=True, seed=3).iterate(0, 5)),
+    )
 
 
 def test_prefetch_gives_the_same_batches_as_loading_inline(shapes):
     inline = list(_loader(shapes, shuffle=True, seed=5).iterate(0, 6))
     threaded = list(_loader(shapes, shuffle=True, seed=5, num_workers=3, prefetch=3).iterate(0, 6))
     _assert_batches_equal(inline, threaded)
-    unflipped = list(_loader(shapes, shuffle=True, seed=5, transform=functools.partial(preprocess, canvas=64)).iterate(0, 6))
+    unflipped = list(
+        _loader(shapes, shuffle=True, seed=5, transform=functools.partial(preprocess, canvas=64)).iterate(0, 6)
+    )
     assert any(not np.array_equal(a["boxes"], b["boxes"]) for a, b in zip(inline, unflipped)), "no random flip happened"
 
 
@@ -129,8 +138,12 @@ def test_shard_slices_stacked_are_the_global_batch(shapes, drop_remainder):
     """Each host's slice, stacked in shard order, is one loader's batch of the global size,
     at every step and across epochs; on a padded last batch a shard may get none."""
     whole = Loader(shapes, 6, shuffle=True, seed=4, num_workers=0, drop_remainder=drop_remainder)
-    shards = [Loader(shapes, 3, shuffle=True, seed=4, num_workers=0, drop_remainder=drop_remainder,
-                     num_shards=2, shard_index=k) for k in range(2)]
+    shards = [
+        Loader(
+            shapes, 3, shuffle=True, seed=4, num_workers=0, drop_remainder=drop_remainder, num_shards=2, shard_index=k
+        )
+        for k in range(2)
+    ]
     assert len(shards[0]) == len(shards[1]) == len(whole) == (1 if drop_remainder else 2)
     for step in range(4):  # two epochs when padded, four when dropped
         assert shards[0].batch_indices(step)[1] + shards[1].batch_indices(step)[1] == whole.batch_indices(step)[1]
@@ -144,8 +157,10 @@ def test_shard_slices_stacked_are_the_global_batch(shapes, drop_remainder):
 
 def test_an_empty_shard_of_a_padded_last_batch_is_all_padding(shapes):
     """10 examples, global batch 8 over 4 shards: the last step leaves shards 1 to 3 empty."""
-    shards = [Loader(shapes, 2, max_boxes=6, num_workers=0, drop_remainder=False, num_shards=4, shard_index=k)
-              for k in range(4)]
+    shards = [
+        Loader(shapes, 2, max_boxes=6, num_workers=0, drop_remainder=False, num_shards=4, shard_index=k)
+        for k in range(4)
+    ]
     last = [list(s.iterate(1, 1))[0] for s in shards]
     assert [int(b["image_valid"].sum()) for b in last] == [2, 0, 0, 0]
     empty = last[3]
@@ -171,13 +186,24 @@ class _MixedSizes:
 
     def __getitem__(self, i):
         h, w = self.sizes[i]
-        return {"image": np.full((h, w, 3), 200, np.uint8), "boxes": np.array([[0, 0, w, h]], np.float32),
-                "labels": np.array([1], np.int32), "difficult": np.zeros(1, bool), "id": i}
+        return {
+            "image": np.full((h, w, 3), 200, np.uint8),
+            "boxes": np.array([[0, 0, w, h]], np.float32),
+            "labels": np.array([1], np.int32),
+            "difficult": np.zeros(1, bool),
+            "id": i,
+        }
 
 
 def test_images_of_any_size_land_on_one_canvas():
-    loader = Loader(_MixedSizes(), 2, transform=functools.partial(preprocess, longer_side=64), max_boxes=2,
-                    drop_remainder=False, num_workers=2)
+    loader = Loader(
+        _MixedSizes(),
+        2,
+        transform=functools.partial(preprocess, longer_side=64, size_divisibility=32),
+        max_boxes=2,
+        drop_remainder=False,
+        num_workers=2,
+    )
     batches = list(loader.epoch(0))
     assert {b["images"].shape for b in batches} == {(2, 3, 64, 64)}
     for b in batches:

@@ -108,7 +108,7 @@ def test_preprocess_moves_boxes_with_pixels_onto_a_fixed_canvas():
     example = {"image": image, "boxes": boxes, "labels": np.array([2]), "difficult": np.array([True]), "id": "x"}
     flipped = None
     for seed in range(10):  # both flip outcomes
-        out = preprocess(example, np.random.default_rng(seed), longer_side=160, flip_prob=0.5)
+        out = preprocess(example, np.random.default_rng(seed), longer_side=160, flip_prob=0.5, size_divisibility=32)
         assert out["image"].shape == (3, 160, 160) and out["image"].dtype == np.float32
         np.testing.assert_array_equal(out["image_size"], [120, 160])
         np.testing.assert_allclose(out["scale"], [2, 2])
@@ -132,11 +132,16 @@ def test_preprocess_canvas_rules_and_box_clipping():
     np.testing.assert_array_equal(out["boxes"], [[0, 5, 20, 50], [10, 10, 20, 20]])  # clipped; the outside box dropped
     assert out["labels"].tolist() == [1, 3] and out["difficult"].tolist() == [False, False]
     shorter = preprocess(
-        {"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, shorter_side=100, max_size=120
+        {"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])},
+        shorter_side=100,
+        max_size=120,
+        size_divisibility=32,
     )
     assert shorter["image"].shape == (3, 128, 128)  # canvas from max_size, rounded up to 32
     np.testing.assert_array_equal(shorter["image_size"], [86, 120])
     with pytest.raises(ValueError, match="multiples of 32"):
-        preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, canvas=100)
+        preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, canvas=100, size_divisibility=32)
+    with pytest.raises(ValueError, match="size_divisibility to derive it"):
+        preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, longer_side=160)
     with pytest.raises(ValueError, match="needs an rng"):
         preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, canvas=96, flip_prob=0.5)
