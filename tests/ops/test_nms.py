@@ -270,6 +270,26 @@ def test_vmap_matches_per_image_calls():
         np.testing.assert_array_equal(valid_b[i], single[1])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n, max_output, tile, threshold", [(300, 40, 64, 0.3), (700, 700, 64, 0.7)])
+def test_scatter_free_formulation_keeps_the_same_boxes(kind, n, max_output, tile, threshold):
+    # Batched under vmap (as the models call it), with invalid boxes, several tiles
+    # and max_output reached early or never.
+    cases = [_case(kind, seed, n) for seed in (21, 22)]
+    boxes, scores = np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])  # [2, n, 4], [2, n]
+    idxs = np.random.default_rng(23).integers(0, 3, (2, n))
+    valid = np.random.default_rng(24).random((2, n)) < 0.9
+    run = lambda free: jax.jit(jax.vmap(lambda b, s, i, v: batched_nms(
+        b, s, i, threshold, max_output, valid=v, tile=tile, scatter_free=free)))(boxes, scores, idxs, valid)
+    (keep, keep_valid), (keep_free, valid_free) = run(False), run(True)
+    assert keep_valid.any()
+    np.testing.assert_array_equal(keep_free, keep)
+    np.testing.assert_array_equal(valid_free, keep_valid)
+    for i in range(2 if n <= 300 else 0):  # the float64 loop is slow on large inputs
+        ref = ref_nms(boxes[i], scores[i], threshold, valid=valid[i], idxs=idxs[i])[:max_output]
+        assert _kept(keep_free[i], valid_free[i]) == ref
+
+
 # ----------------------------------------------------------------- bad input
 
 _B, _S = np.zeros((5, 4), np.float32), np.zeros(5, np.float32)
