@@ -50,7 +50,8 @@ def export_onnx(model, variables: Mapping, path: str | os.PathLike, *, canvas: t
     Args:
       model: the detector.
       variables: its ``{"params", "batch_stats"}``.
-      path: the ``.onnx`` file to write (its folder is created).
+      path: the ``.onnx`` file to write, weights included (its folder is created;
+        protobuf caps a file at 2 GiB, far above the ResNet-101 detector's size).
       canvas: (height, width), multiples of the backbone's ``size_divisibility``.
       batch_size: B, static.
       opset: the ONNX opset (23, jax2onnx's default, is the one tested).
@@ -74,14 +75,17 @@ def export_onnx(model, variables: Mapping, path: str | os.PathLike, *, canvas: t
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     try:
+        import onnx
         from jax2onnx import to_onnx
     except ImportError as e:
-        raise ImportError("ONNX export needs jax2onnx: pip install -e '.[onnx]' (see the README)") from e
+        raise ImportError("ONNX export needs jax2onnx and onnx: see the onnx extra in the README") from e
 
     serve = serving_function(onnx_model(model), variables, **serving_kwargs)
     specs = [jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8), jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    to_onnx(serve, specs, model_name="lucid_jax_detector", opset=opset, return_mode="file", output_path=str(path),
-            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+    proto = to_onnx(serve, specs, model_name="lucid_jax_detector", opset=opset, return_mode="proto",
+                    input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+    # One self-contained file (jax2onnx's own file mode puts the weights beside it).
+    onnx.save_model(proto, str(path))
     return path

@@ -29,10 +29,15 @@ def detector():
     model = get_model("faster_rcnn_mini_fpn", num_classes=4)
     x = jnp.zeros((1, 3, CANVAS, CANVAS), jnp.float32)
     variables = model.init(jax.random.PRNGKey(0), x, jnp.array([[CANVAS, CANVAS]], jnp.float32))
-    # A wider classifier spreads the class scores apart (the init's are all ~1/C),
-    # so the order of the detections does not hang on float rounding.
+    # BatchNorm scales of 1 where the init has 0 (each bottleneck's last one), so
+    # that every residual branch counts, as in a trained network; and a wider
+    # classifier, so that the class scores (all ~1/C at init) spread apart and the
+    # order of the detections does not hang on float rounding.
+    variables = jax.tree_util.tree_map_with_path(
+        lambda key, a: jnp.ones_like(a) if "scale" in jax.tree_util.keystr(key) and not a.any() else a, variables
+    )
     params = dict(variables["params"])
-    params["cls_score"] = {**params["cls_score"], "kernel": params["cls_score"]["kernel"] * 300.0}
+    params["cls_score"] = {**params["cls_score"], "kernel": params["cls_score"]["kernel"] * 10.0}
     variables = {**variables, "params": params}
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (1, CANVAS, CANVAS, 3), dtype=np.uint8)
