@@ -38,8 +38,10 @@ def residual_relu(x: jax.Array) -> jax.Array:
     block of its stage, over and over (quadratic in depth: about half of the
     ResNet-101 detector's training step at 512x512). A select also reads the
     predicate, so XLA stores each block's output once and the consumers read it.
+    The zero is a scalar (the same compiled program as ``zeros_like``): jax2onnx
+    would store a full-size zero tensor per block in an ONNX graph.
     """
-    return jnp.where(x <= 0, jnp.zeros_like(x), x)
+    return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
 residual_relu.defjvps(lambda g, ans, x: jnp.where(x > 0, g, jnp.zeros_like(g)))
