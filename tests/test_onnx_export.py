@@ -56,6 +56,7 @@ def test_scatter_free_nms_gives_the_same_detections(detector):
 
 
 @needs_onnx
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64:UserWarning")  # jax2onnx's own jnp.clip
 def test_onnxruntime_matches_jax(detector, tmp_path):
     import onnxruntime as ort
 
