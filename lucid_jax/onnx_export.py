@@ -20,6 +20,7 @@ the batch size are fixed. NMS runs in its scatter-free formulation
 jax2onnx is an optional dependency (the ``onnx`` extra, see the README).
 """
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -84,8 +85,16 @@ def export_onnx(model, variables: Mapping, path: str | os.PathLike, *, canvas: t
     specs = [jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8), jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    proto = to_onnx(serve, specs, model_name="lucid_jax_detector", opset=opset, return_mode="proto",
-                    input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+    # jax2onnx logs a traceback for each optional plugin whose library (equinox,
+    # dm-pix) is not installed; none of them is needed here.
+    plugin_log = logging.getLogger("jax2onnx.plugins.plugin_system")
+    level = plugin_log.level
+    plugin_log.setLevel(logging.ERROR)
+    try:
+        proto = to_onnx(serve, specs, model_name="lucid_jax_detector", opset=opset, return_mode="proto",
+                        input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+    finally:
+        plugin_log.setLevel(level)
     # One self-contained file (jax2onnx's own file mode puts the weights beside it).
     onnx.save_model(proto, str(path))
     return path
