@@ -154,7 +154,15 @@ def _export(args) -> int:
 
     platforms = tuple(p for p in args.platforms.replace(" ", "").split(",") if p)
     if args.format == "onnx":
-        raise jobs.JobError("--format onnx is not available in this version; use --format jax")
+        path = jobs.export_checkpoint_onnx(
+            args.checkpoint,
+            args.out,
+            model_name=args.model,
+            batch_size=args.batch_size or 1,
+            score_thresh=args.score_thresh,
+        )
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX) and {path}.json")
+        return 0
     meta = jobs.export_checkpoint(
         args.checkpoint,
         args.out,

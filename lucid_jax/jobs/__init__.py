@@ -26,7 +26,7 @@ from lucid_jax.jobs.config import (
 from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
 from lucid_jax.jobs.demo import demo, pad_targets
 from lucid_jax.jobs.evaluate import evaluate, predictions_on
-from lucid_jax.jobs.export import export_checkpoint
+from lucid_jax.jobs.export import export_checkpoint, export_checkpoint_onnx
 from lucid_jax.jobs.predict import default_score_thresh, expand_image_paths, predict_files
 from lucid_jax.jobs.seed import seed_example
 from lucid_jax.jobs.training import build_model, frozen_labels, initial_state, load_trained, train
@@ -48,6 +48,7 @@ __all__ = [
     "evaluate",
     "expand_image_paths",
     "export_checkpoint",
+    "export_checkpoint_onnx",
     "frozen_labels",
     "initial_state",
     "load_trained",

@@ -4,10 +4,56 @@
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from lucid_jax.export import PLATFORMS, export_prediction, write_artifact
 from lucid_jax.jobs.config import JobError
 from lucid_jax.jobs.training import load_trained
+
+
+def export_checkpoint_onnx(
+    checkpoint,
+    out: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    batch_size: int = 1,
+    score_thresh: float | None = None,
+) -> Path:
+    """Export a run's prediction on its canvas as an ONNX graph (``out``) and ``out.json``.
+
+    Needs jax2onnx (the ``onnx`` extra, installed as ``.ci/run`` does). The batch size is
+    static (default 1); inputs and outputs are those of the jax.export artifact.
+    """
+    import json
+
+    try:
+        from lucid_jax.onnx_export import DEFAULT_OPSET, export_onnx
+    except ImportError as e:
+        raise JobError(f"--format onnx needs jax2onnx and onnx: {e}") from None
+    out = Path(out)
+    if out.is_dir():
+        raise JobError(f"--out {out} is a folder; give a file name")
+    model, variables, class_names, config = load_trained(checkpoint, model_name)
+    kwargs: dict[str, Any] = {} if score_thresh is None else {"score_thresh": score_thresh}
+    try:
+        export_onnx(
+            model, variables, out, canvas=(config.image_size, config.image_size), batch_size=batch_size, **kwargs
+        )
+    except ImportError as e:
+        raise JobError(f"--format onnx needs jax2onnx (the onnx extra): {e}") from None
+    meta = {
+        "format": "onnx",
+        "opset": DEFAULT_OPSET,
+        "class_names": list(class_names),
+        "canvas": [config.image_size] * 2,
+        "batch_size": batch_size,
+        "model": config.model,
+        "score_thresh": model.roi_heads.score_thresh if score_thresh is None else score_thresh,
+        "inputs": {"images": "uint8 [B, H, W, 3] RGB on the canvas", "image_sizes": "int32 [B, 2]"},
+        "outputs": ["boxes", "labels", "scores", "valid"],
+    }
+    Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
+    return out
 
 
 def export_checkpoint(

@@ -39,8 +39,10 @@ def residual_relu(x: jax.Array) -> jax.Array:
     block of its stage, over and over (quadratic in depth: about half of the
     ResNet-101 detector's training step at 512x512). A select also reads the
     predicate, so XLA stores each block's output once and the consumers read it.
+    The zero is a scalar (the same compiled program as ``zeros_like``): jax2onnx
+    would store a full-size zero tensor per block in an ONNX graph.
     """
-    return jnp.where(x <= 0, jnp.zeros_like(x), x)
+    return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
 residual_relu.defjvps(lambda g, ans, x: jnp.where(x > 0, g, jnp.zeros_like(g)))
@@ -209,7 +211,10 @@ class ResNet(nn.Module):
           [c2 [B, H/4, W/4, 4*w1], c3 [.., H/8 ..], c4 [.., H/16 ..], c5 [.., H/32 ..]].
         """
         x = self.stem(x, train)
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))  # stride 4 so far
+        # The 1-pixel pad spelled out, and keyword arguments: jax2onnx replaces
+        # nn.max_pool by a version that knows only "SAME"/"VALID" and keywords.
+        x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+        x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")  # stride 4 so far
         c2 = self.layer1(x, train)
         c3 = self.layer2(c2, train)
         c4 = self.layer3(c3, train)

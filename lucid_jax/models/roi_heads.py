@@ -76,6 +76,7 @@ def postprocess_detections(
     nms_thresh: float,
     max_detections: int,
     min_size: float,
+    nms_scatter_free: bool = False,
 ) -> dict:
     """One image's final detections, padded to ``max_detections``.
 
@@ -89,6 +90,7 @@ def postprocess_detections(
       proposal_valid: [R] bool.
       image_size: [2] (height, width) to clip to.
       weights: the box coder's weights, ``RoIHeads.box_coder_weights``.
+      nms_scatter_free: NMS's formulation for graph converters (same result).
 
     Returns:
       {"boxes": [K, 4], "scores": [K], "labels": [K] int32, "valid": [K] bool},
@@ -103,7 +105,9 @@ def postprocess_detections(
     labels = jnp.broadcast_to(jnp.arange(1, c, dtype=jnp.int32), (r, c - 1)).reshape(-1)
     valid = jnp.broadcast_to(proposal_valid[:, None], (r, c - 1)).reshape(-1)
     valid = valid & (scores > score_thresh) & ops.min_size_mask(boxes, min_size)
-    keep, keep_valid = ops.batched_nms(boxes, scores, labels, nms_thresh, max_detections, valid=valid)
+    keep, keep_valid = ops.batched_nms(
+        boxes, scores, labels, nms_thresh, max_detections, valid=valid, scatter_free=nms_scatter_free
+    )
     return {
         "boxes": jnp.where(keep_valid[:, None], boxes[keep], 0.0),
         "scores": jnp.where(keep_valid, scores[keep], 0.0),
@@ -130,6 +134,8 @@ class RoIHeads(nn.Module):
         labelling and sampling for the loss.
       smooth_l1_beta: the box loss's Huber transition point.
       dtype: computation dtype of the head.
+      nms_scatter_free: run NMS in its formulation for graph converters (ONNX);
+        the same detections, more work.
     """
 
     num_classes: int = 21
@@ -149,6 +155,7 @@ class RoIHeads(nn.Module):
     positive_fraction: float = 0.25
     smooth_l1_beta: float = 1.0 / 9
     dtype: Any = jnp.float32
+    nms_scatter_free: bool = False
 
     def __post_init__(self):
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -261,5 +268,6 @@ class RoIHeads(nn.Module):
             nms_thresh=self.nms_thresh if nms_thresh is None else nms_thresh,
             max_detections=self.detections_per_img if max_detections is None else max_detections,
             min_size=self.min_size,
+            nms_scatter_free=self.nms_scatter_free,
         )
         return jax.vmap(detect)(cls_logits, class_deltas, proposals, proposal_valid, image_sizes)

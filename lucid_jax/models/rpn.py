@@ -57,6 +57,7 @@ def select_proposals(
     nms_thresh: float,
     min_size: float,
     score_thresh: float,
+    nms_scatter_free: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Turn one image's RPN outputs into a fixed number of proposals.
 
@@ -70,6 +71,7 @@ def select_proposals(
       nms_thresh: IoU threshold of the per-level NMS.
       min_size: boxes narrower or shorter than this are dropped.
       score_thresh: proposals whose probability is below this are dropped.
+      nms_scatter_free: NMS's formulation for graph converters (same result).
 
     Returns:
       boxes [P, 4], probabilities [P] (0 where invalid), valid [P] bool, with
@@ -85,7 +87,9 @@ def select_proposals(
     boxes = ops.clip_boxes(jnp.concatenate(level_boxes), image_size)  # [K, 4]
     scores = jax.nn.sigmoid(jnp.concatenate(logits))  # [K]
     valid = ops.min_size_mask(boxes, min_size) & (scores >= score_thresh) & jnp.isfinite(scores)
-    keep, keep_valid = ops.batched_nms(boxes, scores, jnp.concatenate(levels), nms_thresh, post_nms_top_n, valid=valid)
+    keep, keep_valid = ops.batched_nms(
+        boxes, scores, jnp.concatenate(levels), nms_thresh, post_nms_top_n, valid=valid, scatter_free=nms_scatter_free
+    )
     return (
         jnp.where(keep_valid[:, None], boxes[keep], 0.0),
         jnp.where(keep_valid, scores[keep], 0.0),
@@ -110,6 +114,8 @@ class RPN(nn.Module):
         largest share of them that is foreground.
       smooth_l1_beta: the box loss's Huber transition point.
       dtype: computation dtype of the head.
+      nms_scatter_free: run NMS in its formulation for graph converters (ONNX);
+        the same proposals, more work.
     """
 
     anchor_sizes: Sequence[Sequence[float]] = octave_sizes((32, 64, 128, 256))
@@ -126,6 +132,7 @@ class RPN(nn.Module):
     positive_fraction: float = 0.5
     smooth_l1_beta: float = 1.0 / 9
     dtype: Any = jnp.float32
+    nms_scatter_free: bool = False
 
     @property
     def num_anchors(self) -> int:
@@ -180,6 +187,7 @@ class RPN(nn.Module):
             nms_thresh=self.nms_thresh,
             min_size=self.min_size,
             score_thresh=self.score_thresh,
+            nms_scatter_free=self.nms_scatter_free,
         )
         proposals, scores, valid = jax.vmap(select)(objectness, deltas, image_sizes)
         return {

@@ -17,6 +17,13 @@ cut the sorted boxes into tiles of ``TILE`` boxes, and per tile
 
 No ``[N, N]`` matrix is built, the loop stops as soon as ``max_output`` boxes are
 kept, and the output is padded to ``max_output`` with a ``valid`` mask.
+
+``scatter_free=True`` selects a formulation for graph converters (ONNX), which have
+no scatter that drops out-of-bounds indices and turn indexing with a loop counter
+under ``vmap`` into gathers they cannot lower: ``lax.scan`` visits every tile, each
+tile is checked against every earlier tile masked by that tile's kept boxes (not
+against a compacted list), and the kept positions are compacted once at the end
+with ``top_k``. It keeps the same boxes, with more work.
 """
 
 import jax
@@ -150,7 +157,68 @@ def _nms_sorted(boxes, alive, threshold, max_output, tile):
     return kept, count
 
 
-def nms(boxes, scores, iou_threshold, max_output, *, valid=None, tile=TILE):
+def _nms_sorted_scatter_free(boxes, alive, threshold, max_output, tile):
+    """:func:`_nms_sorted` without scatters or gathers, for graph converters.
+
+    Tiles and blocks are visited by ``lax.scan`` over static ranges, so under
+    ``vmap`` the loop counters stay unbatched and no dynamic indexing (which
+    ``vmap`` turns into gathers) is needed; blocks at or after the current tile are
+    skipped with ``lax.cond``. Only the in-tile fixed point has a per-image stopping
+    condition.
+
+    Args:
+      boxes: [Np, 4] xyxy, Np a multiple of ``tile``.
+      alive: [Np] bool, False for padding and invalid boxes.
+
+    Returns:
+      (kept [min(max_output, Np)] int32 positions of the kept boxes in sorted order,
+      compacted at the front, count int32 scalar: how many boxes are kept, which
+      may exceed ``max_output``).
+    """
+    n_pad = boxes.shape[0]
+    num_tiles = n_pad // tile
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # [Np]
+    cols = jnp.concatenate([boxes.T, area[None]], axis=0)  # [5, Np]
+    tiles = cols.reshape(5, num_tiles, tile).transpose(1, 0, 2)  # [num_tiles, 5, T]
+    alive = alive.reshape(num_tiles, tile)  # [num_tiles, T]
+    lower = jnp.arange(tile)[:, None] < jnp.arange(tile)[None, :]  # [T, T] i < j
+    tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)  # [num_tiles]
+
+    def tile_step(keep_all, x):  # keep_all: [num_tiles, T], rows >= t still False
+        t, cur, live = x  # [], [5, T], [T]
+
+        def block_step(live, y):
+            b, blk, kept_b = y  # [], [5, T], [T]
+            hit = lax.cond(
+                b < t,
+                lambda: jnp.any(_suppressed_by(blk, cur, threshold) & kept_b[:, None], axis=0),  # [T]
+                lambda: jnp.zeros(tile, bool),
+            )
+            return live & ~hit, None
+
+        live, _ = lax.scan(block_step, live, (tile_ids, tiles, keep_all))
+        sup = _suppressed_by(cur, cur, threshold) & lower  # [T, T]
+
+        # The state is uint8 (and keep_all is updated with | rather than a select):
+        # under vmap this loop selects its state per image, and onnxruntime has no
+        # Where for bool.
+        def fix_body(state):
+            keep, _ = state
+            new = live & ~jnp.any(sup & (keep[:, None] > 0), axis=0)  # [T]
+            return new.astype(jnp.uint8), jnp.any(new != (keep > 0)).astype(jnp.uint8)
+
+        keep, _ = lax.while_loop(lambda s: s[1] > 0, fix_body, (live.astype(jnp.uint8), jnp.uint8(1)))
+        return keep_all | ((tile_ids[:, None] == t) & (keep[None] > 0)), None
+
+    keep_all, _ = lax.scan(tile_step, jnp.zeros((num_tiles, tile), bool), (tile_ids, tiles, alive))
+    keep = keep_all.reshape(n_pad)  # [Np]
+    # Kept positions ascending, then the others: all keys distinct and exact in float32.
+    pos = jnp.arange(n_pad, dtype=jnp.float32)
+    _, kept = lax.top_k(jnp.where(keep, -pos, -n_pad - pos), min(max_output, n_pad))
+    return kept.astype(jnp.int32), jnp.sum(keep, dtype=jnp.int32)
+
+
+def nms(boxes, scores, iou_threshold, max_output, *, valid=None, tile=TILE, scatter_free=False):
     """Greedy NMS for one image, keeping the same boxes as ``torchvision.ops.nms``.
 
     Args:
@@ -163,6 +231,7 @@ def nms(boxes, scores, iou_threshold, max_output, *, valid=None, tile=TILE):
       valid: optional [N] bool. Invalid boxes, and boxes whose score is not finite,
         are never kept and suppress nothing.
       tile: boxes per block of the blocked algorithm (speed only).
+      scatter_free: use the formulation for graph converters (same result).
 
     Returns:
       keep: [max_output] int32 indices into ``boxes`` by decreasing score (ties:
@@ -189,7 +258,8 @@ def nms(boxes, scores, iou_threshold, max_output, *, valid=None, tile=TILE):
     sorted_boxes = jnp.pad(boxes[order], ((0, n_pad - n), (0, 0)))  # [Np, 4]
     sorted_alive = jnp.pad(alive[order], (0, n_pad - n))  # [Np]
     threshold = _float32_threshold(iou_threshold)
-    kept, count = _nms_sorted(sorted_boxes, sorted_alive, threshold, max_output, tile)
+    nms_sorted = _nms_sorted_scatter_free if scatter_free else _nms_sorted
+    kept, count = nms_sorted(sorted_boxes, sorted_alive, threshold, max_output, tile)
 
     kept = jnp.pad(kept, (0, max(0, max_output - n_pad)))[:max_output]  # [max_output]
     keep_valid = jnp.arange(max_output) < count
@@ -197,7 +267,7 @@ def nms(boxes, scores, iou_threshold, max_output, *, valid=None, tile=TILE):
     return keep.astype(jnp.int32), keep_valid
 
 
-def batched_nms(boxes, scores, idxs, iou_threshold, max_output, *, valid=None, tile=TILE):
+def batched_nms(boxes, scores, idxs, iou_threshold, max_output, *, valid=None, tile=TILE, scatter_free=False):
     """NMS run independently per category, as ``torchvision.ops.batched_nms``.
 
     Boxes of different categories are moved apart by ``idx * (span + 1)``, where
@@ -208,7 +278,7 @@ def batched_nms(boxes, scores, idxs, iou_threshold, max_output, *, valid=None, t
       boxes: [N, 4] xyxy, floating point.
       scores: [N] floating point.
       idxs: [N] int, the category of each box (non-negative).
-      iou_threshold, max_output, valid, tile: as :func:`nms`.
+      iou_threshold, max_output, valid, tile, scatter_free: as :func:`nms`.
 
     Returns:
       (keep [max_output] int32, keep_valid [max_output] bool) as :func:`nms`, ordered
@@ -226,4 +296,6 @@ def batched_nms(boxes, scores, idxs, iou_threshold, max_output, *, valid=None, t
     hi = jnp.max(jnp.where(usable[:, None], boxes, 0.0))
     lo = jnp.min(jnp.where(usable[:, None], boxes, 0.0))
     offsets = jnp.asarray(idxs).astype(jnp.float32) * (hi - lo + 1.0)  # [N]
-    return nms(boxes + offsets[:, None], scores, iou_threshold, max_output, valid=usable, tile=tile)
+    return nms(
+        boxes + offsets[:, None], scores, iou_threshold, max_output, valid=usable, tile=tile, scatter_free=scatter_free
+    )

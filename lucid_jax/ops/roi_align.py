@@ -262,7 +262,8 @@ def fpn_level_of_boxes(boxes, min_level=2, max_level=5, canonical_scale=224, can
     size = jnp.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))  # [R]
     log_ratio = jnp.log2(_true_divide(size, canonical_scale))  # [R]
     level = jnp.floor(canonical_level + log_ratio + jnp.float32(LEVEL_EPS))  # torchvision's order
-    level = jnp.where(jnp.isnan(level), min_level, level)  # negative area
+    # a float32 min_level: jax2onnx makes a Python int in jnp.where a float64 constant
+    level = jnp.where(jnp.isnan(level), np.float32(min_level), level)  # negative area
     return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 

@@ -153,7 +153,9 @@ def test_nms_matches_torchvision_when_iou_equals_threshold(torchvision, threshol
     ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), threshold).tolist()
     assert _kept(*jnms(boxes, scores, threshold, 400)) == ref
     idxs = np.arange(400) % 3
-    ref = torchvision.ops.batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(idxs), threshold)
+    ref = torchvision.ops.batched_nms(
+        torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(idxs), threshold
+    )
     assert _kept(*jbatched_nms(boxes, scores, idxs, threshold, 400)) == ref.tolist()
 
 
@@ -186,6 +188,7 @@ def _quarter_pixels(top):
     # while still producing exact ties, zero sides and identical boxes.
     return st.integers(0, 4 * top).map(lambda v: v / 4)
 
+
 _nms_jit = jax.jit(lambda b, s, t, v: nms(b, s, t, N_PROP, valid=v))
 
 
@@ -209,9 +212,9 @@ def test_nms_properties(xy, wh, scores, valid, threshold):
             assert iou[kept[a], kept[b]] <= threshold + 1e-6
     for i in np.flatnonzero(usable):
         if i not in kept:  # suppressed: some kept box ranked before it overlaps it
-            assert any(
-                iou[k, i] > threshold - 1e-6 and (scores[k], -k) > (scores[i], -i) for k in kept
-            ), f"box {i} dropped without a reason"
+            assert any(iou[k, i] > threshold - 1e-6 and (scores[k], -k) > (scores[i], -i) for k in kept), (
+                f"box {i} dropped without a reason"
+            )
     assert kept == ref_nms(boxes, scores, threshold, valid=valid)
 
 
@@ -270,6 +273,27 @@ def test_vmap_matches_per_image_calls():
         np.testing.assert_array_equal(valid_b[i], single[1])
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n, max_output, tile, threshold", [(300, 40, 64, 0.3), (700, 700, 64, 0.7)])
+def test_scatter_free_formulation_keeps_the_same_boxes(kind, n, max_output, tile, threshold):
+    # Batched under vmap (as the models call it), with invalid boxes, several tiles
+    # and max_output reached early or never.
+    cases = [_case(kind, seed, n) for seed in (21, 22)]
+    boxes, scores = np.stack([c[0] for c in cases]), np.stack([c[1] for c in cases])  # [2, n, 4], [2, n]
+    idxs = np.random.default_rng(23).integers(0, 3, (2, n))
+    valid = np.random.default_rng(24).random((2, n)) < 0.9
+    run = lambda free: jax.jit(
+        jax.vmap(lambda b, s, i, v: batched_nms(b, s, i, threshold, max_output, valid=v, tile=tile, scatter_free=free))
+    )(boxes, scores, idxs, valid)
+    (keep, keep_valid), (keep_free, valid_free) = run(False), run(True)
+    assert keep_valid.any()
+    np.testing.assert_array_equal(keep_free, keep)
+    np.testing.assert_array_equal(valid_free, keep_valid)
+    for i in range(2 if n <= 300 else 0):  # the float64 loop is slow on large inputs
+        ref = ref_nms(boxes[i], scores[i], threshold, valid=valid[i], idxs=idxs[i])[:max_output]
+        assert _kept(keep_free[i], valid_free[i]) == ref
+
+
 # ----------------------------------------------------------------- bad input
 
 _B, _S = np.zeros((5, 4), np.float32), np.zeros(5, np.float32)
@@ -278,8 +302,16 @@ _B, _S = np.zeros((5, 4), np.float32), np.zeros(5, np.float32)
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda: nms(np.zeros((5, 3), np.float32), _S, 0.5, 3), ValueError, r"nms: boxes must have shape \[N, 4\], got \(5, 3\)"),
-        (lambda: nms(np.zeros((2, 5, 4), np.float32), _S, 0.5, 3), ValueError, r"nms: boxes must have shape \[N, 4\], got \(2, 5, 4\)"),
+        (
+            lambda: nms(np.zeros((5, 3), np.float32), _S, 0.5, 3),
+            ValueError,
+            r"nms: boxes must have shape \[N, 4\], got \(5, 3\)",
+        ),
+        (
+            lambda: nms(np.zeros((2, 5, 4), np.float32), _S, 0.5, 3),
+            ValueError,
+            r"nms: boxes must have shape \[N, 4\], got \(2, 5, 4\)",
+        ),
         (lambda: nms(np.zeros((5, 4), np.int32), _S, 0.5, 3), TypeError, "nms: boxes must be a floating-point"),
         (lambda: nms(_B, np.zeros(4, np.float32), 0.5, 3), ValueError, r"nms: scores must have shape \[N\] = \(5,\)"),
         (lambda: nms(_B, np.zeros(5, np.int32), 0.5, 3), TypeError, "nms: scores must be a floating-point"),
@@ -288,9 +320,17 @@ _B, _S = np.zeros((5, 4), np.float32), np.zeros(5, np.float32)
         (lambda: nms(_B, _S, 0.5, 2.5), TypeError, "nms: max_output must be a Python int"),
         (lambda: nms(_B, _S, 1.5, 3), ValueError, r"nms: iou_threshold must be in \[0, 1\], got 1.5"),
         (lambda: nms(_B, _S, -0.1, 3), ValueError, "nms: iou_threshold must be in"),
-        (lambda: batched_nms(np.zeros((5, 3), np.float32), _S, np.zeros(5, np.int32), 0.5, 3), ValueError, r"batched_nms: boxes must have shape \[N, 4\]"),
+        (
+            lambda: batched_nms(np.zeros((5, 3), np.float32), _S, np.zeros(5, np.int32), 0.5, 3),
+            ValueError,
+            r"batched_nms: boxes must have shape \[N, 4\]",
+        ),
         (lambda: batched_nms(_B, _S, np.zeros(4, np.int32), 0.5, 3), ValueError, "batched_nms: idxs must have shape"),
-        (lambda: batched_nms(_B, _S, np.zeros(5, np.float32), 0.5, 3), TypeError, "batched_nms: idxs must be an integer"),
+        (
+            lambda: batched_nms(_B, _S, np.zeros(5, np.float32), 0.5, 3),
+            TypeError,
+            "batched_nms: idxs must be an integer",
+        ),
         (lambda: batched_nms(_B, _S, np.zeros(5, np.int32), 2.0, 3), ValueError, "batched_nms: iou_threshold"),
         (lambda: batched_nms(_B, _S, np.zeros(5, np.int32), 0.5, -3), ValueError, "batched_nms: max_output"),
     ],
@@ -304,4 +344,3 @@ def test_bad_input_fails_when_lowering_before_any_compute():
     spec = jax.ShapeDtypeStruct((5, 3), jnp.float32), jax.ShapeDtypeStruct((5,), jnp.float32)
     with pytest.raises(ValueError, match=r"nms: boxes must have shape \[N, 4\], got \(5, 3\)"):
         jax.jit(lambda b, s: nms(b, s, 0.5, 3)).lower(*spec)
-

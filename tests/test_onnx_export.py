@@ -1,0 +1,77 @@
+"""The ONNX graph of the mini detector against JAX's own serving function.
+
+The comparison needs jax2onnx and onnxruntime (the ``onnx`` extra); the JAX-only
+check that the scatter-free NMS leaves the detections unchanged runs everywhere.
+"""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lucid_jax.export import serving_function
+from lucid_jax.models import get_model
+from lucid_jax.onnx_export import OUTPUT_NAMES, export_onnx, onnx_model
+
+CANVAS = 128
+ONNX_MISSING = [m for m in ("jax2onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+needs_onnx = pytest.mark.skipif(
+    bool(ONNX_MISSING),
+    reason=f"{' and '.join(ONNX_MISSING)} not installed; the onnx extra has its own environment (see .ci/run)",
+)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    """(model, variables, images uint8 [1, 128, 128, 3], image_sizes int32 [1, 2], JAX's detections)."""
+    model = get_model("faster_rcnn_mini_fpn", num_classes=4)
+    x = jnp.zeros((1, 3, CANVAS, CANVAS), jnp.float32)
+    variables = model.init(jax.random.PRNGKey(0), x, jnp.array([[CANVAS, CANVAS]], jnp.float32))
+    # BatchNorm scales of 1 where the init has 0 (each bottleneck's last one), so
+    # that every residual branch counts, as in a trained network; and a wider
+    # classifier, so that the class scores (all ~1/C at init) spread apart and the
+    # order of the detections does not hang on float rounding.
+    variables = jax.tree_util.tree_map_with_path(
+        lambda key, a: jnp.ones_like(a) if "scale" in jax.tree_util.keystr(key) and not a.any() else a, variables
+    )
+    params = dict(variables["params"])
+    params["cls_score"] = {**params["cls_score"], "kernel": params["cls_score"]["kernel"] * 10.0}
+    variables = {**variables, "params": params}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (1, CANVAS, CANVAS, 3), dtype=np.uint8)
+    images[:, 40:90, 30:100] = (220, 40, 40)  # a flat block gives the RPN edges to find
+    sizes = np.array([[CANVAS, CANVAS - 16]], np.int32)  # 16 columns of padding
+    ref = jax.jit(serving_function(model, variables, score_thresh=0.0))(images, sizes)
+    return model, variables, images, sizes, jax.tree_util.tree_map(np.asarray, ref)
+
+
+def test_scatter_free_nms_gives_the_same_detections(detector):
+    model, variables, images, sizes, ref = detector
+    out = jax.jit(serving_function(onnx_model(model), variables, score_thresh=0.0))(images, sizes)
+    assert ref["valid"].sum() > 20
+    for k in OUTPUT_NAMES:
+        np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=k)
+
+
+@needs_onnx
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64:UserWarning")  # jax2onnx's own jnp.clip
+def test_onnxruntime_matches_jax(detector, tmp_path):
+    import onnxruntime as ort
+
+    model, variables, images, sizes, ref = detector
+    path = export_onnx(model, variables, tmp_path / "mini.onnx", canvas=(CANVAS, CANVAS), score_thresh=0.0)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # jax2onnx leaves unused constants in loop bodies
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["images", "image_sizes"]
+    out = dict(zip(OUTPUT_NAMES, sess.run(list(OUTPUT_NAMES), {"images": images, "image_sizes": sizes}), strict=True))
+
+    valid = ref["valid"]
+    assert valid.sum() > 20 and len(np.unique(ref["labels"][valid])) > 1  # real, varied detections
+    np.testing.assert_array_equal(out["valid"], valid)
+    np.testing.assert_array_equal(out["labels"], ref["labels"])
+    np.testing.assert_allclose(out["boxes"], ref["boxes"], rtol=0, atol=1e-3)
+    np.testing.assert_allclose(out["scores"], ref["scores"], rtol=0, atol=1e-5)
+    assert out["boxes"].dtype == np.float32 and out["labels"].dtype == np.int32 and out["valid"].dtype == bool
