@@ -1,9 +1,40 @@
-"""Fixtures shared across test files: one mini detector trained through the CLI."""
+"""Fixtures shared across test files: one mini detector trained through the CLI.
+
+The processes the tests start (the command line, notebooks' kernels) share one
+persistent compilation cache, so the mini detector's step compiles once for all of
+them. This process has imported jax already and keeps its own configuration: the
+tests that count compiles see every compile.
+"""
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from lucid_jax import cli
 from tests.voc_fixture import write_voc
+
+_CACHE_ENV = {
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+}
+
+
+def pytest_configure(config):
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return  # the caller's own cache
+    config._lucid_jax_cache = tempfile.mkdtemp(prefix="lucid_jax-tests-compilation-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._lucid_jax_cache
+    for name, value in _CACHE_ENV.items():
+        os.environ.setdefault(name, value)
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_lucid_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
+
 
 SMALL = ["--batch-size", "8", "--image-size", "128", "--no-progress", "--num-workers", "2"]
 
