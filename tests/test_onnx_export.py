@@ -75,3 +75,44 @@ def test_onnxruntime_matches_jax(detector, tmp_path):
     np.testing.assert_allclose(out["boxes"], ref["boxes"], rtol=0, atol=1e-3)
     np.testing.assert_allclose(out["scores"], ref["scores"], rtol=0, atol=1e-5)
     assert out["boxes"].dtype == np.float32 and out["labels"].dtype == np.int32 and out["valid"].dtype == bool
+
+
+@needs_onnx
+@pytest.mark.filterwarnings("ignore:Explicitly requested dtype float64:UserWarning")
+def test_cli_exports_a_trained_run_that_onnxruntime_runs_as_lucid_jax_predicts(tmp_path, capsys):
+    """``lucid-jax export --format onnx``: the file and its JSON, run in onnxruntime on a canvas."""
+    import json
+
+    import onnxruntime as ort
+
+    from lucid_jax import cli, jobs
+
+    run = tmp_path / "run"
+    train = ["train", "--data", "shapes", "--steps", "2", "--batch-size", "2", "--no-progress", "--out", str(run)]
+    assert cli.main([*train, "--shapes-train-examples", "16", "--num-workers", "0"]) == 0
+    path = tmp_path / "detector.onnx"
+    export = ["export", "--format", "onnx", "--checkpoint", str(run), "--score-thresh", "0"]
+    assert cli.main([*export, "--out", str(path)]) == 0
+    meta = json.loads(path.with_name("detector.onnx.json").read_text())
+    assert meta["format"] == "onnx" and meta["canvas"] == [CANVAS, CANVAS] and meta["batch_size"] == 1
+    assert meta["class_names"] == ["rectangle", "ellipse", "triangle"]
+
+    model, variables, _, _ = jobs.load_trained(run)
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (1, CANVAS, CANVAS, 3), dtype=np.uint8)
+    sizes = np.array([[CANVAS - 32, CANVAS]], np.int32)
+    ref = jax.tree_util.tree_map(
+        np.asarray, jax.jit(serving_function(model, variables, score_thresh=0.0))(images, sizes)
+    )
+    assert ref["valid"].sum() > 10  # with no threshold, the barely trained detector keeps many boxes
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    out = dict(zip(OUTPUT_NAMES, sess.run(list(OUTPUT_NAMES), {"images": images, "image_sizes": sizes}), strict=True))
+    np.testing.assert_array_equal(out["valid"], ref["valid"])
+    np.testing.assert_array_equal(out["labels"][ref["valid"]], ref["labels"][ref["valid"]])
+    np.testing.assert_allclose(out["boxes"][ref["valid"]], ref["boxes"][ref["valid"]], rtol=0, atol=1e-3)
+    # A folder in place of the output file is refused with a clear message and exit code 1.
+    capsys.readouterr()
+    assert cli.main([*export, "--out", str(tmp_path)]) == 1
+    assert "is a folder; give a file name" in capsys.readouterr().err
