@@ -257,7 +257,7 @@ def test_killed_and_resumed_run_ends_bit_identical(two, env):
 
 
 def _without_time(rows):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in ("seconds", "data_wait_fraction")} for row in rows]
 
 
 def _flatten(tree, prefix=""):

@@ -235,15 +235,20 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
             total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
         )
         last, started = {}, time.perf_counter()
+        waiting = DataWait()
         try:
-            for i, batch in enumerate(loader.iterate(start, config.steps - start), start=start + 1):
+            for i, batch in enumerate(waiting.wrap(loader.iterate(start, config.steps - start)), start=start + 1):
                 inputs = model_inputs(batch) if mesh is None else shard_batch(model_inputs(batch), mesh)
                 state, metrics = step_fn(state, inputs, jax.random.fold_in(rng, i))
                 bar.update(1)
                 if i % config.log_every and i != config.steps and bool(distributed.host_value(metrics["finite"])):
                     continue
                 last = host_metrics(metrics)
-                last.update(step=i, seconds=round(time.perf_counter() - started, 2))
+                last.update(
+                    step=i,
+                    seconds=round(time.perf_counter() - started, 2),
+                    data_wait_fraction=round(waiting.fraction(), 4),
+                )
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 bar.set_postfix(
@@ -261,7 +266,42 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         finally:
             bar.close()
             log.close()
+    if waiting.steps:
+        echo(f"data: the step waited for the loader {waiting.fraction():.1%} of the wall time ({waiting})")
     return last
+
+
+class DataWait:
+    """How long a loop waits for its loader: the time spent getting each next batch.
+
+    The loop blocks on every step's result (it reads ``finite``), so the rest of the
+    wall time is the step's: ``fraction`` is the share of the wall time the step
+    starves. The clock starts after the first step, which compiles.
+    """
+
+    def __init__(self):
+        self.waited = 0.0
+        self.steps = 0
+        self.started: float | None = None
+
+    def wrap(self, batches):
+        iterator = iter(batches)
+        batch = next(iterator, None)
+        while batch is not None:
+            yield batch
+            before = time.perf_counter()
+            self.started = before if self.started is None else self.started
+            batch = next(iterator, None)
+            if batch is not None:
+                self.waited += time.perf_counter() - before
+                self.steps += 1
+
+    def fraction(self) -> float:
+        wall = time.perf_counter() - self.started if self.started is not None else 0.0
+        return self.waited / wall if wall > 0 else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.waited:.1f} s over {self.steps} steps"
 
 
 def load_trained(checkpoint: str | os.PathLike, model_name: str | None = None):
