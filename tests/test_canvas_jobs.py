@@ -121,3 +121,8 @@ def test_a_canvas_with_fewer_images_than_a_batch_is_named(voc_mixed):
     ]
     square = jobs.make_loader(jobs.open_dataset(config.data, "train"), jobs.TrainConfig(batch_size=3), train=True)
     assert small_canvases(square) == []
+
+
+def test_export_refuses_canvases_in_one_line(run, tmp_path):
+    with pytest.raises(jobs.JobError, match="export of SHORT:LONG runs: not yet supported"):
+        jobs.export_checkpoint(run[0], tmp_path / "detector.jax")
