@@ -110,9 +110,9 @@ class TrainConfig:
     shapes_train_examples: int = _flag(2000, "synthetic training images (--data shapes)", type=int)
 
     def __post_init__(self):
-        # Checkpoints before SHORT:LONG stored the square size as an int: 128 and "128" are one setting.
-        if not isinstance(self.image_size, str):
-            object.__setattr__(self, "image_size", str(self.image_size))
+        # Checkpoints before SHORT:LONG stored the square size as an int: 128, "128" and
+        # " 128" are one setting, and so are "800:1333" and "800 : 1333".
+        object.__setattr__(self, "image_size", str(self.image_size).replace(" ", ""))
 
 
 # Flags that may differ when a run resumes: they change neither the model nor the data order.
