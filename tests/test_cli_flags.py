@@ -140,6 +140,7 @@ def test_resume_refuses_changed_settings_before_compiling(tmp_path):
     assert (
         jobs.reconcile_resume(config, dataclasses.replace(config, image_size="64"), given={"image_size"})[0] == config
     )
+    assert TrainConfig(image_size=" 64 : 128").image_size == "64:128"
 
 
 def test_bench_without_arguments_runs_every_benchmark(monkeypatch):
