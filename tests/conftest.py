@@ -47,6 +47,14 @@ def voc(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def voc_mixed(tmp_path_factory):
+    """A small VOC folder whose images span three canvases of ``--image-size 64:128``: landscape
+    96x160 and portrait 160x96 (5:3, beyond the square band of 5:4) and square crowded 160x160."""
+    root = tmp_path_factory.mktemp("voc_mixed")
+    return root, write_voc(root, train=30, val=12, landscape=(96, 160))
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, voc):
     """A mini detector trained through the CLI on the VOC folder's train split (128x128 canvas)."""
     out = tmp_path_factory.mktemp("run")

@@ -81,6 +81,8 @@ def test_every_optional_flag_of_every_subcommand_states_its_default(command):
             ["--image-size", "100"],
             "--image-size must be a positive multiple of 32 (faster_rcnn_mini_fpn's largest stride), got 100",
         ),
+        (["--image-size", "800x1333"], "--image-size must be S or SHORT:LONG with positive integers"),
+        (["--image-size", "1333:800"], "--image-size SHORT:LONG needs SHORT <= LONG, got '1333:800'"),
         (["--schedule", "step"], "--schedule step needs --decay-steps"),
         (["--decay-steps", "300,200"], "--decay-steps must be increasing positive steps, got 300,200"),
         (["--trainable-backbone-layers", "7"], "invalid choice"),
@@ -131,7 +133,14 @@ def test_resume_refuses_changed_settings_before_compiling(tmp_path):
     assert notes == ["--steps changed from 2 to 5: the cosine schedule is recomputed for 5 steps (warmup 1)"]
     # an old checkpoint's config (image_size stored as an int, fields missing) still reads
     old = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("norm_mode", "schedule", "init")}
+    old["image_size"] = 64
     assert jobs.config_from_dict(json.loads(json.dumps(old))) == config
+    assert config.image_size == "64" and jobs.canvases(config).shapes == ((64, 64),)
+    # 64 (an old checkpoint's int) and "64" (the flag's string) are the same setting on resume
+    assert (
+        jobs.reconcile_resume(config, dataclasses.replace(config, image_size="64"), given={"image_size"})[0] == config
+    )
+    assert TrainConfig(image_size=" 64 : 128").image_size == "64:128"
 
 
 def test_bench_without_arguments_runs_every_benchmark(monkeypatch):

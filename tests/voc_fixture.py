@@ -26,21 +26,28 @@ def _xml(filename: str, height: int, width: int, boxes, labels, difficult) -> st
 
 
 def write_voc(
-    root: Path, *, train: int = 240, val: int = 48, crowded_every: int = 12, difficult_every: int = 9
+    root: Path,
+    *,
+    train: int = 240,
+    val: int = 48,
+    crowded_every: int = 12,
+    difficult_every: int = 9,
+    landscape: tuple[int, int] = (128, 160),
 ) -> dict:
     """Write the folder; returns {"train": stems, "val": stems, "val_objects": non-difficult count}.
 
-    Images alternate landscape 128x160 and portrait 160x128; every ``crowded_every``-th
-    one is a 160x160 image with 17 to 24 small objects. In val, every
-    ``difficult_every``-th object is marked difficult.
+    Images alternate landscape (height, width) ``landscape`` (128x160) and its
+    portrait transpose (160x128); every ``crowded_every``-th one is a 160x160 image
+    with 17 to 24 small objects. In val, every ``difficult_every``-th object is
+    marked difficult.
     """
     (root / "Annotations").mkdir(parents=True)
     (root / "JPEGImages").mkdir()
     (root / "ImageSets" / "Main").mkdir(parents=True)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
     kinds = {
-        "landscape": ShapesDataset(num_examples=train + val, image_size=(128, 160), seed=11),
-        "portrait": ShapesDataset(num_examples=train + val, image_size=(160, 128), seed=12),
+        "landscape": ShapesDataset(num_examples=train + val, image_size=landscape, seed=11),
+        "portrait": ShapesDataset(num_examples=train + val, image_size=landscape[::-1], seed=12),
         "crowded": ShapesDataset(
             num_examples=train + val,
             image_size=(160, 160),

@@ -13,6 +13,7 @@ decoded), the ground truth that evaluation counts; :func:`object_counts` and
 """
 
 from lucid_jax.data.batching import TRAIN_KEYS, Loader, collate, largest_boxes, model_inputs
+from lucid_jax.data.canvases import Canvases, parse_image_size
 from lucid_jax.data.coco import COCODataset
 from lucid_jax.data.coco_format import coco_ground_truth, coco_results
 from lucid_jax.data.dataset import (
@@ -23,6 +24,7 @@ from lucid_jax.data.dataset import (
     Example,
     dropped_boxes_summary,
     get_annotation,
+    image_shapes,
     image_size,
     load_image,
     make_annotation,
@@ -40,6 +42,7 @@ from lucid_jax.data.transforms import (
     normalize,
     pad_to,
     preprocess,
+    preprocess_on_canvas,
     random_hflip,
     resize,
     resized_shape,
@@ -50,6 +53,7 @@ from lucid_jax.data.voc import VOC_CLASSES, VOCDataset, parse_annotation
 __all__ = [
     "Annotation",
     "COCODataset",
+    "Canvases",
     "Dataset",
     "DatasetError",
     "DroppedBoxes",
@@ -69,6 +73,7 @@ __all__ = [
     "dropped_boxes_summary",
     "get_annotation",
     "hflip",
+    "image_shapes",
     "image_size",
     "largest_boxes",
     "load_image",
@@ -79,7 +84,9 @@ __all__ = [
     "object_counts",
     "pad_to",
     "parse_annotation",
+    "parse_image_size",
     "preprocess",
+    "preprocess_on_canvas",
     "random_hflip",
     "fit_to_canvas",
     "resize",

@@ -17,6 +17,15 @@ epoch's permutation, into one contiguous slice per host. The slices are disjoint
 cover the global batch exactly once, and stacked in shard order they are the batch
 one unsharded loader of the global batch size reads at that step; a resumed run
 continues the same global order on every host.
+
+With aspect-ratio ``canvases`` (``--image-size SHORT:LONG``) every image has a canvas,
+a pure function of its size read without decoding (``image_shapes``), and every
+global batch holds one canvas: each epoch's permutation is cut into per-canvas
+batches and the batches are shuffled (``grouped_batches``, seeded by (seed, epoch)),
+then each host takes its contiguous slice of the step's global batch as above. A
+batch is ``images [B, 3, Hc, Wc]`` on its canvas, so a run compiles at most one step
+per canvas; an epoch has ``sum over canvases of floor (or ceil, padded) of
+n_canvas / global batch`` steps, the same every epoch.
 """
 
 import collections
@@ -30,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from lucid_jax.data.dataset import Dataset
+from lucid_jax.data.canvases import Canvases, grouped_batches
+from lucid_jax.data.dataset import Dataset, image_shapes
 from lucid_jax.data.transforms import preprocess
 
 # The arrays the train step needs; the rest of a batch ("ids", "difficult", ...) is for evaluation.
@@ -131,6 +141,11 @@ def _epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
+# Seeds the order of an epoch's grouped batches, a stream apart from the example rngs
+# (seeded by (seed, epoch, index) with index < 2**32).
+_BATCH_ORDER_STREAM = 0x6261746368  # "batch"
+
+
 class Loader:
     """Iterates over a dataset in fixed-shape batches, prefetching on a thread pool.
 
@@ -150,6 +165,9 @@ class Loader:
       num_shards, shard_index: this host's share of every epoch.
       warn_dropped: warn for each example with more than ``max_boxes`` objects (off
         when the caller reports the drops once, as ``lucid-jax train`` does).
+      canvases: group every batch onto one canvas of these (see the module); the
+        transform is then called as ``transform(example, rng, canvas=(Hc, Wc))``.
+        None, or a square-only ``Canvases``, reads as one canvas, the transform's.
 
     ``for batch in loader`` is an endless stream from step 0; use :meth:`epoch` or
     ``iterate(start_step, num_steps)`` for a finite one.
@@ -170,6 +188,7 @@ class Loader:
         num_shards: int = 1,
         shard_index: int = 0,
         warn_dropped: bool = True,
+        canvases: Canvases | None = None,
     ):
         if batch_size < 1 or max_boxes < 1 or num_workers < 0 or prefetch < 1:
             raise ValueError(
@@ -180,7 +199,7 @@ class Loader:
             raise ValueError(f"need 0 <= shard_index < num_shards, got {shard_index}, {num_shards}")
         self.dataset, self.batch_size, self.max_boxes = dataset, batch_size, max_boxes
         self.warn_dropped = warn_dropped
-        self.transform = transform or _default_transform
+        self.transform: Callable[..., dict] = transform or _default_transform
         self.shuffle, self.seed, self.drop_remainder = shuffle, seed, drop_remainder
         self.num_workers, self.prefetch = num_workers, prefetch
         self.num_shards, self.shard_index = num_shards, shard_index
@@ -188,7 +207,16 @@ class Loader:
         # Every shard takes the same number of steps, so hosts stay in lockstep.
         self.global_batch_size = batch_size * num_shards
         rounding = math.floor if drop_remainder else math.ceil
-        self.steps_per_epoch = rounding(n / self.global_batch_size)
+        self.canvases = canvases if canvases is not None and not canvases.square_only else None
+        self.canvas_ids: np.ndarray | None = None  # [N] canvas of every example, when grouped
+        if self.canvases is None:
+            self.steps_per_epoch = rounding(n / self.global_batch_size)
+        else:
+            shapes = image_shapes(dataset)
+            self.canvas_ids = np.array([self.canvases.canvas_index(int(h), int(w)) for h, w in shapes], np.int64)
+            counts = np.bincount(self.canvas_ids, minlength=len(self.canvases.shapes))
+            self.steps_per_epoch = sum(rounding(int(c) / self.global_batch_size) for c in counts)
+            self._grouped_epoch = functools.lru_cache(maxsize=4)(self._grouped_batches)
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"a dataset of {n} examples gives no full batch of {batch_size} on {num_shards} shard(s); "
@@ -198,22 +226,48 @@ class Loader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def _grouped_batches(self, epoch: int) -> list[tuple[int, list[int]]]:
+        """[(canvas index, global batch of dataset indices)] of one epoch, grouped by canvas."""
+        assert self.canvas_ids is not None
+        order = _epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
+        rng = np.random.default_rng([self.seed, epoch, _BATCH_ORDER_STREAM]) if self.shuffle else None
+        return grouped_batches(
+            self.canvas_ids, order, self.global_batch_size, drop_remainder=self.drop_remainder, rng=rng
+        )
+
     def batch_indices(self, step: int) -> tuple[int, list[int]]:
         """(epoch, dataset indices) of this shard at global step ``step``.
 
         The global batch is ``order[pos * G : (pos + 1) * G]`` (G = num_shards *
-        batch_size) of the epoch's permutation, and this shard reads its
-        ``shard_index``-th slice of batch_size; fewer (or none) only in a padded
-        last batch.
+        batch_size) of the epoch's permutation, or with canvases the epoch's
+        ``pos``-th grouped batch, and this shard reads its ``shard_index``-th slice
+        of batch_size; fewer (or none) only in a padded last batch (of a canvas).
         """
         epoch, pos = divmod(step, self.steps_per_epoch)
+        start = self.shard_index * self.batch_size
+        if self.canvases is not None:
+            members = self._grouped_epoch(epoch)[pos][1]
+            return epoch, members[start : start + self.batch_size]
         order = _epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)
-        start = pos * self.global_batch_size + self.shard_index * self.batch_size
+        start += pos * self.global_batch_size
         return epoch, [int(i) for i in order[start : start + self.batch_size]]
+
+    def batch_canvas(self, step: int) -> tuple[int, int] | None:
+        """(Hc, Wc) of every image at global step ``step``; None without canvases (the transform's)."""
+        if self.canvases is None:
+            return None
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        return self.canvases.shapes[self._grouped_epoch(epoch)[pos][0]]
 
     def _collate(self, examples: list[dict], epoch: int, step: int) -> dict:
         if examples:
             return collate(examples, self.max_boxes, self.batch_size, warn=self.warn_dropped)
+        canvas = self.batch_canvas(step)
+        if canvas is not None:  # padding rows on the step's canvas
+            blank = {"image": np.zeros((3, *canvas), np.float32), "boxes": np.zeros((0, 4)), "labels": np.zeros(0)}
+            batch = collate([blank], self.max_boxes, self.batch_size)
+            batch["image_valid"][0], batch["ids"][0] = False, None
+            return batch
         # This shard's slice of a padded last batch is empty: padding rows on the
         # canvas of the step's first example, so that every host's batch has one shape.
         first = _epoch_order(len(self.dataset), self.seed, epoch, self.shuffle)[
@@ -229,9 +283,11 @@ class Loader:
         batch["image_valid"][0], batch["ids"][0] = False, None
         return batch
 
-    def _load(self, index: int, epoch: int) -> dict:
+    def _load(self, index: int, epoch: int, canvas: tuple[int, int] | None = None) -> dict:
         rng = np.random.default_rng([self.seed, epoch, index])
-        return self.transform(self.dataset[index], rng)
+        if canvas is None:
+            return self.transform(self.dataset[index], rng)
+        return self.transform(self.dataset[index], rng, canvas=canvas)
 
     def iterate(self, start_step: int = 0, num_steps: int | None = None) -> Iterator[dict]:
         """Batches of global steps ``start_step, start_step + 1, ...``, across epochs.
@@ -247,7 +303,8 @@ class Loader:
         if self.num_workers == 0:
             for step in steps:
                 epoch, indices = self.batch_indices(step)
-                yield self._collate([self._load(i, epoch) for i in indices], epoch, step)
+                canvas = self.batch_canvas(step)
+                yield self._collate([self._load(i, epoch, canvas) for i in indices], epoch, step)
             return
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="lucid_jax-loader")
         pending: collections.deque = collections.deque()  # bounded: at most prefetch + 1 batches in flight
@@ -256,7 +313,8 @@ class Loader:
             step = next(steps, None)
             if step is not None:
                 epoch, indices = self.batch_indices(step)
-                pending.append((epoch, step, [pool.submit(self._load, i, epoch) for i in indices]))
+                canvas = self.batch_canvas(step)
+                pending.append((epoch, step, [pool.submit(self._load, i, epoch, canvas) for i in indices]))
 
         try:
             for _ in range(self.prefetch):

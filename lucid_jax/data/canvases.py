@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 SQUARE_BAND = 1.25  # aspect ratios up to 5:4 either way go on the square canvas
+ORIENTATIONS = ("landscape", "portrait", "square")
 
 
 def _round_up(n: float, multiple: int) -> int:
@@ -74,15 +75,28 @@ class Canvases:
             return 1  # portrait
         return 2
 
-    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w) of the image on its canvas: the aspect ratio kept, the size fitting the canvas."""
+    def resized_shape(self, height: int, width: int, canvas: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(h, w) of the image on its canvas: the aspect ratio kept, the size fitting the canvas.
+
+        Args:
+          height, width: the image's size (after EXIF rotation).
+          canvas: (Hc, Wc) to fit instead of the image's own canvas (a size read from
+            an annotation file that disagrees with the pixels still fits its batch).
+        """
         if self.square_only:
             scale = self.long / max(height, width)
         else:
             scale = min(self.short / min(height, width), self.long / max(height, width))
-        ch, cw = self.shapes[self.canvas_index(height, width)]
+        ch, cw = self.shapes[self.canvas_index(height, width)] if canvas is None else canvas
         scale = min(scale, ch / height, cw / width)  # never overflow the canvas after rounding
         return max(1, min(ch, int(round(height * scale)))), max(1, min(cw, int(round(width * scale))))
+
+    def describe(self) -> str:
+        """One line for a job's log, e.g. "800x1344 landscape, 1344x800 portrait, 1024x1024 square"."""
+        if self.square_only:
+            h, w = self.shapes[0]
+            return f"{h}x{w} square"
+        return ", ".join(f"{h}x{w} {name}" for (h, w), name in zip(self.shapes, ORIENTATIONS, strict=True))
 
     def __str__(self) -> str:
         return str(self.long) if self.square_only else f"{self.short}:{self.long}"

@@ -215,8 +215,7 @@ class COCODataset:
         """
         image_id = self.image_ids[index]
         record = self._images[image_id]
-        if record["height"] is None or record["width"] is None:
-            record["height"], record["width"] = image_size(self.image_path(index))
+        self.image_shape(index)
         return make_annotation(
             record["boxes"].copy(),
             record["labels"].copy(),
@@ -225,6 +224,13 @@ class COCODataset:
             record["height"],
             record["width"],
         )
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(height, width) of image ``index``: the file's fields, else its header (read once, cached)."""
+        record = self._images[self.image_ids[index]]
+        if record["height"] is None or record["width"] is None:
+            record["height"], record["width"] = image_size(self.image_path(index))
+        return record["height"], record["width"]
 
     def train_object_counts(self) -> np.ndarray:
         """[N] objects per image that training sees (crowd regions left out)."""

@@ -239,3 +239,25 @@ def get_annotation(dataset, index: int) -> Annotation:
     difficult = ex.get("difficult")
     ignore = np.zeros(len(ex["labels"]), bool) if difficult is None else difficult
     return make_annotation(ex["boxes"], ex["labels"], ignore, ex.get("id", index), h, w)
+
+
+def image_shapes(dataset) -> np.ndarray:
+    """Every image's (height, width) after EXIF rotation, without decoding pixels where possible.
+
+    Uses ``dataset.image_shape(i)`` (the built-in datasets: their layout, the image
+    header, or the annotation file's fields), else :func:`get_annotation`'s height and
+    width (which may decode the image).
+
+    Returns:
+      [N, 2] int64.
+    """
+    shape = getattr(dataset, "image_shape", None)
+
+    def of(index: int) -> tuple[int, int]:
+        if shape is not None:
+            h, w = shape(index)
+            return int(h), int(w)
+        annotation = get_annotation(dataset, index)
+        return annotation["height"], annotation["width"]
+
+    return np.asarray([of(i) for i in range(len(dataset))], np.int64).reshape(-1, 2)

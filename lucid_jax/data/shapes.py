@@ -179,6 +179,10 @@ class ShapesDataset:
         labels = [o[0] for o in objects]
         return make_annotation([o[5] for o in objects], labels, np.zeros(len(labels), bool), index, h, w)
 
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(height, width) of item ``index``: every item has :attr:`size`."""
+        return self.size
+
     def train_object_counts(self) -> np.ndarray:
         """[N] objects per item (each layout is drawn, the shapes are not painted)."""
         return np.asarray([len(self._layout(i)[1]) for i in range(self.num_examples)], np.int64)

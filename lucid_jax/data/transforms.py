@@ -17,6 +17,8 @@ import math
 
 import numpy as np
 
+from lucid_jax.data.canvases import Canvases
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -151,6 +153,7 @@ def preprocess(
     longer_side=None,
     shorter_side=None,
     max_size=None,
+    size: tuple[int, int] | None = None,
     flip_prob: float = 0.0,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
@@ -167,6 +170,8 @@ def preprocess(
         ``max_size``).
       longer_side / shorter_side, max_size: see :func:`resized_shape`; neither keeps
         the input size.
+      size: resize to exactly this (height, width) instead (e.g.
+        ``Canvases.resized_shape``); not with longer_side or shorter_side.
       flip_prob: probability of a horizontal flip (0 for evaluation).
       mean, std: normalisation on [0, 1] RGB.
       size_divisibility: what the canvas sides must divide by: the model's
@@ -184,7 +189,11 @@ def preprocess(
     boxes = np.asarray(example["boxes"], np.float32).reshape(-1, 4)
     labels = np.asarray(example["labels"], np.int32)
     difficult = np.asarray(example.get("difficult", np.zeros(len(labels), bool)), bool)
-    if longer_side is not None or shorter_side is not None:
+    if size is not None:
+        if longer_side is not None or shorter_side is not None:
+            raise ValueError("preprocess: give size, or longer_side / shorter_side, not both")
+        image, boxes = resize(image, boxes, (int(size[0]), int(size[1])))
+    elif longer_side is not None or shorter_side is not None:
         image, boxes = resize(
             image, boxes, resized_shape(h0, w0, longer_side=longer_side, shorter_side=shorter_side, max_size=max_size)
         )
@@ -218,7 +227,28 @@ def preprocess(
     }
 
 
-def fit_to_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def preprocess_on_canvas(
+    example: dict, rng: np.random.Generator | None = None, *, canvases: Canvases, canvas=None, **kwargs
+) -> dict:
+    """:func:`preprocess` with the resize rule of ``canvases``, onto the image's canvas.
+
+    Args:
+      example: a dataset example (image [H, W, 3] uint8, boxes, labels, ...).
+      canvases: the run's :class:`~lucid_jax.data.canvases.Canvases`.
+      canvas: (Hc, Wc) of the batch (the loader's); default the image's own canvas.
+      **kwargs: the other options of :func:`preprocess` (flip_prob, size_divisibility, ...).
+
+    Returns:
+      :func:`preprocess`'s dict, "image" [3, Hc, Wc].
+    """
+    h, w = example["image"].shape[:2]
+    canvas = canvases.shapes[canvases.canvas_index(h, w)] if canvas is None else tuple(canvas)
+    return preprocess(example, rng, canvas=canvas, size=canvases.resized_shape(h, w, canvas), **kwargs)
+
+
+def fit_to_canvas(
+    image: np.ndarray, canvas: tuple[int, int], size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Resize a uint8 image to fit the canvas (aspect ratio kept) and pad it there.
 
     The same resize as ``preprocess(canvas=..., longer_side=...)`` on a square
@@ -227,6 +257,8 @@ def fit_to_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndarra
     Args:
       image: [H, W, 3] uint8.
       canvas: (height, width).
+      size: the content's (height, width) on the canvas (e.g.
+        ``Canvases.resized_shape``); default the largest that fits.
 
     Returns:
       canvas image [Hc, Wc, 3] uint8 (zeros right and below the content),
@@ -235,9 +267,10 @@ def fit_to_canvas(image: np.ndarray, canvas: tuple[int, int]) -> tuple[np.ndarra
     """
     ch, cw = (int(c) for c in canvas)
     h0, w0 = image.shape[:2]
-    fit = min(ch / h0, cw / w0)
-    nh, nw = resized_shape(h0, w0, longer_side=round(max(h0, w0) * fit))
-    nh, nw = min(nh, ch), min(nw, cw)
+    if size is None:
+        fit = min(ch / h0, cw / w0)
+        size = resized_shape(h0, w0, longer_side=round(max(h0, w0) * fit))
+    nh, nw = min(int(size[0]), ch), min(int(size[1]), cw)
     resized, _ = resize(image, np.zeros((0, 4), np.float32), (nh, nw))
     out = np.zeros((ch, cw, 3), np.uint8)
     out[:nh, :nw] = resized

@@ -301,10 +301,15 @@ class VOCDataset:
         ``height``, ``width`` come from the image header and its EXIF orientation.
         """
         r = self._records[index]
-        if "size" not in r:
-            r["size"] = image_size(r["image"])  # cached: the header is read once
-        h, w = r["size"]
+        h, w = self.image_shape(index)
         return make_annotation(r["boxes"].copy(), r["labels"].copy(), r["difficult"].copy(), r["id"], h, w)
+
+    def image_shape(self, index: int) -> tuple[int, int]:
+        """(height, width) of image ``index`` after EXIF rotation, from its header (read once, cached)."""
+        r = self._records[index]
+        if "size" not in r:
+            r["size"] = image_size(r["image"])
+        return r["size"]
 
     def train_object_counts(self) -> np.ndarray:
         """[N] objects per image that training sees (difficult ones included, as in detectron2)."""

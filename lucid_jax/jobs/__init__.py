@@ -17,6 +17,7 @@ from lucid_jax.jobs.config import (
     JobError,
     TrainConfig,
     apply_init_recipe,
+    canvases,
     check_config,
     check_model_name,
     config_from_dict,
@@ -27,7 +28,7 @@ from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
 from lucid_jax.jobs.demo import demo, pad_targets
 from lucid_jax.jobs.evaluate import evaluate, predictions_on
 from lucid_jax.jobs.export import export_checkpoint, export_checkpoint_onnx
-from lucid_jax.jobs.predict import default_score_thresh, expand_image_paths, predict_files
+from lucid_jax.jobs.predict import default_score_thresh, detect_files, expand_image_paths, predict_files
 from lucid_jax.jobs.seed import seed_example
 from lucid_jax.jobs.training import build_model, frozen_labels, initial_state, load_trained, train
 
@@ -38,12 +39,14 @@ __all__ = [
     "TrainConfig",
     "apply_init_recipe",
     "build_model",
+    "canvases",
     "check_config",
     "check_model_name",
     "config_from_dict",
     "default_score_thresh",
     "demo",
     "describe_data",
+    "detect_files",
     "detector_names",
     "evaluate",
     "expand_image_paths",

@@ -6,7 +6,10 @@ recipe where the user set nothing else.
 """
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lucid_jax.data.canvases import Canvases
 
 
 class JobError(RuntimeError):
@@ -36,8 +39,12 @@ class TrainConfig:
 
     data: str = _flag("shapes", "shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
     model: str = _flag("faster_rcnn_mini_fpn", "a registered model name", choices="models")
-    image_size: int = _flag(
-        128, "square canvas in pixels, a multiple of the model's largest stride (32 for the ResNet FPNs)", type=int
+    image_size: str = _flag(
+        "128",
+        "S: one S x S canvas, the longer side resized to S (a multiple of the model's largest stride, "
+        "32 for the ResNet FPNs); SHORT:LONG, e.g. 800:1333: the shorter side to SHORT, the longer "
+        "at most LONG, on a landscape, a portrait and a square canvas (one compiled step each)",
+        type=str,
     )
     batch_size: int = _flag(8, "images per step", type=int)
     steps: int = _flag(1000, "training steps in all (may change on resume)", type=int)
@@ -102,6 +109,11 @@ class TrainConfig:
     num_workers: int = _flag(2, "threads loading images", type=int)
     shapes_train_examples: int = _flag(2000, "synthetic training images (--data shapes)", type=int)
 
+    def __post_init__(self):
+        # Checkpoints before SHORT:LONG stored the square size as an int: 128, "128" and
+        # " 128" are one setting, and so are "800:1333" and "800 : 1333".
+        object.__setattr__(self, "image_size", str(self.image_size).replace(" ", ""))
+
 
 # Flags that may differ when a run resumes: they change neither the model nor the data order.
 RESUMABLE_CHANGES = ("steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "init")
@@ -116,6 +128,8 @@ def config_from_dict(saved: dict) -> TrainConfig:
     if unknown:
         raise JobError(f"the checkpoint's config has settings this version does not know: {', '.join(unknown)}")
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+    if "image_size" in values:
+        values["image_size"] = str(values["image_size"])  # an int in older checkpoints
     return TrainConfig(**values)
 
 
@@ -140,6 +154,35 @@ def size_divisibility(model_name: str) -> int:
     return get_model(model_name).backbone.size_divisibility
 
 
+def canvases(config: TrainConfig) -> "Canvases":
+    """The canvases of ``--image-size`` for the run's model: the one reading of the flag.
+
+    ``S`` gives one S x S canvas; ``SHORT:LONG`` a landscape SHORT x LONG, a portrait
+    LONG x SHORT and a square canvas (sides rounded up to the model's size divisibility).
+
+    Raises:
+      JobError: not S or SHORT:LONG, or an S that is not a multiple of the model's stride.
+    """
+    from lucid_jax.data.canvases import parse_image_size
+
+    multiple = size_divisibility(config.model)
+    text = str(config.image_size).strip()
+    if text.isdigit() and (int(text) < 1 or int(text) % multiple):
+        raise JobError(
+            f"--image-size must be a positive multiple of {multiple} ({config.model}'s largest stride), got {text}"
+        )
+    try:
+        return parse_image_size(text, multiple)
+    except ValueError as e:
+        raise JobError(str(e)) from None
+
+
+def describe_canvases(spec: "Canvases") -> str:
+    """The line a job logs, e.g. "canvases: 800x1344 landscape, ...: at most 3 compiled step shapes"."""
+    n = len(spec.shapes)
+    return f"canvases: {spec.describe()}: at most {n} compiled step shape{'s' if n > 1 else ''}"
+
+
 def check_config(config: TrainConfig) -> None:
     """Raise JobError for values no run can use (one line, naming the flag)."""
 
@@ -147,7 +190,6 @@ def check_config(config: TrainConfig) -> None:
         return "--" + name.replace("_", "-")
 
     for name in (
-        "image_size",
         "batch_size",
         "steps",
         "checkpoint_every",
@@ -157,12 +199,7 @@ def check_config(config: TrainConfig) -> None:
     ):
         if getattr(config, name) < 1:
             raise JobError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
-    multiple = size_divisibility(config.model)
-    if config.image_size % multiple:
-        raise JobError(
-            f"--image-size must be a positive multiple of {multiple} ({config.model}'s largest stride), "
-            f"got {config.image_size}"
-        )
+    canvases(config)  # --image-size: S or SHORT:LONG
     if config.max_boxes is not None and config.max_boxes < 1:
         raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
     for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers"):

@@ -1,16 +1,30 @@
 """The data a job reads: datasets from ``--data`` specs, what training will see, loaders."""
 
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
 
-from lucid_jax.data import COCODataset, DatasetError, Loader, ShapesDataset, VOCDataset, preprocess
+from lucid_jax.data import (
+    COCODataset,
+    DatasetError,
+    Loader,
+    ShapesDataset,
+    VOCDataset,
+    preprocess,
+    preprocess_on_canvas,
+)
 from lucid_jax.data.jitter import jitter_preprocess
-from lucid_jax.jobs.config import JobError, TrainConfig, size_divisibility
+from lucid_jax.jobs.config import JobError, TrainConfig, canvases, size_divisibility
+
+
+def shapes_image_size(image_size: int | str) -> int:
+    """The side of the synthetic shapes' square images for ``--image-size``: S, or SHORT of SHORT:LONG."""
+    return int(str(image_size).replace(" ", "").split(":")[0])
 
 
 def open_dataset(
-    spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int = 128, class_names=None
+    spec: str, split: str = "train", *, shapes_examples: int = 2000, image_size: int | str = 128, class_names=None
 ):
     """A dataset from ``shapes``, ``voc:DIR`` or ``coco:ANNOTATIONS.json:IMAGE_DIR``.
 
@@ -21,6 +35,7 @@ def open_dataset(
         "trainval" take every image no held-out split lists, "all" takes every
         image, and any other split is an error. COCO: the annotation file is
         the split.
+      image_size: shapes: the ``--image-size`` (S x S images, or SHORT x SHORT for SHORT:LONG).
       class_names: VOC's class list (None: ``classes.txt`` or the names found).
     """
     kind, _, rest = spec.partition(":")
@@ -28,7 +43,7 @@ def open_dataset(
         if kind == "shapes":
             seed = {"train": 0, "val": 1, "test": 2}.get(split, 1)
             n = shapes_examples if split == "train" else max(shapes_examples // 10, 64)
-            return ShapesDataset(num_examples=n, image_size=image_size, seed=seed)
+            return ShapesDataset(num_examples=n, image_size=shapes_image_size(image_size), seed=seed)
         if kind == "voc" and rest:
             return VOCDataset(rest, split=split, class_names=class_names)
         if kind == "coco" and ":" in rest:
@@ -70,20 +85,30 @@ def make_loader(
 ) -> Loader:
     """The loader of a training run (shuffled, flipped) or of an evaluation (in order, padded).
 
+    ``--image-size S`` puts every image on one S x S canvas (longer side S);
+    ``SHORT:LONG`` groups the batches by canvas (see :class:`lucid_jax.data.Loader`):
+    images [B, 3, Hc, Wc] with (Hc, Wc) one of ``canvases(config).shapes``.
+
     Args:
       batch_size: images per shard and step (default: ``config.batch_size``, the
         global batch, split evenly over ``num_shards``).
       num_shards, shard_index: the processes reading the data, and this one.
     """
     batch_size = batch_size or config.batch_size // num_shards
-    size = config.image_size
-    if train and config.augment == "jitter":
-        transform = partial(jitter_preprocess, canvas=size)
+    spec = canvases(config)
+    multiple = size_divisibility(config.model)
+    flip = 0.5 if train and config.augment == "flip" else 0.0
+    transform: Callable
+    if spec.square_only:  # one canvas, given here; the loader passes none
+        size = spec.long
+        if train and config.augment == "jitter":
+            transform = partial(jitter_preprocess, canvas=size)
+        else:
+            transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=flip, size_divisibility=multiple)
+    elif train and config.augment == "jitter":  # the loader passes each batch's canvas
+        transform = jitter_preprocess
     else:
-        flip = 0.5 if train and config.augment == "flip" else 0.0
-        transform = partial(
-            preprocess, canvas=size, longer_side=size, flip_prob=flip, size_divisibility=size_divisibility(config.model)
-        )
+        transform = partial(preprocess_on_canvas, canvases=spec, flip_prob=flip, size_divisibility=multiple)
     try:
         return Loader(
             dataset,
@@ -97,6 +122,7 @@ def make_loader(
             num_shards=num_shards,
             shard_index=shard_index,
             warn_dropped=False,  # train reports the drops in one line; eval scores against the annotations
+            canvases=spec,
         )
     except ValueError as e:
         if len(dataset) < config.batch_size:

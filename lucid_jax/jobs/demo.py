@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from lucid_jax import viz
-from lucid_jax.jobs.config import DEMO_OVERRIDES, TrainConfig
+from lucid_jax.jobs.config import DEMO_OVERRIDES, TrainConfig, canvases
 from lucid_jax.jobs.data import open_dataset
 from lucid_jax.jobs.evaluate import evaluate, predictions_on
 from lucid_jax.jobs.training import load_trained, train
@@ -41,7 +41,7 @@ def demo(config: TrainConfig, out: str | os.PathLike, *, given=(), progress: boo
     start = time.perf_counter()
     echo(
         f"training {config.model} on synthetic shapes for {config.steps} steps "
-        f"(batch {config.batch_size}, {config.image_size}x{config.image_size}) into {out}"
+        f"(batch {config.batch_size}, {canvases(config).describe()}) into {out}"
     )
     train(config, out, given=set(given) | set(DEMO_OVERRIDES) | {"data"}, progress=progress, echo=echo)
     train_s = time.perf_counter() - start

@@ -10,9 +10,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lucid_jax import distributed
-from lucid_jax.data import model_inputs, preprocess
+from lucid_jax.data import model_inputs, preprocess_on_canvas
 from lucid_jax.evaluation import coco_ground_truth, coco_results, evaluate_dataset, unpad_detections
-from lucid_jax.jobs.config import TrainConfig
+from lucid_jax.jobs.config import TrainConfig, canvases
 from lucid_jax.jobs.data import make_loader
 from lucid_jax.train import make_predict_fn
 
@@ -33,6 +33,11 @@ def evaluate(
     dataset's annotations, not the padded training targets, so ``max_boxes``
     plays no part. COCO numbers are pycocotools' COCOeval (on the original
     annotation file for COCO data).
+
+    With ``--image-size SHORT:LONG`` the images are batched by canvas, in dataset
+    order of each batch's first image, every canvas's last batch padded: images
+    [B, 3, Hc, Wc], one compiled prediction per canvas. Each image's detections
+    depend on its canvas alone, so the metrics do not depend on the batch size.
 
     Under ``jax.distributed`` every process calls this with the same arguments:
     each predicts its own slice of every batch (``config.batch_size`` images per
@@ -94,16 +99,23 @@ def evaluate(
 
 
 def predictions_on(model, variables, dataset, config: TrainConfig, indices: Sequence[int]):
-    """(normalised images [N, 3, S, S], predictions, targets) for a few examples."""
+    """(normalised images [N, 3, H, W], predictions, targets) for a few examples to draw.
+
+    Each image is resized as on its canvas; on SHORT:LONG canvases they are padded
+    further, right and below, to one (H, W) that holds them all (the largest sides).
+    """
+    spec = canvases(config)
     examples = [
-        preprocess(
-            dataset[i],
-            canvas=config.image_size,
-            longer_side=config.image_size,
-            size_divisibility=model.backbone.size_divisibility,
-        )
+        preprocess_on_canvas(dataset[i], canvases=spec, size_divisibility=model.backbone.size_divisibility)
         for i in indices
     ]
-    images = np.stack([e["image"] for e in examples])
+    height = max(e["image"].shape[1] for e in examples)
+    width = max(e["image"].shape[2] for e in examples)
+    images = np.stack(
+        [
+            np.pad(e["image"], ((0, 0), (0, height - e["image"].shape[1]), (0, width - e["image"].shape[2])))
+            for e in examples
+        ]
+    )
     sizes = np.stack([e["image_size"] for e in examples])
     return images, jax.device_get(make_predict_fn(model)(variables, images, sizes)), examples

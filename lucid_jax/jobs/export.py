@@ -7,8 +7,23 @@ from pathlib import Path
 from typing import Any
 
 from lucid_jax.export import PLATFORMS, export_prediction, write_artifact
-from lucid_jax.jobs.config import JobError
+from lucid_jax.jobs.config import JobError, TrainConfig, canvases
 from lucid_jax.jobs.training import load_trained
+
+
+def _square_canvas(config: TrainConfig) -> tuple[int, int]:
+    """(S, S) of a run trained with ``--image-size S``.
+
+    Raises:
+      JobError: the run has SHORT:LONG canvases, which one artifact does not serve yet.
+    """
+    spec = canvases(config)
+    if not spec.square_only:
+        raise JobError(
+            f"export of SHORT:LONG runs: not yet supported (this run has --image-size {spec}, "
+            f"canvases {spec.describe()}); export a run trained with --image-size S"
+        )
+    return spec.shapes[0]
 
 
 def export_checkpoint_onnx(
@@ -34,18 +49,17 @@ def export_checkpoint_onnx(
     if out.is_dir():
         raise JobError(f"--out {out} is a folder; give a file name")
     model, variables, class_names, config = load_trained(checkpoint, model_name)
+    canvas = _square_canvas(config)
     kwargs: dict[str, Any] = {} if score_thresh is None else {"score_thresh": score_thresh}
     try:
-        export_onnx(
-            model, variables, out, canvas=(config.image_size, config.image_size), batch_size=batch_size, **kwargs
-        )
+        export_onnx(model, variables, out, canvas=canvas, batch_size=batch_size, **kwargs)
     except ImportError as e:
         raise JobError(f"--format onnx needs jax2onnx (the onnx extra): {e}") from None
     meta = {
         "format": "onnx",
         "opset": DEFAULT_OPSET,
         "class_names": list(class_names),
-        "canvas": [config.image_size] * 2,
+        "canvas": list(canvas),
         "batch_size": batch_size,
         "model": config.model,
         "score_thresh": model.roi_heads.score_thresh if score_thresh is None else score_thresh,
@@ -87,11 +101,12 @@ def export_checkpoint(
         raise JobError(f"--batch-size must be >= 1, got {batch_size}")
     start = time.perf_counter()
     model, variables, class_names, config = load_trained(checkpoint, model_name)
+    canvas = _square_canvas(config)
     kwargs = {} if score_thresh is None else {"score_thresh": score_thresh}
     exported = export_prediction(
         model,
         variables,
-        canvas=(config.image_size, config.image_size),
+        canvas=canvas,
         batch_size=batch_size,
         platforms=tuple(platforms),
         **kwargs,

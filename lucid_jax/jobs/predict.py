@@ -2,9 +2,11 @@
 
 Paths may be files, folders (every image inside, recursively, in sorted order) or
 glob patterns. Images are decoded on a thread pool a few batches ahead, fitted onto
-the run's canvas and predicted ``batch_size`` at a time by one compiled program
-(the last batch is padded, so nothing recompiles). A file that cannot be read is
-reported and skipped; the others still get their detections.
+their canvas of the run's ``--image-size`` (one square canvas for S; for SHORT:LONG
+the landscape, portrait or square one, by the image's size) and predicted
+``batch_size`` images of one canvas at a time, by one compiled program per canvas
+(the last batch of each canvas is padded, so nothing recompiles). A file that
+cannot be read is reported and skipped; the others still get their detections.
 
 ``detections.json`` lists one entry per image that was read, in input order::
 
@@ -29,8 +31,9 @@ from tqdm.auto import tqdm
 
 from lucid_jax import viz
 from lucid_jax.data import DatasetError, fit_to_canvas, load_image
+from lucid_jax.data.canvases import Canvases
 from lucid_jax.export import uint8_predict_fn
-from lucid_jax.jobs.config import JobError
+from lucid_jax.jobs.config import JobError, canvases
 from lucid_jax.jobs.training import load_trained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -120,7 +123,7 @@ def predict_files(
 
     Args:
       specs: files, folders and glob patterns (see :func:`expand_image_paths`).
-      checkpoint: the ``--out`` of ``train``; its canvas is the run's ``image_size``.
+      checkpoint: the ``--out`` of ``train``; its canvases are the run's ``--image-size``.
       out: folder for ``detections.json`` (and the drawings).
       model_name: the architecture expected in the checkpoint, if given.
       **kwargs: the options of :func:`detect_files`.
@@ -130,14 +133,14 @@ def predict_files(
         raise FileExistsError(f"--out {out} is a file; give a folder")
     paths = expand_image_paths(specs)
     model, variables, class_names, config = load_trained(checkpoint, model_name)
-    return detect_files(model, variables, class_names, (config.image_size, config.image_size), paths, out, **kwargs)
+    return detect_files(model, variables, class_names, canvases(config), paths, out, **kwargs)
 
 
 def detect_files(
     model,
     variables,
     class_names: Sequence[str],
-    canvas: tuple[int, int],
+    canvas: tuple[int, int] | Canvases,
     paths: Sequence[Path],
     out: str | os.PathLike,
     *,
@@ -153,7 +156,9 @@ def detect_files(
     Args:
       model, variables: the detector.
       class_names: its foreground classes (label l is ``class_names[l - 1]``).
-      canvas: (height, width) the images are fitted onto.
+      canvas: (height, width) every image is fitted onto (the largest size that
+        fits), or the run's :class:`Canvases`: each image resized by their rule
+        onto its own canvas, and batched with images of that canvas only.
       paths: image files.
       out: folder for ``detections.json`` (and the drawings).
       score_thresh: keep detections scoring at least this (default:
@@ -172,17 +177,25 @@ def detect_files(
     if batch_size < 1:
         raise JobError(f"--batch-size must be >= 1, got {batch_size}")
     thresh = default_score_thresh(results is not None) if score_thresh is None else score_thresh
-    predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh))
-    canvas = (int(canvas[0]), int(canvas[1]))
+    predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh))  # compiles once per canvas
     names = ["background", *class_names]
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
-    coco: list[dict] = []
     position = {p: i for i, p in enumerate(paths)}
+    done: dict[int, tuple[dict, list[dict]]] = {}  # input position: (detections.json entry, COCO results)
 
-    def flush(batch: list) -> None:
-        images = np.zeros((batch_size, *canvas, 3), np.uint8)
-        sizes = np.tile(np.array(canvas, np.int32), (batch_size, 1))  # padding rows: any valid size
+    def fit(image: np.ndarray) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
+        """(canvas, image [Hc, Wc, 3] uint8 on it, content size [2], scale [2]) of one image."""
+        if not isinstance(canvas, Canvases):
+            shape = (int(canvas[0]), int(canvas[1]))
+            return (shape, *fit_to_canvas(image, shape))
+        h, w = image.shape[:2]
+        shape = canvas.shapes[canvas.canvas_index(h, w)]
+        return (shape, *fit_to_canvas(image, shape, canvas.resized_shape(h, w)))
+
+    def flush(shape: tuple[int, int], batch: list) -> None:
+        images = np.zeros((batch_size, *shape, 3), np.uint8)
+        sizes = np.tile(np.array(shape, np.int32), (batch_size, 1))  # padding rows: any valid size
         for i, (_, _, fitted, size, _) in enumerate(batch):
             images[i], sizes[i] = fitted, size
         dets = jax.device_get(predict(variables, images, sizes))
@@ -195,9 +208,10 @@ def detect_files(
             if draw:
                 png = out / (path.stem + "_detections.png")
                 viz.save_detections(image, {"boxes": boxes, "scores": scores, "labels": labels}, png, names)
+            coco = []
             if results is not None:
                 image_id = _coco_image_id(path, position[path])
-                coco.extend(
+                coco = [
                     {
                         "image_id": image_id,
                         "category_id": int(lab),
@@ -205,42 +219,42 @@ def detect_files(
                         "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
                     }
                     for b, s, lab in zip(boxes, scores, labels, strict=True)
-                )
-            report.results.append(
-                {
-                    "image": str(path),
-                    "height": int(image.shape[0]),
-                    "width": int(image.shape[1]),
-                    "detections_png": None if png is None else str(png),
-                    "detections": [
-                        {
-                            "box_xyxy": [round(float(v), 2) for v in b],
-                            "score": round(float(s), 4),
-                            "label": int(lab),
-                            "class": class_names[int(lab) - 1],
-                        }
-                        for b, s, lab in zip(boxes, scores, labels, strict=True)
-                    ],
-                }
-            )
+                ]
+            entry = {
+                "image": str(path),
+                "height": int(image.shape[0]),
+                "width": int(image.shape[1]),
+                "detections_png": None if png is None else str(png),
+                "detections": [
+                    {
+                        "box_xyxy": [round(float(v), 2) for v in b],
+                        "score": round(float(s), 4),
+                        "label": int(lab),
+                        "class": class_names[int(lab) - 1],
+                    }
+                    for b, s, lab in zip(boxes, scores, labels, strict=True)
+                ],
+            }
+            done[position[path]] = entry, coco
 
     bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
-    batch: list = []
+    batches: dict[tuple[int, int], list] = {}  # canvas: the images waiting for a batch of it
     for path, image in _decoded(paths, num_workers, ahead=2 * batch_size):
         if isinstance(image, str):
             report.failures.append((str(path), image))
         else:
-            fitted, size, scale = fit_to_canvas(image, canvas)
+            shape, fitted, size, scale = fit(image)
+            batch = batches.setdefault(shape, [])
             batch.append((path, image, fitted, size, scale))
             if len(batch) == batch_size:
-                flush(batch)
-                batch = []
+                flush(shape, batches.pop(shape))
         bar.update(1)
-    if batch:
-        flush(batch)
+    for shape, batch in batches.items():
+        flush(shape, batch)
     bar.close()
 
+    report.results = [done[i][0] for i in sorted(done)]  # input order, whatever the canvases
     (out / "detections.json").write_text(json.dumps(report.results, indent=2))
     if results is not None:
-        Path(results).write_text(json.dumps(coco))
+        Path(results).write_text(json.dumps([r for i in sorted(done) for r in done[i][1]]))
     return report

@@ -28,9 +28,11 @@ from lucid_jax.jobs.config import (
     JobError,
     TrainConfig,
     apply_init_recipe,
+    canvases,
     check_config,
     check_model_name,
     config_from_dict,
+    describe_canvases,
     reconcile_resume,
     warmup_steps,
 )
@@ -79,8 +81,8 @@ def _optimizer(params, labels, config: TrainConfig):
 
 
 def _init_variables(model, config: TrainConfig):
-    size = config.image_size
-    images = np.zeros((1, 3, size, size), np.float32)
+    height, width = canvases(config).shapes[0]  # any canvas: the parameters do not depend on it
+    images = np.zeros((1, 3, height, width), np.float32)
     return jax.jit(model.init)(jax.random.key(config.seed), images)
 
 
@@ -93,6 +95,19 @@ def initial_state(model, config: TrainConfig, variables=None, *, mesh=None):
     labels = frozen_labels(variables["params"], config)
     state = create_train_state(model, variables, _optimizer(variables["params"], labels, config), mesh=mesh)
     return state, labels
+
+
+def small_canvases(loader) -> list[str]:
+    """A note for each canvas with fewer images than one global batch: training drops them every epoch."""
+    if loader.canvases is None:
+        return []
+    counts = np.bincount(loader.canvas_ids, minlength=len(loader.canvases.shapes))
+    return [
+        f"canvas {h}x{w}: {n} image(s), fewer than the global batch of {loader.global_batch_size}; "
+        "training never sees them (use a smaller --batch-size)"
+        for (h, w), n in zip(loader.canvases.shapes, counts.tolist(), strict=True)
+        if 0 < n < loader.global_batch_size
+    ]
 
 
 def training_mesh(config: TrainConfig):
@@ -194,6 +209,9 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         shard_index=jax.process_index(),
     )
     data_info = describe_data(dataset, echo)
+    echo(describe_canvases(canvases(config)))
+    for note in small_canvases(loader):
+        echo(note)
     dropped = dropped_boxes_summary(counts, max_boxes)
     if dropped.dropped:
         echo(str(dropped))

@@ -145,3 +145,24 @@ def test_preprocess_canvas_rules_and_box_clipping():
         preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, longer_side=160)
     with pytest.raises(ValueError, match="needs an rng"):
         preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, canvas=96, flip_prob=0.5)
+
+
+def test_preprocess_on_canvas_follows_the_canvases_rule():
+    from lucid_jax.data import fit_to_canvas, parse_image_size, preprocess_on_canvas
+
+    image, boxes = _white_rectangle()  # 60x80, aspect 4:3: beyond the square band
+    example = {"image": image, "boxes": boxes, "labels": np.array([1])}
+    square = preprocess_on_canvas(example, canvases=parse_image_size("64"), size_divisibility=32)
+    plain = preprocess(example, canvas=64, longer_side=64, size_divisibility=32)
+    for key in ("image", "boxes", "image_size", "scale"):
+        np.testing.assert_array_equal(square[key], plain[key], err_msg=key)
+    canvases = parse_image_size("32:64")  # landscape 32x64: 60x80 -> 32x43 (shorter side 32)
+    out = preprocess_on_canvas(example, canvases=canvases, size_divisibility=32)
+    assert out["image"].shape == (3, 32, 64) and out["image_size"].tolist() == [32, 43]
+    # on a batch's canvas that is not the image's own, the image still fits
+    forced = preprocess_on_canvas(example, canvases=canvases, canvas=(64, 32), size_divisibility=32)
+    assert forced["image"].shape == (3, 64, 32) and forced["image_size"].tolist() == [24, 32]
+    fitted, size, scale = fit_to_canvas(image, (32, 64), canvases.resized_shape(60, 80))
+    assert fitted.shape == (32, 64, 3) and size.tolist() == [32, 43] and not fitted[:, 43:].any()
+    with pytest.raises(ValueError, match="not both"):
+        preprocess(example, canvas=64, size=(30, 40), longer_side=64)
