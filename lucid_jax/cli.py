@@ -154,14 +154,17 @@ def _export(args) -> int:
 
     platforms = tuple(p for p in args.platforms.replace(" ", "").split(",") if p)
     if args.format == "onnx":
-        path = jobs.export_checkpoint_onnx(
+        paths = jobs.export_checkpoint_onnx(
             args.checkpoint,
             args.out,
             model_name=args.model,
             batch_size=args.batch_size or 1,
             score_thresh=args.score_thresh,
         )
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX) and {path}.json")
+        for path in paths:
+            print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX) and {path}.json")
+        if len(paths) > 1:
+            print(f"wrote {args.out}.json: which canvas serves which image")
         return 0
     meta = jobs.export_checkpoint(
         args.checkpoint,
@@ -171,9 +174,11 @@ def _export(args) -> int:
         platforms=platforms,
         score_thresh=args.score_thresh,
     )
+    shapes = [c["canvas"] for c in meta["canvases"]] if "canvases" in meta else [meta["canvas"]]
     print(
-        f"wrote {args.out} ({meta['bytes'] / 2**20:.1f} MiB; canvas {meta['canvas'][0]}x{meta['canvas'][1]}, "
-        f"batch {meta['batch_size']}, {', '.join(meta['platforms'])}) and {args.out}.json in {meta['seconds']} s"
+        f"wrote {', '.join(meta['files'])} ({meta['bytes'] / 2**20:.1f} MiB; "
+        f"canvas {', '.join(f'{h}x{w}' for h, w in shapes)}, batch {meta['batch_size']}, "
+        f"{', '.join(meta['platforms'])}) and {args.out}.json in {meta['seconds']} s"
     )
     return 0
 

@@ -5,16 +5,22 @@
     for dets in detect([image_a, image_b]):                # uint8 [H, W, 3] RGB, any sizes
         print(dets["boxes"], dets["scores"], dets["classes"])
 
-Only the artifact is run; no model code is built. Each image is fitted onto the
-artifact's canvas (aspect ratio kept, padded right and below), the images go
-through the artifact ``batch_size`` at a time, and the boxes are mapped back.
+Only the artifacts are run; no model code is built. A run trained with
+``--image-size S`` has one artifact: each image is fitted onto its square canvas
+(aspect ratio kept, padded right and below). A ``SHORT:LONG`` run has one artifact
+per canvas and an index, ``detector.jax.json``: each image goes on the canvas of
+its orientation, resized as in training. The images go through each artifact
+``batch_size`` at a time, and the boxes are mapped back to each image's pixels.
 """
 
+import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
+from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.transforms import fit_to_canvas
 from lucid_jax.export import read_artifact
 
@@ -22,23 +28,45 @@ DEFAULT_BATCH = 8  # images per call when the artifact's batch dimension is symb
 
 
 class Detector:
-    """A loaded artifact as a callable; see :func:`load`.
+    """Loaded artifacts as a callable; see :func:`load`.
 
     Attributes:
       class_names: foreground class names; label l is ``class_names[l - 1]``.
-      canvas: (height, width) the images are fitted onto.
-      batch_size: images per call of the artifact.
-      meta: the artifact's JSON description.
+      canvases: (height, width) of each artifact's canvas.
+      batch_size: images per call of an artifact.
+      meta: the JSON description (the index, for several canvases).
     """
 
-    def __init__(self, exported, meta: dict, batch_size: int | None = None):
-        self.exported, self.meta = exported, meta
+    def __init__(self, artifacts: dict, meta: dict, batch_size: int | None = None, resize: Canvases | None = None):
+        """
+        Args:
+          artifacts: canvas (height, width) -> the deserialized jax.export program.
+          meta: the JSON description.
+          batch_size: see :func:`load`.
+          resize: the canvases' rule of a SHORT:LONG run; None for one square canvas.
+        """
+        self.artifacts, self.meta, self.resize = artifacts, meta, resize
         self.class_names = list(meta["class_names"])
-        self.canvas = tuple(meta["canvas"])
+        self.canvases = list(artifacts)
         fixed = meta["batch_size"]
         if fixed != "any" and batch_size not in (None, fixed):
             raise ValueError(f"the artifact was exported for batch size {fixed}, not {batch_size}")
         self.batch_size = fixed if fixed != "any" else (batch_size or DEFAULT_BATCH)
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """The canvas of a one-canvas detector."""
+        if len(self.canvases) != 1:
+            raise AttributeError(f"this detector has {len(self.canvases)} canvases; see .canvases")
+        return self.canvases[0]
+
+    def _fit(self, image: np.ndarray):
+        """(canvas, image on it [Hc, Wc, 3] uint8, content size [2], scale [2])."""
+        if self.resize is None:
+            return (self.canvases[0], *fit_to_canvas(image, self.canvases[0]))
+        h, w = image.shape[:2]
+        canvas = self.resize.shapes[self.resize.canvas_index(h, w)]
+        return (canvas, *fit_to_canvas(image, canvas, self.resize.resized_shape(h, w)))
 
     def __call__(self, images: Sequence[np.ndarray], score_thresh: float = 0.0) -> list[dict]:
         """Detections per image.
@@ -49,46 +77,59 @@ class Detector:
             threshold applies first).
 
         Returns:
-          One dict per image: {"boxes": [N, 4] float32 xyxy in the image's pixels,
-          "scores": [N] float32, "labels": [N] int32, "classes": [N] names},
-          sorted by decreasing score.
+          One dict per image, in input order: {"boxes": [N, 4] float32 xyxy in the
+          image's pixels, "scores": [N] float32, "labels": [N] int32, "classes": [N]
+          names}, sorted by decreasing score.
         """
         for i, image in enumerate(images):
             if np.asarray(image).dtype != np.uint8 or np.ndim(image) != 3 or np.shape(image)[2] != 3:
                 raise ValueError(
                     f"images[{i}] must be uint8 [H, W, 3] RGB, got {np.asarray(image).dtype} {tuple(np.shape(image))}"
                 )
-        out: list[dict] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = images[start : start + self.batch_size]
-            canvases = np.zeros((self.batch_size, *self.canvas, 3), np.uint8)
-            sizes = np.tile(np.array(self.canvas, np.int32), (self.batch_size, 1))  # padding rows: any valid size
-            scales = []
-            for i, image in enumerate(chunk):
-                canvases[i], sizes[i], scale = fit_to_canvas(np.asarray(image), self.canvas)
-                scales.append(scale)
-            dets = {k: np.asarray(v) for k, v in self.exported.call(canvases, sizes).items()}
-            for i, (sy, sx) in enumerate(scales):
-                keep = dets["valid"][i] & (dets["scores"][i] >= score_thresh)
-                labels = dets["labels"][i][keep].astype(np.int32)
-                out.append(
-                    {
-                        "boxes": (dets["boxes"][i][keep] / np.array([sx, sy, sx, sy], np.float32)).astype(np.float32),
-                        "scores": dets["scores"][i][keep].astype(np.float32),
+        by_canvas: dict[tuple[int, int], list] = {}
+        for i, image in enumerate(images):
+            canvas, *fitted = self._fit(np.asarray(image))
+            by_canvas.setdefault(canvas, []).append((i, *fitted))
+        out: dict[int, dict] = {}
+        for canvas, members in by_canvas.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start : start + self.batch_size]
+                batch = np.zeros((self.batch_size, *canvas, 3), np.uint8)
+                sizes = np.tile(np.array(canvas, np.int32), (self.batch_size, 1))  # padding rows: any valid size
+                for row, (_, fitted, size, _) in enumerate(chunk):
+                    batch[row], sizes[row] = fitted, size
+                dets = {k: np.asarray(v) for k, v in self.artifacts[canvas].call(batch, sizes).items()}
+                for row, (index, _, _, (sy, sx)) in enumerate(chunk):
+                    keep = dets["valid"][row] & (dets["scores"][row] >= score_thresh)
+                    labels = dets["labels"][row][keep].astype(np.int32)
+                    boxes = dets["boxes"][row][keep] / np.array([sx, sy, sx, sy], np.float32)
+                    out[index] = {
+                        "boxes": boxes.astype(np.float32),
+                        "scores": dets["scores"][row][keep].astype(np.float32),
                         "labels": labels,
                         "classes": [self.class_names[int(lab) - 1] for lab in labels],
                     }
-                )
-        return out
+        return [out[i] for i in range(len(images))]
 
 
 def load(path: str | os.PathLike, batch_size: int | None = None) -> Detector:
-    """Load a file written by ``lucid-jax export`` (and its ``.json``) as a :class:`Detector`.
+    """Load what ``lucid-jax export`` wrote to ``path`` as a :class:`Detector`.
 
     Args:
-      path: the artifact.
-      batch_size: images per call for an artifact with a symbolic batch dimension
-        (default 8); an artifact exported for a fixed batch size keeps it.
+      path: the ``--out`` of the export: one artifact (and its ``.json``), or, for
+        a SHORT:LONG run, the name whose ``.json`` indexes one artifact per canvas.
+      batch_size: images per call for artifacts with a symbolic batch dimension
+        (default 8); artifacts exported for a fixed batch size keep it.
     """
-    exported, meta = read_artifact(path)
-    return Detector(exported, meta, batch_size)
+    path = Path(path)
+    index_path = Path(str(path) + ".json")
+    index = json.loads(index_path.read_text()) if index_path.is_file() and not path.is_file() else None
+    if index is None or "canvases" not in index:
+        exported, meta = read_artifact(path)
+        return Detector({tuple(meta["canvas"]): exported}, meta, batch_size)
+    artifacts = {}
+    for entry in index["canvases"]:
+        exported, _ = read_artifact(path.with_name(entry["file"]))
+        artifacts[tuple(entry["canvas"])] = exported
+    r = index["resize"]
+    return Detector(artifacts, index, batch_size, Canvases(r["short"], r["long"], r["multiple"], r["band"]))

@@ -123,6 +123,52 @@ def test_a_canvas_with_fewer_images_than_a_batch_is_named(voc_mixed):
     assert small_canvases(square) == []
 
 
-def test_export_refuses_canvases_in_one_line(run, tmp_path):
-    with pytest.raises(jobs.JobError, match="export of SHORT:LONG runs: not yet supported"):
-        jobs.export_checkpoint(run[0], tmp_path / "detector.jax")
+def test_export_writes_one_artifact_per_canvas_that_serve_as_predict_does(run, voc_mixed, tmp_path):
+    from lucid_jax import serving
+    from lucid_jax.data import load_image
+
+    out = run[0]
+    path = tmp_path / "export" / "detector.jax"
+    argv = ["export", "--checkpoint", str(out), "--out", str(path), "--platforms", "cpu", "--score-thresh", "0.01"]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        assert cli.main(argv) == 0
+    assert "canvas 64x128, 128x64, 96x96" in stdout.getvalue()
+    names = {"detector.64x128.jax", "detector.128x64.jax", "detector.96x96.jax"}
+    assert {p.name for p in path.parent.iterdir()} == names | {f"{n}.json" for n in names} | {"detector.jax.json"}
+    index = json.loads((path.parent / "detector.jax.json").read_text())
+    assert index["format"] == "jax.export canvases" and index["image_size"] == IMAGE_SIZE
+    assert index["resize"] == {"short": 64, "long": 128, "multiple": 32, "band": 1.25}
+    assert [(c["canvas"], c["orientation"]) for c in index["canvases"]] == [
+        ([64, 128], "landscape"),
+        ([128, 64], "portrait"),
+        ([96, 96], "square"),
+    ]
+    for entry in index["canvases"]:  # each file is a whole artifact, with its own canvas
+        meta = json.loads((path.parent / f"{entry['file']}.json").read_text())
+        assert meta["canvas"] == entry["canvas"] and meta["batch_size"] == "any" and meta["platforms"] == ["cpu"]
+
+    jpegs = voc_mixed[0] / "JPEGImages"
+    files = [*sorted(jpegs.glob("val_*_landscape.png"))[:2], *sorted(jpegs.glob("val_*_portrait.png"))[:1]]
+    files += sorted(jpegs.glob("val_*_crowded.png"))[:1]
+    detector = serving.load(path, batch_size=2)
+    assert detector.canvases == [(64, 128), (128, 64), (96, 96)]
+    served = detector([load_image(f) for f in files], score_thresh=0.01)
+    model, variables, class_names, config = jobs.load_trained(out)
+    predicted = jobs.detect_files(
+        model,
+        variables,
+        class_names,
+        jobs.canvases(config),
+        [str(f) for f in files],
+        tmp_path / "predict",
+        batch_size=1,
+        score_thresh=0.01,
+        num_workers=0,
+        progress=False,
+    ).results
+    assert sum(len(d["labels"]) for d in served) > 0
+    for got, expected in zip(served, predicted, strict=True):
+        dets = expected["detections"]
+        assert got["classes"] == [d["class"] for d in dets]
+        np.testing.assert_allclose(got["boxes"], np.reshape([d["box_xyxy"] for d in dets], (-1, 4)), atol=0.02)
+        np.testing.assert_allclose(got["scores"], [d["score"] for d in dets], atol=1e-3)

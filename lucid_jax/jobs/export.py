@@ -1,29 +1,50 @@
-"""The export job: a trained run as one file that serves prediction without lucid_jax
-(see :mod:`lucid_jax.export` for the calling contract)."""
+"""The export job: a trained run as files that serve prediction without lucid_jax, one
+per canvas (see :mod:`lucid_jax.export` for the calling contract)."""
 
+import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from lucid_jax.data.canvases import ORIENTATIONS, Canvases
 from lucid_jax.export import PLATFORMS, export_prediction, write_artifact
-from lucid_jax.jobs.config import JobError, TrainConfig, canvases
+from lucid_jax.jobs.config import JobError, canvases
 from lucid_jax.jobs.training import load_trained
 
 
-def _square_canvas(config: TrainConfig) -> tuple[int, int]:
-    """(S, S) of a run trained with ``--image-size S``.
+def canvas_files(out: Path, spec: Canvases) -> dict[tuple[int, int], Path]:
+    """Where each canvas's file goes.
 
-    Raises:
-      JobError: the run has SHORT:LONG canvases, which one artifact does not serve yet.
+    A run trained with ``--image-size S`` has one canvas, written to ``out`` itself.
+    A ``SHORT:LONG`` run has three, written beside it as ``STEM.HxW.SUFFIX`` (e.g.
+    ``detector.800x1344.jax``), with ``out.json`` as their index.
     """
-    spec = canvases(config)
-    if not spec.square_only:
-        raise JobError(
-            f"export of SHORT:LONG runs: not yet supported (this run has --image-size {spec}, "
-            f"canvases {spec.describe()}); export a run trained with --image-size S"
-        )
-    return spec.shapes[0]
+    if spec.square_only:
+        return {spec.shapes[0]: out}
+    return {(h, w): out.with_name(f"{out.stem}.{h}x{w}{out.suffix}") for h, w in spec.shapes}
+
+
+def write_index(out: Path, spec: Canvases, files: dict[tuple[int, int], Path], common: dict) -> dict:
+    """``out.json`` of a SHORT:LONG export: the resize rule and which file serves which canvas.
+
+    An image of size (h, w) after EXIF rotation goes on canvas
+    ``Canvases(short, long, multiple, band).canvas_index(h, w)``: landscape when
+    ``w > band * h``, portrait when ``h > band * w``, square otherwise; it is
+    resized to ``resized_shape(h, w)`` (shorter side to SHORT, longer at most LONG,
+    and never past its canvas) and padded right and below.
+    """
+    index = {
+        **common,
+        "image_size": str(spec),
+        "resize": {"short": spec.short, "long": spec.long, "multiple": spec.multiple, "band": spec.band},
+        "canvases": [
+            {"canvas": [h, w], "orientation": name, "file": files[(h, w)].name}
+            for (h, w), name in zip(spec.shapes, ORIENTATIONS, strict=True)
+        ],
+    }
+    Path(str(out) + ".json").write_text(json.dumps(index, indent=2))
+    return index
 
 
 def export_checkpoint_onnx(
@@ -33,14 +54,16 @@ def export_checkpoint_onnx(
     model_name: str | None = None,
     batch_size: int = 1,
     score_thresh: float | None = None,
-) -> Path:
-    """Export a run's prediction on its canvas as an ONNX graph (``out``) and ``out.json``.
+) -> list[Path]:
+    """Export a run's prediction as ONNX graphs, one per canvas (see :func:`canvas_files`).
 
     Needs jax2onnx (the ``onnx`` extra, installed as ``.ci/run`` does). The batch size is
-    static (default 1); inputs and outputs are those of the jax.export artifact.
-    """
-    import json
+    static (default 1); inputs and outputs are those of the jax.export artifact. Each
+    file gets its own ``.json``; a SHORT:LONG run also gets the index ``out.json``.
 
+    Returns:
+      The files written, one per canvas.
+    """
     try:
         from lucid_jax.onnx_export import DEFAULT_OPSET, export_onnx
     except ImportError as e:
@@ -49,25 +72,28 @@ def export_checkpoint_onnx(
     if out.is_dir():
         raise JobError(f"--out {out} is a folder; give a file name")
     model, variables, class_names, config = load_trained(checkpoint, model_name)
-    canvas = _square_canvas(config)
+    spec = canvases(config)
+    files = canvas_files(out, spec)
     kwargs: dict[str, Any] = {} if score_thresh is None else {"score_thresh": score_thresh}
-    try:
-        export_onnx(model, variables, out, canvas=canvas, batch_size=batch_size, **kwargs)
-    except ImportError as e:
-        raise JobError(f"--format onnx needs jax2onnx (the onnx extra): {e}") from None
-    meta = {
+    common = {
         "format": "onnx",
         "opset": DEFAULT_OPSET,
         "class_names": list(class_names),
-        "canvas": list(canvas),
         "batch_size": batch_size,
         "model": config.model,
         "score_thresh": model.roi_heads.score_thresh if score_thresh is None else score_thresh,
         "inputs": {"images": "uint8 [B, H, W, 3] RGB on the canvas", "image_sizes": "int32 [B, 2]"},
         "outputs": ["boxes", "labels", "scores", "valid"],
     }
-    Path(str(out) + ".json").write_text(json.dumps(meta, indent=2))
-    return out
+    for canvas, path in files.items():
+        try:
+            export_onnx(model, variables, path, canvas=canvas, batch_size=batch_size, **kwargs)
+        except ImportError as e:
+            raise JobError(f"--format onnx needs jax2onnx (the onnx extra): {e}") from None
+        Path(str(path) + ".json").write_text(json.dumps({**common, "canvas": list(canvas)}, indent=2))
+    if not spec.square_only:
+        write_index(out, spec, files, common)
+    return list(files.values())
 
 
 def export_checkpoint(
@@ -88,8 +114,14 @@ def export_checkpoint(
       platforms: lower for each of these ("cpu", "cuda", "tpu").
       score_thresh: the artifact's detection threshold (default: the model's, 0.05).
 
+    A run trained with ``--image-size S`` gives one artifact, ``out``. A SHORT:LONG
+    run gives one artifact per canvas (landscape, portrait, square), each a complete
+    artifact with its own ``.json``, named by :func:`canvas_files`, and the index
+    ``out.json`` that says which canvas an image goes on.
+
     Returns:
-      The JSON sidecar's content, plus "bytes" (the artifact's size) and "seconds".
+      The JSON sidecar's content (of ``out``, or the index), plus "files" (the
+      artifacts written), "bytes" (their total size) and "seconds".
     """
     out = Path(out)
     if out.is_dir():
@@ -101,21 +133,24 @@ def export_checkpoint(
         raise JobError(f"--batch-size must be >= 1, got {batch_size}")
     start = time.perf_counter()
     model, variables, class_names, config = load_trained(checkpoint, model_name)
-    canvas = _square_canvas(config)
+    spec = canvases(config)
+    files = canvas_files(out, spec)
     kwargs = {} if score_thresh is None else {"score_thresh": score_thresh}
-    exported = export_prediction(
-        model,
-        variables,
-        canvas=canvas,
-        batch_size=batch_size,
-        platforms=tuple(platforms),
-        **kwargs,
-    )
     thresh = model.roi_heads.score_thresh if score_thresh is None else score_thresh
-    meta = write_artifact(
-        exported,
-        out,
-        class_names=class_names,
-        extra={"model": config.model, "score_thresh": thresh, "checkpoint": str(checkpoint)},
-    )
-    return {**meta, "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 1)}
+    extra = {"model": config.model, "score_thresh": thresh, "checkpoint": str(checkpoint), "image_size": str(spec)}
+    metas = {}
+    for canvas, path in files.items():
+        exported = export_prediction(
+            model, variables, canvas=canvas, batch_size=batch_size, platforms=tuple(platforms), **kwargs
+        )
+        metas[canvas] = write_artifact(exported, path, class_names=class_names, extra=extra)
+    meta = next(iter(metas.values()))
+    if not spec.square_only:
+        common = {k: v for k, v in meta.items() if k not in ("canvas", "inputs")}
+        meta = write_index(out, spec, files, {**common, "format": "jax.export canvases"})
+    return {
+        **meta,
+        "files": [str(p) for p in files.values()],
+        "bytes": sum(p.stat().st_size for p in files.values()),
+        "seconds": round(time.perf_counter() - start, 1),
+    }

@@ -297,7 +297,7 @@ class DataWait:
     starves. The clock starts after the first step, which compiles.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.waited = 0.0
         self.steps = 0
         self.started: float | None = None
