@@ -1,0 +1,54 @@
+"""benchmarks/bench_augment.py: the tiling of annotated photographs into a VOC folder."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_augment", ROOT / "benchmarks" / "bench_augment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiles_cover_the_image_and_move_the_boxes_with_the_pixels(bench):
+    assert bench.tile_origins(1000, 400) == [0, 300, 600]
+    assert bench.tile_origins(300, 400) == [0]
+    image = np.zeros((500, 700, 3), np.uint8)
+    boxes = np.array([[10, 20, 60, 80], [380, 100, 420, 140], [650, 450, 700, 500]], np.float32)
+    for x1, y1, x2, y2 in boxes.astype(int):
+        image[y1:y2, x1:x2] = 255
+    tiles = list(bench.cut_tiles(image, boxes, ["a", "b", "c"], (300, 400)))
+    assert len(tiles) == 2 * 2 and all(t[0].shape == (300, 400, 3) for t in tiles)
+    seen = set()
+    for tile, tile_boxes, names in tiles:
+        for (x1, y1, x2, y2), name in zip(tile_boxes.astype(int), names):
+            assert (tile[y1:y2, x1:x2] == 255).all()  # the box covers white pixels only, in the tile's frame
+            seen.add(name)
+    assert seen == {"a", "b", "c"}
+    # box b (x 380..420) is cut by the first column's right edge at 400: half inside, kept there
+    first = tiles[0]
+    assert "b" in first[2] and first[1][first[2].index("b")].tolist() == [380, 100, 400, 140]
+
+
+def test_voc_folder_holds_out_whole_photographs(bench, tmp_path):
+    source = tmp_path / "photos"
+    source.mkdir()
+    for name, (h, w) in (("one", (500, 700)), ("two", (400, 400))):
+        Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(source / f"{name}.png")
+        bench.write_xml(source / f"{name}.xml", f"{name}.png", h, w, np.array([[9, 9, 49, 49]], np.float32), ["tree"])
+    counts = bench.build_voc(source, tmp_path / "voc", ["two"])
+    assert counts["val"] == (1, 1)
+    val = (tmp_path / "voc" / "ImageSets" / "Main" / "val.txt").read_text().split()
+    assert val == ["two_000"] and Image.open(tmp_path / "voc" / "JPEGImages" / "two_000.png").size == (400, 400)
+    boxes, names = bench.read_voc_boxes(tmp_path / "voc" / "Annotations" / "two_000.xml")
+    assert boxes.tolist() == [[9, 9, 49, 49]] and names == ["tree"]
+    train = (tmp_path / "voc" / "ImageSets" / "Main" / "train.txt").read_text().split()
+    assert counts["train"][0] == len(train) > 3  # every orientation of tiles from "one"
