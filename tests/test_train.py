@@ -448,6 +448,35 @@ def test_garbage_in_padding_is_accepted(trainer):
     assert bool(metrics["finite"]) and np.isfinite(float(metrics["total_loss"]))
 
 
+def test_jittered_images_that_lose_every_box_train_with_finite_losses(trainer):
+    from lucid_jax.data import collate
+    from lucid_jax.data.jitter import jitter_preprocess
+
+    _, step, state = trainer
+    shape = make_batch(0)["images"].shape  # the shared step's shapes: no recompile
+    example = {
+        "image": np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8),
+        "boxes": np.array([[85, 85, 99, 99]], np.float32),  # a small box in the corner
+        "labels": np.array([2]),
+    }
+    empty = []
+    for seed in range(200):  # the jitters that crop the box away
+        out = jitter_preprocess(example, np.random.default_rng(seed), canvas=shape[-1])
+        if len(out["boxes"]) == 0:
+            empty.append(out)
+        if len(empty) == shape[0]:
+            break
+    batch = collate(empty, max_boxes=make_batch(0)["boxes"].shape[1])
+    assert not batch["valid"].any()  # all-negative images, every one
+    inputs = {k: batch[k] for k in ("images", "boxes", "labels", "valid")}
+    new_state, metrics = step(state, inputs, jax.random.key(3))
+    assert bool(metrics["finite"])
+    assert all(np.isfinite(float(v)) for k, v in metrics.items() if k.endswith("loss"))
+    assert float(metrics["rpn_reg_loss"]) == 0.0 and float(metrics["roi_reg_loss"]) == 0.0  # nothing to regress
+    assert float(metrics["rpn_cls_loss"]) > 0 and float(metrics["roi_cls_loss"]) > 0  # background is still learned
+    assert not _bits_equal(new_state.params, state.params)  # and the step was taken
+
+
 # --- non-finite steps ----------------------------------------------------------------
 
 
