@@ -182,9 +182,9 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         "--data",
         "shapes",
         "--steps",
-        "30",
+        "20",
         "--checkpoint-every",
-        "10",
+        "5",
         "--log-every",
         "1",
         "--batch-size",
@@ -207,12 +207,12 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         done = (
             [json.loads(line)["step"] for line in open(killed / "log.jsonl")] if (killed / "log.jsonl").exists() else []
         )
-        if done and done[-1] >= 15:
+        if done and done[-1] >= 8:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 15 <= done[-1] < 30, done
+    assert 8 <= done[-1] < 20, done
     assert _run(*args, "--out", str(killed))[0] == 0
 
     _, a, _, _ = jobs.load_trained(straight)
@@ -220,7 +220,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     same = jax.tree_util.tree_map(lambda x, y: bool(np.array_equal(np.asarray(x), np.asarray(y))), a, b)
     assert all(jax.tree_util.tree_leaves(same))
     log = [json.loads(line) for line in open(killed / "log.jsonl")]
-    print(f"killed after step {done[-1]}, resumed from step 10's checkpoint; log steps {[r['step'] for r in log]}")
+    print(f"killed after step {done[-1]}, resumed from the last checkpoint; log steps {[r['step'] for r in log]}")
 
 
 def _voc(root, xml):
