@@ -1,21 +1,16 @@
 """benchmarks/accelerator.py runs end to end on CPU at its small size, and its figures add up."""
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def accelerator():
-    spec = importlib.util.spec_from_file_location("accelerator", ROOT / "benchmarks" / "accelerator.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("accelerator")
 
 
 def test_device_peaks_are_matched_by_the_longest_key(accelerator):

@@ -1,21 +1,15 @@
 """benchmarks/bench_augment.py: the tiling of annotated photographs into a VOC folder."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_augment", ROOT / "benchmarks" / "bench_augment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_augment")
 
 
 def test_tiles_cover_the_image_and_move_the_boxes_with_the_pixels(bench):

@@ -1,20 +1,14 @@
 """benchmarks/bench_canvases.py: the two arrangements it compares, without timing anything."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_canvases", ROOT / "benchmarks" / "bench_canvases.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_canvases")
 
 
 def test_square_holds_every_image_and_grouped_splits_them_by_orientation(bench):
