@@ -4,7 +4,7 @@
     lucid-jax demo     [--out runs/demo] [--steps 800]
     lucid-jax train    --data {shapes|voc:DIR|coco:ANN.json:IMG_DIR} --out DIR [--init WEIGHTS] [...]
     lucid-jax eval     --data ... --checkpoint DIR [--split val] [--results FILE] [--ground-truth FILE]
-    lucid-jax predict  PATH... --checkpoint DIR --out DIR [--batch-size 8] [--draw] [--results FILE]
+    lucid-jax predict  PATH... --checkpoint DIR --out DIR [--batch-size B] [--draw] [--results FILE]
     lucid-jax export   --checkpoint DIR --out FILE [--batch-size B] [--platforms cpu,cuda,tpu]
     lucid-jax bench    [ops] [predict] [train]
     lucid-jax seed     [--size 224 512]
@@ -124,6 +124,8 @@ def _eval(args) -> int:
 
 
 def _predict(args) -> int:
+    import jax
+
     from lucid_jax import jobs
 
     report = jobs.predict_files(
@@ -132,7 +134,7 @@ def _predict(args) -> int:
         args.out,
         model_name=args.model,
         score_thresh=args.score_thresh,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or (1 if jax.default_backend() == "cpu" else 8),
         draw=args.draw,
         results=_writable_file(args.results, "--results"),
         num_workers=args.num_workers,
@@ -357,7 +359,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)"
     )
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=8, help="images per predict call (default: 8)")
+    p.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=int,
+        default=None,
+        help="images per predict call (default: 1 on a CPU, where larger batches measured slower; 8 on a GPU or TPU)",
+    )
     p.add_argument(
         "--score-thresh",
         dest="score_thresh",

@@ -230,3 +230,19 @@ def test_launch_passes_the_command_and_the_flags_to_each_process(monkeypatch):
         "port": None,
         "timeout": None,
     }
+
+
+def test_export_of_a_canvases_run_writes_one_artifact_per_canvas_and_refuses_bad_platforms(tmp_path):
+    out = tmp_path / "run"
+    _fake_run(out, TrainConfig(image_size="64:96", batch_size=2, shapes_train_examples=4, num_workers=0))
+    target = tmp_path / "export" / "detector.jax"
+    code, stdout, err = _run("export", "--checkpoint", out, "--out", target, "--platforms", "cpu", "--batch-size", "1")
+    assert code == 0, err
+    names = ["detector.64x96.jax", "detector.96x64.jax", "detector.96x96.jax"]
+    assert sorted(p.name for p in target.parent.glob("*.jax")) == sorted(names) and not target.exists()
+    index = json.loads((target.parent / "detector.jax.json").read_text())
+    assert [c["file"] for c in index["canvases"]] == names and index["batch_size"] == 1
+    assert "canvas 64x96, 96x64, 96x96, batch 1, cpu" in stdout
+    code, _, err = _run("export", "--checkpoint", out, "--out", tmp_path / "x.jax", "--platforms", "cpu,metal")
+    assert code == 2 and "--platforms must be among cpu, cuda, tpu, got cpu, metal" in err
+    assert not list(tmp_path.glob("x.jax*"))

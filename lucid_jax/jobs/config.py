@@ -128,8 +128,6 @@ def config_from_dict(saved: dict) -> TrainConfig:
     if unknown:
         raise JobError(f"the checkpoint's config has settings this version does not know: {', '.join(unknown)}")
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
-    if "image_size" in values:
-        values["image_size"] = str(values["image_size"])  # an int in older checkpoints
     return TrainConfig(**values)
 
 
