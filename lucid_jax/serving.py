@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lucid_jax.data.canvases import Canvases
-from lucid_jax.data.transforms import fit_to_canvas
+from lucid_jax.data.transforms import fit_to_canvases
 from lucid_jax.export import read_artifact
 
 DEFAULT_BATCH = 8  # images per call when the artifact's batch dimension is symbolic
@@ -60,14 +60,6 @@ class Detector:
             raise AttributeError(f"this detector has {len(self.canvases)} canvases; see .canvases")
         return self.canvases[0]
 
-    def _fit(self, image: np.ndarray):
-        """(canvas, image on it [Hc, Wc, 3] uint8, content size [2], scale [2])."""
-        if self.resize is None:
-            return (self.canvases[0], *fit_to_canvas(image, self.canvases[0]))
-        h, w = image.shape[:2]
-        canvas = self.resize.shapes[self.resize.canvas_index(h, w)]
-        return (canvas, *fit_to_canvas(image, canvas, self.resize.resized_shape(h, w)))
-
     def __call__(self, images: Sequence[np.ndarray], score_thresh: float = 0.0) -> list[dict]:
         """Detections per image.
 
@@ -88,7 +80,7 @@ class Detector:
                 )
         by_canvas: dict[tuple[int, int], list] = {}
         for i, image in enumerate(images):
-            canvas, *fitted = self._fit(np.asarray(image))
+            canvas, *fitted = fit_to_canvases(np.asarray(image), self.resize or self.canvases[0])
             by_canvas.setdefault(canvas, []).append((i, *fitted))
         out: dict[int, dict] = {}
         for canvas, members in by_canvas.items():

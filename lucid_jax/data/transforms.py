@@ -275,3 +275,26 @@ def fit_to_canvas(
     out = np.zeros((ch, cw, 3), np.uint8)
     out[:nh, :nw] = resized
     return out, np.array([nh, nw], np.int32), np.array([nh / h0, nw / w0], np.float32)
+
+
+def fit_to_canvases(
+    image: np.ndarray, canvases: Canvases | tuple[int, int]
+) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`fit_to_canvas` onto the image's own canvas: what predict and serving feed a detector.
+
+    Args:
+      image: [H, W, 3] uint8.
+      canvases: the run's :class:`~lucid_jax.data.canvases.Canvases` (the image goes
+        on the canvas of its orientation, resized by their rule), or one (height,
+        width) canvas that every image is fitted onto.
+
+    Returns:
+      (canvas (Hc, Wc), image [Hc, Wc, 3] uint8 on it, content size [2] int32,
+      scale [2] float32 (sy, sx)).
+    """
+    if not isinstance(canvases, Canvases):
+        shape = (int(canvases[0]), int(canvases[1]))
+        return (shape, *fit_to_canvas(image, shape))
+    h, w = image.shape[:2]
+    shape = canvases.shapes[canvases.canvas_index(h, w)]
+    return (shape, *fit_to_canvas(image, shape, canvases.resized_shape(h, w)))

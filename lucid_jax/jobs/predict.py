@@ -30,8 +30,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lucid_jax import viz
-from lucid_jax.data import DatasetError, fit_to_canvas, load_image
+from lucid_jax.data import DatasetError, load_image
 from lucid_jax.data.canvases import Canvases
+from lucid_jax.data.transforms import fit_to_canvases
 from lucid_jax.export import uint8_predict_fn
 from lucid_jax.jobs.config import JobError, canvases
 from lucid_jax.jobs.training import load_trained
@@ -184,15 +185,6 @@ def detect_files(
     position = {p: i for i, p in enumerate(paths)}
     done: dict[int, tuple[dict, list[dict]]] = {}  # input position: (detections.json entry, COCO results)
 
-    def fit(image: np.ndarray) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
-        """(canvas, image [Hc, Wc, 3] uint8 on it, content size [2], scale [2]) of one image."""
-        if not isinstance(canvas, Canvases):
-            shape = (int(canvas[0]), int(canvas[1]))
-            return (shape, *fit_to_canvas(image, shape))
-        h, w = image.shape[:2]
-        shape = canvas.shapes[canvas.canvas_index(h, w)]
-        return (shape, *fit_to_canvas(image, shape, canvas.resized_shape(h, w)))
-
     def flush(shape: tuple[int, int], batch: list) -> None:
         images = np.zeros((batch_size, *shape, 3), np.uint8)
         sizes = np.tile(np.array(shape, np.int32), (batch_size, 1))  # padding rows: any valid size
@@ -243,7 +235,7 @@ def detect_files(
         if isinstance(image, str):
             report.failures.append((str(path), image))
         else:
-            shape, fitted, size, scale = fit(image)
+            shape, fitted, size, scale = fit_to_canvases(image, canvas)
             batch = batches.setdefault(shape, [])
             batch.append((path, image, fitted, size, scale))
             if len(batch) == batch_size:
