@@ -175,6 +175,21 @@ def shard_batch(batch: dict, mesh: Mesh, axis: str = "data") -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
+# XLA:CPU's default scheduler orders a program for concurrency, which keeps about
+# twice the temporaries of its memory-minimising order: 2670 against 1264 MiB for the
+# ResNet-101 FPN training step at 512x512, batch 2. Fewer fresh pages per call also
+# make the step faster: 3.26 against 4.79 s, the two executables alternating in one
+# process on 2 cores. Other backends schedule their own way and get no options.
+CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
+
+
+def compiler_options(mesh: Mesh | None = None) -> dict:
+    """The XLA options the jitted step and prediction compile with on ``mesh``'s
+    platform (the default backend's without a mesh): :data:`CPU_COMPILER_OPTIONS` on CPU."""
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
+
+
 def make_train_step(
     model,
     *,
@@ -229,11 +244,13 @@ def make_train_step(
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
         finite = jnp.isfinite(losses["total_loss"]) & jnp.isfinite(grad_norm)
         new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
-        # Skipping a non-finite update keeps the state (and any checkpoint of it) sound.
-        new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        # Skipping a non-finite update keeps the state (and any checkpoint of it) sound. A
+        # conditional picks one whole state; an elementwise select would need both
+        # states at once, 100 MiB more temporaries for the ResNet-101 FPN step at 512x512.
+        new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
         return new_state, {**losses, "grad_norm": grad_norm, "finite": finite}
 
-    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else ()}
+    kwargs: dict[str, Any] = {"donate_argnums": (0,) if donate else (), "compiler_options": compiler_options(mesh)}
     if mesh is not None:
         replicated = NamedSharding(mesh, PartitionSpec())
         kwargs.update(
@@ -269,5 +286,6 @@ def make_predict_fn(model, **predict_kwargs) -> Callable:
     return jax.jit(
         lambda variables, images, image_sizes: model.apply(
             variables, images, image_sizes, method="predict", **predict_kwargs
-        )
+        ),
+        compiler_options=compiler_options(),
     )

@@ -15,7 +15,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lucid_jax.compile_count import count_compiles
 from lucid_jax.train import (
+    CPU_COMPILER_OPTIONS,
     build_optimizer,
+    compiler_options,
     create_train_state,
     learning_rate_schedule,
     make_train_step,
@@ -126,6 +128,19 @@ def test_export_for_cpu_cuda_tpu(trainer):
     assert metrics["total_loss"].shape == () and metrics["finite"].dtype == jnp.bool_
     text = exported.mlir_module()
     assert "callback" not in text  # no host callbacks anywhere in the step
+
+
+def test_the_cpu_step_is_scheduled_for_memory_and_computes_the_same_bits(trainer):
+    """XLA:CPU's memory-minimising order: fewer temporaries than its default, same result."""
+    _, step, state = trainer
+    assert jax.default_backend() != "cpu" or compiler_options() == CPU_COMPILER_OPTIONS
+    args = (state, make_batch(0), jax.random.key(1))
+    lowered = step.jitted.lower(*args)
+    ours = lowered.compile()
+    default = lowered.compile(compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_DEFAULT"})
+    temp = ours.memory_analysis().temp_size_in_bytes
+    assert temp < 0.9 * default.memory_analysis().temp_size_in_bytes  # 32.8 against 40.9 MB here
+    assert _bits_equal(ours(*args), default(*args))
 
 
 # --- BatchNorm -----------------------------------------------------------------------

@@ -36,6 +36,7 @@ from lucid_jax.data.transforms import fit_to_canvases
 from lucid_jax.export import uint8_predict_fn
 from lucid_jax.jobs.config import JobError, canvases
 from lucid_jax.jobs.training import load_trained
+from lucid_jax.train import compiler_options
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # A results file is scored by COCO's evaluation, which keeps low-scoring detections.
@@ -178,7 +179,8 @@ def detect_files(
     if batch_size < 1:
         raise JobError(f"--batch-size must be >= 1, got {batch_size}")
     thresh = default_score_thresh(results is not None) if score_thresh is None else score_thresh
-    predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh))  # compiles once per canvas
+    # compiles once per canvas
+    predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh), compiler_options=compiler_options())
     names = ["background", *class_names]
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
