@@ -178,8 +178,9 @@ def shard_batch(batch: dict, mesh: Mesh, axis: str = "data") -> dict:
 # XLA:CPU's default scheduler orders a program for concurrency, which keeps about
 # twice the temporaries of its memory-minimising order: 2670 against 1264 MiB for the
 # ResNet-101 FPN training step at 512x512, batch 2. Fewer fresh pages per call also
-# make the step faster: 3.26 against 4.79 s, the two executables alternating in one
-# process on 2 cores. Other backends schedule their own way and get no options.
+# make the step faster: 3.51 against 6.47 s, the two executables alternating in one
+# process on 2 cores (benchmarks/bench_scheduler.py). Other backends schedule their
+# own way and get no options.
 CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
 
 
