@@ -247,11 +247,13 @@ def time_call(fn):
     return time.perf_counter() - start
 
 
-def interleaved(fns, steps, warmup=1):
+def interleaved(fns, steps, warmup=1, block=1):
     """Time each of ``fns`` (name -> blocking callable) ``steps`` times, interleaved.
 
-    Each round runs every function once; the order rotates from round to round so
-    that none always follows the same other one. Returns name -> list of seconds.
+    Each round runs every function ``block`` times in a row; the order rotates from
+    round to round so that none always follows the same other one. Returns name ->
+    list of seconds, ``steps * block`` of them, round after round (a round's calls of
+    one function are ``times[name][r * block:(r + 1) * block]``).
     """
     names = list(fns)
     for _ in range(warmup):
@@ -261,8 +263,22 @@ def interleaved(fns, steps, warmup=1):
     for i in range(steps):
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            times[name].append(time_call(fns[name]))
+            times[name] += [time_call(fns[name]) for _ in range(block)]
     return times
+
+
+def round_ratios(times, a, b, block, pick=None):
+    """Per-round ratios a / b of ``interleaved(..., block=block)``'s times.
+
+    Each round's figure per side is the median of its ``block`` calls, or the call
+    at index ``pick`` of the block (0: the first one after the other side ran).
+    """
+
+    def per_round(xs):
+        rounds = [xs[r : r + block] for r in range(0, len(xs), block)]
+        return [median(x) if pick is None else x[pick] for x in rounds]
+
+    return [x / y for x, y in zip(per_round(times[a]), per_round(times[b]))]
 
 
 def median(xs):
@@ -277,6 +293,31 @@ def spread(xs):
 def peak_rss_mib():
     """Peak resident set size of this process so far, MiB (Linux: ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss():
+    """Start a new peak-RSS window: Linux resets VmHWM to the current RSS on "5" in clear_refs.
+
+    Returns False where that is not possible (not Linux, or a kernel before 4.0).
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return window_peak_rss_mib() is not None
+    except OSError:
+        return False
+
+
+def window_peak_rss_mib():
+    """Peak RSS since the last ``reset_peak_rss()`` (VmHWM), MiB; None where /proc has no such line."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def emit_result(result):

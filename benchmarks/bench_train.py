@@ -1,6 +1,6 @@
 """One training step of lucid_jax's Faster R-CNN ResNet-101 FPN against torchvision's, on CPU.
 
-    python benchmarks/bench_train.py [--size 512] [--batch 2] [--steps 5] [--trainable-layers 3]
+    python benchmarks/bench_train.py [--size 512] [--batch 2] [--rounds 5] [--block 3] [--trainable-layers 3]
                                      [--config lucid|torchvision] [--profile] [--no-rss]
 
 Both sides train the same synthetic batch (random images in [0, 1], ``--boxes``
@@ -30,15 +30,23 @@ size (the default 800 would upsample it), which the script checks.
 
 What it reports:
 
-- step times: medians over ``--steps`` steps per side, taken in this process with
-  the two sides interleaved (after ``--warmup`` untimed steps each), the ratio of
-  the medians ours / torchvision (below 1: we are faster), and the median of the
-  per-round ratios (each round runs both sides back to back, so it is the most
-  robust figure on a loaded machine);
+- step times, taken in this process with the two sides interleaved (after
+  ``--warmup`` untimed steps each): ``--rounds`` rounds, each running ``--block``
+  consecutive steps of one side and then of the other (the order alternates from
+  round to round). It prints each side's median, the ratio of the medians ours /
+  torchvision (below 1: we are faster) and the median of the per-round ratios (each
+  side's median step within the round), the most robust figure on a loaded machine.
+  With ``--block`` above 1 it also prints the ratio of the first steps of the
+  blocks alone: a step that follows the other side's step. ``--block 1`` is strict
+  alternation. Consecutive steps are what a training run does; the first step
+  after the other side's pays for the pages the other side's allocator handed back
+  (see the README's benchmark section);
 - our compile time: trace + lower, XLA compile, and the first call;
 - peak RSS of each side, from a fresh child process per side (``--side ours`` /
   ``--side torchvision``: build, first step, ``--child-steps`` more steps, then
-  ``getrusage(RUSAGE_SELF).ru_maxrss``), with that child's own step times;
+  ``getrusage(RUSAGE_SELF).ru_maxrss``), with that child's own step times, and the
+  peak over the steps after the first alone (Linux's VmHWM, reset after the first
+  step; our first call includes XLA's compile);
 - FLOPs per step: ours from XLA's ``cost_analysis()`` of the compiled step,
   torchvision's from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and
   convolutions only), the achieved GFLOP/s, and a float32 ceiling measured as the
@@ -69,7 +77,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=512, help="image height and width (multiple of 32)")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per side (interleaved)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds; each runs --block steps per side")
+    p.add_argument(
+        "--block",
+        type=int,
+        default=3,
+        help="consecutive steps per side in a round (1: strict alternation, each step after the other side's)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side after the first call")
     p.add_argument("--trainable-layers", type=int, default=3, help="trainable backbone stages, both sides")
     p.add_argument("--boxes", type=int, default=4, help="ground-truth boxes per image")
@@ -248,6 +262,7 @@ def run_child_side(args):
     else:
         side = build_torchvision(args, batch)
     first = C.time_call(side["run"])
+    windowed = C.reset_peak_rss()  # from here on: the steps' own peak, compile and first call excluded
     times = [C.time_call(side["run"]) for _ in range(args.child_steps)]
     C.emit_result(
         {
@@ -256,6 +271,7 @@ def run_child_side(args):
             "times_s": times,
             "median_s": C.median(times),
             "peak_rss_mib": C.peak_rss_mib(),
+            "steps_peak_rss_mib": C.window_peak_rss_mib() if windowed else None,
         }
     )
 
@@ -352,20 +368,26 @@ def main(argv=None):
     compiled_text = compiled.as_text() if args.profile else None
     del lowered, compiled, state
 
-    print(f"timing {args.steps} interleaved steps per side ...", flush=True)
-    times = C.interleaved({"ours": ours["run"], "torchvision": tv["run"]}, args.steps, warmup=args.warmup)
+    print(f"timing {args.rounds} interleaved rounds of {args.block} steps per side ...", flush=True)
+    times = C.interleaved(
+        {"ours": ours["run"], "torchvision": tv["run"]}, args.rounds, warmup=args.warmup, block=args.block
+    )
     tv_flops = torchvision_flops(tv)
     ceiling = None if args.no_ceiling else C.matmul_ceiling()
 
     ours_med, tv_med = C.median(times["ours"]), C.median(times["torchvision"])
-    round_ratios = [o / t for o, t in zip(times["ours"], times["torchvision"])]
+    round_ratios = C.round_ratios(times, "ours", "torchvision", args.block)
+    first_ratios = C.round_ratios(times, "ours", "torchvision", args.block, pick=0)
     best_ceiling = max(v for v in ceiling.values() if v) if ceiling else None
 
     def pct(gflops):
         return f"{100 * gflops / best_ceiling:.0f}%" if best_ceiling else "-"
 
     what = "same weights, same work" if args.compare == "same" else "default configurations, not the same work"
-    print(f"\n## Step time, {what} ({args.steps} steps per side, interleaved, after {args.warmup} warm-up)")
+    print(
+        f"\n## Step time, {what} ({args.rounds} rounds of {args.block} steps per side, interleaved, "
+        f"after {args.warmup} warm-up)"
+    )
     rows = []
     for name, med, fl in (("ours (jit)", ours_med, flops), ("torchvision", tv_med, tv_flops)):
         key = "ours" if name.startswith("ours") else "torchvision"
@@ -377,6 +399,13 @@ def main(argv=None):
         f"{C.median(round_ratios):.2f}x (median of per-round ratios: "
         f"{', '.join(f'{r:.2f}' for r in round_ratios)})"
     )
+    if args.block > 1:
+        print(
+            f"the first step of each block only (it follows the other side's step): "
+            f"{C.median(first_ratios):.2f}x (per round: {', '.join(f'{r:.2f}' for r in first_ratios)}); "
+            f"the steps within a block: ours {', '.join(f'{x:.2f}' for x in times['ours'])}, "
+            f"torchvision {', '.join(f'{x:.2f}' for x in times['torchvision'])}"
+        )
     print(
         "GFLOP/step: ours from XLA cost_analysis (every HLO op, elementwise included), "
         "torchvision from FlopCounterMode (matmuls and convolutions only)."
@@ -406,6 +435,10 @@ def main(argv=None):
             first = "first call incl. trace+compile" if side == "ours" else "first step"
             rows += [
                 (f"{side} child: peak RSS", f"{res['peak_rss_mib']:.0f} MiB"),
+                (
+                    f"{side} child: peak RSS of the steps after the first",
+                    f"{res['steps_peak_rss_mib']:.0f} MiB" if res.get("steps_peak_rss_mib") else "-",
+                ),
                 (f"{side} child: {first}", f"{res['first_call_s']:.1f} s"),
                 (f"{side} child: median of {len(res['times_s'])} more steps (alone)", f"{res['median_s']:.2f} s"),
             ]
@@ -418,6 +451,12 @@ def main(argv=None):
             f"{children['ours']['peak_rss_mib'] / children['torchvision']['peak_rss_mib']:.2f}x "
             "(each side in its own process; ours includes XLA's compile)"
         )
+        if children["ours"].get("steps_peak_rss_mib") and children["torchvision"].get("steps_peak_rss_mib"):
+            print(
+                f"peak RSS of the steps after the first, ours / torchvision: "
+                f"{children['ours']['steps_peak_rss_mib'] / children['torchvision']['steps_peak_rss_mib']:.2f}x "
+                "(the peak over those steps alone: VmHWM reset after the first step)"
+            )
 
     m_ours = {k: float(v) for k, v in ours["box"]["metrics"].items()}
     print("\nlast losses, ours: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(m_ours.items())))
@@ -426,7 +465,13 @@ def main(argv=None):
     if args.profile:
         profile_ours(ours, compiled_text, args.profile_steps)
         P.profile_torch(tv["run"], "torchvision's top ops over one step")
-    return {"ours_s": ours_med, "torchvision_s": tv_med, "ratio": ours_med / tv_med}
+    return {
+        "ours_s": ours_med,
+        "torchvision_s": tv_med,
+        "ratio": ours_med / tv_med,
+        "round_ratio": C.median(round_ratios),
+        "first_step_ratio": C.median(first_ratios),
+    }
 
 
 if __name__ == "__main__":

@@ -182,9 +182,9 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         "--data",
         "shapes",
         "--steps",
-        "20",
+        "12",
         "--checkpoint-every",
-        "5",
+        "4",
         "--log-every",
         "1",
         "--batch-size",
@@ -207,12 +207,12 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         done = (
             [json.loads(line)["step"] for line in open(killed / "log.jsonl")] if (killed / "log.jsonl").exists() else []
         )
-        if done and done[-1] >= 8:
+        if done and done[-1] >= 5:
             break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 8 <= done[-1] < 20, done
+    assert 5 <= done[-1] < 12, done
     assert _run(*args, "--out", str(killed))[0] == 0
 
     _, a, _, _ = jobs.load_trained(straight)

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lucid_jax.models.batch_norm import BatchNorm
 from lucid_jax.models.conv import Conv
 from lucid_jax.models.inputs import check_images
 
@@ -82,7 +83,7 @@ class ConvNorm(nn.Module):
         # Frozen BN normalises with the stored statistics and never updates them,
         # in training too (torchvision's FrozenBatchNorm2d, for fine-tuning).
         use_running_average = (not train) or self.norm_mode == "frozen"
-        x = nn.BatchNorm(
+        x = BatchNorm(
             use_running_average=use_running_average,
             momentum=0.9,  # torch's momentum=0.1 in flax's convention
             epsilon=1e-5,
