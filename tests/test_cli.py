@@ -19,14 +19,14 @@ from lucid_jax.evaluation import DetectionEvaluator
 from lucid_jax.train import make_predict_fn
 
 
-def _run(*args, timeout=600):
+def _run(*args, timeout=600, env=None):
     """Run the console script in a fresh interpreter; (returncode, stdout, stderr)."""
     proc = subprocess.run(
         [sys.executable, "-m", "lucid_jax.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
     return proc.returncode, proc.stdout, proc.stderr
 
@@ -193,14 +193,22 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         "--num-workers",
         "1",
     ]
+    # one compilation cache of their own, written on every compile, logged
+    cache = {
+        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "compilation_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+        "JAX_DEBUG_LOG_MODULES": "jax._src.compiler",
+    }
     straight = tmp_path / "straight"
-    assert _run(*args, "--out", str(straight))[0] == 0
+    assert _run(*args, "--out", str(straight), env=cache)[0] == 0
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "lucid_jax.cli", *args, "--out", str(killed)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **cache},
     )
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -213,7 +221,11 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert 5 <= done[-1] < 12, done
-    assert _run(*args, "--out", str(killed))[0] == 0
+    code, _, stderr = _run(*args, "--out", str(killed), env=cache)
+    assert code == 0
+    # the resumed run compiles nothing new: its step is the fresh runs' cached one
+    assert "cache hit for 'jit_train_step'" in stderr
+    assert "MISS for 'jit_train_step'" not in stderr
 
     _, a, _, _ = jobs.load_trained(straight)
     _, b, _, _ = jobs.load_trained(killed)

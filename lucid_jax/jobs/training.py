@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -95,6 +96,17 @@ def initial_state(model, config: TrainConfig, variables=None, *, mesh=None):
     labels = frozen_labels(variables["params"], config)
     state = create_train_state(model, variables, _optimizer(variables["params"], labels, config), mesh=mesh)
     return state, labels
+
+
+def _uncommitted(state):
+    """The restored state as the fresh one is: arrays not committed to a device.
+
+    Orbax hands back arrays committed to their device, and jit compiles a
+    committed argument with its sharding written into the program. A resumed run
+    then missed the compilation cache that a fresh run of the same config filled,
+    and compiled its step again. Each array goes through the host once.
+    """
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)) if isinstance(x, jax.Array) else x, state)
 
 
 def small_canvases(loader) -> list[str]:
@@ -233,6 +245,8 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
         start = 0
         if stored is not None:
             state, rng, _ = ckpt.restore(state)
+            if mesh is None:
+                state = _uncommitted(state)
             start = int(state.step)
         step_fn = make_train_step(model, frozen=labels, mesh=mesh)
         log = open(out / "log.jsonl", "a") if primary else open(os.devnull, "w")
