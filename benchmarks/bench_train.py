@@ -37,10 +37,12 @@ What it reports:
   torchvision (below 1: we are faster) and the median of the per-round ratios (each
   side's median step within the round), the most robust figure on a loaded machine.
   With ``--block`` above 1 it also prints the ratio of the first steps of the
-  blocks alone: a step that follows the other side's step. ``--block 1`` is strict
-  alternation. Consecutive steps are what a training run does; the first step
-  after the other side's pays for the pages the other side's allocator handed back
-  (see the README's benchmark section);
+  blocks alone. In each round the side that goes second starts right after the
+  other side's block; the side that goes first starts after its own block of the
+  round before (after the other side's warm-up in round 0). ``--block 1`` runs one
+  step per side per round. Consecutive steps are what a training run does; a step
+  right after the other side's pays for the pages the other side's allocator
+  handed back (see the README's benchmark section);
 - our compile time: trace + lower, XLA compile, and the first call;
 - peak RSS of each side, from a fresh child process per side (``--side ours`` /
   ``--side torchvision``: build, first step, ``--child-steps`` more steps, then
@@ -107,6 +109,8 @@ def parse_args(argv=None):
         help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS); 'weights' writes the weights",
     )
     args = p.parse_args(argv)
+    if args.rounds < 1 or args.block < 1:
+        p.error(f"--rounds and --block must be at least 1, got {args.rounds} and {args.block}")
     if args.compare == "default":
         args.trainable_layers = 5
     multiple = C.ours_model().backbone.size_divisibility
@@ -401,7 +405,8 @@ def main(argv=None):
     )
     if args.block > 1:
         print(
-            f"the first step of each block only (it follows the other side's step): "
+            f"the first step of each block only (the round's second side starts after the other side's block, "
+            f"its first side after its own): "
             f"{C.median(first_ratios):.2f}x (per round: {', '.join(f'{r:.2f}' for r in first_ratios)}); "
             f"the steps within a block: ours {', '.join(f'{x:.2f}' for x in times['ours'])}, "
             f"torchvision {', '.join(f'{x:.2f}' for x in times['torchvision'])}"
