@@ -52,8 +52,7 @@ def batch_normalize(x, scale, bias, epsilon: float, axis_name: str | None, dtype
 
     mean and var are outputs for the running averages; no gradient flows through them.
     """
-    mean, var = _batch_moments(x, axis_name)
-    return _normalize(x, mean, var, scale, bias, epsilon, dtype), mean, var
+    return _forward(x, scale, bias, epsilon, axis_name, dtype)[0]
 
 
 def _forward(x, scale, bias, epsilon, axis_name, dtype):
