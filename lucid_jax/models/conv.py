@@ -1,4 +1,4 @@
-"""``Conv``: flax's ``nn.Conv`` whose weight gradient is computed as matrix products on CPU.
+"""``Conv``: flax's ``nn.Conv`` computed as matrix products where XLA's CPU convolutions are slow.
 
 XLA's CPU backend computes a convolution's weight gradient as another
 convolution sliding over the whole activation map, at a fraction of its matmul
@@ -7,8 +7,19 @@ weight gradient of a stride-s, k x k convolution is a sum over the k*k kernel
 taps of ``x_tap^T @ dy``, where ``x_tap`` is the (padded, strided) input shifted
 by that tap: k*k plain matrix products. On CPU we use that form; on GPU and TPU,
 whose convolution libraries are fast, XLA's own. The forward pass and the input
-gradient are XLA's everywhere. Values agree with XLA's up to float summation
-order.
+gradient of these are XLA's everywhere.
+
+A 1x1 convolution without padding (the ends of ResNet's bottlenecks and its
+shortcuts, the FPN's laterals, the RPN's classifier and box regressor) is a
+matrix product of the (strided) input's pixels [B*Ho*Wo, Cin] with the kernel
+[Cin, Cout], and is computed as one on every platform, its input gradient
+included (``dx = dy @ kernel^T``). On CPU, XLA's 1x1 convolution
+copies its whole input into a fresh buffer on every call (32 MiB for 256
+channels at 128x128, batch 2) and runs at about half the speed of the same
+product as a ``dot``. The default model's training step at 512x512, batch 2:
+4.1 against 4.9 s, with 540,000 page faults instead of 715,000.
+
+Values agree with XLA's convolution up to float summation order.
 """
 
 from functools import partial
@@ -22,6 +33,24 @@ def _conv(x, w, strides, padding, precision):
     return jax.lax.conv_general_dilated(
         x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision
     )
+
+
+def _is_pointwise(kernel_hw, padding) -> bool:
+    """A 1x1 kernel without padding: a matrix product over the (strided) pixels."""
+    return tuple(kernel_hw) == (1, 1) and all(p == 0 for pads in padding for p in pads)
+
+
+def _pointwise(x, w, strides, precision):
+    """y [B, Ho, Wo, Cout] = x[:, ::sh, ::sw] [B, Ho, Wo, Cin] @ w[0, 0] [Cin, Cout]."""
+    if tuple(strides) != (1, 1):
+        x = jax.lax.slice(x, (0, 0, 0, 0), x.shape, (1, *strides, 1))
+    return jnp.dot(x, w[0, 0], precision=precision)
+
+
+def _forward(x, w, strides, padding, precision):
+    if _is_pointwise(w.shape[:2], padding):
+        return _pointwise(x, w, strides, precision)
+    return _conv(x, w, strides, padding, precision)
 
 
 def _weight_grad_matmuls(x, dy, kernel_hw, strides, padding, precision):
@@ -43,19 +72,19 @@ def _weight_grad_matmuls(x, dy, kernel_hw, strides, padding, precision):
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv_with_matmul_wgrad(x, w, strides, padding, precision):
-    return _conv(x, w, strides, padding, precision)
+    return _forward(x, w, strides, padding, precision)
 
 
 def _fwd(x, w, strides, padding, precision):
-    return _conv(x, w, strides, padding, precision), (x, w)
+    return _forward(x, w, strides, padding, precision), (x, w)
 
 
 def _bwd(strides, padding, precision, residuals, dy):
     x, w = residuals
-    dx = jax.vjp(lambda x: _conv(x, w, strides, padding, precision), x)[1](dy)[0]
+    dx = jax.vjp(lambda x: _forward(x, w, strides, padding, precision), x)[1](dy)[0]
     dw = jax.lax.platform_dependent(
         cpu=lambda: _weight_grad_matmuls(x, dy, w.shape[:2], strides, padding, precision).astype(w.dtype),
-        default=lambda: jax.vjp(lambda w: _conv(x, w, strides, padding, precision), w)[1](dy)[0],
+        default=lambda: jax.vjp(lambda w: _forward(x, w, strides, padding, precision), w)[1](dy)[0],
     )
     return dx, dw
 

@@ -1,4 +1,5 @@
-"""Conv: its matmul weight gradient equals XLA's (CPU path), and it honours precision and extra keywords."""
+"""Conv: its matmul weight gradient equals XLA's (CPU path), a 1x1 convolution is a matrix product
+equal to a float64 reference, and it honours precision and extra keywords."""
 
 import flax.linen as nn
 import jax
@@ -29,9 +30,51 @@ def test_gradients_match_plain_conv(kernel, stride, padding):
     variables = plain.init(jax.random.key(1), x)
     cot = jax.random.normal(jax.random.key(2), plain.apply(variables, x).shape)
     grad = lambda m: jax.grad(lambda v, x: jnp.sum(m.apply(v, x) * cot), argnums=(0, 1))(variables, x)  # noqa: E731
-    np.testing.assert_array_equal(np.asarray(ours.apply(variables, x)), np.asarray(plain.apply(variables, x)))
+    if kernel == 1:  # a matrix product: XLA's convolution's values up to summation order (see test_pointwise_*)
+        y_ours, y_plain = np.asarray(ours.apply(variables, x)), np.asarray(plain.apply(variables, x))
+        np.testing.assert_allclose(y_ours, y_plain, rtol=1e-6, atol=1e-6 * np.abs(y_plain).max())
+    else:  # XLA's own convolution: the same bits
+        np.testing.assert_array_equal(np.asarray(ours.apply(variables, x)), np.asarray(plain.apply(variables, x)))
     for a, b in zip(jax.tree_util.tree_leaves(grad(ours)), jax.tree_util.tree_leaves(grad(plain))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def _primitives(jaxpr) -> set:
+    """Every primitive's name in a jaxpr, nested ones included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        found.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found |= _primitives(sub)
+    return found
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_is_a_matrix_product_equal_to_float64(stride):
+    """A 1x1 kernel without padding: y = x[:, ::s, ::s] @ w, dx = dy @ w^T scattered back to
+    the strided pixels, dw = x_s^T @ dy; against NumPy in float64, with no convolution left."""
+    x = jax.random.normal(jax.random.key(0), (2, 15, 12, 24))
+    w = jax.random.normal(jax.random.key(1), (1, 1, 24, 40)) * 0.2
+    dn = ("NHWC", "HWIO", "NHWC")
+    fn = lambda x, w: conv_general_dilated(x, w, (stride, stride), "VALID", dimension_numbers=dn)  # noqa: E731
+    y, vjp = jax.vjp(fn, x, w)
+    dy = jax.random.normal(jax.random.key(2), y.shape)
+    dx, dw = vjp(dy)
+
+    x64, w64, dy64 = (np.asarray(a, np.float64) for a in (x, w[0, 0], dy))
+    xs = x64[:, ::stride, ::stride]
+    dx64 = np.zeros_like(x64)
+    dx64[:, ::stride, ::stride] = dy64 @ w64.T
+    dw64 = np.einsum("bhwc,bhwd->cd", xs, dy64)[None, None]
+    np.testing.assert_allclose(np.asarray(y), xs @ w64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), dx64, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dw), dw64, rtol=1e-5, atol=1e-5)
+    assert y.shape == (2, -(-15 // stride), -(-12 // stride), 40)
+
+    grads = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(fn(x, w) * dy), argnums=(0, 1)))(x, w)
+    assert "conv_general_dilated" not in _primitives(grads.jaxpr)  # on every platform
+    padded = jax.make_jaxpr(lambda x, w: conv_general_dilated(x, w, (1, 1), ((1, 1), (0, 0)), dimension_numbers=dn))
+    assert "conv_general_dilated" in _primitives(padded(x, w).jaxpr)  # a padded 1x1 stays a convolution
 
 
 def test_export_keeps_xla_weight_gradient_for_gpu_and_tpu():
