@@ -16,8 +16,9 @@ matrix product of the (strided) input's pixels [B*Ho*Wo, Cin] with the kernel
 included (``dx = dy @ kernel^T``). On CPU, XLA's 1x1 convolution allocates
 a scratch buffer the size of its input on every call (32 MiB for 256 channels
 at 128x128, batch 2, which glibc maps fresh each time) and runs at about half
-the speed of the same product as a ``dot``. The default model's training step at 512x512, batch 2:
-4.1 against 4.9 s, with 540,000 page faults instead of 715,000.
+the speed of the same product as a ``dot``. The default model's training step
+at 512x512, batch 2: 4.1 against 4.9 s, with 540,000 page faults instead of
+715,000.
 
 Values agree with XLA's convolution up to float summation order.
 """
