@@ -43,7 +43,7 @@ def _is_pointwise(kernel_hw, padding) -> bool:
 
 def _pointwise(x, w, strides, precision):
     """y [B, Ho, Wo, Cout] = x[:, ::sh, ::sw] [B, Ho, Wo, Cin] @ w[0, 0] [Cin, Cout]."""
-    if tuple(strides) != (1, 1):
+    if strides != (1, 1):
         x = jax.lax.slice(x, (0, 0, 0, 0), x.shape, (1, *strides, 1))
     return jnp.dot(x, w[0, 0], precision=precision)
 

@@ -39,14 +39,17 @@ def test_gradients_match_plain_conv(kernel, stride, padding):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
 
 
+def _equations(jaxpr):
+    """Every equation of a jaxpr, nested ones included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _equations(sub)
+
+
 def _primitives(jaxpr) -> set:
     """Every primitive's name in a jaxpr, nested ones included."""
-    found = set()
-    for eqn in jaxpr.eqns:
-        found.add(eqn.primitive.name)
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            found |= _primitives(sub)
-    return found
+    return {eqn.primitive.name for eqn in _equations(jaxpr)}
 
 
 @pytest.mark.parametrize("stride", [1, 2])
@@ -88,13 +91,9 @@ def test_export_keeps_xla_weight_gradient_for_gpu_and_tpu():
 
 def _precisions(jaxpr) -> list:
     """The precision of every convolution and matmul in a jaxpr, nested ones included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name in ("conv_general_dilated", "dot_general"):
-            found.append(eqn.params["precision"])
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            found += _precisions(sub)
-    return found
+    return [
+        e.params["precision"] for e in _equations(jaxpr) if e.primitive.name in ("conv_general_dilated", "dot_general")
+    ]
 
 
 def test_precision_reaches_forward_and_both_gradients():
