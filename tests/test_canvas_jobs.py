@@ -172,3 +172,13 @@ def test_export_writes_one_artifact_per_canvas_that_serve_as_predict_does(run, v
         assert got["classes"] == [d["class"] for d in dets]
         np.testing.assert_allclose(got["boxes"], np.reshape([d["box_xyxy"] for d in dets], (-1, 4)), atol=0.02)
         np.testing.assert_allclose(got["scores"], [d["score"] for d in dets], atol=1e-3)
+
+
+def test_size_divisibility_is_read_without_building_the_model():
+    from lucid_jax.jobs.config import size_divisibility
+    from lucid_jax.models import get_model
+
+    for name in jobs.detector_names():
+        assert size_divisibility(name) == get_model(name).backbone.size_divisibility == 32, name
+    with pytest.raises(jobs.JobError, match="unknown model 'resnet_50'"):
+        size_divisibility("resnet_50")  # a classifier has no canvases

@@ -145,11 +145,22 @@ def check_model_name(name: str) -> None:
 
 
 def size_divisibility(model_name: str) -> int:
-    """What the model's canvas sides must divide by: its backbone's largest RoI stride."""
-    from lucid_jax.models import get_model
+    """What the model's canvas sides must divide by: its backbone's largest RoI stride,
+    read from the registry's configuration (no model is built).
+
+    Args:
+      model_name: a registered detector.
+
+    Returns:
+      The multiple of the canvas sides (32 for the ResNet FPNs).
+
+    Raises:
+      JobError: ``model_name`` is not a registered detector.
+    """
+    from lucid_jax.models import registry
 
     check_model_name(model_name)
-    return get_model(model_name).backbone.size_divisibility
+    return registry.size_divisibility(model_name)
 
 
 def canvases(config: TrainConfig) -> "Canvases":

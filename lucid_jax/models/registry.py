@@ -1,5 +1,6 @@
 """Model registry: names to keyword builders, as Lucid's ``@register_model``."""
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 from lucid_jax.models.anchors import octave_sizes
 from lucid_jax.models.faster_rcnn import FasterRCNN
 from lucid_jax.models.fpn import ResNetFPN
-from lucid_jax.models.resnet import ResNet
+from lucid_jax.models.resnet import STAGE_STRIDES, STEM_STRIDE, ResNet
 from lucid_jax.models.roi_heads import RoIHeads
 from lucid_jax.models.rpn import RPN
 
@@ -87,6 +88,27 @@ def get_model(name: str, **kwargs) -> Any:
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return _REGISTRY[name](**kwargs)
+
+
+def size_divisibility(name: str) -> int:
+    """What a registered detector's input height and width must divide by, without building it.
+
+    Every registered detector is a ResNet FPN (:func:`build_resnet_fpn_faster_rcnn`),
+    whose ``backbone.size_divisibility`` is its largest RoI stride: C5's, the stem's
+    stride times every stage's, as ``ResNet.feature_strides`` multiplies them (32).
+
+    Args:
+      name: a registered detector (a ``faster_rcnn_*`` name).
+
+    Returns:
+      The multiple of the input sides.
+
+    Raises:
+      KeyError: the name is not a registered detector; the message lists the known names.
+    """
+    if name not in _REGISTRY or not name.startswith("faster_rcnn"):
+        raise KeyError(f"unknown detector {name!r}; known models: {', '.join(list_models())}")
+    return STEM_STRIDE * math.prod(STAGE_STRIDES)
 
 
 def build_resnet_fpn_faster_rcnn(
