@@ -2,7 +2,7 @@
 
 Every batch has the same shapes, ``images [B, 3, S, S]`` and targets padded to
 ``max_boxes`` with a ``valid`` mask, so a jit-compiled step compiles once (the static
-shape rule of DESIGN.md; torchvision instead batches lists of varying size). A short
+shape rule of docs/architecture.md; torchvision instead batches lists of varying size). A short
 final batch is padded with empty rows flagged by ``image_valid`` rather than dropped
 or shrunk, which would change the shape.
 
