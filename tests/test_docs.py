@@ -10,8 +10,8 @@ by an HTML comment, on the line right before its fence, that says why:
 Other blocks (```bash, ```text) are never run. The files run in two child processes
 side by side, each with a JAX compilation cache of its own, so that a program that
 several of its pages compile (the small detector's init, say) is compiled once, and
-with XLA's backend optimisations off, which nearly halves the compile times of
-programs that run once or twice.
+with XLA's backend optimisations off, which cuts the compile times of programs that
+run once or twice by about 40%.
 """
 
 import json
@@ -78,10 +78,14 @@ def failures(tmp_path_factory) -> dict:
         command = [sys.executable, __file__, str(tmp / f"failures_{k}.json"), *map(str, pages)]
         children.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     found = {}
-    for k, child in enumerate(children):
-        output = child.communicate(timeout=900)[0]
-        assert child.returncode == 0, output[-5000:]
-        found |= json.loads((tmp / f"failures_{k}.json").read_text())
+    try:
+        for k, child in enumerate(children):
+            output = child.communicate(timeout=900)[0]
+            assert child.returncode == 0, output[-5000:]
+            found |= json.loads((tmp / f"failures_{k}.json").read_text())
+    finally:
+        for child in children:
+            child.kill()
     return found
 
 
@@ -107,6 +111,6 @@ def test_markers_and_links(page):
                 assert anchor in slugs, f"{page.name} links to {target}, a heading that does not exist"
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # a child: python tests/test_docs.py FAILURES.json PAGE...
     out, *pages = sys.argv[1:]
     Path(out).write_text(json.dumps({str(Path(p).relative_to(ROOT)): run_page(Path(p)) for p in pages}))
