@@ -15,18 +15,21 @@ HOST:PORT --num-processes N --process-id I`` (``jax.distributed``), or by
 themselves in a detected cluster (a TPU pod, SLURM, ``JAX_COORDINATOR_ADDRESS``);
 only process 0 prints. ``launch`` starts N such processes on this machine.
 
-Bad input is one line on stderr: usage errors exit with 2, data and file errors
-with 1. Every default of ``train`` comes from ``jobs.TrainConfig``.
+Bad input is one line on stderr. This module checks usage (exit code 2) before
+anything is loaded; the jobs raise ``JobError`` for data and files (exit code 1).
+The parser (``lucid_jax.cli_parser``) makes the flags of ``train`` from
+``jobs.TrainConfig``, the one home of every training default, and those of
+``eval``, ``predict`` and ``export`` from ``jobs.EvalOptions``, ``PredictOptions``
+and ``ExportOptions``.
 """
 
-import argparse
 import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
+from lucid_jax.cli_parser import BENCHMARKS, EXIT_USAGE, build_parser
 
 
 def _given(args) -> dict:
@@ -43,6 +46,11 @@ def _config(args, overrides=None):
 
     given = _given(args)
     return TrainConfig(**{**(overrides or {}), **given}), set(given)
+
+
+def _options(args, cls):
+    """The options dataclass ``cls`` (e.g. ``EvalOptions``) of the parsed flags."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
 def _demo(args) -> int:
@@ -69,42 +77,19 @@ def _is_primary() -> bool:
     return is_primary()
 
 
-def _writable_file(path, flag: str) -> Path | None:
-    """Check an output file's path before any work: its folder exists and it is not a folder."""
-    if path is None:
-        return None
-    path = Path(path)
-    if path.is_dir():
-        raise FileExistsError(f"{flag} {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"{flag} {path}: folder {path.parent} not found")
-    return path
-
-
 def _eval(args) -> int:
     from lucid_jax import jobs
 
-    results = _writable_file(args.results, "--results")
-    ground_truth = _writable_file(args.ground_truth, "--ground-truth")
-    model, variables, class_names, config = jobs.load_trained(args.checkpoint, args.model)
-    dataset = jobs.open_dataset(
-        args.data,
-        args.split,
-        shapes_examples=config.shapes_train_examples,
-        image_size=config.image_size,
-        class_names=class_names,
-    )
-    unknown = sorted(set(dataset.class_names) - set(class_names))
-    if unknown:
-        raise jobs.JobError(f"the data has classes the checkpoint was not trained on: {', '.join(unknown)}")
-    if list(dataset.class_names) != list(class_names):
-        raise jobs.JobError(
-            f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}"
-        )
-    if args.batch_size:
-        config = dataclasses.replace(config, batch_size=args.batch_size)
-    metrics = jobs.evaluate(
-        model, variables, dataset, config, progress=not args.no_progress, results=results, ground_truth=ground_truth
+    o = _options(args, jobs.EvalOptions)
+    metrics = jobs.evaluate_checkpoint(
+        o.checkpoint,
+        o.data,
+        split=o.split,
+        model_name=o.model,
+        batch_size=o.batch_size,
+        progress=not o.no_progress,
+        results=o.results,
+        ground_truth=o.ground_truth,
     )
     if metrics is None:  # another process scores and prints
         return 0
@@ -128,21 +113,22 @@ def _predict(args) -> int:
 
     from lucid_jax import jobs
 
+    o = _options(args, jobs.PredictOptions)
     report = jobs.predict_files(
-        args.images,
-        args.checkpoint,
-        args.out,
-        model_name=args.model,
-        score_thresh=args.score_thresh,
-        batch_size=args.batch_size or (1 if jax.default_backend() == "cpu" else 8),
-        draw=args.draw,
-        results=_writable_file(args.results, "--results"),
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
+        o.images,
+        o.checkpoint,
+        o.out,
+        model_name=o.model,
+        score_thresh=o.score_thresh,
+        batch_size=o.batch_size or (1 if jax.default_backend() == "cpu" else 8),
+        draw=o.draw,
+        results=o.results,
+        num_workers=o.num_workers,
+        progress=not o.no_progress,
     )
-    drawn = f"{len(report.results)} PNG(s), " if args.draw else ""
-    extra = f" and {args.results}" if args.results else ""
-    print(f"{len(report.results)} image(s): wrote {drawn}{Path(args.out) / 'detections.json'}{extra}")
+    drawn = f"{len(report.results)} PNG(s), " if o.draw else ""
+    extra = f" and {o.results}" if o.results else ""
+    print(f"{len(report.results)} image(s): wrote {drawn}{Path(o.out) / 'detections.json'}{extra}")
     for path, reason in report.failures:
         print(f"lucid-jax: skipped {path}: {reason}", file=sys.stderr)
     if report.failures:
@@ -154,38 +140,31 @@ def _predict(args) -> int:
 def _export(args) -> int:
     from lucid_jax import jobs
 
-    platforms = tuple(p for p in args.platforms.replace(" ", "").split(",") if p)
-    if args.format == "onnx":
+    o = _options(args, jobs.ExportOptions)
+    if o.format == "onnx":
         paths = jobs.export_checkpoint_onnx(
-            args.checkpoint,
-            args.out,
-            model_name=args.model,
-            batch_size=args.batch_size or 1,
-            score_thresh=args.score_thresh,
+            o.checkpoint, o.out, model_name=o.model, batch_size=o.batch_size or 1, score_thresh=o.score_thresh
         )
         for path in paths:
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX) and {path}.json")
         if len(paths) > 1:
-            print(f"wrote {args.out}.json: which canvas serves which image")
+            print(f"wrote {o.out}.json: which canvas serves which image")
         return 0
     meta = jobs.export_checkpoint(
-        args.checkpoint,
-        args.out,
-        model_name=args.model,
-        batch_size=args.batch_size,
-        platforms=platforms,
-        score_thresh=args.score_thresh,
+        o.checkpoint,
+        o.out,
+        model_name=o.model,
+        batch_size=o.batch_size,
+        platforms=o.platforms,
+        score_thresh=o.score_thresh,
     )
     shapes = [c["canvas"] for c in meta["canvases"]] if "canvases" in meta else [meta["canvas"]]
     print(
         f"wrote {', '.join(meta['files'])} ({meta['bytes'] / 2**20:.1f} MiB; "
         f"canvas {', '.join(f'{h}x{w}' for h, w in shapes)}, batch {meta['batch_size']}, "
-        f"{', '.join(meta['platforms'])}) and {args.out}.json in {meta['seconds']} s"
+        f"{', '.join(meta['platforms'])}) and {o.out}.json in {meta['seconds']} s"
     )
     return 0
-
-
-BENCHMARKS = {"ops": "bench_ops.py", "predict": "bench_predict.py", "train": "bench_train.py"}
 
 
 def _bench(args) -> int:
@@ -221,249 +200,6 @@ def _seed(args) -> int:
     return 0
 
 
-def _add_training_flags(p, overrides: dict, *, skip=()) -> None:
-    """One flag per TrainConfig field, defaulting to None so that the run knows
-    which flags were given; the help shows the effective default."""
-    from lucid_jax.jobs import TrainConfig, detector_names
-
-    defaults = TrainConfig(**overrides)
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in skip:
-            continue
-        meta = dict(field.metadata)
-        help_text = meta.pop("help")
-        if meta.get("choices") == "models":  # checked later, so that a typo is one line naming the known ones
-            del meta["choices"]
-            help_text += f": {', '.join(detector_names())}"
-        value = getattr(defaults, field.name)
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        shown = "none" if shown in (None, "") else shown
-        if isinstance(meta.get("choices"), range):
-            meta["metavar"] = f"{{{meta['choices'].start}..{meta['choices'].stop - 1}}}"
-        p.add_argument(
-            "--" + field.name.replace("_", "-"),
-            dest=field.name,
-            default=None,
-            help=f"{help_text} (default: {shown})".replace("%", "%%"),
-            **meta,
-        )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _add_distributed_flags(p) -> None:
-    """The flags passed to ``jax.distributed.initialize`` (all three, or none)."""
-    p.add_argument(
-        "--coordinator",
-        default=None,
-        metavar="HOST:PORT",
-        help="process 0's address, for several processes (default: none, or the cluster's own)",
-    )
-    p.add_argument(
-        "--num-processes",
-        dest="num_processes",
-        type=int,
-        default=None,
-        help="processes in the run (default: 1, or the cluster's own)",
-    )
-    p.add_argument(
-        "--process-id",
-        dest="process_id",
-        type=int,
-        default=None,
-        help="this process, 0..N-1 (default: 0, or the cluster's own)",
-    )
-
-
-def _detector_names() -> list[str]:
-    from lucid_jax.jobs import detector_names
-
-    return detector_names()
-
-
-def _demo_overrides() -> dict:
-    from lucid_jax.jobs import DEMO_OVERRIDES
-
-    return dict(DEMO_OVERRIDES)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors on one line (exit code 2) instead of the usage block."""
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f"lucid-jax: error: {message} (see {self.prog} --help)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lucid-jax", description="Faster R-CNN (ResNet FPN) in JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("demo", help="train on synthetic shapes, report AP on held-out images, draw detections")
-    p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    _add_training_flags(p, _demo_overrides(), skip=("data", "init", "split", "classes"))
-    p.set_defaults(func=_demo)
-
-    p = sub.add_parser(
-        "train",
-        help="train a detector; resumes from --out",
-        description="Train a detector. Run again with the same --out to resume: flags not given "
-        "take the run's stored values, and a changed setting is refused, except --steps, "
-        "--num-workers, --log-every, --checkpoint-every and --keep-checkpoints.",
-    )
-    p.add_argument("--out", required=True, help="run directory (checkpoints, log.jsonl, init_report.json)")
-    _add_training_flags(p, {})
-    _add_distributed_flags(p)
-    p.set_defaults(func=_train)
-
-    p = sub.add_parser("eval", help="AP, AP50, AP75 and per-class AP of a trained checkpoint, as JSON")
-    p.add_argument("--data", required=True, help="shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
-    p.add_argument("--checkpoint", required=True, help="a train --out directory")
-    p.add_argument(
-        "--split",
-        default="val",
-        help="shapes: val (held out); VOC: ImageSets/Main/<split>.txt, or all to score every image (default: val)",
-    )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="the architecture expected in the checkpoint, one of "
-        f"{', '.join(_detector_names())} (default: the checkpoint's)",
-    )
-    p.add_argument(
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=None,
-        help="images per predict call; the metrics do not depend on it (default: the run's)",
-    )
-    p.add_argument(
-        "--results",
-        default=None,
-        help="write the detections as a COCO results file: the annotation "
-        "file's own image and category ids and [x, y, w, h] in original pixels (default: none)",
-    )
-    p.add_argument(
-        "--ground-truth",
-        dest="ground_truth",
-        default=None,
-        help="write the matching COCO ground "
-        "truth (for VOC and shapes; VOC difficult objects as iscrowd 1) (default: none)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_distributed_flags(p)
-    p.set_defaults(func=_eval)
-
-    p = sub.add_parser("predict", help="detect objects in image files, folders and globs; write detections.json")
-    p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--checkpoint", required=True, help="a train --out directory")
-    p.add_argument("--out", required=True, help="folder for detections.json (and the drawings)")
-    p.add_argument(
-        "--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)"
-    )
-    p.add_argument(
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=None,
-        help="images per predict call (default: 1 on a CPU, where larger batches measured slower; 8 on a GPU or TPU)",
-    )
-    p.add_argument(
-        "--score-thresh",
-        dest="score_thresh",
-        type=float,
-        default=None,
-        help="keep detections scoring at least this (default: 0.05 with --results, COCO's convention; else 0.5)",
-    )
-    p.add_argument("--draw", action="store_true", help="also draw each image's detections to OUT/<name>_detections.png")
-    p.add_argument(
-        "--results",
-        default=None,
-        help="also write a COCO results file: image ids from numeric file "
-        "names (else 1-based positions), category ids = labels, [x, y, w, h] in the file's pixels "
-        "(default: none)",
-    )
-    p.add_argument("--num-workers", dest="num_workers", type=int, default=4, help="image decoding threads (default: 4)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_predict)
-
-    p = sub.add_parser("export", help="write a run's prediction as one serialized file (jax.export) and its JSON")
-    p.add_argument("--checkpoint", required=True, help="a train --out directory")
-    p.add_argument("--out", required=True, help="the artifact's file name; its description goes to OUT.json")
-    p.add_argument(
-        "--model", default=None, help="the architecture expected in the checkpoint (default: the checkpoint's)"
-    )
-    p.add_argument(
-        "--batch-size",
-        dest="batch_size",
-        type=int,
-        default=None,
-        help="a fixed batch size (default: a symbolic batch dimension: any batch size)",
-    )
-    p.add_argument("--platforms", default="cpu,cuda,tpu", help="lower for these platforms (default: cpu,cuda,tpu)")
-    p.add_argument(
-        "--score-thresh",
-        dest="score_thresh",
-        type=float,
-        default=None,
-        help="the artifact's detection threshold (default: the model's, 0.05)",
-    )
-    p.add_argument(
-        "--format",
-        choices=("jax", "onnx"),
-        default="jax",
-        help="jax: a serialized jax.export program; onnx: an ONNX model (default: jax)",
-    )
-    p.set_defaults(func=_export)
-
-    p = sub.add_parser("bench", help="run the side-by-side benchmarks against torchvision")
-    p.add_argument(
-        "which",
-        nargs="*",
-        metavar="{ops,predict,train}",
-        help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})",
-    )
-    p.add_argument(
-        "--extra", nargs=argparse.REMAINDER, default=[], help="arguments passed to the scripts (default: none)"
-    )
-    p.set_defaults(func=_bench)
-
-    p = sub.add_parser("seed", help="the seed example on the full ResNet-101 FPN detector, with timings")
-    p.add_argument(
-        "--size",
-        type=int,
-        nargs="+",
-        default=[224, 512],
-        help="square input sizes, multiples of the backbone's largest stride, 32 (default: 224 512)",
-    )
-    p.add_argument("--num-classes", type=int, default=21, help="classes, background included (default: 21)")
-    p.add_argument("--repeats", type=int, default=3, help="timed predict calls per size (default: 3)")
-    p.set_defaults(func=_seed)
-
-    p = sub.add_parser(
-        "launch",
-        help="run train or eval as N processes on this machine (CPU devices), for testing",
-        description="Start N local processes of `lucid-jax COMMAND ...`, joined by jax.distributed "
-        "over loopback, each with its own CPU devices. Example: lucid-jax launch --local 2 -- "
-        "train --data shapes --out runs/two",
-    )
-    p.add_argument("--local", type=int, required=True, metavar="N", help="processes to start")
-    p.add_argument(
-        "--devices-per-process",
-        dest="devices_per_process",
-        type=int,
-        default=1,
-        help="CPU devices in each process (default: 1)",
-    )
-    p.add_argument("--port", type=int, default=None, help="the coordinator's port (default: a free one)")
-    p.add_argument(
-        "--timeout", type=float, default=None, help="seconds before every process is stopped (default: none)"
-    )
-    p.add_argument(
-        "command_args", nargs=argparse.REMAINDER, metavar="-- {train,eval} ...", help="the command each process runs"
-    )
-    p.set_defaults(func=_launch)
-    return parser
-
-
 def _check_args(args) -> str | None:
     """A usage problem in the flags (exit code 2), before anything is loaded."""
     sizes = list(getattr(args, "size", None) or [])
@@ -473,7 +209,7 @@ def _check_args(args) -> str | None:
         multiple = size_divisibility("faster_rcnn_resnet_101_fpn")
         if any(s <= 0 or s % multiple for s in sizes):
             return f"image sizes must be positive multiples of {multiple}, got {sizes}"
-    if args.func in (_train, _demo):
+    if args.command in ("train", "demo"):
         from lucid_jax.jobs import JobError, check_config, check_model_name
 
         try:
@@ -482,23 +218,22 @@ def _check_args(args) -> str | None:
             check_config(_config(args)[0])
         except JobError as e:
             return str(e)
+    elif args.command in ("eval", "predict", "export") and args.batch_size is not None and args.batch_size < 1:
+        return f"--batch-size must be >= 1, got {args.batch_size}"
     unknown = [w for w in getattr(args, "which", None) or [] if w not in BENCHMARKS]
     if unknown:
         return f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}"
-    batch_size = getattr(args, "batch_size", None)
-    if batch_size is not None and batch_size < 1:
-        return f"--batch-size must be >= 1, got {batch_size}"
-    if args.func is _export:
+    if args.command == "export":
         from lucid_jax.export import PLATFORMS
 
-        platforms = [p for p in args.platforms.replace(" ", "").split(",") if p]
-        if not platforms or set(platforms) - set(PLATFORMS):
-            return f"--platforms must be among {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}"
+        if not args.platforms or set(args.platforms) - set(PLATFORMS):
+            got = ", ".join(args.platforms) or "none"
+            return f"--platforms must be among {', '.join(PLATFORMS)}, got {got}"
     if hasattr(args, "coordinator"):
         from lucid_jax.distributed import check_args
 
         return check_args(args.coordinator, args.num_processes, args.process_id)
-    if args.func is _launch:
+    if args.command == "launch":
         return _check_launch(args)
     return None
 
@@ -528,7 +263,27 @@ def _join(args) -> None:
         raise JobError(f"could not join the other processes: {e}") from None
 
 
+COMMANDS = {
+    "demo": _demo,
+    "train": _train,
+    "eval": _eval,
+    "predict": _predict,
+    "export": _export,
+    "bench": _bench,
+    "seed": _seed,
+    "launch": _launch,
+}
+
+
 def main(argv=None) -> int:
+    """Run one ``lucid-jax`` command.
+
+    Args:
+      argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+      The exit code: 0, 1 for data and file errors, 2 for usage errors, 130 when interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     problem = _check_args(args)
@@ -546,7 +301,7 @@ def main(argv=None) -> int:
     try:
         if hasattr(args, "coordinator"):
             _join(args)
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except (JobError, DatasetError, CheckpointError, StateDictError, OSError) as e:
         print(f"lucid-jax: error: {e}".splitlines()[0], file=sys.stderr)
         return 1

@@ -1,7 +1,9 @@
 """The jobs behind the command line, usable from Python: each job is a function of its
 settings that prints little and returns what it made.
 
-- ``config``: ``TrainConfig`` (every training default), resume and ``--init`` rules.
+- ``config``: ``TrainConfig`` (every training default), resume and ``--init`` rules, the
+  checks of the paths a job writes.
+- ``options``: the settings of ``eval``, ``predict`` and ``export``, one field per flag.
 - ``data``: datasets from ``--data`` specs and their loaders.
 - ``training``: ``train`` (or resume) into a run directory; ``load_trained``.
 - ``evaluate``: metrics against every annotated object, COCO results files.
@@ -26,16 +28,20 @@ from lucid_jax.jobs.config import (
 )
 from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
 from lucid_jax.jobs.demo import demo, pad_targets
-from lucid_jax.jobs.evaluate import evaluate, predictions_on
+from lucid_jax.jobs.evaluate import evaluate, evaluate_checkpoint, predictions_on
 from lucid_jax.jobs.export import export_checkpoint, export_checkpoint_onnx
+from lucid_jax.jobs.options import EvalOptions, ExportOptions, PredictOptions
 from lucid_jax.jobs.predict import default_score_thresh, detect_files, expand_image_paths, predict_files
 from lucid_jax.jobs.seed import seed_example
 from lucid_jax.jobs.training import build_model, frozen_labels, initial_state, load_trained, train
 
 __all__ = [
     "DEMO_OVERRIDES",
+    "EvalOptions",
+    "ExportOptions",
     "RESUMABLE_CHANGES",
     "JobError",
+    "PredictOptions",
     "TrainConfig",
     "apply_init_recipe",
     "build_model",
@@ -49,6 +55,7 @@ __all__ = [
     "detect_files",
     "detector_names",
     "evaluate",
+    "evaluate_checkpoint",
     "expand_image_paths",
     "export_checkpoint",
     "export_checkpoint_onnx",

@@ -6,6 +6,8 @@ recipe where the user set nothing else.
 """
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -16,16 +18,78 @@ class JobError(RuntimeError):
     """A user-facing failure: bad arguments, data or checkpoints (one line)."""
 
 
-def _flag(default, help: str, **kwargs):
-    """A TrainConfig field that is also a ``lucid-jax train`` flag with this help."""
+def output_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """A folder a job writes into, checked before any work: what is there already is a folder.
+
+    Args:
+      path: the folder; the job creates it.
+      flag: the flag that named it, for the message.
+
+    Returns:
+      ``path`` as a Path.
+
+    Raises:
+      JobError: ``path`` is a file.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise JobError(f"{flag} {path} is a file; give a directory")
+    return path
+
+
+def output_file(path: str | os.PathLike, flag: str = "--out", *, folder_exists: bool = False) -> Path:
+    """A file a job writes, checked before any work: it is not a folder.
+
+    Args:
+      path: the file.
+      flag: the flag that named it, for the message.
+      folder_exists: also require its folder to exist (for a job that does not create it).
+
+    Returns:
+      ``path`` as a Path.
+
+    Raises:
+      JobError: ``path`` is a folder, or (with ``folder_exists``) its folder does not exist.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise JobError(f"{flag} {path} is a folder; give a file name")
+    if folder_exists and not path.parent.is_dir():
+        raise JobError(f"{flag} {path}: folder {path.parent} not found")
+    return path
+
+
+REQUIRED: Any = dataclasses.MISSING  # the default of a field whose flag must be given
+
+
+def flag(default, help: str, **kwargs):
+    """A dataclass field that is also a ``lucid-jax`` flag (see ``cli_parser.add_flags``).
+
+    Args:
+      default: the field's default (``REQUIRED``: none; the flag must be given).
+      help: the flag's help; the help appends "(default: ...)"; ``{models}`` stands
+        for the registered detectors' names.
+      **kwargs: argparse keywords (``type``, ``choices``, ``action``, ``nargs``), and
+        ``shown``: the default as the help states it, where it is not the value itself
+        (e.g. "the checkpoint's"); ``positional``: an argument, not a flag.
+
+    Returns:
+      A ``dataclasses.field`` with this metadata.
+    """
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def flag_name(field: str) -> str:
+    """The flag of a field, e.g. "--batch-size" for ``batch_size``."""
+    return "--" + field.replace("_", "-")
 
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
 
 
-def _names(text: str) -> tuple[str, ...]:
+def parse_names(text: str) -> tuple[str, ...]:
+    """A comma-separated flag's names, e.g. "cat, dog" -> ("cat", "dog")."""
     return tuple(v.strip() for v in str(text).split(",") if v.strip())
 
 
@@ -37,29 +101,30 @@ class TrainConfig:
     field (``--batch-size`` for ``batch_size``) whose help shows this default.
     """
 
-    data: str = _flag("shapes", "shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
-    model: str = _flag("faster_rcnn_mini_fpn", "a registered model name", choices="models")
-    image_size: str = _flag(
+    data: str = flag("shapes", "shapes | voc:DIR | coco:ANNOTATIONS.json:IMAGE_DIR")
+    # no argparse choices: a typo is refused later, in one line naming the known models
+    model: str = flag("faster_rcnn_mini_fpn", "a registered model name: {models}")
+    image_size: str = flag(
         "128",
         "S: one S x S canvas, the longer side resized to S (a multiple of the model's largest stride, "
         "32 for the ResNet FPNs); SHORT:LONG, e.g. 800:1333: the shorter side to SHORT, the longer "
         "at most LONG, on a landscape, a portrait and a square canvas (one compiled step each)",
         type=str,
     )
-    batch_size: int = _flag(8, "images per step", type=int)
-    steps: int = _flag(1000, "training steps in all (may change on resume)", type=int)
-    lr: float = _flag(1e-3, "peak learning rate of the heads", type=float)
-    optimizer: str = _flag("adamw", "adamw or sgd (momentum 0.9)", choices=("adamw", "sgd"))
-    weight_decay: float = _flag(1e-4, "decoupled for AdamW, L2 for SGD", type=float)
-    schedule: str = _flag("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine", "step"))
-    warmup_steps: int = _flag(50, "linear warmup steps (at most a quarter of --steps)", type=int)
-    decay_steps: tuple[int, ...] = _flag(
+    batch_size: int = flag(8, "images per step", type=int)
+    steps: int = flag(1000, "training steps in all (may change on resume)", type=int)
+    lr: float = flag(1e-3, "peak learning rate of the heads", type=float)
+    optimizer: str = flag("adamw", "adamw or sgd (momentum 0.9)", choices=("adamw", "sgd"))
+    weight_decay: float = flag(1e-4, "decoupled for AdamW, L2 for SGD", type=float)
+    schedule: str = flag("cosine", "learning-rate schedule after warmup", choices=("constant", "cosine", "step"))
+    warmup_steps: int = flag(50, "linear warmup steps (at most a quarter of --steps)", type=int)
+    decay_steps: tuple[int, ...] = flag(
         (), "steps where --schedule step multiplies the LR by --decay-factor, e.g. 16000,22000", type=_ints
     )
-    decay_factor: float = _flag(0.1, "the step schedule's factor", type=float)
-    clip_grad_norm: float | None = _flag(None, "clip the global gradient norm to this (none: no clipping)", type=float)
-    backbone_lr_mult: float = _flag(1.0, "backbone LR / heads' LR", type=float)
-    trainable_backbone_layers: int = _flag(
+    decay_factor: float = flag(0.1, "the step schedule's factor", type=float)
+    clip_grad_norm: float | None = flag(None, "clip the global gradient norm to this (none: no clipping)", type=float)
+    backbone_lr_mult: float = flag(1.0, "backbone LR / heads' LR", type=float)
+    trainable_backbone_layers: int = flag(
         5,
         "backbone stages trained, from the top, as torchvision counts them: "
         "5 all, 3 freezes the stem and layer1, 0 the whole ResNet "
@@ -67,47 +132,47 @@ class TrainConfig:
         type=int,
         choices=range(6),
     )
-    norm_mode: str = _flag(
+    norm_mode: str = flag(
         "batch",
         "batch: BatchNorm trains its statistics, scale and bias; frozen: fixed "
         "statistics, scale and bias, as torchvision's FrozenBatchNorm2d (with --init: frozen)",
         choices=("batch", "frozen"),
     )
-    init: str | None = _flag(
+    init: str | None = flag(
         None,
         "start from pretrained weights: .lcd, .safetensors, .npz, .pth or a run "
         "directory (Lucid detector or backbone, torchvision ResNet or FasterRCNN); "
         "ignored when the run resumes",
     )
-    augment: str = _flag(
+    augment: str = flag(
         "flip",
         "training augmentation: none; flip (horizontal, p = 0.5); jitter (large-scale "
         "jitter: resize to 0.5..2.0 x the canvas fit, random crop or pad, flip; boxes keeping "
         "under 30% of their area are dropped)",
         choices=("none", "flip", "jitter"),
     )
-    max_boxes: int | None = _flag(
+    max_boxes: int | None = flag(
         None,
         "objects per image kept in training (none: the largest object count "
         "in the training split, so nothing is dropped)",
         type=int,
     )
-    split: str = _flag(
+    split: str = flag(
         "train",
         "VOC training split, ImageSets/Main/<split>.txt (VOC 2007: trainval); without "
         "the file, every image not listed in val.txt or test.txt",
     )
-    classes: tuple[str, ...] | None = _flag(
+    classes: tuple[str, ...] | None = flag(
         None,
         "VOC class list, e.g. cat,dog (none: classes.txt beside the data, or the names found in the XML)",
-        type=_names,
+        type=parse_names,
     )
-    seed: int = _flag(0, "seed of the initialisation, data order and sampling", type=int)
-    checkpoint_every: int = _flag(200, "steps between checkpoints", type=int)
-    keep_checkpoints: int = _flag(2, "newest checkpoints kept", type=int)
-    log_every: int = _flag(10, "steps between log.jsonl lines", type=int)
-    num_workers: int = _flag(2, "threads loading images", type=int)
-    shapes_train_examples: int = _flag(2000, "synthetic training images (--data shapes)", type=int)
+    seed: int = flag(0, "seed of the initialisation, data order and sampling", type=int)
+    checkpoint_every: int = flag(200, "steps between checkpoints", type=int)
+    keep_checkpoints: int = flag(2, "newest checkpoints kept", type=int)
+    log_every: int = flag(10, "steps between log.jsonl lines", type=int)
+    num_workers: int = flag(2, "threads loading images", type=int)
+    shapes_train_examples: int = flag(2000, "synthetic training images (--data shapes)", type=int)
 
     def __post_init__(self):
         # Checkpoints before SHORT:LONG stored the square size as an int: 128, "128" and
@@ -195,9 +260,6 @@ def describe_canvases(spec: "Canvases") -> str:
 def check_config(config: TrainConfig) -> None:
     """Raise JobError for values no run can use (one line, naming the flag)."""
 
-    def flag(name):
-        return "--" + name.replace("_", "-")
-
     for name in (
         "batch_size",
         "steps",
@@ -207,13 +269,13 @@ def check_config(config: TrainConfig) -> None:
         "shapes_train_examples",
     ):
         if getattr(config, name) < 1:
-            raise JobError(f"{flag(name)} must be >= 1, got {getattr(config, name)}")
+            raise JobError(f"{flag_name(name)} must be >= 1, got {getattr(config, name)}")
     canvases(config)  # --image-size: S or SHORT:LONG
     if config.max_boxes is not None and config.max_boxes < 1:
         raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
     for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers"):
         if getattr(config, name) < 0:
-            raise JobError(f"{flag(name)} must be >= 0, got {getattr(config, name)}")
+            raise JobError(f"{flag_name(name)} must be >= 0, got {getattr(config, name)}")
     if not config.lr > 0:
         raise JobError(f"--lr must be > 0, got {config.lr}")
     if config.clip_grad_norm is not None and not config.clip_grad_norm > 0:
@@ -245,8 +307,7 @@ def reconcile_resume(stored: TrainConfig, config: TrainConfig, given) -> tuple[T
     refused = sorted(changed - set(RESUMABLE_CHANGES))
     if refused:
         diffs = ", ".join(
-            f"--{k.replace('_', '-')} {_show(getattr(config, k))} (the run has {_show(getattr(stored, k))})"
-            for k in refused
+            f"{flag_name(k)} {_show(getattr(config, k))} (the run has {_show(getattr(stored, k))})" for k in refused
         )
         raise JobError(
             f"this run was started with other settings; resuming would change them: {diffs}. "

@@ -14,8 +14,9 @@ from lucid_jax.data import (
     preprocess,
     preprocess_on_canvas,
 )
+from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.jitter import jitter_preprocess
-from lucid_jax.jobs.config import JobError, TrainConfig, canvases, size_divisibility
+from lucid_jax.jobs.config import JobError, TrainConfig, canvases
 
 
 def shapes_image_size(image_size: int | str) -> int:
@@ -82,6 +83,7 @@ def make_loader(
     batch_size=None,
     num_shards: int = 1,
     shard_index: int = 0,
+    spec: Canvases | None = None,
 ) -> Loader:
     """The loader of a training run (shuffled, flipped) or of an evaluation (in order, padded).
 
@@ -90,13 +92,24 @@ def make_loader(
     images [B, 3, Hc, Wc] with (Hc, Wc) one of ``canvases(config).shapes``.
 
     Args:
+      dataset: the examples.
+      config: the run's settings (augmentation, seed, workers, ``--image-size``).
+      train: a training loader (shuffled, augmented, no partial batch) or an evaluation one.
+      max_boxes: objects per example (default: ``config.max_boxes``, else 16).
       batch_size: images per shard and step (default: ``config.batch_size``, the
         global batch, split evenly over ``num_shards``).
       num_shards, shard_index: the processes reading the data, and this one.
+      spec: the run's canvases, computed once per run (default: ``canvases(config)``).
+
+    Returns:
+      The loader.
+
+    Raises:
+      JobError: the loader refuses the data, e.g. fewer images than one batch.
     """
     batch_size = batch_size or config.batch_size // num_shards
-    spec = canvases(config)
-    multiple = size_divisibility(config.model)
+    spec = canvases(config) if spec is None else spec
+    multiple = spec.multiple  # the model's size divisibility
     flip = 0.5 if train and config.augment == "flip" else 0.0
     transform: Callable
     if spec.square_only:  # one canvas, given here; the loader passes none

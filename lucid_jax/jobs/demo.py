@@ -46,10 +46,11 @@ def demo(config: TrainConfig, out: str | os.PathLike, *, given=(), progress: boo
     train(config, out, given=set(given) | set(DEMO_OVERRIDES) | {"data"}, progress=progress, echo=echo)
     train_s = time.perf_counter() - start
     model, variables, class_names, config = load_trained(out)
+    spec = canvases(config)  # the trained run's: evaluate and draw on it
     held_out = open_dataset("shapes", "val", shapes_examples=config.shapes_train_examples, image_size=config.image_size)
-    metrics = evaluate(model, variables, held_out, config, progress=progress)
+    metrics = evaluate(model, variables, held_out, config, progress=progress, spec=spec)
     assert metrics is not None  # one process: it scores
-    images, preds, examples = predictions_on(model, variables, held_out, config, range(8))
+    images, preds, examples = predictions_on(model, variables, held_out, config, range(8), spec=spec)
     png = out / "detections.png"
     up = 3  # drawn 3x larger than the 128-pixel inputs, so labels stay legible
     pictures = viz.denormalize(images).repeat(up, axis=1).repeat(up, axis=2)

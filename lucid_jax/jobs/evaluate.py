@@ -1,5 +1,6 @@
 """Evaluation jobs: a trained detector's metrics on a dataset, and a few predictions to draw."""
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -11,10 +12,64 @@ from tqdm.auto import tqdm
 
 from lucid_jax import distributed
 from lucid_jax.data import model_inputs, preprocess_on_canvas
+from lucid_jax.data.canvases import Canvases
 from lucid_jax.evaluation import coco_ground_truth, coco_results, evaluate_dataset, unpad_detections
-from lucid_jax.jobs.config import TrainConfig, canvases
-from lucid_jax.jobs.data import make_loader
+from lucid_jax.jobs.config import JobError, TrainConfig, canvases, output_file
+from lucid_jax.jobs.data import make_loader, open_dataset
+from lucid_jax.jobs.training import load_trained
 from lucid_jax.train import make_predict_fn
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    data: str,
+    *,
+    split: str = "val",
+    model_name: str | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    results: str | os.PathLike | None = None,
+    ground_truth: str | os.PathLike | None = None,
+) -> dict | None:
+    """The eval job: a trained run's metrics on a dataset (see :func:`evaluate`).
+
+    The output paths are checked before anything is loaded; the data's classes must
+    be the checkpoint's, in its order.
+
+    Args:
+      checkpoint: the ``--out`` of ``train``.
+      data: the ``--data`` spec (see :func:`lucid_jax.jobs.open_dataset`).
+      split: the split to score.
+      model_name: the architecture expected in the checkpoint, if given.
+      batch_size: images per predict call (default: the run's); the metrics do not depend on it.
+      progress: show a progress bar.
+      results, ground_truth: COCO files to write (see :func:`evaluate`); their folders must exist.
+
+    Returns:
+      :func:`evaluate`'s metrics on process 0; None on the others.
+
+    Raises:
+      JobError: an output path that is a folder or in no folder, an unreadable
+        checkpoint or dataset, or classes that differ from the checkpoint's.
+    """
+    results = None if results is None else output_file(results, "--results", folder_exists=True)
+    ground_truth = None if ground_truth is None else output_file(ground_truth, "--ground-truth", folder_exists=True)
+    model, variables, class_names, config = load_trained(checkpoint, model_name)
+    dataset = open_dataset(
+        data,
+        split,
+        shapes_examples=config.shapes_train_examples,
+        image_size=config.image_size,
+        class_names=class_names,
+    )
+    unknown = sorted(set(dataset.class_names) - set(class_names))
+    if unknown:
+        raise JobError(f"the data has classes the checkpoint was not trained on: {', '.join(unknown)}")
+    if list(dataset.class_names) != list(class_names):
+        raise JobError(f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}")
+    if batch_size:
+        config = dataclasses.replace(config, batch_size=batch_size)
+    return evaluate(model, variables, dataset, config, progress=progress, results=results, ground_truth=ground_truth)
 
 
 def evaluate(
@@ -26,6 +81,7 @@ def evaluate(
     progress: bool = True,
     results: str | os.PathLike | None = None,
     ground_truth: str | os.PathLike | None = None,
+    spec: Canvases | None = None,
 ) -> dict | None:
     """COCO AP, AP50, AP75, per-class AP and VOC AP50 against every annotated object.
 
@@ -49,6 +105,7 @@ def evaluate(
         image and category ids for COCO, synthetic ones otherwise).
       ground_truth: write the matching COCO ground truth here (VOC difficult
         objects as ``iscrowd: 1``, which COCOeval ignores).
+      spec: the run's canvases, where the caller has them (default: ``canvases(config)``).
 
     Returns:
       On process 0, ``evaluate_dataset``'s dict: AP, AP50, AP75, per_class_AP,
@@ -62,6 +119,7 @@ def evaluate(
         batch_size=config.batch_size,
         num_shards=jax.process_count(),
         shard_index=jax.process_index(),
+        spec=spec,
     )
     predict = make_predict_fn(model)
     progress = progress and distributed.is_primary()
@@ -98,13 +156,25 @@ def evaluate(
     return metrics
 
 
-def predictions_on(model, variables, dataset, config: TrainConfig, indices: Sequence[int]):
+def predictions_on(
+    model, variables, dataset, config: TrainConfig, indices: Sequence[int], *, spec: Canvases | None = None
+):
     """(normalised images [N, 3, H, W], predictions, targets) for a few examples to draw.
 
     Each image is resized as on its canvas; on SHORT:LONG canvases they are padded
     further, right and below, to one (H, W) that holds them all (the largest sides).
+
+    Args:
+      model, variables: the detector.
+      dataset: the examples.
+      config: the run's settings.
+      indices: the examples to predict.
+      spec: the run's canvases, where the caller has them (default: ``canvases(config)``).
+
+    Returns:
+      (images, predictions, the preprocessed examples).
     """
-    spec = canvases(config)
+    spec = canvases(config) if spec is None else spec
     examples = [
         preprocess_on_canvas(dataset[i], canvases=spec, size_divisibility=model.backbone.size_divisibility)
         for i in indices

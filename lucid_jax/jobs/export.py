@@ -9,7 +9,7 @@ from typing import Any
 
 from lucid_jax.data.canvases import ORIENTATIONS, Canvases
 from lucid_jax.export import PLATFORMS, export_prediction, write_artifact
-from lucid_jax.jobs.config import JobError, canvases
+from lucid_jax.jobs.config import JobError, canvases, output_file
 from lucid_jax.jobs.training import load_trained
 
 
@@ -47,6 +47,26 @@ def write_index(out: Path, spec: Canvases, files: dict[tuple[int, int], Path], c
     return index
 
 
+def _trained_for_export(checkpoint, out: str | os.PathLike, model_name: str | None):
+    """The run to export and where each canvas's file goes, ``out`` checked before the checkpoint is read.
+
+    Args:
+      checkpoint: the ``--out`` of ``train``.
+      out: the artifact's path (see :func:`canvas_files`).
+      model_name: the architecture expected in the checkpoint, if given.
+
+    Returns:
+      (model, variables, class names, config, canvases, {canvas: file}).
+
+    Raises:
+      JobError: ``out`` is a folder, or the checkpoint cannot be read.
+    """
+    files_at = output_file(out)
+    model, variables, class_names, config = load_trained(checkpoint, model_name)
+    spec = canvases(config)
+    return model, variables, class_names, config, spec, canvas_files(files_at, spec)
+
+
 def export_checkpoint_onnx(
     checkpoint,
     out: str | os.PathLike,
@@ -61,19 +81,24 @@ def export_checkpoint_onnx(
     static (default 1); inputs and outputs are those of the jax.export artifact. Each
     file gets its own ``.json``; a SHORT:LONG run also gets the index ``out.json``.
 
+    Args:
+      checkpoint: the ``--out`` of ``train``.
+      out: the graph's path.
+      model_name: the architecture expected in the checkpoint, if given.
+      batch_size: B, static (>= 1).
+      score_thresh: the graph's detection threshold (default: the model's, 0.05).
+
     Returns:
       The files written, one per canvas.
+
+    Raises:
+      JobError: jax2onnx is missing, ``out`` is a folder, or the checkpoint cannot be read.
     """
     try:
         from lucid_jax.onnx_export import DEFAULT_OPSET, export_onnx
     except ImportError as e:
         raise JobError(f"--format onnx needs jax2onnx and onnx: {e}") from None
-    out = Path(out)
-    if out.is_dir():
-        raise JobError(f"--out {out} is a folder; give a file name")
-    model, variables, class_names, config = load_trained(checkpoint, model_name)
-    spec = canvases(config)
-    files = canvas_files(out, spec)
+    model, variables, class_names, config, spec, files = _trained_for_export(checkpoint, out, model_name)
     kwargs: dict[str, Any] = {} if score_thresh is None else {"score_thresh": score_thresh}
     common = {
         "format": "onnx",
@@ -92,7 +117,7 @@ def export_checkpoint_onnx(
             raise JobError(f"--format onnx needs jax2onnx (the onnx extra): {e}") from None
         Path(str(path) + ".json").write_text(json.dumps({**common, "canvas": list(canvas)}, indent=2))
     if not spec.square_only:
-        write_index(out, spec, files, common)
+        write_index(Path(out), spec, files, common)
     return list(files.values())
 
 
@@ -110,8 +135,9 @@ def export_checkpoint(
     Args:
       checkpoint: the ``--out`` of ``train``.
       out: the artifact's path.
-      batch_size: a fixed batch size; None for a symbolic batch dimension (any B).
-      platforms: lower for each of these ("cpu", "cuda", "tpu").
+      model_name: the architecture expected in the checkpoint, if given.
+      batch_size: a fixed batch size (>= 1); None for a symbolic batch dimension (any B).
+      platforms: lower for each of these (any of "cpu", "cuda", "tpu").
       score_thresh: the artifact's detection threshold (default: the model's, 0.05).
 
     A run trained with ``--image-size S`` gives one artifact, ``out``. A SHORT:LONG
@@ -122,19 +148,12 @@ def export_checkpoint(
     Returns:
       The JSON sidecar's content (of ``out``, or the index), plus "files" (the
       artifacts written), "bytes" (their total size) and "seconds".
+
+    Raises:
+      JobError: ``out`` is a folder, or the checkpoint cannot be read.
     """
-    out = Path(out)
-    if out.is_dir():
-        raise JobError(f"--out {out} is a folder; give a file name")
-    bad = sorted(set(platforms) - set(PLATFORMS))
-    if bad or not platforms:
-        raise JobError(f"--platforms must be among {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}")
-    if batch_size is not None and batch_size < 1:
-        raise JobError(f"--batch-size must be >= 1, got {batch_size}")
     start = time.perf_counter()
-    model, variables, class_names, config = load_trained(checkpoint, model_name)
-    spec = canvases(config)
-    files = canvas_files(out, spec)
+    model, variables, class_names, config, spec, files = _trained_for_export(checkpoint, out, model_name)
     kwargs = {} if score_thresh is None else {"score_thresh": score_thresh}
     thresh = model.roi_heads.score_thresh if score_thresh is None else score_thresh
     extra = {"model": config.model, "score_thresh": thresh, "checkpoint": str(checkpoint), "image_size": str(spec)}
@@ -147,7 +166,7 @@ def export_checkpoint(
     meta = next(iter(metas.values()))
     if not spec.square_only:
         common = {k: v for k, v in meta.items() if k not in ("canvas", "inputs")}
-        meta = write_index(out, spec, files, {**common, "format": "jax.export canvases"})
+        meta = write_index(Path(out), spec, files, {**common, "format": "jax.export canvases"})
     return {
         **meta,
         "files": [str(p) for p in files.values()],
