@@ -5,7 +5,9 @@ settings that prints little and returns what it made.
   checks of the paths a job writes.
 - ``options``: the settings of ``eval``, ``predict`` and ``export``, one field per flag.
 - ``data``: datasets from ``--data`` specs and their loaders.
-- ``training``: ``train`` (or resume) into a run directory; ``load_trained``.
+- ``state``: a run's detector and train state, fresh or from its checkpoints.
+- ``training``: ``train`` (or resume) into a run directory, as ``prepare_run`` then
+  ``run_loop``; ``load_trained``.
 - ``evaluate``: metrics against every annotated object, COCO results files.
 - ``predict``: detections on files, folders and globs of images, batched.
 - ``export``: a run's prediction as one serialized file.
@@ -33,7 +35,8 @@ from lucid_jax.jobs.export import export_checkpoint, export_checkpoint_onnx
 from lucid_jax.jobs.options import EvalOptions, ExportOptions, PredictOptions
 from lucid_jax.jobs.predict import default_score_thresh, detect_files, expand_image_paths, predict_files
 from lucid_jax.jobs.seed import seed_example
-from lucid_jax.jobs.training import build_model, frozen_labels, initial_state, load_trained, train
+from lucid_jax.jobs.state import build_model, frozen_labels, initial_state
+from lucid_jax.jobs.training import Run, load_trained, prepare_run, run_loop, train
 
 __all__ = [
     "DEMO_OVERRIDES",
@@ -42,6 +45,7 @@ __all__ = [
     "RESUMABLE_CHANGES",
     "JobError",
     "PredictOptions",
+    "Run",
     "TrainConfig",
     "apply_init_recipe",
     "build_model",
@@ -67,7 +71,9 @@ __all__ = [
     "pad_targets",
     "predict_files",
     "predictions_on",
+    "prepare_run",
     "reconcile_resume",
+    "run_loop",
     "seed_example",
     "train",
 ]

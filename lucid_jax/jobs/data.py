@@ -1,5 +1,7 @@
-"""The data a job reads: datasets from ``--data`` specs, what training will see, loaders."""
+"""The data a job reads: datasets from ``--data`` specs, what training will see, loaders,
+and how long a loop waits for them."""
 
+import time
 from collections.abc import Callable
 from functools import partial
 
@@ -144,3 +146,49 @@ def make_loader(
                 f"use --batch-size {max(len(dataset), 1)} or less"
             ) from None
         raise JobError(str(e)) from None
+
+
+def small_canvases(loader) -> list[str]:
+    """A note for each canvas with fewer images than one global batch: training drops them every epoch."""
+    if loader.canvases is None:
+        return []
+    counts = np.bincount(loader.canvas_ids, minlength=len(loader.canvases.shapes))
+    return [
+        f"canvas {h}x{w}: {n} image(s), fewer than the global batch of {loader.global_batch_size}; "
+        "training never sees them (use a smaller --batch-size)"
+        for (h, w), n in zip(loader.canvases.shapes, counts.tolist(), strict=True)
+        if 0 < n < loader.global_batch_size
+    ]
+
+
+class DataWait:
+    """How long a loop waits for its loader: the time spent getting each next batch.
+
+    The loop blocks on every step's result (it reads ``finite``), so the rest of the
+    wall time is the step's: ``fraction`` is the share of the wall time the step
+    starves. The clock starts after the first step, which compiles.
+    """
+
+    def __init__(self) -> None:
+        self.waited = 0.0
+        self.steps = 0
+        self.started: float | None = None
+
+    def wrap(self, batches):
+        iterator = iter(batches)
+        batch = next(iterator, None)
+        while batch is not None:
+            yield batch
+            before = time.perf_counter()
+            self.started = before if self.started is None else self.started
+            batch = next(iterator, None)
+            if batch is not None:
+                self.waited += time.perf_counter() - before
+                self.steps += 1
+
+    def fraction(self) -> float:
+        wall = time.perf_counter() - self.started if self.started is not None else 0.0
+        return self.waited / wall if wall > 0 else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.waited:.1f} s over {self.steps} steps"

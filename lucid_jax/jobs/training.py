@@ -1,9 +1,11 @@
 """Training jobs: train (or resume) a detector into a run directory, and load one back.
 
-``train`` runs the jitted step over a seeded, resumable loader, logs every loss to
-``OUT/log.jsonl``, checkpoints to ``OUT/checkpoints`` and resumes from there. The
-step's randomness is ``fold_in(seed key, step)`` and the loader is a function of
-(seed, step), so a run that is killed and resumed continues bit-identically.
+``train`` is :func:`prepare_run` (the settings, data, model and state of a run, each
+computed once) then :func:`run_loop`: the jitted step over a seeded, resumable loader,
+every loss logged to ``OUT/log.jsonl``, checkpoints in ``OUT/checkpoints``, where a
+run resumes from. The step's randomness is ``fold_in(seed key, step)`` and the loader
+is a function of (seed, step), so a run that is killed and resumed continues
+bit-identically.
 
 With several devices the step is data-parallel over ``data_mesh()``; under
 ``jax.distributed`` every process runs ``train`` with the same settings, loads its
@@ -16,110 +18,29 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 from lucid_jax import distributed
 from lucid_jax.checkpoint import Checkpointer, CheckpointError
-from lucid_jax.data import dropped_boxes_summary, model_inputs, object_counts
+from lucid_jax.data import DroppedBoxes, Loader, dropped_boxes_summary, model_inputs, object_counts
+from lucid_jax.data.canvases import Canvases
 from lucid_jax.jobs.config import (
     JobError,
     TrainConfig,
     apply_init_recipe,
     canvases,
     check_config,
-    check_model_name,
-    config_from_dict,
     describe_canvases,
+    flag_name,
+    output_folder,
     reconcile_resume,
-    warmup_steps,
 )
-from lucid_jax.jobs.data import describe_data, make_loader, open_dataset
-from lucid_jax.models import get_model
-from lucid_jax.train import (
-    build_optimizer,
-    create_train_state,
-    data_mesh,
-    host_metrics,
-    make_train_step,
-    param_labels,
-    shard_batch,
-)
-
-
-def build_model(name: str, num_classes: int, *, norm_mode: str = "batch"):
-    check_model_name(name)
-    return get_model(name, num_classes=num_classes, norm_mode=norm_mode)
-
-
-def frozen_labels(params, config: TrainConfig):
-    """Which parameters train: the one labelling the optimiser and the step share."""
-    return param_labels(
-        params,
-        trainable_backbone_layers=config.trainable_backbone_layers,
-        freeze_batchnorm=config.norm_mode == "frozen",
-    )
-
-
-def _optimizer(params, labels, config: TrainConfig):
-    return build_optimizer(
-        params,
-        labels=labels,
-        optimizer=config.optimizer,
-        learning_rate=config.lr,
-        weight_decay=config.weight_decay,
-        backbone_lr_mult=config.backbone_lr_mult,
-        clip_grad_norm=config.clip_grad_norm,
-        schedule=config.schedule,
-        total_steps=config.steps,
-        warmup_steps=warmup_steps(config),
-        decay_steps=tuple(config.decay_steps),
-        decay_factor=config.decay_factor,
-    )
-
-
-def _init_variables(model, config: TrainConfig):
-    height, width = canvases(config).shapes[0]  # any canvas: the parameters do not depend on it
-    images = np.zeros((1, 3, height, width), np.float32)
-    return jax.jit(model.init)(jax.random.key(config.seed), images)
-
-
-def initial_state(model, config: TrainConfig, variables=None, *, mesh=None):
-    """(train state, frozen labels) at step 0, from ``variables`` or a fresh init.
-
-    With ``mesh`` the state is replicated over it (see ``create_train_state``).
-    """
-    variables = _init_variables(model, config) if variables is None else variables
-    labels = frozen_labels(variables["params"], config)
-    state = create_train_state(model, variables, _optimizer(variables["params"], labels, config), mesh=mesh)
-    return state, labels
-
-
-def _uncommitted(state):
-    """The restored state as the fresh one is: arrays not committed to a device.
-
-    Orbax hands back arrays committed to their device, and jit compiles a
-    committed argument with its sharding written into the program. A resumed run
-    then missed the compilation cache that a fresh run of the same config filled,
-    and compiled its step again. Each array goes through the host once.
-    """
-    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)) if isinstance(x, jax.Array) else x, state)
-
-
-def small_canvases(loader) -> list[str]:
-    """A note for each canvas with fewer images than one global batch: training drops them every epoch."""
-    if loader.canvases is None:
-        return []
-    counts = np.bincount(loader.canvas_ids, minlength=len(loader.canvases.shapes))
-    return [
-        f"canvas {h}x{w}: {n} image(s), fewer than the global batch of {loader.global_batch_size}; "
-        "training never sees them (use a smaller --batch-size)"
-        for (h, w), n in zip(loader.canvases.shapes, counts.tolist(), strict=True)
-        if 0 < n < loader.global_batch_size
-    ]
+from lucid_jax.jobs.data import DataWait, describe_data, make_loader, open_dataset, small_canvases
+from lucid_jax.jobs.state import build_model, init_variables, initial_state, stored_run, uncommitted
+from lucid_jax.train import data_mesh, host_metrics, make_train_step, shard_batch
 
 
 def training_mesh(config: TrainConfig):
@@ -140,25 +61,41 @@ def training_mesh(config: TrainConfig):
     return data_mesh()
 
 
-def _stored_run(checkpoints: Path):
-    """(config, class names, latest step) of a run directory's checkpoints, or None."""
-    if not checkpoints.is_dir():
-        return None
-    try:
-        with Checkpointer(checkpoints, read_only=True) as ckpt:
-            step = ckpt.latest_step()
-            if step is None:
-                return None
-            saved = ckpt.metadata(step)
-    except CheckpointError as e:
-        raise JobError(str(e)) from None
-    if "config" not in saved:
-        raise JobError(f"{checkpoints} was not written by lucid-jax train (no config in its metadata)")
-    return config_from_dict(saved["config"]), saved.get("class_names"), step
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A training run ready for its first step: what its loop reads, each computed once.
+
+    Attributes:
+      config: the settings it trains with (a resumed run's, or with the ``--init`` recipe).
+      out: the run directory.
+      spec: the canvases of ``config.image_size``.
+      model: the detector.
+      mesh: the data mesh over every device, or None on a single device.
+      loader: this process's share of every global batch.
+      state: the train state to continue from: restored, or at step 0.
+      labels: which parameters train (see :func:`frozen_labels`).
+      rng: the run's key; step i draws ``fold_in(rng, i)``.
+      start: the steps already done (0 for a fresh run).
+      metadata: what every checkpoint stores beside the state.
+      dropped: the boxes over ``max_boxes`` that training drops.
+    """
+
+    config: TrainConfig
+    out: Path
+    spec: Canvases
+    model: Any
+    mesh: Any
+    loader: Loader
+    state: Any
+    labels: Any
+    rng: Any
+    start: int
+    metadata: dict
+    dropped: DroppedBoxes
 
 
 def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: bool = True, echo=print) -> dict:
-    """Train (or resume) a detector; returns the last logged metrics.
+    """Train (or resume) a detector: :func:`prepare_run`, then :func:`run_loop`.
 
     Writes ``OUT/log.jsonl`` (one JSON object per logged step) and
     ``OUT/checkpoints/<step>``. A run whose loss or gradient turns non-finite
@@ -174,30 +111,42 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
       given: names of the fields of ``config`` the user set explicitly (the
         command line's flags). Others take the stored values on resume and
         the fine-tuning recipe with ``init``. None: every field counts as given.
-      echo: prints one-line notes (the init summary, resume notes).
+      progress: show a progress bar (process 0 only).
+      echo: prints one-line notes (the init summary, resume notes); process 0 only.
+
+    Returns:
+      The last logged metrics.
 
     Every input is checked before anything is written or compiled.
     """
-    primary = distributed.is_primary()
-    if not primary:
+    if not distributed.is_primary():
         echo, progress = (lambda *_: None), False
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise JobError(f"--out {out} is a file; give a directory")
-    check_config(config)
-    stored = _stored_run(out / "checkpoints")
-    init_flat = None
-    if stored is not None:
-        config, notes = reconcile_resume(stored[0], config, given)
-        for note in notes:
-            echo(note)
-    elif config.init is not None:
-        from lucid_jax import weights
+    return run_loop(prepare_run(config, out, given=given, echo=echo), progress=progress, echo=echo)
 
-        init_flat, init_source = weights.read_source(config.init)
-        config, recipe = apply_init_recipe(config, weights.detect_kind(init_flat), given)
-        if recipe:
-            echo("init: fine-tuning recipe " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items()))
+
+def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo=print) -> Run:
+    """Everything a run needs before its first step; every input is checked before
+    anything is written or compiled.
+
+    Args:
+      config, out, given, echo: as for :func:`train`.
+
+    Returns:
+      The :class:`Run`, its state restored from ``OUT/checkpoints`` where a run is there.
+
+    Raises:
+      JobError: bad settings, a changed setting on resume, data that cannot be read or
+        differs from the run's, or a batch that does not split over the devices.
+    """
+    # --- Settings: the flags, then a resumed run's or the --init recipe's -----------------------
+    out = output_folder(out)
+    check_config(config)
+    stored = stored_run(out / "checkpoints")
+    config, init = _settings(config, stored, given, echo)
+    spec = canvases(config)  # once per run: the loader, the initialisation and the log share it
+    mesh = training_mesh(config)
+
+    # --- Data: this process's share of every global batch ---------------------------------------
     dataset = open_dataset(
         config.data,
         config.split,
@@ -208,132 +157,155 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
     class_names = list(dataset.class_names)
     if stored is not None and stored[1] is not None and stored[1] != class_names:
         raise JobError(f"the data's classes {class_names} differ from the run's {stored[1]}")
-    model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
-    mesh = training_mesh(config)
     counts = object_counts(dataset)
     max_boxes = config.max_boxes or max(int(counts.max(initial=0)), 1)
-    loader = make_loader(
-        dataset,
-        config,
-        train=True,
-        max_boxes=max_boxes,
-        num_shards=jax.process_count(),
-        shard_index=jax.process_index(),
-    )
+    shards = {"num_shards": jax.process_count(), "shard_index": jax.process_index()}
+    loader = make_loader(dataset, config, train=True, max_boxes=max_boxes, spec=spec, **shards)
     data_info = describe_data(dataset, echo)
-    echo(describe_canvases(canvases(config)))
-    for note in small_canvases(loader):
-        echo(note)
     dropped = dropped_boxes_summary(counts, max_boxes)
-    if dropped.dropped:
-        echo(str(dropped))
+    for note in (describe_canvases(spec), *small_canvases(loader), *([str(dropped)] if dropped.dropped else [])):
+        echo(note)
 
+    # --- State: fresh, from the --init weights, or the last checkpoint's ------------------------
+    model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
     out.mkdir(parents=True, exist_ok=True)
-    variables = _init_variables(model, config)
-    if init_flat is not None:
-        from lucid_jax import weights
-
-        variables, report = weights.load_pretrained(variables, init_flat, model=model)
-        report.source = init_source
-        if primary:
-            weights.save_report(report, out / "init_report.json")
-        echo(f"init: {report.summary()}")
+    variables = init_variables(model, config, spec)
+    if init is not None:
+        variables = _pretrained(variables, init, model, out, echo)
     state, labels = initial_state(model, config, variables, mesh=mesh)
-    rng = jax.random.key(config.seed)
-    metadata = {"config": dataclasses.asdict(config), "class_names": class_names, "max_boxes": max_boxes, **data_info}
-    with Checkpointer(out / "checkpoints", keep_last=config.keep_checkpoints) as ckpt:
-        start = 0
-        if stored is not None:
+    rng, start = jax.random.key(config.seed), 0
+    if stored is not None:
+        with Checkpointer(out / "checkpoints", read_only=True) as ckpt:
             state, rng, _ = ckpt.restore(state)
-            if mesh is None:
-                state = _uncommitted(state)
-            start = int(state.step)
-        step_fn = make_train_step(model, frozen=labels, mesh=mesh)
-        log = open(out / "log.jsonl", "a") if primary else open(os.devnull, "w")
-        if dropped.dropped:
-            log.write(
-                json.dumps(
-                    {
-                        "step": start,
-                        "dropped_boxes": dropped.dropped,
-                        "total_boxes": dropped.total,
-                        "images_with_dropped_boxes": dropped.images,
-                        "max_boxes": max_boxes,
-                    }
-                )
-                + "\n"
+        state = uncommitted(state) if mesh is None else state
+        start = int(state.step)
+    metadata = {"config": dataclasses.asdict(config), "class_names": class_names, "max_boxes": max_boxes, **data_info}
+    return Run(config, out, spec, model, mesh, loader, state, labels, rng, start, metadata, dropped)
+
+
+def _settings(config: TrainConfig, stored, given, echo) -> tuple[TrainConfig, tuple | None]:
+    """The settings a run trains with, and the ``--init`` weights to load.
+
+    Args:
+      config: the settings asked for.
+      stored: :func:`stored_run` of the run directory (None: a new run).
+      given, echo: as for :func:`train`.
+
+    Returns:
+      (config, init): a resumed run's stored settings with the flags that may change
+      (``init`` None), or ``config`` under the ``--init`` fine-tuning recipe where the
+      flags set nothing else, with ``init`` = (flat weights, source).
+    """
+    if stored is not None:
+        config, notes = reconcile_resume(stored[0], config, given)
+        for note in notes:
+            echo(note)
+        return config, None
+    if config.init is None:
+        return config, None
+    from lucid_jax import weights
+
+    init = weights.read_source(config.init)
+    config, recipe = apply_init_recipe(config, weights.detect_kind(init[0]), given)
+    if recipe:
+        echo("init: fine-tuning recipe " + ", ".join(f"{flag_name(k)} {v}" for k, v in recipe.items()))
+    return config, init
+
+
+def _pretrained(variables, init: tuple, model, out: Path, echo):
+    """``variables`` with the ``--init`` weights loaded; the report goes to ``OUT/init_report.json``.
+
+    Args:
+      variables: the fresh variables.
+      init: (flat weights, source) of :func:`_settings`.
+      model: the detector.
+      out: the run directory.
+      echo: prints the report's summary.
+
+    Returns:
+      The variables.
+    """
+    from lucid_jax import weights
+
+    flat, source = init
+    variables, report = weights.load_pretrained(variables, flat, model=model)
+    report.source = source
+    if distributed.is_primary():
+        weights.save_report(report, out / "init_report.json")
+    echo(f"init: {report.summary()}")
+    return variables
+
+
+def run_loop(run: Run, *, progress: bool = True, echo=print) -> dict:
+    """Train ``run`` from its start to ``config.steps``: log, checkpoint, stop on a non-finite step.
+
+    Args:
+      run: a prepared run (:func:`prepare_run`).
+      progress: show a progress bar.
+      echo: prints how long the step waited for data.
+
+    Returns:
+      The last logged metrics ({} when no step is left).
+
+    Raises:
+      JobError: the loss or gradient became non-finite (the last checkpoint is intact).
+    """
+    config, state, mesh = run.config, run.state, run.mesh
+    step_fn = make_train_step(run.model, frozen=run.labels, mesh=mesh)
+    bar = tqdm(
+        total=config.steps, initial=run.start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
+    )
+    with Checkpointer(run.out / "checkpoints", keep_last=config.keep_checkpoints) as ckpt, _log(run) as log, bar:
+        last, started, waiting = {}, time.perf_counter(), DataWait()
+        for i, batch in enumerate(waiting.wrap(run.loader.iterate(run.start, config.steps - run.start)), run.start + 1):
+            inputs = model_inputs(batch) if mesh is None else shard_batch(model_inputs(batch), mesh)
+            state, metrics = step_fn(state, inputs, jax.random.fold_in(run.rng, i))
+            bar.update(1)
+            if i % config.log_every and i != config.steps and bool(distributed.host_value(metrics["finite"])):
+                continue
+            last = host_metrics(metrics)
+            last.update(
+                step=i, seconds=round(time.perf_counter() - started, 2), data_wait_fraction=round(waiting.fraction(), 4)
             )
-        bar = tqdm(
-            total=config.steps, initial=start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
-        )
-        last, started = {}, time.perf_counter()
-        waiting = DataWait()
-        try:
-            for i, batch in enumerate(waiting.wrap(loader.iterate(start, config.steps - start)), start=start + 1):
-                inputs = model_inputs(batch) if mesh is None else shard_batch(model_inputs(batch), mesh)
-                state, metrics = step_fn(state, inputs, jax.random.fold_in(rng, i))
-                bar.update(1)
-                if i % config.log_every and i != config.steps and bool(distributed.host_value(metrics["finite"])):
-                    continue
-                last = host_metrics(metrics)
-                last.update(
-                    step=i,
-                    seconds=round(time.perf_counter() - started, 2),
-                    data_wait_fraction=round(waiting.fraction(), 4),
+            log.write(json.dumps(last) + "\n")
+            log.flush()
+            bar.set_postfix({k.removesuffix("_loss"): f"{last[k]:.3f}" for k in LOSSES_SHOWN})
+            if not last["finite"]:
+                raise JobError(
+                    f"loss or gradient became non-finite at step {i}; stopped (the last checkpoint is intact)"
                 )
-                log.write(json.dumps(last) + "\n")
-                log.flush()
-                bar.set_postfix(
-                    {
-                        k[:-5] if k.endswith("_loss") else k: f"{last[k]:.3f}"
-                        for k in ("total_loss", "rpn_cls_loss", "roi_cls_loss", "roi_reg_loss")
-                    }
-                )
-                if not last["finite"]:
-                    raise JobError(
-                        f"loss or gradient became non-finite at step {i}; stopped (the last checkpoint is intact)"
-                    )
-                if i % config.checkpoint_every == 0 or i == config.steps:
-                    ckpt.save(i, state, rng, metrics=last, metadata=metadata)
-        finally:
-            bar.close()
-            log.close()
+            if i % config.checkpoint_every == 0 or i == config.steps:
+                ckpt.save(i, state, run.rng, metrics=last, metadata=run.metadata)
     if waiting.steps:
         echo(f"data: the step waited for the loader {waiting.fraction():.1%} of the wall time ({waiting})")
     return last
 
 
-class DataWait:
-    """How long a loop waits for its loader: the time spent getting each next batch.
+LOSSES_SHOWN = ("total_loss", "rpn_cls_loss", "roi_cls_loss", "roi_reg_loss")  # on the progress bar
 
-    The loop blocks on every step's result (it reads ``finite``), so the rest of the
-    wall time is the step's: ``fraction`` is the share of the wall time the step
-    starves. The clock starts after the first step, which compiles.
+
+def _log(run: Run):
+    """``OUT/log.jsonl``, opened to append (a null file on processes other than 0), with
+    a first line for the boxes over ``max_boxes`` that training drops.
+
+    Args:
+      run: the prepared run.
+
+    Returns:
+      The open file.
     """
-
-    def __init__(self) -> None:
-        self.waited = 0.0
-        self.steps = 0
-        self.started: float | None = None
-
-    def wrap(self, batches):
-        iterator = iter(batches)
-        batch = next(iterator, None)
-        while batch is not None:
-            yield batch
-            before = time.perf_counter()
-            self.started = before if self.started is None else self.started
-            batch = next(iterator, None)
-            if batch is not None:
-                self.waited += time.perf_counter() - before
-                self.steps += 1
-
-    def fraction(self) -> float:
-        wall = time.perf_counter() - self.started if self.started is not None else 0.0
-        return self.waited / wall if wall > 0 else 0.0
-
-    def __str__(self) -> str:
-        return f"{self.waited:.1f} s over {self.steps} steps"
+    log = open(run.out / "log.jsonl", "a") if distributed.is_primary() else open(os.devnull, "w")
+    dropped = run.dropped
+    if dropped.dropped:
+        line = {
+            "step": run.start,
+            "dropped_boxes": dropped.dropped,
+            "total_boxes": dropped.total,
+            "images_with_dropped_boxes": dropped.images,
+            "max_boxes": dropped.max_boxes,
+        }
+        log.write(json.dumps(line) + "\n")
+    return log
 
 
 def load_trained(checkpoint: str | os.PathLike, model_name: str | None = None):
@@ -348,7 +320,7 @@ def load_trained(checkpoint: str | os.PathLike, model_name: str | None = None):
     directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     if not directory.is_dir():
         raise JobError(f"checkpoint directory not found: {checkpoint}")
-    stored = _stored_run(directory)
+    stored = stored_run(directory)
     if stored is None:
         raise JobError(f"no complete checkpoint in {directory}")
     config, class_names, _ = stored
