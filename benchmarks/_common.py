@@ -140,10 +140,10 @@ def write_same_weights(size, path, spread=30.0):
     Run in a child of its own (``--side weights``): Linux keeps a process's peak RSS
     across exec, so the measuring children must start before the parent holds models.
     """
-    from lucid_jax import state_dict
+    from lucid_jax import state_dict, state_dict_files
 
     model, variables = ours_from_torchvision(torchvision_model(size, spread=spread))
-    state_dict.save_state_dict_file(state_dict.to_state_dict(variables, model=model), path)
+    state_dict_files.save_state_dict_file(state_dict.to_state_dict(variables, model=model), path)
 
 
 def spread_heads(variables, gain=30.0):

@@ -172,7 +172,7 @@ def bench_infer(setup, dtype_name, args):
     import jax
     import jax.numpy as jnp
 
-    from lucid_jax.train import make_predict_fn
+    from lucid_jax.inference import make_predict_fn
 
     dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dtype_name]
     model = build(setup, dtype)
@@ -202,7 +202,8 @@ def bench_train(setup, args):
     import jax
     import jax.numpy as jnp
 
-    from lucid_jax.train import build_optimizer, create_train_state, make_train_step
+    from lucid_jax.optim import build_optimizer
+    from lucid_jax.train import create_train_state, make_train_step
 
     model = build(setup, jnp.bfloat16)
     data = synthetic(setup["train_batch"], setup["train_size"])

@@ -86,7 +86,8 @@ def build_step(model_name: str, batch: int):
     import jax.numpy as jnp
 
     from lucid_jax.models import faster_rcnn_mini_fpn, faster_rcnn_resnet_101_fpn
-    from lucid_jax.train import build_optimizer, create_train_state, make_train_step
+    from lucid_jax.optim import build_optimizer
+    from lucid_jax.train import create_train_state, make_train_step
 
     make = faster_rcnn_resnet_101_fpn if model_name == "resnet101" else faster_rcnn_mini_fpn
     model = make(num_classes=21)

@@ -34,7 +34,7 @@ def main():
     import onnx
     import onnxruntime as ort
 
-    from lucid_jax.export import serving_function
+    from lucid_jax.inference import serving_function
     from lucid_jax.models import get_model
     from lucid_jax.onnx_export import OUTPUT_NAMES, export_onnx
 

@@ -18,7 +18,7 @@ run gives two tables from one interleaved timing:
    (``faster_rcnn_resnet_101_fpn()``: 9 anchors on P2..P5, 300 proposals) with its own
    random weights and the classifier spread alike, against the same torchvision model.
 
-ours: ``lucid_jax.train.make_predict_fn(model)`` (RPN, box head, softmax, per-class
+ours: ``lucid_jax.inference.make_predict_fn(model)`` (RPN, box head, softmax, per-class
 decode, score threshold 0.05, per-class NMS 0.5, top 100, padded). torchvision: eval
 mode under ``torch.inference_mode()``; ``min_size = max_size = size`` keeps the
 batch at size x size (the default 800 would upsample it), which the script checks.
@@ -77,7 +77,7 @@ def build_ours(model, variables, images):
     """Our jitted predict and seed forward on ``images`` (normalised); blocking callables."""
     import jax
 
-    from lucid_jax.train import make_predict_fn
+    from lucid_jax.inference import make_predict_fn
 
     predict = make_predict_fn(model)
     forward = jax.jit(model.apply)
@@ -138,13 +138,13 @@ def run_child_side(args, images):
         import jax
         import jax.numpy as jnp
 
-        from lucid_jax import state_dict
+        from lucid_jax import state_dict, state_dict_files
 
         model = C.ours_model("torchvision", norm_mode="frozen")
         template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
         template = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), template)
         variables = state_dict.from_state_dict(
-            template, state_dict.load_state_dict_file(args.weights_file), model=model
+            template, state_dict_files.load_state_dict_file(args.weights_file), model=model
         )
         fn = build_ours(model, variables, images)["predict"]
         del variables  # the device copy serves; torchvision's model holds one copy too

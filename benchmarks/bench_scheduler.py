@@ -3,7 +3,7 @@
     python benchmarks/bench_scheduler.py [--recipe torchvision|default] [--size 512] [--batch 2]
                                          [--rounds 6] [--model faster_rcnn_resnet_101_fpn]
 
-The step is lowered once and compiled twice: with ``lucid_jax.train.CPU_COMPILER_OPTIONS``
+The step is lowered once and compiled twice: with ``lucid_jax.inference.CPU_COMPILER_OPTIONS``
 (the memory-minimising scheduler, what ``make_train_step`` uses on CPU) and with XLA's
 default (``CPU_SCHEDULER_TYPE_DEFAULT``, which orders for concurrency). It prints each
 executable's temporaries (``memory_analysis()``), checks that both compute the same
@@ -45,7 +45,8 @@ def build(args):
     import jax.numpy as jnp
 
     from lucid_jax.models import TORCHVISION_FASTER_RCNN, get_model
-    from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
+    from lucid_jax.optim import build_optimizer, param_labels
+    from lucid_jax.train import create_train_state, make_train_step
 
     fine_tune = args.recipe == "torchvision"
     extra = {**TORCHVISION_FASTER_RCNN, "norm_mode": "frozen"} if fine_tune else {}
@@ -74,7 +75,7 @@ def main(argv=None):
     args = parse_args(argv)
     import jax
 
-    from lucid_jax.train import CPU_COMPILER_OPTIONS
+    from lucid_jax.inference import CPU_COMPILER_OPTIONS
 
     print(f"# bench_scheduler: {args.model}, {args.recipe} recipe, train step {args.batch}x3x{args.size}x{args.size}")
     print(C.environment_line())

@@ -150,7 +150,8 @@ def build_ours(args, batch, model, variables):
     """
     import jax
 
-    from lucid_jax.train import build_optimizer, create_train_state, make_train_step, param_labels
+    from lucid_jax.optim import build_optimizer, param_labels
+    from lucid_jax.train import create_train_state, make_train_step
 
     frozen_bn = args.compare == "same"
     tx = build_optimizer(
@@ -185,7 +186,7 @@ def ours_weights(args, tv_model=None):
     import jax
     import jax.numpy as jnp
 
-    from lucid_jax import state_dict
+    from lucid_jax import state_dict, state_dict_files
 
     start = time.perf_counter()
     if args.compare == "default":
@@ -198,7 +199,7 @@ def ours_weights(args, tv_model=None):
         model = C.ours_model("torchvision", norm_mode="frozen")
         template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64), jnp.float32))
         template = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), template)
-        flat = state_dict.load_state_dict_file(args.weights_file)
+        flat = state_dict_files.load_state_dict_file(args.weights_file)
         variables = state_dict.from_state_dict(template, flat, model=model)
     return model, variables, time.perf_counter() - start
 
@@ -207,7 +208,7 @@ def check_same_predictions(model, variables, tv_model, images):
     """Both sides' detections on the batch, checked equal before training (see _common)."""
     import torch
 
-    from lucid_jax.train import make_predict_fn
+    from lucid_jax.inference import make_predict_fn
 
     ours = make_predict_fn(model)(variables, C.normalised(images), None)
     tv_model.eval()

@@ -39,8 +39,6 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import serialization
 
-# The manifest and the weight export live in their own modules; their names are
-# re-exported here, where they were first.
 from lucid_jax.distributed import barrier
 from lucid_jax.manifest import (
     FORMAT_VERSION,
@@ -50,7 +48,6 @@ from lucid_jax.manifest import (
     verify_checkpoint,
     write_manifest,
 )
-from lucid_jax.state_dict import export_inference_weights  # noqa: F401
 
 _STATE, _META = "state", "meta"
 _LIST_LIMIT = 3  # keys named per kind of problem, so an error stays one line

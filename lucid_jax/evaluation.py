@@ -15,13 +15,7 @@ Two entry points:
   is built in memory (:func:`coco_ground_truth`): ``area`` is the box area (there are
   no masks). :func:`evaluate_dataset` enters ignored objects (VOC difficult) as
   crowds; :class:`DetectionEvaluator` counts difficult objects as ordinary ones.
-- VOC AP50 follows the VOC development kit's ``VOCevaldet`` (Everingham et al., IJCV
-  2010): detections of a class sorted by score, each matched greedily to the unmatched
-  ground truth of highest IoU when IoU > 0.5; a detection whose best match is
-  ``difficult`` counts neither way, and difficult objects are not in the recall's
-  denominator. AP is the 11-point interpolated average (VOC2007) or the area under the
-  monotone precision envelope (VOC2010+). Unlike the devkit, IoU uses the project's
-  continuous boxes, without the devkit's "+1" on widths.
+- VOC AP50 follows the VOC development kit (:mod:`lucid_jax.voc_ap`).
 
 Padded predictions and targets are the arrays of the model and of the loader, NumPy
 or JAX: ``{"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K], "valid": [B, K]}``
@@ -38,10 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from lucid_jax.data.boxes import iou_one_to_many
+from lucid_jax.data.boxes import xywh
 from lucid_jax.data.coco import COCODataset
-from lucid_jax.data.coco_format import coco_ground_truth, coco_results, detection_list
+from lucid_jax.data.coco_format import coco_ground_truth, detection_list
 from lucid_jax.data.dataset import get_annotation
+from lucid_jax.inference import coco_results, coco_rows
+from lucid_jax.voc_ap import voc_evaluate
 
 
 def _images(predictions, targets) -> list[tuple[dict, dict]]:
@@ -83,81 +79,6 @@ def _images(predictions, targets) -> list[tuple[dict, dict]]:
                 },
             )
         )
-    return out
-
-
-def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
-    """Average precision from a ranked list's cumulative recall and precision.
-
-    Args:
-      recall, precision: [N] after each of the N ranked detections.
-      use_07_metric: VOC2007's mean of the best precision at recall >= 0, 0.1, ..., 1;
-        otherwise VOC2010's area under the precision envelope (the max precision at
-        any recall >= r), summed where recall changes.
-
-    Returns:
-      AP in [0, 1].
-    """
-    recall, precision = np.asarray(recall, np.float64), np.asarray(precision, np.float64)
-    if use_07_metric:
-        return float(sum(precision[recall >= t].max(initial=0.0) for t in np.linspace(0.0, 1.0, 11)) / 11.0)
-    mrec = np.concatenate([[0.0], recall, [1.0]])
-    mpre = np.concatenate([[0.0], precision, [0.0]])
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]  # envelope: best precision at this recall or beyond
-    steps = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
-
-
-def voc_pr_curve(images: list[tuple[dict, dict]], label: int, iou_threshold: float = 0.5):
-    """Ranked-detection recall and precision of one class, VOC style.
-
-    Args:
-      images: per-image (prediction, ground truth) pairs, as from ``_images``.
-      label: the class.
-
-    Returns:
-      (recall [N], precision [N], npos): N detections of the class, npos the number
-      of non-difficult ground-truth objects.
-    """
-    gts, dets = [], []
-    for k, (pred, gt) in enumerate(images):
-        sel = gt["labels"] == label
-        gts.append((gt["boxes"][sel], gt["difficult"][sel], np.zeros(sel.sum(), bool)))
-        for box, score in zip(pred["boxes"][pred["labels"] == label], pred["scores"][pred["labels"] == label]):
-            dets.append((score, k, box))
-    npos = int(sum((~d).sum() for _, d, _ in gts))
-    order = np.argsort([-d[0] for d in dets], kind="stable")  # ties keep input order
-    tp, fp = np.zeros(len(dets)), np.zeros(len(dets))
-    for rank, j in enumerate(order):
-        _, k, box = dets[j]
-        boxes, difficult, matched = gts[k]
-        ious = iou_one_to_many(box, boxes) if len(boxes) else np.zeros(0)
-        best = int(np.argmax(ious)) if len(ious) else -1
-        if best >= 0 and ious[best] > iou_threshold:
-            if difficult[best]:
-                continue  # neither a hit nor a miss
-            if not matched[best]:
-                tp[rank], matched[best] = 1.0, True
-                continue
-        fp[rank] = 1.0
-    tp, fp = np.cumsum(tp), np.cumsum(fp)
-    recall = tp / max(npos, 1)
-    precision = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
-    return recall, precision, npos
-
-
-def voc_evaluate(images: list[tuple[dict, dict]], num_classes: int, iou_threshold: float = 0.5) -> dict:
-    """VOC AP per foreground class 1..num_classes-1, 11-point and all-point.
-
-    Returns:
-      {"11pt": [C-1] float, "all": [C-1] float}, NaN for classes with no (non-difficult) ground truth.
-    """
-    out = {"11pt": np.full(num_classes - 1, np.nan), "all": np.full(num_classes - 1, np.nan)}
-    for label in range(1, num_classes):
-        recall, precision, npos = voc_pr_curve(images, label, iou_threshold)
-        if npos:
-            out["11pt"][label - 1] = voc_ap(recall, precision, use_07_metric=True)
-            out["all"][label - 1] = voc_ap(recall, precision)
     return out
 
 
@@ -238,28 +159,22 @@ def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -
       "ARl": float (NaN where pycocotools reports -1), "per_class_AP": {name: float}}.
     """
 
-    def xywh(b):
-        return [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
-
     annotations: list[dict] = []
     results: list[dict] = []
     for image_id, (pred, gt) in enumerate(images, start=1):
-        for box, label in zip(gt["boxes"], gt["labels"]):
+        for box, label, bbox in zip(gt["boxes"], gt["labels"], xywh(gt["boxes"])):
             # ids start at 1: COCOeval uses 0 for "unmatched".
             annotations.append(
                 {
                     "id": len(annotations) + 1,
                     "image_id": image_id,
                     "category_id": int(label),
-                    "bbox": xywh(box),
+                    "bbox": bbox,
                     "area": float((box[2] - box[0]) * (box[3] - box[1])),
                     "iscrowd": 0,
                 }
             )
-        results += [
-            {"image_id": image_id, "category_id": int(label), "bbox": xywh(box), "score": float(score)}
-            for box, score, label in zip(pred["boxes"], pred["scores"], pred["labels"])
-        ]
+        results += coco_rows(image_id, pred)
     categories = [{"id": k, "name": name} for k, name in enumerate(class_names, start=1)]
     gt = {
         "images": [{"id": i} for i in range(1, len(images) + 1)],
@@ -282,6 +197,7 @@ class DetectionEvaluator:
     Example::
 
         evaluator = DetectionEvaluator(dataset.class_names)
+        predict = make_predict_fn(model, channels_last=True)  # lucid_jax.inference; the Loader's layout
         for batch in loader.epoch():
             evaluator.add(predict(variables, batch["images"], batch["image_sizes"]), batch)
         metrics = evaluator.compute()
@@ -363,7 +279,7 @@ def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5) -> 
       dataset: a dataset with ``class_names`` and, ideally, ``annotation``.
       detections: one dict per dataset index (a list in dataset order, or a dict
         keyed by index) of ``boxes [K, 4]`` xyxy in original pixels, ``scores [K]``,
-        ``labels [K]``, optional ``valid [K]``; e.g. from :func:`unpad_detections`.
+        ``labels [K]``, optional ``valid [K]``; e.g. from ``lucid_jax.inference.unpad_detections``.
 
     Returns:
       {"AP", "AP50", "AP75": float, "per_class_AP": {name: COCO AP},
@@ -399,40 +315,3 @@ def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5) -> 
     metrics["num_images"] = n
     metrics["num_detections"] = int(sum(len(d["scores"]) for d in dets))
     return metrics
-
-
-def unpad_detections(predictions, batch) -> list[dict]:
-    """A batch's padded predictions as per-image detections in original pixels.
-
-    Undoes :func:`lucid_jax.data.preprocess`'s resize (``scales``) and drops
-    background, invalid and padding rows, so the output feeds :func:`evaluate_dataset`
-    and :func:`coco_results`.
-
-    Args:
-      predictions: ``{"boxes": [B, K, 4] canvas pixels, "scores": [B, K], "labels":
-        [B, K], "valid": [B, K]}`` (NumPy or JAX).
-      batch: the loader's batch, for ``scales [B, 2]`` (sy, sx), ``image_sizes [B, 2]``
-        and ``image_valid [B]``; evaluation batches must not be flipped.
-
-    Returns:
-      One dict per real image, in batch order: {"boxes": [K', 4] float32 xyxy clipped
-      to the original image, "scores": [K'] float32, "labels": [K'] int32}.
-    """
-    boxes = np.asarray(predictions["boxes"], np.float32)
-    scores, labels = np.asarray(predictions["scores"], np.float32), np.asarray(predictions["labels"])
-    valid = np.asarray(predictions.get("valid", np.ones(labels.shape, bool)), bool) & (labels > 0)
-    b = boxes.shape[0]
-    scales = np.asarray(batch.get("scales", np.ones((b, 2))), np.float32)
-    sizes = np.asarray(batch["image_sizes"], np.float32)
-    image_valid = np.asarray(batch.get("image_valid", np.ones(b, bool)), bool)
-    out = []
-    for i in range(b):
-        if not image_valid[i]:
-            continue
-        sy, sx = scales[i]
-        h, w = sizes[i, 0] / sy, sizes[i, 1] / sx  # the original size, up to resize rounding
-        keep = valid[i]
-        orig = boxes[i][keep] / np.array([sx, sy, sx, sy], np.float32)
-        orig = np.clip(orig, 0.0, np.array([w, h, w, h], np.float32))
-        out.append({"boxes": orig, "scores": scores[i][keep], "labels": labels[i][keep].astype(np.int32)})
-    return out

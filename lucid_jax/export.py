@@ -1,5 +1,6 @@
-"""A trained detector as one file: prediction serialized with ``jax.export``, the
-weights inside as constants, and a JSON sidecar that says how to call it.
+"""A trained detector as one file: prediction (``lucid_jax.inference.serving_function``)
+serialized with ``jax.export``, the weights inside as constants, and a JSON sidecar
+that says how to call it.
 
 The artifact runs with jax alone, without lucid_jax or any model code::
 
@@ -20,7 +21,7 @@ fixed with ``batch_size``.
 
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from lucid_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lucid_jax.inference import check_canvas, serving_function
 
 PLATFORMS = ("cpu", "cuda", "tpu")
 OUTPUT_SIGNATURE = {
@@ -36,43 +38,6 @@ OUTPUT_SIGNATURE = {
     "labels": ["B", "K", "int32", "1..C-1; 0 where not valid"],
     "valid": ["B", "K", "bool", "a real detection"],
 }
-
-
-def uint8_predict_fn(
-    model, *, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, **predict_kwargs
-) -> Callable:
-    """``predict(variables, images, image_sizes) -> detections`` on uint8 canvases.
-
-    Args:
-      model: the detector.
-      mean, std: the normalisation of [0, 1] RGB that training used.
-      **predict_kwargs: ``score_thresh``, ``nms_thresh``, ``max_detections``.
-
-    Returns:
-      A function of variables, images uint8 [B, H, W, 3] and image_sizes int
-      [B, 2] returning ``{"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K],
-      "valid": [B, K]}``. Pixels outside each image's size are set to 0 after
-      normalisation, as ``lucid_jax.data.preprocess`` pads.
-    """
-    mean_ = jnp.asarray(mean, jnp.float32)
-    std_ = jnp.asarray(std, jnp.float32)
-
-    def predict(variables: Mapping, images: jax.Array, image_sizes: jax.Array) -> dict:
-        _, h, w, _ = images.shape
-        sizes = image_sizes.astype(jnp.float32)  # [B, 2]
-        x = (images.astype(jnp.float32) / 255.0 - mean_) / std_  # [B, H, W, 3]
-        rows = jnp.arange(h, dtype=jnp.float32)[None, :, None] < sizes[:, 0, None, None]  # [B, H, 1]
-        cols = jnp.arange(w, dtype=jnp.float32)[None, None, :] < sizes[:, 1, None, None]  # [B, 1, W]
-        x = jnp.where((rows & cols)[..., None], x, 0.0)
-        return model.apply(variables, jnp.transpose(x, (0, 3, 1, 2)), sizes, method="predict", **predict_kwargs)
-
-    return predict
-
-
-def serving_function(model, variables: Mapping, **kwargs) -> Callable:
-    """:func:`uint8_predict_fn` with the weights closed over: ``serve(images, image_sizes)``."""
-    predict = uint8_predict_fn(model, **kwargs)
-    return lambda images, image_sizes: predict(variables, images, image_sizes)
 
 
 def export_prediction(
@@ -84,7 +49,7 @@ def export_prediction(
     platforms: Sequence[str] = PLATFORMS,
     **serving_kwargs,
 ) -> jax.export.Exported:
-    """``jax.export`` of :func:`serving_function` for one canvas and batch size.
+    """``jax.export`` of ``lucid_jax.inference.serving_function`` for one canvas and batch size.
 
     Args:
       canvas: (height, width), multiples of the backbone's ``size_divisibility``.
@@ -96,12 +61,7 @@ def export_prediction(
       ValueError: a canvas that is not a multiple of the backbone's stride, a batch
         size below 1, or an unknown platform.
     """
-    multiple = model.backbone.size_divisibility
-    h, w = (int(c) for c in canvas)
-    if h <= 0 or w <= 0 or h % multiple or w % multiple:
-        raise ValueError(f"canvas must be positive multiples of {multiple}, got {tuple(canvas)}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    h, w = check_canvas(model, canvas, batch_size)
     unknown = sorted(set(platforms) - set(PLATFORMS))
     if unknown or not platforms:
         raise ValueError(f"platforms must be among {', '.join(PLATFORMS)}, got {', '.join(platforms) or 'none'}")

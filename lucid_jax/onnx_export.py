@@ -1,4 +1,4 @@
-"""A trained detector as an ONNX file, converted from :func:`lucid_jax.export.serving_function`
+"""A trained detector as an ONNX file, converted from :func:`lucid_jax.inference.serving_function`
 with jax2onnx.
 
 The graph takes what the ``jax.export`` artifact takes and returns what it returns::
@@ -14,8 +14,9 @@ The graph takes what the ``jax.export`` artifact takes and returns what it retur
 
 Normalisation, the backbone, the RPN with its NMS, RoIAlign, the box head and the
 per-class NMS are all in the graph, with the weights as initializers. The canvas and
-the batch size are fixed. NMS runs in its scatter-free formulation
-(``lucid_jax.ops.nms``, ``scatter_free=True``), which keeps the same boxes.
+the batch size are fixed. Both NMS stages run in their scatter-free formulation
+(``FasterRCNN.predict``'s static ``nms_scatter_free=True``; ``lucid_jax.ops.nms``),
+which keeps the same boxes.
 
 jax2onnx is an optional dependency (the ``onnx`` extra, see the README).
 """
@@ -28,20 +29,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from lucid_jax.export import serving_function
+from lucid_jax.inference import check_canvas, serving_function
 
 INPUT_NAMES = ("images", "image_sizes")
 # jax2onnx returns the output dict's leaves in sorted key order.
 OUTPUT_NAMES = ("boxes", "labels", "scores", "valid")
 DEFAULT_OPSET = 23
-
-
-def onnx_model(model):
-    """``model`` with both NMS stages in their scatter-free formulation (same parameters)."""
-    return model.clone(
-        rpn=model.rpn.clone(nms_scatter_free=True),
-        roi_heads=model.roi_heads.clone(nms_scatter_free=True),
-    )
 
 
 def export_onnx(
@@ -77,19 +70,14 @@ def export_onnx(
         batch size below 1.
       ImportError: jax2onnx is not installed.
     """
-    multiple = model.backbone.size_divisibility
-    h, w = (int(c) for c in canvas)
-    if h <= 0 or w <= 0 or h % multiple or w % multiple:
-        raise ValueError(f"canvas must be positive multiples of {multiple}, got {tuple(canvas)}")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
+    h, w = check_canvas(model, canvas, batch_size)
     try:
         import onnx
         from jax2onnx import to_onnx
     except ImportError as e:
         raise ImportError("ONNX export needs jax2onnx and onnx: see the onnx extra in the README") from e
 
-    serve = serving_function(onnx_model(model), variables, **serving_kwargs)
+    serve = serving_function(model, variables, nms_scatter_free=True, **serving_kwargs)
     specs = [jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8), jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ import numpy as np
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.transforms import fit_to_canvases
 from lucid_jax.export import read_artifact
+from lucid_jax.inference import image_detections
 
 DEFAULT_BATCH = 8  # images per call when the artifact's batch dimension is symbolic
 
@@ -70,8 +71,8 @@ class Detector:
 
         Returns:
           One dict per image, in input order: {"boxes": [N, 4] float32 xyxy in the
-          image's pixels, "scores": [N] float32, "labels": [N] int32, "classes": [N]
-          names}, sorted by decreasing score.
+          image's pixels (clipped to it), "scores": [N] float32, "labels": [N] int32,
+          "classes": [N] names}, sorted by decreasing score.
         """
         for i, image in enumerate(images):
             if np.asarray(image).dtype != np.uint8 or np.ndim(image) != 3 or np.shape(image)[2] != 3:
@@ -91,16 +92,10 @@ class Detector:
                 for row, (_, fitted, size, _) in enumerate(chunk):
                     batch[row], sizes[row] = fitted, size
                 dets = {k: np.asarray(v) for k, v in self.artifacts[canvas].call(batch, sizes).items()}
-                for row, (index, _, _, (sy, sx)) in enumerate(chunk):
-                    keep = dets["valid"][row] & (dets["scores"][row] >= score_thresh)
-                    labels = dets["labels"][row][keep].astype(np.int32)
-                    boxes = dets["boxes"][row][keep] / np.array([sx, sy, sx, sy], np.float32)
-                    out[index] = {
-                        "boxes": boxes.astype(np.float32),
-                        "scores": dets["scores"][row][keep].astype(np.float32),
-                        "labels": labels,
-                        "classes": [self.class_names[int(lab) - 1] for lab in labels],
-                    }
+                for row, (index, _, _, scale) in enumerate(chunk):
+                    found = image_detections(dets, row, scale, np.shape(images[index])[:2], score_thresh)
+                    found["classes"] = [self.class_names[int(lab) - 1] for lab in found["labels"]]
+                    out[index] = found
         return [out[i] for i in range(len(images))]
 
 

@@ -18,13 +18,14 @@ A detector's dict also carries Lucid's buffers (``bbox_reg_means``,
 checked for shape only, since here they follow from the model's configuration.
 """
 
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lucid_jax.state_dict_files import StateDictError, save_state_dict_file
 
 _LEAF_NAMES = {
     ("params", "kernel"): "weight",
@@ -38,10 +39,6 @@ _TRANSPOSES = {4: (3, 2, 0, 1), 2: (1, 0)}
 _INVERSE = {4: (2, 3, 1, 0), 2: (1, 0)}
 _IGNORED_SUFFIXES = (".num_batches_tracked",)
 _STEM_ALIAS = ("backbone.stem.", "backbone.net.stem.")
-
-
-class StateDictError(ValueError):
-    """A state dict does not fit the model; the message lists every offending key."""
 
 
 def _entries(variables: Mapping) -> dict[str, tuple[tuple, Any]]:
@@ -263,92 +260,6 @@ def from_torchvision_faster_rcnn(tv_state_dict: Mapping[str, Any]) -> dict[str, 
         for k, v in tv_state_dict.items()
         if not k.endswith(_IGNORED_SUFFIXES)
     }
-
-
-# --- files ------------------------------------------------------------------
-
-
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read a flat state dict from ``.lcd``, ``.safetensors``, ``.npz`` or ``.pth``/``.pt``.
-
-    ``.lcd`` (Lucid's own format) is read by a restricted unpickler
-    (``lucid_jax.lcd``); ``.pth`` with ``torch.load(weights_only=True)``, which
-    refuses arbitrary pickled objects; ``.npz`` with ``allow_pickle=False``. A
-    ``.pth`` holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
-
-    Raises:
-      FileNotFoundError: no such file.
-      StateDictError: an unknown extension, a file that is not a state dict, a
-        refused pickle, or ``.pth`` without torch installed.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"state dict file not found: {path}")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".lcd":
-        from lucid_jax.lcd import read_lcd
-
-        return read_lcd(path)
-    if ext == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
-        try:
-            return dict(load_file(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise StateDictError(f"{path} is not a readable .safetensors file ({e})") from None
-    if ext == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                return {k: data[k] for k in data.files}
-        except (OSError, ValueError) as e:
-            raise StateDictError(f"{path} is not a readable .npz state dict ({e})") from None
-    if ext in (".pth", ".pt", ".bin"):
-        return _load_torch_file(path)
-    raise StateDictError(f"unknown state dict format {ext!r} for {path}; use .lcd, .safetensors, .npz or .pth")
-
-
-def _load_torch_file(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError:
-        raise StateDictError(
-            f"reading {path} needs torch (pip install torch), or convert it to .safetensors first: "
-            "safetensors.torch.save_file(torch.load(PATH, weights_only=True), 'weights.safetensors')"
-        ) from None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # weights_only refuses pickled code with an UnpicklingError
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StateDictError(f"{path}: torch.load(weights_only=True) refused or failed to read it: {first}") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(hasattr(v, "detach") for v in obj.values()):
-        raise StateDictError(f"{path} does not hold a state dict (a mapping of names to tensors)")
-    return {
-        k: v.detach().cpu().float().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
-        for k, v in obj.items()
-    }
-
-
-def save_state_dict_file(flat: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Write a flat state dict as ``.lcd`` (Lucid's format), ``.safetensors`` or ``.npz`` (by extension)."""
-    path = os.fspath(path)
-    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flat.items()}
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".lcd":
-        from lucid_jax.lcd import write_lcd
-
-        write_lcd(arrays, path)
-    elif ext == ".safetensors":
-        from safetensors.numpy import save_file
-
-        save_file(arrays, path)
-    elif ext == ".npz":
-        np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
-    else:
-        raise StateDictError(f"unknown state dict format {ext!r} for {path}; use .lcd, .safetensors or .npz")
 
 
 def export_inference_weights(variables: Mapping, path, *, model=None) -> dict[str, np.ndarray]:

@@ -21,9 +21,8 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-# Re-exported: the optimiser lived here before it moved to lucid_jax/optim.py.
 from lucid_jax.distributed import gather, host_value, local_rows
-from lucid_jax.optim import build_optimizer, learning_rate_schedule, param_labels  # noqa: F401
+from lucid_jax.inference import compiler_options
 
 TARGET_KEYS = ("boxes", "labels", "valid")
 
@@ -175,22 +174,6 @@ def shard_batch(batch: dict, mesh: Mesh, axis: str = "data") -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-# XLA:CPU's default scheduler orders a program for concurrency, which keeps about
-# twice the temporaries of its memory-minimising order: 2670 against 1264 MiB for the
-# ResNet-101 FPN training step at 512x512, batch 2. Fewer fresh pages per call also
-# make the step faster: 3.51 against 6.47 s, the two executables alternating in one
-# process on 2 cores (benchmarks/bench_scheduler.py). Other backends schedule their
-# own way and get no options.
-CPU_COMPILER_OPTIONS = {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}
-
-
-def compiler_options(mesh: Mesh | None = None) -> dict:
-    """The XLA options the jitted step and prediction compile with on ``mesh``'s
-    platform (the default backend's without a mesh): :data:`CPU_COMPILER_OPTIONS` on CPU."""
-    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-    return dict(CPU_COMPILER_OPTIONS) if platform == "cpu" else {}
-
-
 def make_train_step(
     model,
     *,
@@ -199,6 +182,7 @@ def make_train_step(
     donate: bool = True,
     validate: bool = True,
     frozen: Any = None,
+    channels_last: bool = False,
 ) -> Callable:
     """Build ``step(state, batch, rng) -> (state, metrics)``, jit-compiled.
 
@@ -214,8 +198,10 @@ def make_train_step(
         constant in the differentiation, so their gradients (and the backward
         pass through frozen early stages) are never computed; their gradient is
         zero and ``grad_norm`` covers the trainable parameters only.
+      channels_last: the batch's images are [B, H, W, 3], as the Loader's are
+        (``FasterRCNN.loss``'s ``channels_last``).
 
-    The batch is {"images": [B, 3, H, W], "boxes": [B, M, 4], "labels": [B, M],
+    The batch is {"images": [B, 3, H, W] (or [B, H, W, 3]), "boxes": [B, M, 4], "labels": [B, M],
     "valid": [B, M]} plus optional "image_sizes" [B, 2]. Metrics hold every loss,
     "grad_norm" and "finite"; a step whose loss or gradient is not finite leaves
     the state unchanged (and reports finite=False).
@@ -236,6 +222,7 @@ def make_train_step(
                 targets,
                 batch.get("image_sizes"),
                 method="loss",
+                channels_last=channels_last,
                 rngs={"dropout": dropout_key, "sampling": sampling_key},
                 mutable=["batch_stats"],
             )
@@ -247,7 +234,7 @@ def make_train_step(
         new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
         # Skipping a non-finite update keeps the state (and any checkpoint of it) sound. A
         # conditional picks one whole state; an elementwise select would need both
-        # states at once, 100 MiB more temporaries for the ResNet-101 FPN step at 512x512.
+        # states at once (docs/benchmarks.md: the temporaries it costs).
         new_state = jax.lax.cond(finite, lambda: new_state, lambda: state)
         return new_state, {**losses, "grad_norm": grad_norm, "finite": finite}
 
@@ -271,22 +258,3 @@ def make_train_step(
 
     step.jitted = jitted  # type: ignore[attr-defined]  # for lowering, export and cost analysis
     return step
-
-
-def make_predict_fn(model, **predict_kwargs) -> Callable:
-    """``predict(variables, images, image_sizes) -> detections``, jit-compiled once per shape.
-
-    Args:
-      model: the detector.
-      **predict_kwargs: ``score_thresh``, ``nms_thresh``, ``max_detections``.
-
-    Returns:
-      A function of variables, images [B, 3, H, W] and image_sizes [B, 2] (or
-      None) returning ``{"boxes": [B, K, 4], "scores", "labels", "valid": [B, K]}``.
-    """
-    return jax.jit(
-        lambda variables, images, image_sizes: model.apply(
-            variables, images, image_sizes, method="predict", **predict_kwargs
-        ),
-        compiler_options=compiler_options(),
-    )

@@ -30,14 +30,14 @@ def denormalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """Undo the model's input normalisation.
 
     Args:
-      image: [..., 3, H, W] float, ``(rgb / 255 - mean) / std`` (batched or not).
+      image: [..., H, W, 3] float, ``(rgb / 255 - mean) / std`` (batched or not):
+        the Loader's channels-last images.
       mean, std: the per-channel statistics it was normalised with (ImageNet's).
 
     Returns:
       [..., H, W, 3] uint8 RGB.
     """
-    x = np.moveaxis(np.asarray(image, np.float32), -3, -1)  # [..., H, W, 3]
-    x = x * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+    x = np.asarray(image, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
     return np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
@@ -197,7 +197,7 @@ def save_detections_grid(
 
     Args:
       images: [N, H, W, 3] uint8 or float in [0, 1]; with ``normalized=True``,
-        the model's inputs [N, 3, H, W] instead.
+        the Loader's normalised images [N, H, W, 3] instead.
       predictions: the detector's padded output {"boxes": [N, K, 4],
         "scores": [N, K], "labels": [N, K], "valid": [N, K]}.
       path: the PNG file to write.

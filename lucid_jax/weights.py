@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lucid_jax import state_dict as sd
+from lucid_jax.state_dict_files import StateDictError, load_state_dict_file
 
 LUCID_DETECTOR = "Lucid detector"
 LUCID_BACKBONE = "Lucid backbone"
@@ -97,7 +98,7 @@ def detect_kind(keys) -> str:
     if has("stem.0.") or has("layer1.0.conv1.conv."):
         return LUCID_BACKBONE
     sample = ", ".join(sorted(keys)[:6]) or "(no keys)"
-    raise sd.StateDictError(
+    raise StateDictError(
         f"cannot tell what these weights are ({len(keys)} keys: {sample}); expected a Lucid detector or "
         "backbone, a torchvision ResNet or a torchvision FasterRCNN state dict"
     )
@@ -110,7 +111,7 @@ def read_source(source) -> tuple[dict[str, np.ndarray], str]:
     path = Path(source)
     if path.is_dir():
         return _run_directory_state_dict(path), f"{path} (lucid_jax run)"
-    return sd.load_state_dict_file(path), str(path)
+    return load_state_dict_file(path), str(path)
 
 
 def _run_directory_state_dict(path: Path) -> dict[str, np.ndarray]:
@@ -205,7 +206,7 @@ def load_pretrained(variables: Mapping, source, *, model=None) -> tuple[dict, In
         else:
             loaded[key] = name
     if mismatched:
-        raise sd.StateDictError(
+        raise StateDictError(
             f"{description}: {len(mismatched)} key(s) of the {kind} do not fit the model: "
             + "; ".join(mismatched[:3])
             + (f" (+{len(mismatched) - 3} more)" if len(mismatched) > 3 else "")

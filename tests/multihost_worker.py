@@ -85,14 +85,8 @@ def steps(out):
     """The sharded step on each process's slices, compared by the test with one process."""
     from lucid_jax.checkpoint import Checkpointer
     from lucid_jax.data import Loader, ShapesDataset, model_inputs
-    from lucid_jax.train import (
-        build_optimizer,
-        create_train_state,
-        data_mesh,
-        host_metrics,
-        make_train_step,
-        shard_batch,
-    )
+    from lucid_jax.optim import build_optimizer
+    from lucid_jax.train import create_train_state, data_mesh, host_metrics, make_train_step, shard_batch
     from tests.models.conftest import random_images, tiny_detector
 
     count, index = jax.process_count(), jax.process_index()
@@ -127,7 +121,7 @@ def steps(out):
         state = create_train_state(
             model, variables, build_optimizer(variables["params"], learning_rate=0.01), mesh=mesh
         )
-        step = make_train_step(model, mesh=mesh)
+        step = make_train_step(model, mesh=mesh, channels_last=True)
         history = []
         for i, batch in enumerate(batches):
             state, metrics = step(state, shard_batch(batch, mesh), jax.random.fold_in(jax.random.key(3), i))

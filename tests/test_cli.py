@@ -16,7 +16,7 @@ import pytest
 
 from lucid_jax import cli, jobs
 from lucid_jax.evaluation import DetectionEvaluator
-from lucid_jax.train import make_predict_fn
+from lucid_jax.inference import make_predict_fn
 
 
 def _run(*args, timeout=600, env=None):
@@ -94,7 +94,7 @@ def test_voc_train_eval_counts_every_box_and_equals_pycocotools(trained, voc, tm
     dataset = jobs.open_dataset(f"voc:{root}", "val", class_names=class_names)
     padded = jobs.make_loader(dataset, config, train=False, max_boxes=16)
     old = DetectionEvaluator(class_names)
-    predict = make_predict_fn(model)
+    predict = make_predict_fn(model, channels_last=True)
     counted = 0
     for batch in padded.epoch(0):
         old.add(jax.device_get(predict(variables, batch["images"], batch["image_sizes"])), batch)
@@ -161,7 +161,7 @@ def test_predict_writes_pngs_and_json(trained, tmp_path):
     results = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert [r["image"] for r in results] == list(map(str, paths))
     model, variables, class_names, config = jobs.load_trained(trained)
-    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", score_thresh=0.5))
+    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", score_thresh=0.5, channels_last=True))
     for r, i in zip(results, range(2)):
         assert Image.open(r["detections_png"]).size == Image.open(paths[i]).size
         # the JSON holds the model's detections mapped back to the file's 160x96 pixels

@@ -158,7 +158,7 @@ def test_pretraining_classifier_learns(pretraining):
 
 
 def test_pretraining_saves_and_reloads_the_backbone(pretraining):
-    from lucid_jax.state_dict import load_state_dict_file
+    from lucid_jax.state_dict_files import load_state_dict_file
 
     nb, cwd = pretraining
     text = all_text(nb)

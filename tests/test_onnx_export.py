@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lucid_jax.export import serving_function
+from lucid_jax.inference import serving_function
 from lucid_jax.models import get_model
-from lucid_jax.onnx_export import OUTPUT_NAMES, export_onnx, onnx_model
+from lucid_jax.onnx_export import OUTPUT_NAMES, export_onnx
 
 CANVAS = 128
 ONNX_MISSING = [m for m in ("jax2onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
@@ -49,8 +49,12 @@ def detector():
 
 def test_scatter_free_nms_gives_the_same_detections(detector):
     model, variables, images, sizes, ref = detector
-    out = jax.jit(serving_function(onnx_model(model), variables, score_thresh=0.0))(images, sizes)
+    free = serving_function(model, variables, score_thresh=0.0, nms_scatter_free=True)
+    out = jax.jit(free)(images, sizes)
     assert ref["valid"].sum() > 20
+    # the switch is static: it changes the program that jit traces, not a value inside it
+    scatters = lambda fn: str(jax.make_jaxpr(fn)(images, sizes)).count("scatter")  # noqa: E731
+    assert scatters(free) < scatters(serving_function(model, variables, score_thresh=0.0))
     for k in OUTPUT_NAMES:
         np.testing.assert_array_equal(np.asarray(out[k]), ref[k], err_msg=k)
 

@@ -5,13 +5,15 @@ Two 128x128 images with three objects each; AdamW; the jitted train step; then
 a step budget that runs in well under three minutes on a 2-core CPU.
 """
 
+import functools
 import time
 
 import jax
 
 from lucid_jax.data import Loader, ShapesDataset, model_inputs
 from lucid_jax.evaluation import evaluate
-from lucid_jax.train import build_optimizer, create_train_state, make_train_step
+from lucid_jax.optim import build_optimizer
+from lucid_jax.train import create_train_state, make_train_step
 from tests.models.conftest import tiny_detector
 
 MAX_STEPS = 300
@@ -24,13 +26,13 @@ def test_tiny_detector_overfits_two_images():
     assert batch["valid"].sum() == 6
     inputs = model_inputs(batch)
     model = tiny_detector(num_classes=len(dataset.class_names) + 1)
-    variables = jax.jit(model.init)(jax.random.key(0), inputs["images"])
+    variables = jax.jit(functools.partial(model.init, channels_last=True))(jax.random.key(0), inputs["images"])
     optimizer = build_optimizer(
         variables["params"], optimizer="adamw", learning_rate=1e-3, schedule="constant", warmup_steps=20
     )
     state = create_train_state(model, variables, optimizer)
-    step = make_train_step(model)
-    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict"))
+    step = make_train_step(model, channels_last=True)  # the Loader's [B, H, W, 3]
+    predict = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict", channels_last=True))
 
     start, history = time.perf_counter(), []
     for i in range(1, MAX_STEPS + 1):

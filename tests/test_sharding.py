@@ -19,7 +19,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lucid_jax.compile_count import count_compiles
-from lucid_jax.train import build_optimizer, create_train_state, data_mesh, make_train_step, shard_batch
+from lucid_jax.optim import build_optimizer
+from lucid_jax.train import create_train_state, data_mesh, make_train_step, shard_batch
 from tests.models.conftest import random_images, tiny_detector
 from tests.test_train import make_batch
 

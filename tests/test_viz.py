@@ -110,7 +110,7 @@ def test_grid_has_one_native_size_cell_per_image_and_dashed_ground_truth(tmp_pat
 def test_grid_accepts_normalized_model_inputs(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)
-    inputs = np.stack([normalize(im).transpose(2, 0, 1) for im in images])  # [N, 3, H, W]
+    inputs = np.stack([normalize(im) for im in images])  # [N, H, W, 3], as the Loader's batches
     empty = {
         "boxes": np.zeros((2, 1, 4)),
         "labels": np.ones((2, 1), int),
@@ -125,11 +125,11 @@ def test_grid_accepts_normalized_model_inputs(tmp_path):
 def test_denormalize_inverts_normalize():
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (17, 23, 3), dtype=np.uint8)
-    chw = normalize(image).transpose(2, 0, 1)  # [3, H, W], as the model sees it
-    out = denormalize(chw)
+    hwc = normalize(image)  # [H, W, 3], as the Loader's batches hold it
+    out = denormalize(hwc)
     assert out.dtype == np.uint8 and out.shape == image.shape
     np.testing.assert_array_equal(out, image)
-    np.testing.assert_array_equal(denormalize(np.stack([chw, chw])), np.stack([image, image]))
+    np.testing.assert_array_equal(denormalize(np.stack([hwc, hwc])), np.stack([image, image]))
 
 
 def test_bad_image_shape_is_explained():

@@ -17,7 +17,7 @@ from lucid_jax import state_dict as sd
 from lucid_jax import weights
 from lucid_jax.checkpoint import Checkpointer
 from lucid_jax.models import get_model
-from lucid_jax.state_dict import StateDictError
+from lucid_jax.state_dict_files import StateDictError
 from tests.models.conftest import TV_REASON, tiny_detector
 
 
@@ -171,7 +171,8 @@ def test_booby_trapped_pth_runs_nothing(tmp_path):
 
 
 def test_run_directory_is_a_lucid_detector(tiny, tmp_path):
-    from lucid_jax.train import build_optimizer, create_train_state
+    from lucid_jax.optim import build_optimizer
+    from lucid_jax.train import create_train_state
 
     model, variables = tiny
     flat = _random_flat(variables, 5, model)

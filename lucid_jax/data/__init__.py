@@ -9,13 +9,14 @@ both with seeded shuffling, resumption at any step and thread prefetch.
 Each dataset also gives ``annotation(i)`` (every object, original pixels, no image
 decoded), the ground truth that evaluation counts; :func:`object_counts` and
 :func:`dropped_boxes_summary` say what a ``max_boxes`` cut removes from training, and
-:func:`coco_ground_truth` / :func:`coco_results` write COCO's json formats.
+:func:`coco_ground_truth` writes COCO's json ground truth (``lucid_jax.inference.coco_results``
+writes the detections).
 """
 
 from lucid_jax.data.batching import TRAIN_KEYS, Loader, collate, largest_boxes, model_inputs
 from lucid_jax.data.canvases import Canvases, parse_image_size
 from lucid_jax.data.coco import COCODataset
-from lucid_jax.data.coco_format import coco_ground_truth, coco_results
+from lucid_jax.data.coco_format import coco_ground_truth
 from lucid_jax.data.dataset import (
     Annotation,
     Dataset,
@@ -68,7 +69,6 @@ __all__ = [
     "VOC_CLASSES",
     "clip_boxes",
     "coco_ground_truth",
-    "coco_results",
     "collate",
     "dropped_boxes_summary",
     "get_annotation",

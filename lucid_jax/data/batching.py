@@ -1,8 +1,11 @@
 """Fixed-shape batches and a seeded, resumable, prefetching loader.
 
-Every batch has the same shapes, ``images [B, 3, S, S]`` and targets padded to
+Every batch has the same shapes, ``images [B, S, S, 3]`` and targets padded to
 ``max_boxes`` with a ``valid`` mask, so a jit-compiled step compiles once (the static
-shape rule of docs/architecture.md; torchvision instead batches lists of varying size). A short
+shape rule of docs/architecture.md; torchvision instead batches lists of varying size).
+The images are channels-last, the model's internal layout: an internal format, fed
+to the model with ``channels_last=True`` (``make_train_step(model,
+channels_last=True)``, ``model.apply(..., method="predict", channels_last=True)``). A short
 final batch is padded with empty rows flagged by ``image_valid`` rather than dropped
 or shrunk, which would change the shape.
 
@@ -23,7 +26,7 @@ a pure function of its size read without decoding (``image_shapes``), and every
 global batch holds one canvas: each epoch's permutation is cut into per-canvas
 batches and the batches are shuffled (``grouped_batches``, seeded by (seed, epoch)),
 then each host takes its contiguous slice of the step's global batch as above. A
-batch is ``images [B, 3, Hc, Wc]`` on its canvas, so a run compiles at most one step
+batch is ``images [B, Hc, Wc, 3]`` on its canvas, so a run compiles at most one step
 per canvas; an epoch has ``sum over canvases of floor (or ceil, padded) of
 n_canvas / global batch`` steps, the same every epoch.
 """
@@ -65,7 +68,7 @@ def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = N
 
     Args:
       examples: outputs of :func:`lucid_jax.data.transforms.preprocess` (image
-        [3, H, W] float32, boxes [M, 4], labels [M], difficult [M], image_size [2],
+        [H, W, 3] float32, boxes [M, 4], labels [M], difficult [M], image_size [2],
         optional scale [2], id), all with the same image shape.
       max_boxes: M of the padded targets; an example with more objects keeps its
         ``max_boxes`` largest, with a warning unless ``warn`` is False (a caller
@@ -73,7 +76,7 @@ def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = N
       batch_size: pad to this many rows with empty, ``image_valid=False`` examples.
 
     Returns:
-      {"images": [B, 3, H, W] float32, "boxes": [B, M, 4] float32, "labels": [B, M]
+      {"images": [B, H, W, 3] float32 (channels-last), "boxes": [B, M, 4] float32, "labels": [B, M]
       int32 (0 where padded), "valid": [B, M] bool, "difficult": [B, M] bool,
       "image_sizes": [B, 2] float32 (h, w), "scales": [B, 2] float32 (sy, sx),
       "image_valid": [B] bool, "ids": list of B ids (None for padding rows)}.
@@ -84,15 +87,15 @@ def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = N
     if len(examples) > b:
         raise ValueError(f"collate: {len(examples)} examples do not fit a batch of {b}")
     shape = examples[0]["image"].shape
-    if len(shape) != 3 or shape[0] != 3:
-        raise ValueError(f"collate: images must be [3, H, W] (use transforms.preprocess), got {shape}")
+    if len(shape) != 3 or shape[2] != 3:
+        raise ValueError(f"collate: images must be [H, W, 3] (use transforms.preprocess), got {shape}")
     batch: dict[str, Any] = {
         "images": np.zeros((b, *shape), np.float32),
         "boxes": np.zeros((b, max_boxes, 4), np.float32),
         "labels": np.zeros((b, max_boxes), np.int32),
         "valid": np.zeros((b, max_boxes), bool),
         "difficult": np.zeros((b, max_boxes), bool),
-        "image_sizes": np.tile(np.array(shape[1:], np.float32), (b, 1)),  # padding rows: the whole canvas
+        "image_sizes": np.tile(np.array(shape[:2], np.float32), (b, 1)),  # padding rows: the whole canvas
         "scales": np.ones((b, 2), np.float32),
         "image_valid": np.zeros(b, bool),
         "ids": [None] * b,
@@ -121,7 +124,7 @@ def collate(examples: Sequence[dict], max_boxes: int, batch_size: int | None = N
         batch["valid"][i, :m] = True
         if "difficult" in ex:
             batch["difficult"][i, :m] = np.asarray(ex["difficult"], bool)[keep]
-        batch["image_sizes"][i] = ex.get("image_size", shape[1:])
+        batch["image_sizes"][i] = ex.get("image_size", shape[:2])
         batch["scales"][i] = ex.get("scale", (1.0, 1.0))
         batch["image_valid"][i] = True
         batch["ids"][i] = ex.get("id")
@@ -264,7 +267,7 @@ class Loader:
             return collate(examples, self.max_boxes, self.batch_size, warn=self.warn_dropped)
         canvas = self.batch_canvas(step)
         if canvas is not None:  # padding rows on the step's canvas
-            blank = {"image": np.zeros((3, *canvas), np.float32), "boxes": np.zeros((0, 4)), "labels": np.zeros(0)}
+            blank = {"image": np.zeros((*canvas, 3), np.float32), "boxes": np.zeros((0, 4)), "labels": np.zeros(0)}
             batch = collate([blank], self.max_boxes, self.batch_size)
             batch["image_valid"][0], batch["ids"][0] = False, None
             return batch

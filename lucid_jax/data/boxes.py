@@ -23,3 +23,16 @@ def iou_one_to_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     inter = w * h
     union = (box[2] - box[0]) * (box[3] - box[1]) + (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) - inter
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def xywh(boxes) -> list[list[float]]:
+    """Boxes as COCO's ``[x, y, width, height]``, Python floats (what COCO's json holds).
+
+    Args:
+      boxes: [N, 4] xyxy (any array-like).
+
+    Returns:
+      N lists ``[x1, y1, x2 - x1, y2 - y1]``.
+    """
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1).tolist()

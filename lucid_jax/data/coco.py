@@ -28,6 +28,7 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
+from lucid_jax.data.boxes import xywh
 from lucid_jax.data.dataset import (
     Annotation,
     DatasetError,
@@ -248,15 +249,9 @@ class COCODataset:
         Returns:
           [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...].
         """
-        boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
         scores, labels = np.asarray(scores).reshape(-1), np.asarray(labels).reshape(-1)
         return [
-            {
-                "image_id": int(image_id),
-                "category_id": self.label_to_cat_id[int(lab)],
-                "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                "score": float(s),
-            }
-            for b, s, lab in zip(boxes, scores, labels)
+            {"image_id": int(image_id), "category_id": self.label_to_cat_id[int(lab)], "bbox": box, "score": float(s)}
+            for box, s, lab in zip(xywh(boxes), scores, labels)
             if int(lab) in self.label_to_cat_id
         ]

@@ -20,12 +20,9 @@ import json
 
 import numpy as np
 
+from lucid_jax.data.boxes import xywh
 from lucid_jax.data.coco import COCODataset
 from lucid_jax.data.dataset import get_annotation
-
-
-def _xywh(box) -> list[float]:
-    return [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
 
 
 def detection_list(detections, num_images: int, num_classes: int) -> list[dict]:
@@ -69,26 +66,6 @@ def coco_ids(dataset) -> tuple[list[int], dict[int, int]]:
     return list(range(1, len(dataset) + 1)), {k: k for k in range(1, len(dataset.class_names) + 1)}
 
 
-def coco_results(dataset, detections) -> list[dict]:
-    """Detections in COCO's results format, with the ids of :func:`coco_ground_truth`.
-
-    Args:
-      dataset: a dataset with ``class_names`` (COCO, VOC, shapes, ...).
-      detections: per-image detections in original pixels (see the module).
-
-    Returns:
-      [{"image_id": int, "category_id": int, "bbox": [x, y, w, h], "score": float}, ...],
-      image by image in dataset order, each image's detections in their given order.
-    """
-    image_ids, cat_ids = coco_ids(dataset)
-    dets = detection_list(detections, len(dataset), len(dataset.class_names))
-    return [
-        {"image_id": image_ids[i], "category_id": cat_ids[int(label)], "bbox": _xywh(box), "score": float(score)}
-        for i, det in enumerate(dets)
-        for box, score, label in zip(det["boxes"], det["scores"], det["labels"])
-    ]
-
-
 def coco_ground_truth(dataset) -> dict:
     """The dataset's ground truth as a COCO instances dict.
 
@@ -113,7 +90,7 @@ def coco_ground_truth(dataset) -> dict:
                     "id": len(annotations) + 1,  # from 1: COCOeval uses 0 for "unmatched"
                     "image_id": image_id,
                     "category_id": cat_ids[int(label)],
-                    "bbox": _xywh(box),
+                    "bbox": xywh([box])[0],
                     "area": float((box[2] - box[0]) * (box[3] - box[1])),
                     "iscrowd": int(ignore),
                 }

@@ -5,7 +5,7 @@ pad onto the canvas, flip.
 
     image [H, W, 3] --resize x s (s ~ U[0.5, 2.0] of "fits the canvas")--> [h', w']
           --random crop (where larger than the canvas)--> [min(h', Hc), min(w', Wc)]
-          --horizontal flip (p = 0.5)--> normalise --> pad right and below --> [3, Hc, Wc]
+          --horizontal flip (p = 0.5)--> normalise --> pad right and below --> [Hc, Wc, 3]
 
 Boxes follow the pixels exactly: scaled per axis, shifted by the crop origin,
 clipped to the kept window, and mirrored inside it. A box that keeps less than
@@ -111,7 +111,7 @@ def jitter_preprocess(
       mean, std: normalisation on [0, 1] RGB.
 
     Returns:
-      The keys of :func:`lucid_jax.data.preprocess`: "image" [3, Hc, Wc] float32,
+      The keys of :func:`lucid_jax.data.preprocess`: "image" [Hc, Wc, 3] float32,
       "boxes" [M', 4], "labels" [M'], "difficult" [M'], "image_size" [2] (the kept
       window), "scale" [2] (sy, sx), "flipped", "id"; plus "origin" [2] (y0, x0).
     """
@@ -129,7 +129,7 @@ def jitter_preprocess(
         window, _ = hflip(window, np.zeros((0, 4), np.float32))
     padded = pad_to(normalize(window, mean, std), canvas)
     return {
-        "image": np.ascontiguousarray(padded.transpose(2, 0, 1)),
+        "image": padded,
         "boxes": boxes[keep],
         "labels": labels[keep],
         "difficult": difficult[keep],

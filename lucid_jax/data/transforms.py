@@ -7,8 +7,10 @@ padding. Unlike those, the padding goes to one fixed canvas, a multiple of 32, s
 every batch has the same shape and the jit-compiled step never recompiles; the real
 content size travels along as ``image_size``.
 
-Images are ``[H, W, 3]`` (uint8, or float in [0, 1]) until the last step, which
-returns the model's channels-first ``[3, H, W]`` float32. Boxes are ``[M, 4]`` xyxy
+Images are ``[H, W, 3]`` from the file to the model: the last step returns the
+normalised, padded ``[Hc, Wc, 3]`` float32 canvas, in the model's internal
+channels-last layout (fed with ``channels_last=True``; see ``docs/architecture.md``).
+Boxes are ``[M, 4]`` xyxy
 in continuous pixels, so a pixel-exact transform of the image is an affine map of
 the boxes: no "+1" anywhere.
 """
@@ -179,7 +181,7 @@ def preprocess(
         the canvas; with an explicit canvas and None, the model checks the shape.
 
     Returns:
-      {"image": [3, Hc, Wc] float32, "boxes": [M', 4] float32 (clipped; boxes left
+      {"image": [Hc, Wc, 3] float32, "boxes": [M', 4] float32 (clipped; boxes left
       with no area dropped), "labels": [M'] int32, "difficult": [M'] bool,
       "image_size": [2] float32 (h, w) of the content, "scale": [2] float32 (sy, sx)
       from the original image, "flipped": bool, "id"}.
@@ -216,7 +218,7 @@ def preprocess(
         raise ValueError(f"canvas must be multiples of {size_divisibility}, got {canvas}")
     image = pad_to(normalize(image, mean, std), canvas)
     return {
-        "image": np.ascontiguousarray(image.transpose(2, 0, 1)),
+        "image": image,
         "boxes": boxes[keep],
         "labels": labels[keep],
         "difficult": difficult[keep],
@@ -239,7 +241,7 @@ def preprocess_on_canvas(
       **kwargs: the other options of :func:`preprocess` (flip_prob, size_divisibility, ...).
 
     Returns:
-      :func:`preprocess`'s dict, "image" [3, Hc, Wc].
+      :func:`preprocess`'s dict, "image" [Hc, Wc, 3].
     """
     h, w = example["image"].shape[:2]
     canvas = canvases.shapes[canvases.canvas_index(h, w)] if canvas is None else tuple(canvas)

@@ -33,10 +33,9 @@ from lucid_jax import viz
 from lucid_jax.data import DatasetError, load_image
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.transforms import fit_to_canvases
-from lucid_jax.export import uint8_predict_fn
-from lucid_jax.jobs.config import JobError, canvases
+from lucid_jax.inference import coco_rows, compiler_options, image_detections, uint8_predict_fn
+from lucid_jax.jobs.config import JobError, canvases, output_file, output_folder
 from lucid_jax.jobs.training import load_trained
-from lucid_jax.train import compiler_options
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # A results file is scored by COCO's evaluation, which keeps low-scoring detections.
@@ -129,10 +128,14 @@ def predict_files(
       out: folder for ``detections.json`` (and the drawings).
       model_name: the architecture expected in the checkpoint, if given.
       **kwargs: the options of :func:`detect_files`.
+
+    Raises:
+      JobError: ``out`` is a file, ``results`` a folder or in none, no image matches, or the
+        checkpoint cannot be read (all before anything is written).
     """
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file; give a folder")
+    out = output_folder(out)
+    if kwargs.get("results") is not None:
+        kwargs["results"] = output_file(kwargs["results"], "--results", folder_exists=True)
     paths = expand_image_paths(specs)
     model, variables, class_names, config = load_trained(checkpoint, model_name)
     return detect_files(model, variables, class_names, canvases(config), paths, out, **kwargs)
@@ -176,8 +179,6 @@ def detect_files(
       A :class:`PredictReport`.
     """
     out = Path(out)
-    if batch_size < 1:
-        raise JobError(f"--batch-size must be >= 1, got {batch_size}")
     thresh = default_score_thresh(results is not None) if score_thresh is None else score_thresh
     # compiles once per canvas
     predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh), compiler_options=compiler_options())
@@ -194,26 +195,13 @@ def detect_files(
             images[i], sizes[i] = fitted, size
         dets = jax.device_get(predict(variables, images, sizes))
         for i, (path, image, _, _, scale) in enumerate(batch):
-            keep = dets["valid"][i]
-            sy, sx = scale
-            boxes = dets["boxes"][i][keep] / np.array([sx, sy, sx, sy], np.float32)  # the file's pixels
-            scores, labels = dets["scores"][i][keep], dets["labels"][i][keep]
+            found = image_detections(dets, i, scale, image.shape[:2])  # the file's pixels
+            boxes, scores, labels = found["boxes"], found["scores"], found["labels"]
             png = None
             if draw:
                 png = out / (path.stem + "_detections.png")
-                viz.save_detections(image, {"boxes": boxes, "scores": scores, "labels": labels}, png, names)
-            coco = []
-            if results is not None:
-                image_id = _coco_image_id(path, position[path])
-                coco = [
-                    {
-                        "image_id": image_id,
-                        "category_id": int(lab),
-                        "score": float(s),
-                        "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
-                    }
-                    for b, s, lab in zip(boxes, scores, labels, strict=True)
-                ]
+                viz.save_detections(image, found, png, names)
+            coco = [] if results is None else coco_rows(_coco_image_id(path, position[path]), found)
             entry = {
                 "image": str(path),
                 "height": int(image.shape[0]),

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lucid_jax import count_params
+from lucid_jax.inference import make_predict_fn
 from lucid_jax.models import faster_rcnn_resnet_101_fpn
-from lucid_jax.train import make_predict_fn
 
 
 def seed_example(sizes: Sequence[int] = (224, 512), *, num_classes: int = 21, repeats: int = 3, echo=print) -> None:

@@ -2,7 +2,7 @@
 
 XLA's CPU backend computes a convolution's weight gradient as another
 convolution sliding over the whole activation map, at a fraction of its matmul
-speed (about half of a ResNet-101 FPN training step at 512x512 went there). The
+speed (docs/benchmarks.md has the measurements behind this file). The
 weight gradient of a stride-s, k x k convolution is a sum over the k*k kernel
 taps of ``x_tap^T @ dy``, where ``x_tap`` is the (padded, strided) input shifted
 by that tap: k*k plain matrix products. On CPU we use that form; on GPU and TPU,
@@ -14,11 +14,8 @@ shortcuts, the FPN's laterals, the RPN's classifier and box regressor) is a
 matrix product of the (strided) input's pixels [B*Ho*Wo, Cin] with the kernel
 [Cin, Cout], and is computed as one on every platform, its input gradient
 included (``dx = dy @ kernel^T``). On CPU, XLA's 1x1 convolution allocates
-a scratch buffer the size of its input on every call (32 MiB for 256 channels
-at 128x128, batch 2, which glibc maps fresh each time) and runs at about half
-the speed of the same product as a ``dot``. The default model's training step
-at 512x512, batch 2: 4.1 against 4.9 s, with 540,000 page faults instead of
-715,000.
+a scratch buffer the size of its input on every call, which glibc maps fresh
+each time, and runs slower than the same product as a ``dot``.
 
 Values agree with XLA's convolution up to float summation order.
 """

@@ -8,6 +8,10 @@ bugs (see the README).
 
 Everything has static shapes: a batch always yields ``post_nms_top_n`` proposals
 and ``max_detections`` detections per image, with ``valid`` masks.
+
+Images come in Lucid's ``[B, 3, H, W]``, or in the model's own ``[B, H, W, 3]`` with
+``channels_last=True`` (the Loader's batches and the serving path), the one keyword
+every entry point shares (see ``inputs.check_images``).
 """
 
 import flax.linen as nn
@@ -56,35 +60,15 @@ class FasterRCNN(nn.Module):
             )
         nn.share_scope(self, self.roi_heads)
 
-    def _features_and_proposals(self, images, image_sizes, train: bool):
-        x = check_images(images, multiple=self.backbone.size_divisibility)  # [B, H, W, 3]
+    def _features_and_proposals(self, images, image_sizes, train: bool, channels_last: bool, nms_scatter_free=False):
+        x = check_images(images, multiple=self.backbone.size_divisibility, channels_last=channels_last)  # [B, H, W, 3]
         b, h, w, _ = x.shape
         sizes = check_image_sizes(image_sizes, b, h, w)  # [B, 2]
         features = self.backbone(x.astype(self.backbone.dtype), train)  # P2..P5 (P6)
-        return features, sizes, self.rpn(features, sizes, (h, w), train)
+        return features, sizes, self.rpn(features, sizes, (h, w), train, nms_scatter_free=nms_scatter_free)
 
-    def forward_with_proposals(
-        self, images: jax.Array, image_sizes: jax.Array | None = None, train: bool = False
-    ) -> dict:
-        """The whole forward pass, with every intermediate the user may want.
-
-        Args:
-          images: [B, 3, H, W] float images, H and W multiples of
-            ``backbone.size_divisibility`` (32).
-          image_sizes: optional [B, 2] (height, width) of each image before padding.
-          train: batch-statistics BN, dropout (rng "dropout") and training
-            proposal counts.
-
-        Returns:
-          dict with
-            "proposals" [B, R, 4] xyxy, "proposal_scores" [B, R], "proposal_valid" [B, R];
-            "cls_logits" [B, R, C];
-            "class_deltas" [B, R, C, 4] per-class deltas in units of bbox_reg_stds;
-            "bbox_deltas" [B, R, 4] the deltas of each RoI's best foreground class;
-            "image_sizes" [B, 2]; and the RPN's raw outputs "objectness" [B, N],
-            "deltas" [B, N, 4] and "anchors" [N, 4].
-        """
-        features, sizes, out = self._features_and_proposals(images, image_sizes, train)
+    def _forward(self, images, image_sizes, train: bool, channels_last: bool, nms_scatter_free: bool = False) -> dict:
+        features, sizes, out = self._features_and_proposals(images, image_sizes, train, channels_last, nms_scatter_free)
         cls_logits, class_deltas = self.roi_heads(features, out["proposals"], self.backbone.roi_strides, train)
         best = jnp.argmax(cls_logits[..., 1:], axis=-1) + 1  # [B, R]
         out.update(
@@ -95,7 +79,33 @@ class FasterRCNN(nn.Module):
         )
         return out
 
-    def loss(self, images: jax.Array, targets: dict, image_sizes: jax.Array | None = None) -> dict:
+    def forward_with_proposals(
+        self, images: jax.Array, image_sizes: jax.Array | None = None, train: bool = False, *, channels_last=False
+    ) -> dict:
+        """The whole forward pass, with every intermediate the user may want.
+
+        Args:
+          images: [B, 3, H, W] float images, H and W multiples of
+            ``backbone.size_divisibility`` (32).
+          image_sizes: optional [B, 2] (height, width) of each image before padding.
+          train: batch-statistics BN, dropout (rng "dropout") and training
+            proposal counts.
+          channels_last: the images are [B, H, W, 3] (the Loader's layout).
+
+        Returns:
+          dict with
+            "proposals" [B, R, 4] xyxy, "proposal_scores" [B, R], "proposal_valid" [B, R];
+            "cls_logits" [B, R, C];
+            "class_deltas" [B, R, C, 4] per-class deltas in units of bbox_reg_stds;
+            "bbox_deltas" [B, R, 4] the deltas of each RoI's best foreground class;
+            "image_sizes" [B, 2]; and the RPN's raw outputs "objectness" [B, N],
+            "deltas" [B, N, 4] and "anchors" [N, 4].
+        """
+        return self._forward(images, image_sizes, train, channels_last)
+
+    def loss(
+        self, images: jax.Array, targets: dict, image_sizes: jax.Array | None = None, *, channels_last: bool = False
+    ) -> dict:
         """Training losses (training mode: batch-statistics BN and dropout).
 
         Call with ``rngs={"dropout": k1, "sampling": k2}`` and
@@ -106,13 +116,14 @@ class FasterRCNN(nn.Module):
           targets: {"boxes": [B, M, 4] float32 xyxy pixels, "labels": [B, M] int32
             in 1..C-1, "valid": [B, M] bool}; M is a fixed padding size.
           image_sizes: optional [B, 2] (height, width).
+          channels_last: the images are [B, H, W, 3] (the Loader's layout).
 
         Returns:
           {"rpn_cls_loss", "rpn_reg_loss", "roi_cls_loss", "roi_reg_loss",
           "total_loss"}: float32 scalars.
         """
         gt_boxes, gt_labels, gt_valid = ground_truth(targets, images)  # [B, M, 4], [B, M], [B, M]
-        features, _, rpn = self._features_and_proposals(images, image_sizes, train=True)
+        features, _, rpn = self._features_and_proposals(images, image_sizes, True, channels_last)
         keys = jax.random.split(self.make_rng("sampling"), (gt_boxes.shape[0], 2))  # an (anchor, RoI) pair per image
         losses = self.rpn.loss(rpn, gt_boxes, gt_valid, keys[:, 0])
         losses |= self.roi_heads.loss(
@@ -127,7 +138,9 @@ class FasterRCNN(nn.Module):
         )
         return losses | {"total_loss": L.total_loss(losses)}
 
-    def __call__(self, images: jax.Array, image_sizes: jax.Array | None = None, train: bool = False):
+    def __call__(
+        self, images: jax.Array, image_sizes: jax.Array | None = None, train: bool = False, *, channels_last=False
+    ):
         """The seed's forward: ``cls_logits [B, R, C], bbox_deltas [B, R, 4]``.
 
         R is ``rpn_post_nms_top_n`` (300 in test). ``bbox_deltas`` holds, per RoI,
@@ -135,7 +148,7 @@ class FasterRCNN(nn.Module):
         ``bbox_reg_stds``. Use ``method="forward_with_proposals"`` for the
         proposals, their validity and the per-class deltas.
         """
-        out = self.forward_with_proposals(images, image_sizes, train)
+        out = self._forward(images, image_sizes, train, channels_last)
         return out["cls_logits"], out["bbox_deltas"]
 
     def predict(
@@ -145,6 +158,9 @@ class FasterRCNN(nn.Module):
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
         max_detections: int | None = None,
+        *,
+        channels_last: bool = False,
+        nms_scatter_free: bool = False,
     ) -> dict:
         """Detections, padded to a fixed count.
 
@@ -154,12 +170,16 @@ class FasterRCNN(nn.Module):
           score_thresh: minimum class probability (default ``box_score_thresh``).
           nms_thresh: per-class NMS IoU threshold (default ``box_nms_thresh``).
           max_detections: K (default ``box_detections_per_img``).
+          channels_last: the images are [B, H, W, 3] (the Loader's and serving's layout).
+          nms_scatter_free: run both NMS stages in their formulation for graph
+            converters (ONNX export sets it): the same detections, more work. A
+            Python bool, static under jit: it selects the traced program.
 
         Returns:
           {"boxes": [B, K, 4] xyxy pixels, "scores": [B, K], "labels": [B, K] int32
           (1..C-1), "valid": [B, K] bool}, sorted by decreasing score.
         """
-        out = self.forward_with_proposals(images, image_sizes, train=False)
+        out = self._forward(images, image_sizes, False, channels_last, nms_scatter_free)
         return self.roi_heads.postprocess(
             out["cls_logits"],
             out["class_deltas"],
@@ -169,4 +189,5 @@ class FasterRCNN(nn.Module):
             score_thresh,
             nms_thresh,
             max_detections,
+            nms_scatter_free=nms_scatter_free,
         )

@@ -9,13 +9,20 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def check_images(images, *, multiple: int) -> jax.Array:
-    """Validate ``[B, 3, H, W]`` float images and return them as NHWC.
+def check_images(images, *, multiple: int, channels_last: bool = False) -> jax.Array:
+    """Validate float images and return them in the model's internal layout, NHWC.
+
+    This is the one place where the layout is decided. The public API takes Lucid's
+    channels-first ``[B, 3, H, W]``; ``channels_last=True`` hands ``[B, H, W, 3]``
+    (what the Loader and the uint8 serving function produce) straight in, with no
+    transpose on the way to the first convolution.
 
     Args:
-      images: [B, 3, H, W] float array (Lucid's layout).
+      images: [B, 3, H, W] float array (Lucid's layout), or [B, H, W, 3] with
+        ``channels_last``.
       multiple: H and W must be divisible by this; the detector passes its
         backbone's ``size_divisibility`` (the largest RoI stride).
+      channels_last: the images are [B, H, W, 3].
 
     Returns:
       [B, H, W, 3] array, same dtype.
@@ -31,22 +38,27 @@ def check_images(images, *, multiple: int) -> jax.Array:
             f"images must be a floating-point array of shape [B, 3, H, W], got dtype {dtype}; "
             "convert with images.astype(np.float32) (and normalise) first"
         )
-    if len(shape) != 4:
+    if channels_last:
+        if len(shape) != 4 or shape[3] != 3:
+            raise ValueError(f"images must have shape [B, H, W, 3] with channels_last=True, got {shape}")
+        h, w = shape[1], shape[2]
+    elif len(shape) != 4:
         raise ValueError(f"images must have shape [B, 3, H, W], got {shape}")
-    if shape[1] != 3:
+    elif shape[1] != 3:
         if shape[-1] == 3:
             raise ValueError(
                 f"images must have shape [B, 3, H, W] (channels first, Lucid's layout), got {shape}, "
-                "which looks like NHWC; pass images.transpose(0, 3, 1, 2)"
+                "which looks like NHWC; pass images.transpose(0, 3, 1, 2), or channels_last=True"
             )
         raise ValueError(f"images must have 3 channels in dimension 1, [B, 3, H, W], got {shape}")
-    h, w = shape[2], shape[3]
+    else:
+        h, w = shape[2], shape[3]
     if h % multiple or w % multiple:
         raise ValueError(
             f"images height and width must be multiples of {multiple}, got {h}x{w} in shape {shape}; "
             "pad them (bottom/right) to a multiple and pass the true sizes as image_sizes"
         )
-    return jnp.transpose(jnp.asarray(images), (0, 2, 3, 1))
+    return jnp.asarray(images) if channels_last else jnp.transpose(jnp.asarray(images), (0, 2, 3, 1))
 
 
 def check_image_sizes(image_sizes, batch: int, height: int, width: int) -> jax.Array:
@@ -72,7 +84,7 @@ def check_targets(targets, images) -> int:
 
     Args:
       targets: {"boxes": [B, M, 4] float, "labels": [B, M] int, "valid": [B, M] bool}.
-      images: [B, 3, H, W].
+      images: [B, 3, H, W] or [B, H, W, 3] (only B is read).
 
     Returns:
       B.

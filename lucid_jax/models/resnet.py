@@ -226,17 +226,18 @@ class ResNet(nn.Module):
             self.fc(jnp.zeros((1, c5.shape[-1]), self.dtype))
         return [c2, c3, c4, c5]
 
-    def __call__(self, images: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(self, images: jax.Array, train: bool = False, *, channels_last: bool = False) -> jax.Array:
         """Classify images.
 
         Args:
           images: [B, 3, H, W] float images (Lucid's layout).
           train: use batch statistics and update them.
+          channels_last: the images are [B, H, W, 3] (the Loader's layout).
 
         Returns:
           logits [B, num_classes] (float32).
         """
-        x = check_images(images, multiple=1)
+        x = check_images(images, multiple=1, channels_last=channels_last)
         c5 = self.features(x.astype(self.dtype), train)[-1]
         pooled = jnp.mean(c5, axis=(1, 2))  # [B, 4*w4]
         return self.fc(pooled).astype(jnp.float32)

@@ -134,8 +134,6 @@ class RoIHeads(nn.Module):
         labelling and sampling for the loss.
       smooth_l1_beta: the box loss's Huber transition point.
       dtype: computation dtype of the head.
-      nms_scatter_free: run NMS in its formulation for graph converters (ONNX);
-        the same detections, more work.
     """
 
     num_classes: int = 21
@@ -155,7 +153,6 @@ class RoIHeads(nn.Module):
     positive_fraction: float = 0.25
     smooth_l1_beta: float = 1.0 / 9
     dtype: Any = jnp.float32
-    nms_scatter_free: bool = False
 
     def __post_init__(self):
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 2:
@@ -250,9 +247,12 @@ class RoIHeads(nn.Module):
         score_thresh: float | None = None,
         nms_thresh: float | None = None,
         max_detections: int | None = None,
+        *,
+        nms_scatter_free: bool = False,
     ) -> dict:
         """Detections for a batch (``postprocess_detections`` per image); the
-        thresholds default to this module's attributes.
+        thresholds default to this module's attributes. ``nms_scatter_free`` is
+        static: see ``FasterRCNN.predict``.
 
         Returns:
           {"boxes": [B, K, 4], "scores": [B, K], "labels": [B, K], "valid": [B, K]}.
@@ -268,6 +268,6 @@ class RoIHeads(nn.Module):
             nms_thresh=self.nms_thresh if nms_thresh is None else nms_thresh,
             max_detections=self.detections_per_img if max_detections is None else max_detections,
             min_size=self.min_size,
-            nms_scatter_free=self.nms_scatter_free,
+            nms_scatter_free=nms_scatter_free,
         )
         return jax.vmap(detect)(cls_logits, class_deltas, proposals, proposal_valid, image_sizes)

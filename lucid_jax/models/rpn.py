@@ -114,8 +114,6 @@ class RPN(nn.Module):
         largest share of them that is foreground.
       smooth_l1_beta: the box loss's Huber transition point.
       dtype: computation dtype of the head.
-      nms_scatter_free: run NMS in its formulation for graph converters (ONNX);
-        the same proposals, more work.
     """
 
     anchor_sizes: Sequence[Sequence[float]] = octave_sizes((32, 64, 128, 256))
@@ -132,7 +130,6 @@ class RPN(nn.Module):
     positive_fraction: float = 0.5
     smooth_l1_beta: float = 1.0 / 9
     dtype: Any = jnp.float32
-    nms_scatter_free: bool = False
 
     @property
     def num_anchors(self) -> int:
@@ -150,7 +147,13 @@ class RPN(nn.Module):
         self.head = RPNHead(self.num_anchors, dtype=self.dtype)
 
     def __call__(
-        self, features: Sequence[jax.Array], image_sizes: jax.Array, canvas_size: tuple[int, int], train: bool = False
+        self,
+        features: Sequence[jax.Array],
+        image_sizes: jax.Array,
+        canvas_size: tuple[int, int],
+        train: bool = False,
+        *,
+        nms_scatter_free: bool = False,
     ) -> dict:
         """Run the head on every level and select proposals.
 
@@ -162,6 +165,7 @@ class RPN(nn.Module):
           image_sizes: [B, 2] (height, width) of the unpadded images.
           canvas_size: (H, W) of the padded input, static ints.
           train: use the training proposal counts.
+          nms_scatter_free: static; see ``FasterRCNN.predict``.
 
         Returns:
           dict with "proposals" [B, P, 4], "proposal_scores" [B, P],
@@ -187,7 +191,7 @@ class RPN(nn.Module):
             nms_thresh=self.nms_thresh,
             min_size=self.min_size,
             score_thresh=self.score_thresh,
-            nms_scatter_free=self.nms_scatter_free,
+            nms_scatter_free=nms_scatter_free,
         )
         proposals, scores, valid = jax.vmap(select)(objectness, deltas, image_sizes)
         return {

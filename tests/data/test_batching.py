@@ -41,7 +41,7 @@ def test_fixed_shapes_and_valid_masks_across_batches(shapes):
     assert len(batches) == len(loader) == 3
     counts = set()
     for batch in batches:
-        assert batch["images"].shape == (4, 3, 64, 64) and batch["images"].dtype == np.float32
+        assert batch["images"].shape == (4, 64, 64, 3) and batch["images"].dtype == np.float32
         assert batch["boxes"].shape == (4, 6, 4) and batch["boxes"].dtype == np.float32
         assert batch["labels"].dtype == np.int32 and batch["valid"].dtype == bool
         assert batch["image_sizes"].shape == (4, 2) and batch["image_sizes"].dtype == np.float32
@@ -71,7 +71,7 @@ def test_drop_remainder_drops_the_partial_batch(shapes):
 def test_too_many_boxes_keeps_the_largest_in_order():
     w = [3, 9, 1, 7, 5]  # box widths, so areas rank 9 > 7 > 5 > 3 > 1
     boxes = np.array([[0, 0, x, 2] for x in w], np.float32)
-    example = {"image": np.zeros((3, 32, 32), np.float32), "boxes": boxes, "labels": np.arange(1, 6), "id": "many"}
+    example = {"image": np.zeros((32, 32, 3), np.float32), "boxes": boxes, "labels": np.arange(1, 6), "id": "many"}
     with pytest.warns(RuntimeWarning, match="'many' has 5 objects; keeping the 3 largest"):
         batch = collate([example], max_boxes=3)
     np.testing.assert_array_equal(batch["labels"][0], [2, 4, 5])
@@ -83,8 +83,8 @@ def test_too_many_boxes_keeps_the_largest_in_order():
 
 
 def test_collate_rejects_mixed_canvases():
-    a = {"image": np.zeros((3, 32, 32), np.float32), "boxes": np.zeros((0, 4)), "labels": np.zeros(0)}
-    b = {**a, "image": np.zeros((3, 64, 32), np.float32)}
+    a = {"image": np.zeros((32, 32, 3), np.float32), "boxes": np.zeros((0, 4)), "labels": np.zeros(0)}
+    b = {**a, "image": np.zeros((64, 32, 3), np.float32)}
     with pytest.raises(ValueError, match="same canvas"):
         collate([a, b], max_boxes=2)
 
@@ -205,7 +205,7 @@ def test_images_of_any_size_land_on_one_canvas():
         num_workers=2,
     )
     batches = list(loader.epoch(0))
-    assert {b["images"].shape for b in batches} == {(2, 3, 64, 64)}
+    assert {b["images"].shape for b in batches} == {(2, 64, 64, 3)}
     for b in batches:
         for row, i in enumerate(b["ids"]):
             if i is None:

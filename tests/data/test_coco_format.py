@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lucid_jax.data import COCODataset, ShapesDataset, VOCDataset, coco_ground_truth, coco_results
+from lucid_jax.data import COCODataset, ShapesDataset, VOCDataset, coco_ground_truth
 from lucid_jax.data.coco_format import detection_list
+from lucid_jax.inference import coco_results
 
 
 @pytest.fixture

@@ -102,7 +102,7 @@ def test_every_batch_holds_one_canvas_and_epochs_have_a_constant_length(mixed, d
             real = [i for i in batch["ids"] if i is not None]
             canvas = loader.batch_canvas(step)
             assert {_canvas_of(mixed, i) for i in real} == {canvas}
-            assert batch["images"].shape == (3, 3, *canvas)
+            assert batch["images"].shape == (3, *canvas, 3)
             if not drop_remainder:  # padding rows: on the batch's canvas, flagged invalid
                 np.testing.assert_array_equal(batch["image_valid"], [i is not None for i in batch["ids"]])
                 assert (batch["image_sizes"][~batch["image_valid"]] == canvas).all()
@@ -126,7 +126,7 @@ def test_resume_at_any_step_is_bit_identical_and_prefetch_changes_nothing(mixed)
     threaded = _loader(mixed, transform=jitter, shuffle=True, seed=7, num_workers=2, prefetch=3)
     _assert_batches_equal(list(threaded.iterate(0, steps)), full)
     _assert_batches_equal(list(threaded.iterate(5, 4)), full[5:9])
-    assert any(batch["images"].shape[2:] != full[0]["images"].shape[2:] for batch in full)
+    assert any(batch["images"].shape[1:3] != full[0]["images"].shape[1:3] for batch in full)
 
 
 @pytest.mark.parametrize("drop_remainder", [True, False])
@@ -147,7 +147,7 @@ def test_host_shards_are_disjoint_complete_slices_of_the_global_batch(mixed, dro
         step = next(s for s in range(len(whole)) if len(whole.batch_indices(s)[1]) <= 2)
         empty = list(shards[1].iterate(step, 1))[0]
         assert not empty["image_valid"].any() and empty["ids"] == [None, None]
-        assert empty["images"].shape == (2, 3, *whole.batch_canvas(step)) and not empty["images"].any()
+        assert empty["images"].shape == (2, *whole.batch_canvas(step), 3) and not empty["images"].any()
 
 
 def test_evaluation_order_is_grouped_in_order_of_first_image(mixed):

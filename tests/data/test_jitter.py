@@ -72,7 +72,7 @@ def test_boxes_move_with_the_pixels(seed):
     out = jitter_preprocess(example, np.random.default_rng(seed), canvas=canvas)
     jitter = draw_jitter(np.random.default_rng(seed), h, w, canvas)  # the same draw
     moved, _ = jitter_boxes(boxes, h, w, jitter, min_visible=0.0)  # every box, kept or not, as painted
-    red = out["image"][0]  # [Hc, Wc], normalised
+    red = out["image"][..., 0]  # [Hc, Wc], normalised
     black, white = -IMAGENET_MEAN[0] / IMAGENET_STD[0], (1 - IMAGENET_MEAN[0]) / IMAGENET_STD[0]
     wh, ww = out["image_size"].astype(int)
     assert (wh, ww) == jitter.window and not red[wh:].any() and not red[:, ww:].any()  # padding: 0
@@ -115,7 +115,7 @@ def test_partly_cropped_boxes_are_clipped_or_dropped_and_empty_images_stay_valid
             break
     assert out["boxes"].shape == (0, 4) and out["labels"].shape == (0,)
     batch = collate([out, out], max_boxes=4)
-    assert not batch["valid"].any() and batch["images"].shape == (2, 3, 64, 64)
+    assert not batch["valid"].any() and batch["images"].shape == (2, 64, 64, 3)
 
 
 def test_the_jittered_loader_is_seeded_and_resumes_bit_identically():

@@ -109,16 +109,14 @@ def test_preprocess_moves_boxes_with_pixels_onto_a_fixed_canvas():
     flipped = None
     for seed in range(10):  # both flip outcomes
         out = preprocess(example, np.random.default_rng(seed), longer_side=160, flip_prob=0.5, size_divisibility=32)
-        assert out["image"].shape == (3, 160, 160) and out["image"].dtype == np.float32
+        assert out["image"].shape == (160, 160, 3) and out["image"].dtype == np.float32
         np.testing.assert_array_equal(out["image_size"], [120, 160])
         np.testing.assert_allclose(out["scale"], [2, 2])
-        white = (out["image"] * np.asarray(IMAGENET_STD)[:, None, None] + np.asarray(IMAGENET_MEAN)[:, None, None]).min(
-            0
-        ) > 0.5
+        white = (out["image"] * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)).min(-1) > 0.5
         np.testing.assert_array_equal(_bright_box(white), out["boxes"][0])
         expected = [60, 20, 120, 60] if out["flipped"] else [40, 20, 100, 60]
         np.testing.assert_array_equal(out["boxes"], [expected])
-        np.testing.assert_array_equal(out["image"][:, 120:], 0.0)  # padding after normalisation
+        np.testing.assert_array_equal(out["image"][120:], 0.0)  # padding after normalisation
         assert out["labels"].tolist() == [2] and out["difficult"].tolist() == [True] and out["id"] == "x"
         flipped = {out["flipped"]} | (flipped or set())
     assert flipped == {True, False}
@@ -128,7 +126,7 @@ def test_preprocess_canvas_rules_and_box_clipping():
     image = np.zeros((50, 70, 3), np.uint8)
     boxes = np.array([[-4, 5, 20, 60], [80, 0, 90, 10], [10, 10, 20, 20]], np.float32)
     out = preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, canvas=(64, 96))
-    assert out["image"].shape == (3, 64, 96)
+    assert out["image"].shape == (64, 96, 3)
     np.testing.assert_array_equal(out["boxes"], [[0, 5, 20, 50], [10, 10, 20, 20]])  # clipped; the outside box dropped
     assert out["labels"].tolist() == [1, 3] and out["difficult"].tolist() == [False, False]
     shorter = preprocess(
@@ -137,7 +135,7 @@ def test_preprocess_canvas_rules_and_box_clipping():
         max_size=120,
         size_divisibility=32,
     )
-    assert shorter["image"].shape == (3, 128, 128)  # canvas from max_size, rounded up to 32
+    assert shorter["image"].shape == (128, 128, 3)  # canvas from max_size, rounded up to 32
     np.testing.assert_array_equal(shorter["image_size"], [86, 120])
     with pytest.raises(ValueError, match="multiples of 32"):
         preprocess({"image": image, "boxes": boxes, "labels": np.array([1, 2, 3])}, canvas=100, size_divisibility=32)
@@ -158,10 +156,10 @@ def test_preprocess_on_canvas_follows_the_canvases_rule():
         np.testing.assert_array_equal(square[key], plain[key], err_msg=key)
     canvases = parse_image_size("32:64")  # landscape 32x64: 60x80 -> 32x43 (shorter side 32)
     out = preprocess_on_canvas(example, canvases=canvases, size_divisibility=32)
-    assert out["image"].shape == (3, 32, 64) and out["image_size"].tolist() == [32, 43]
+    assert out["image"].shape == (32, 64, 3) and out["image_size"].tolist() == [32, 43]
     # on a batch's canvas that is not the image's own, the image still fits
     forced = preprocess_on_canvas(example, canvases=canvases, canvas=(64, 32), size_divisibility=32)
-    assert forced["image"].shape == (3, 64, 32) and forced["image_size"].tolist() == [24, 32]
+    assert forced["image"].shape == (64, 32, 3) and forced["image_size"].tolist() == [24, 32]
     fitted, size, scale = fit_to_canvas(image, (32, 64), canvases.resized_shape(60, 80))
     assert fitted.shape == (32, 64, 3) and size.tolist() == [32, 43] and not fitted[:, 43:].any()
     with pytest.raises(ValueError, match="not both"):
