@@ -1,7 +1,7 @@
 """ONNX export of a detector: conversion time, file size, agreement with JAX and CPU
 latency of onnxruntime against the jitted serving function, timed interleaved.
 
-Runs in the ONNX environment (see the README):
+Runs in the ONNX environment (see docs/export.md):
 
     .venv-onnx/bin/python benchmarks/bench_onnx.py --model faster_rcnn_resnet_101_fpn --size 512
 

@@ -42,7 +42,7 @@ What it reports:
   round before (after the other side's warm-up in round 0). ``--block 1`` runs one
   step per side per round. Consecutive steps are what a training run does; a step
   right after the other side's pays for the pages the other side's allocator
-  handed back (see the README's benchmark section);
+  handed back (see docs/benchmarks.md);
 - our compile time: trace + lower, XLA compile, and the first call;
 - peak RSS of each side, from a fresh child process per side (``--side ours`` /
   ``--side torchvision``: build, first step, ``--child-steps`` more steps, then

@@ -18,7 +18,7 @@ the batch size are fixed. Both NMS stages run in their scatter-free formulation
 (``FasterRCNN.predict``'s static ``nms_scatter_free=True``; ``lucid_jax.ops.nms``),
 which keeps the same boxes.
 
-jax2onnx is an optional dependency (the ``onnx`` extra, see the README).
+jax2onnx is an optional dependency (the ``onnx`` extra, see docs/export.md).
 """
 
 import logging
@@ -75,7 +75,7 @@ def export_onnx(
         import onnx
         from jax2onnx import to_onnx
     except ImportError as e:
-        raise ImportError("ONNX export needs jax2onnx and onnx: see the onnx extra in the README") from e
+        raise ImportError("ONNX export needs jax2onnx and onnx: see the onnx extra in docs/export.md") from e
 
     serve = serving_function(model, variables, nms_scatter_free=True, **serving_kwargs)
     specs = [jax.ShapeDtypeStruct((batch_size, h, w, 3), jnp.uint8), jax.ShapeDtypeStruct((batch_size, 2), jnp.int32)]

@@ -1,6 +1,6 @@
 """Faster R-CNN (Ren et al., NeurIPS 2015) with an FPN backbone (Lin et al., 2017),
 as Lucid's ``FasterRCNN``: the same sub-modules and state-dict names, without its
-bugs (see the README).
+bugs (see docs/weights.md).
 
     images -> backbone (ResNet + FPN; strides)
            -> rpn        (proposals; in training, its anchor loss)
