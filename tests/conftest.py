@@ -1,4 +1,5 @@
-"""Fixtures shared across test files: one mini detector trained through the CLI.
+"""Fixtures shared across test files: the tiny detector's initial variables and one
+mini detector trained through the CLI.
 
 The processes the tests start (the command line, notebooks' kernels) share one
 persistent compilation cache, so the mini detector's step compiles once for all of
@@ -10,9 +11,11 @@ import os
 import shutil
 import tempfile
 
+import jax
 import pytest
 
 from lucid_jax import cli
+from tests.models.conftest import random_images, tiny_detector
 from tests.voc_fixture import write_voc
 
 _CACHE_ENV = {
@@ -63,3 +66,11 @@ def trained(tmp_path_factory, voc):
     )
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, variables) of the tiny detector, initialised at 128x128: compiled once for every file."""
+    model = tiny_detector()
+    variables = jax.jit(model.init)(jax.random.key(0), random_images(0))
+    return model, variables

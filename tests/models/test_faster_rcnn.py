@@ -1,5 +1,5 @@
 """Faster R-CNN on a tiny ResNet: predict against a float64 reference, invariants,
-compile-once, mixed precision, the Training Notes flow and bad input."""
+compile-once, mixed precision, and a backbone with more levels than anchor sizes."""
 
 import math
 
@@ -8,9 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lucid_jax import state_dict
 from lucid_jax.compile_count import count_compiles
-from lucid_jax.models import faster_rcnn_resnet_101_fpn, get_model, list_models
 from tests.models.conftest import random_images, tiny_detector
 
 
@@ -206,133 +204,10 @@ def test_bfloat16_predict_finds_the_float32_detections(bf16_and_f32):
     assert matched >= 0.9, f"only {matched:.0%} of the float32 detections have a bf16 match"  # measured 100%
 
 
-def test_training_notes_flow(tiny):
-    """Seed: take model.backbone.net, train it as a classifier, load its state dict back."""
-    model, variables = tiny
-    net = model.backbone.net
-    net_vars = state_dict.backbone_variables(variables)
-    x = random_images(4, batch=2, size=64)
-    labels = jnp.array([1, 7])
-
-    @jax.jit
-    def loss_fn(params):
-        logits, updates = net.apply(
-            {"params": params, "batch_stats": net_vars["batch_stats"]}, x, train=True, mutable=["batch_stats"]
-        )
-        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2), labels]), updates
-
-    (loss0, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(net_vars["params"])
-    trained = {"params": jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, net_vars["params"], grads), **updates}
-    assert float(loss_fn(trained["params"])[0]) < float(loss0)
-    saved = state_dict.to_state_dict(trained)
-    assert saved["stem.0.weight"].shape == (8, 3, 7, 7) and "fc.weight" in saved
-    loaded = state_dict.load_backbone(variables, saved)
-    np.testing.assert_array_equal(
-        np.asarray(loaded["params"]["backbone"]["net"]["layer2"]["0"]["conv2"]["conv"]["kernel"]),
-        np.asarray(trained["params"]["layer2"]["0"]["conv2"]["conv"]["kernel"]),
-    )
-    np.testing.assert_array_equal(
-        np.asarray(loaded["batch_stats"]["backbone"]["net"]["stem"]["1"]["mean"]),
-        np.asarray(trained["batch_stats"]["stem"]["1"]["mean"]),
-    )
-    # the rest of the detector is untouched
-    np.testing.assert_array_equal(
-        np.asarray(loaded["params"]["fc1"]["kernel"]), np.asarray(variables["params"]["fc1"]["kernel"])
-    )
-    classify = jax.jit(net.apply)
-    logits = classify(state_dict.backbone_variables(loaded), x)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(classify(trained, x)), rtol=1e-6)
-
-
-def test_registry():
-    assert {"faster_rcnn_resnet_101_fpn", "faster_rcnn_resnet_50_fpn", "resnet_50", "resnet_101"} <= set(list_models())
-    with pytest.raises(KeyError, match="faster_rcnn_resnet_101_fpn"):
-        get_model("faster_rcnn_resnet_102_fpn")
-    assert get_model("faster_rcnn_resnet_101_fpn", num_classes=3).num_classes == 3
-
-
-def test_flat_keywords_set_each_stage():
-    model = faster_rcnn_resnet_101_fpn(
-        num_classes=4,
-        rpn_post_nms_top_n=[50, 20],
-        rpn_fg_iou_thresh=0.6,
-        box_score_thresh=0.3,
-        box_detections_per_img=7,
-        roi_aligned=False,
-        smooth_l1_beta=0.5,
-    )
-    assert (model.rpn.post_nms_top_n, model.rpn.fg_iou_thresh, model.rpn.smooth_l1_beta) == ((50, 20), 0.6, 0.5)
-    heads = model.roi_heads
-    assert (heads.num_classes, heads.score_thresh, heads.detections_per_img, heads.aligned) == (4, 0.3, 7, False)
-    assert heads.smooth_l1_beta == 0.5
-    # untouched settings keep the stage's own defaults
-    assert (model.rpn.pre_nms_top_n, heads.nms_thresh, heads.batch_size_per_image) == ((2000, 1000), 0.5, 512)
-    with pytest.raises(TypeError, match="unknown detector keyword.*rpn_post_nms_topn.*known: anchor_sizes"):
-        faster_rcnn_resnet_101_fpn(rpn_post_nms_topn=(1, 1))
-
-
-def test_non_default_anchors_and_stds_round_trip_their_buffers():
-    model = tiny_detector(
-        anchor_sizes=((20,), (40,), (80,), (160,)),
-        aspect_ratios=(1.0, 2.0),
-        round_anchors=True,
-        bbox_reg_stds=(0.05, 0.05, 0.1, 0.1),
-    )
-    variables = jax.jit(model.init)(jax.random.key(0), random_images(0))
-    flat = state_dict.to_state_dict(variables, model=model)
-    # 20 px anchors at height/width 1 and 2, centred and rounded: w = 20 / sqrt(2) = 14.14, h = 28.28
-    expected = np.array([[-10, -10, 10, 10], [-7, -14, 7, 14]], np.float32)
-    np.testing.assert_array_equal(flat["anchor_generator.base_anchors"], expected)
-    np.testing.assert_array_equal(flat["rpn.anchor_generator.base_anchors"], expected)
-    np.testing.assert_array_equal(flat["bbox_reg_stds"], np.float32([0.05, 0.05, 0.1, 0.1]))
-    again = state_dict.to_state_dict(state_dict.from_state_dict(variables, flat, model=model), model=model)
-    assert set(again) == set(flat)
-    for name in flat:
-        np.testing.assert_array_equal(again[name], flat[name], err_msg=name)
-    # the default configuration has 9 anchors per location (3 octave sizes x 3 ratios): refused by name
+def test_one_anchor_level_per_backbone_level():
+    model = tiny_detector(extra_p6=True)  # 5 levels, but Lucid's 4 anchor levels
+    x = np.zeros((1, 3, 128, 128), np.float32)
     with pytest.raises(
-        state_dict.StateDictError, match=r"base_anchors: state dict has shape \(2, 4\), model expects \(9, 4\)"
+        ValueError, match=r"anchor_sizes has 4 levels but the backbone returns 5 \(strides \(4, 8, 16, 32, 64\)\)"
     ):
-        state_dict.from_state_dict(variables, flat, model=tiny_detector())
-
-
-@pytest.mark.parametrize(
-    "shape, dtype, error, match",
-    [
-        ((1, 128, 128, 3), np.float32, ValueError, "looks like NHWC"),
-        ((1, 3, 100, 128), np.float32, ValueError, "multiples of 32"),
-        ((1, 4, 128, 128), np.float32, ValueError, "3 channels"),
-        ((3, 128, 128), np.float32, ValueError, r"\[B, 3, H, W\]"),
-        ((1, 3, 128, 128), np.uint8, TypeError, "floating-point"),
-    ],
-)
-def test_bad_images(tiny, shape, dtype, error, match):
-    model, variables = tiny
-    with pytest.raises(error, match=match):
-        model.apply(variables, np.zeros(shape, dtype))
-
-
-def test_bad_image_sizes(tiny):
-    model, variables = tiny
-    with pytest.raises(ValueError, match="image_sizes"):
-        model.apply(variables, random_images(0), np.zeros((1, 3), np.float32))
-
-
-@pytest.mark.parametrize("num_classes", [1, 0, -3])
-def test_num_classes_below_two(num_classes):
-    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
-        faster_rcnn_resnet_101_fpn(num_classes=num_classes)
-
-
-def test_state_dict_of_another_architecture_is_refused(tiny):
-    model, variables = tiny
-    other = tiny_detector(num_classes=5, stem_width=16)
-    other_vars = jax.eval_shape(other.init, jax.random.key(0), random_images(0))
-    flat = state_dict.to_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), other_vars))
-    flat["extra.weight"] = np.zeros(3)
-    del flat["fc1.bias"]
-    with pytest.raises(state_dict.StateDictError) as err:
-        state_dict.from_state_dict(variables, flat)
-    msg = str(err.value)
-    assert "backbone.net.stem.0.weight: state dict has shape (16, 3, 7, 7), model expects (8, 3, 7, 7)" in msg
-    assert "missing keys (1): fc1.bias" in msg and "unexpected keys (1): extra.weight" in msg
+        jax.eval_shape(model.init, jax.random.key(0), x)

@@ -1,6 +1,6 @@
 """Losses of Faster R-CNN: the loss formulas against NumPy, parity with torchvision's
-RPN and RoI-head losses on identical weights, golden values, the empty-image case,
-the proposals' stop-gradient and bad targets.
+RPN and RoI-head losses on identical weights, golden values, the empty-image case
+and the proposals' stop-gradient.
 """
 
 import math
@@ -13,7 +13,7 @@ import pytest
 from lucid_jax import state_dict
 from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn
 from lucid_jax.models import losses as L
-from tests.models.conftest import TV_REASON, random_images
+from tests.models.conftest import TV_REASON, example_targets, random_images, randomise_bn
 
 # --- loss formulas ------------------------------------------------------------------
 
@@ -92,11 +92,9 @@ def test_losses_match_torchvision():
     from torchvision.models.resnet import Bottleneck, ResNet
     from torchvision.ops.misc import FrozenBatchNorm2d
 
-    from tests.models.test_torchvision_parity import _randomise_bn
-
     torch.manual_seed(0)
     body = ResNet(Bottleneck, [1, 1, 1, 1], norm_layer=FrozenBatchNorm2d)
-    _randomise_bn(body, torch.Generator().manual_seed(1))
+    randomise_bn(body, torch.Generator().manual_seed(1))
     backbone = BackboneWithFPN(
         body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [256, 512, 1024, 2048], 256
     )
@@ -182,21 +180,7 @@ def test_losses_match_torchvision():
     jax.tree_util.tree_map(np.testing.assert_array_equal, updates["batch_stats"], variables["batch_stats"])
 
 
-# --- the tiny detector: golden values, empty images, stop-gradient, bad targets --------
-
-
-def _targets():
-    """Two images, up to four boxes each (padding with garbage labels)."""
-    boxes = np.array(
-        [
-            [[10, 12, 60, 70], [50, 40, 120, 100], [64, 0, 128, 40], [0, 0, 0, 0]],
-            [[20, 30, 90, 110], [5, 80, 45, 120], [0, 0, 0, 0], [3, 3, 1, 1]],
-        ],
-        np.float32,
-    )
-    labels = np.array([[1, 3, 4, 0], [2, 1, 0, -9]], np.int32)
-    valid = np.array([[True, True, True, False], [True, True, False, False]])
-    return {"boxes": boxes, "labels": labels, "valid": valid}
+# --- the tiny detector: golden values, empty images, stop-gradient --------------------
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +245,7 @@ def _spread(variables):
 def test_golden_losses(tiny, loss_fn):
     _, variables = tiny
     losses, _ = loss_fn(
-        _spread(variables), random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2)
+        _spread(variables), random_images(11, batch=2), example_targets(), jax.random.key(1), jax.random.key(2)
     )
     got = {k: float(v) for k, v in losses.items()}
     for name, value in GOLDEN.items():
@@ -289,7 +273,7 @@ def test_golden_losses_from_a_float64_recomputation(tiny, monkeypatch):
         lambda v, x, t, k1, k2: model.apply(
             v, x, t, method="loss", rngs={"dropout": k1, "sampling": k2}, mutable=["batch_stats"]
         )
-    )(_spread(variables), random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2))
+    )(_spread(variables), random_images(11, batch=2), example_targets(), jax.random.key(1), jax.random.key(2))
     assert model.rpn.smooth_l1_beta == model.roi_heads.smooth_l1_beta
     beta = model.rpn.smooth_l1_beta
     objectness, deltas, t = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), out["rpn"])
@@ -321,7 +305,7 @@ def test_golden_losses_from_a_float64_recomputation(tiny, monkeypatch):
 
 def test_images_without_boxes(tiny, loss_grads):
     _, variables = tiny
-    targets = _targets()
+    targets = example_targets()
     targets["valid"][:] = False
     g_total, _, losses = loss_grads(
         variables, random_images(12, batch=2), targets, jax.random.key(1), jax.random.key(2)
@@ -341,7 +325,7 @@ def test_images_without_boxes(tiny, loss_grads):
 def test_proposals_are_under_stop_gradient(tiny, loss_grads):
     _, variables = tiny
     g_total, g_roi, losses = loss_grads(
-        variables, random_images(11, batch=2), _targets(), jax.random.key(1), jax.random.key(2)
+        variables, random_images(11, batch=2), example_targets(), jax.random.key(1), jax.random.key(2)
     )
     assert float(losses["roi_reg_loss"]) > 0
     rpn_roi = jax.tree_util.tree_leaves(g_roi["rpn"]["head"])
@@ -351,43 +335,3 @@ def test_proposals_are_under_stop_gradient(tiny, loss_grads):
     assert np.abs(np.asarray(g_roi["backbone"]["net"]["stem"]["0"]["kernel"])).max() > 0
     # and the total loss does reach the RPN head
     assert all(np.abs(np.asarray(g)).max() > 0 for g in jax.tree_util.tree_leaves(g_total["rpn"]["head"]))
-
-
-def _bad(change):
-    t = _targets()
-    change(t)
-    return t
-
-
-@pytest.mark.parametrize(
-    "targets, match",
-    [
-        (_bad(lambda t: t.pop("valid")), r'"valid" \[B, M\]'),
-        (_bad(lambda t: t.pop("boxes")), r'"boxes" \[B, M, 4\]'),
-        ((1, 2, 3), r"targets must be a dict"),
-        (_bad(lambda t: t.update(boxes=t["boxes"][..., :3])), r'targets\["boxes"\] must have shape \[B, M, 4\]'),
-        (_bad(lambda t: t.update(boxes=t["boxes"][:1])), r'targets\["boxes"\] must have shape \[B, M, 4\] with B = 2'),
-        (_bad(lambda t: t.update(boxes=t["boxes"][0])), r'targets\["boxes"\] must have shape \[B, M, 4\]'),
-        (
-            _bad(lambda t: t.update(labels=t["labels"][:, :3])),
-            r'targets\["labels"\] must have shape \[B, M\] = \(2, 4\)',
-        ),
-        (_bad(lambda t: t.update(labels=t["labels"][:1])), r'targets\["labels"\] must have shape \[B, M\] = \(2, 4\)'),
-        (
-            _bad(lambda t: t.update(valid=t["valid"][..., None])),
-            r'targets\["valid"\] must have shape \[B, M\] = \(2, 4\)',
-        ),
-    ],
-)
-def test_bad_targets_fail_at_trace_time(tiny, targets, match):
-    model, variables = tiny
-    fn = lambda v, x, t: model.apply(
-        v,
-        x,
-        t,
-        method="loss",
-        rngs={"dropout": jax.random.key(0), "sampling": jax.random.key(1)},
-        mutable=["batch_stats"],
-    )  # noqa: E731
-    with pytest.raises(ValueError, match=match):
-        jax.eval_shape(fn, variables, random_images(0, batch=2), targets)

@@ -1,9 +1,7 @@
-"""End-to-end parity with torchvision on identical (random) weights.
-
-(a) our ResNet-101 classifier against ``torchvision.models.resnet101``;
-(b) our detector, built with ``TORCHVISION_FASTER_RCNN``, against torchvision's
-    ``FasterRCNN`` on a ResNet FPN backbone: RPN proposals, RoI-head scores and the
-    final detections, on the same normalised image.
+"""End-to-end parity with torchvision on identical (random) weights: our detector,
+built with ``TORCHVISION_FASTER_RCNN``, against torchvision's ``FasterRCNN`` on a
+ResNet FPN backbone: RPN proposals, RoI-head scores and the final detections, on
+the same normalised image. The ResNet-101 classifier's parity is in test_resnet.py.
 """
 
 import jax
@@ -11,8 +9,8 @@ import numpy as np
 import pytest
 
 from lucid_jax import state_dict
-from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn, resnet_101
-from tests.models.conftest import TV_REASON
+from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn
+from tests.models.conftest import TV_REASON, randomise_bn
 
 torch = pytest.importorskip("torch", reason=TV_REASON)
 torchvision = pytest.importorskip("torchvision", reason=TV_REASON)
@@ -24,42 +22,11 @@ from torchvision.models.resnet import Bottleneck, ResNet  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
 
-def _randomise_bn(module, gen):
-    """Give every BN non-trivial statistics so the conversion of all four BN tensors is tested."""
-    for m in module.modules():
-        if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
-            c = m.weight.shape[0]
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-    # Damp each residual branch so a random ResNet-101's activations stay bounded
-    # (otherwise they grow ~2x per block and every proposal degenerates).
-    for m in module.modules():
-        if isinstance(m, Bottleneck):
-            m.bn3.weight.data.mul_(0.2)
-
-
-def test_resnet101_logits_match_torchvision():
-    torch.manual_seed(0)
-    tv = torchvision.models.resnet101(weights=None).eval()
-    _randomise_bn(tv, torch.Generator().manual_seed(1))
-    x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
-    with torch.no_grad():
-        expected = tv(torch.from_numpy(x)).numpy()
-    model = resnet_101()
-    template = jax.eval_shape(model.init, jax.random.key(0), x)
-    template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
-    variables = state_dict.from_state_dict(template, state_dict.from_torchvision_resnet(tv.state_dict()))
-    got = np.asarray(jax.jit(model.apply)(variables, x))
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-
-
 def _torchvision_detector(layers, num_classes, seed, rpn_box_gain=1.0, **kwargs):
     """torchvision's FasterRCNN on a random ResNet FPN; ``kwargs`` go to FasterRCNN."""
     torch.manual_seed(seed)
     body = ResNet(Bottleneck, layers, norm_layer=FrozenBatchNorm2d)
-    _randomise_bn(body, torch.Generator().manual_seed(seed + 1))
+    randomise_bn(body, torch.Generator().manual_seed(seed + 1))
     backbone = BackboneWithFPN(
         body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [256, 512, 1024, 2048], 256
     )

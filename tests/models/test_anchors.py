@@ -1,13 +1,12 @@
-"""The backbone's declared strides, and RPN anchors spaced by each level's actual
-stride per axis (canvas // grid), against torchvision's ``AnchorGenerator`` and a
-NumPy reference of the nominal-stride grid."""
+"""Anchors: each level's actual stride per axis (canvas // grid), and the RPN's
+anchors spaced by it, against torchvision's ``AnchorGenerator`` and a NumPy
+reference of the nominal-stride grid."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lucid_jax.models import TORCHVISION_FASTER_RCNN, faster_rcnn_resnet_101_fpn
+from lucid_jax.models import TORCHVISION_FASTER_RCNN
 from lucid_jax.models.anchors import cell_anchors, level_stride
 from tests.models.conftest import TV_REASON, tiny_detector
 
@@ -27,36 +26,6 @@ def _model_anchors(model, h, w):
     variables = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)
     anchors = jax.jit(lambda v, x: model.apply(v, x, method="forward_with_proposals")["anchors"])
     return np.asarray(anchors(variables, x))
-
-
-def test_backbone_declares_strides_on_the_unbound_module():
-    lucid = faster_rcnn_resnet_101_fpn().backbone
-    assert lucid.net.feature_strides == (4, 8, 16, 32)
-    assert lucid.strides == (4, 8, 16, 32)
-    assert lucid.roi_strides == (4, 8, 16, 32)
-    assert lucid.size_divisibility == 32
-    tv = tiny_detector(**TORCHVISION_FASTER_RCNN).backbone
-    assert tv.strides == (4, 8, 16, 32, 64)
-    assert tv.roi_strides == (4, 8, 16, 32)  # RoIAlign never pools from P6
-    assert tv.size_divisibility == 32
-
-
-def test_one_anchor_level_per_backbone_level():
-    model = tiny_detector(extra_p6=True)  # 5 levels, but Lucid's 4 anchor levels
-    x = np.zeros((1, 3, 128, 128), np.float32)
-    with pytest.raises(
-        ValueError, match=r"anchor_sizes has 4 levels but the backbone returns 5 \(strides \(4, 8, 16, 32, 64\)\)"
-    ):
-        jax.eval_shape(model.init, jax.random.key(0), x)
-
-
-@pytest.mark.parametrize("extra_p6", [False, True])
-def test_feature_shapes_follow_the_declared_strides(extra_p6):
-    backbone = tiny_detector(extra_p6=extra_p6).backbone
-    h, w = 224, 352  # H/32 = 7 and W/32 = 11: P6 is ceil-sized
-    x = jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32)
-    features, _ = jax.eval_shape(lambda x: backbone.init_with_output(jax.random.key(0), x), x)
-    assert [f.shape[1:3] for f in features] == [(_ceil_div(h, s), _ceil_div(w, s)) for s in backbone.strides]
 
 
 def test_level_stride():
