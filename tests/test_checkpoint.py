@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from lucid_jax import checkpoint, manifest, state_dict
-from lucid_jax.checkpoint import MANIFEST_NAME, Checkpointer, CheckpointError, export_inference_weights
+from lucid_jax import checkpoint, manifest
+from lucid_jax.checkpoint import MANIFEST_NAME, Checkpointer, CheckpointError
 from lucid_jax.train import create_train_state
 
 
@@ -279,18 +279,3 @@ def test_architecture_mismatch_names_the_keys(tmp_path, model_kwargs, message):
         if "hidden" in model_kwargs
         else "params/extra/bias, params/extra/kernel" in text
     )
-
-
-@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
-def test_export_inference_weights_round_trip(tmp_path, suffix):
-    state = train(fresh_state(), jax.random.key(0), 1)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    path = tmp_path / f"weights{suffix}"
-    export_inference_weights(variables, path)
-    loaded = state_dict.load_state_dict_file(path)
-    expected = state_dict.to_state_dict(variables)
-    assert set(loaded) == set(expected) and "hidden.weight" in loaded and "bn.running_var" in loaded
-    for name, value in expected.items():
-        np.testing.assert_array_equal(loaded[name], value)
-    restored = state_dict.from_state_dict(variables, loaded)
-    assert_trees_identical(restored["params"], variables["params"])

@@ -1,5 +1,6 @@
 """The state dict: Lucid's names for the detector's variables and back, its buffers,
-the errors that name keys and shapes, and the backbone alone (the Training Notes flow)."""
+the errors that name keys and shapes, the backbone alone (the Training Notes flow),
+torchvision's ResNet names, and the exported inference weights."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,11 @@ import numpy as np
 import pytest
 
 from lucid_jax import state_dict
-from tests.models.conftest import random_images, tiny_detector
+from lucid_jax.models import resnet_50
+from lucid_jax.state_dict import export_inference_weights
+from lucid_jax.state_dict_files import load_state_dict_file, save_state_dict_file
+from tests.models.conftest import TV_REASON, random_images, tiny_detector
+from tests.test_checkpoint import assert_trees_identical, fresh_state, train
 
 
 def test_state_dict_of_another_architecture_is_refused(tiny):
@@ -85,3 +90,46 @@ def test_training_notes_flow(tiny):
     classify = jax.jit(net.apply)
     logits = classify(state_dict.backbone_variables(loaded), x)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(classify(trained, x)), rtol=1e-6)
+
+
+def test_torchvision_resnet50_file_imports_into_our_resnet(tmp_path):
+    torch = pytest.importorskip("torch", reason=TV_REASON)
+    torchvision = pytest.importorskip("torchvision", reason=TV_REASON)
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet50(weights=None).eval()
+    path = tmp_path / "resnet50.pth"
+    torch.save(tv.state_dict(), path)
+    x = np.random.default_rng(1).standard_normal((1, 3, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        expected = tv(torch.from_numpy(x)).numpy()
+    model = resnet_50()
+    template = jax.tree_util.tree_map(
+        lambda s: np.zeros(s.shape, s.dtype), jax.eval_shape(model.init, jax.random.key(0), x)
+    )
+    flat = state_dict.from_torchvision_resnet(load_state_dict_file(path))
+    variables = state_dict.from_state_dict(template, flat, strict=True)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(model.apply)(variables, x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
+    # and the same weights through .npz
+    save_state_dict_file(flat, tmp_path / "r50.npz")
+    again = state_dict.from_state_dict(template, load_state_dict_file(tmp_path / "r50.npz"))
+    np.testing.assert_array_equal(
+        np.asarray(again["params"]["layer3"]["5"]["conv2"]["conv"]["kernel"]),
+        np.asarray(variables["params"]["layer3"]["5"]["conv2"]["conv"]["kernel"]),
+    )
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
+def test_export_inference_weights_round_trip(tmp_path, suffix):
+    state = train(fresh_state(), jax.random.key(0), 1)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    path = tmp_path / f"weights{suffix}"
+    export_inference_weights(variables, path)
+    loaded = load_state_dict_file(path)
+    expected = state_dict.to_state_dict(variables)
+    assert set(loaded) == set(expected) and "hidden.weight" in loaded and "bn.running_var" in loaded
+    for name, value in expected.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    restored = state_dict.from_state_dict(variables, loaded)
+    assert_trees_identical(restored["params"], variables["params"])
