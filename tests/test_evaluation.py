@@ -40,7 +40,6 @@ from lucid_jax.evaluation import (
     evaluate_dataset,
     num_ground_truth,
     unpad_detections,
-    voc_ap,
 )
 
 NAMES = ("cat", "dog", "bird")
@@ -96,14 +95,6 @@ def test_hand_computed_fixture():
     for key in ("AP", "AP50", "AP75"):
         assert m[key] == pytest.approx((CAT_COCO + 1) / 3)  # 437/909
     assert all(isinstance(v, float) for k, v in m.items() if not k.startswith("per_class"))
-
-
-def test_voc_ap_interpolations_directly():
-    recall, precision = np.array([0, 1 / 3, 2 / 3, 2 / 3]), np.array([0, 1 / 2, 2 / 3, 1 / 2])
-    assert voc_ap(recall, precision) == pytest.approx(4 / 9)
-    assert voc_ap(recall, precision, use_07_metric=True) == pytest.approx(14 / 33)
-    assert voc_ap(np.array([0.5, 1.0]), np.array([1.0, 1.0])) == pytest.approx(1.0)
-    assert voc_ap(np.zeros(0), np.zeros(0)) == 0.0
 
 
 def test_perfect_detections_score_one():
