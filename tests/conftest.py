@@ -1,5 +1,5 @@
-"""Fixtures shared across test files: the tiny detector's initial variables and one
-mini detector trained through the CLI.
+"""Fixtures shared across test files: the tiny detector's initial variables, one mini
+detector trained through the CLI, its exported artifact and a folder of photos.
 
 The processes the tests start (the command line, notebooks' kernels) share one
 persistent compilation cache, so the mini detector's step compiles once for all of
@@ -13,8 +13,10 @@ import tempfile
 
 import jax
 import pytest
+from PIL import Image
 
 from lucid_jax import cli
+from lucid_jax.data import ShapesDataset
 from tests.models.conftest import random_images, tiny_detector
 from tests.voc_fixture import write_voc
 
@@ -74,3 +76,23 @@ def tiny():
     model = tiny_detector()
     variables = jax.jit(model.init)(jax.random.key(0), random_images(0))
     return model, variables
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """Six PNGs of shapes at three sizes (landscape, portrait, square), named 1.png .. 6.png."""
+    folder = tmp_path_factory.mktemp("photos")
+    images = {}
+    for i, size in enumerate([(96, 160), (160, 96), (128, 128), (64, 200), (200, 64), (100, 100)]):
+        image = ShapesDataset(num_examples=1, seed=20 + i, image_size=size)[0]["image"]
+        Image.fromarray(image).save(folder / f"{i + 1}.png")
+        images[f"{i + 1}.png"] = image
+    return folder, images
+
+
+@pytest.fixture(scope="session")
+def artifact(trained, tmp_path_factory):
+    """The trained run exported with a symbolic batch and a 0.3 threshold."""
+    path = tmp_path_factory.mktemp("export") / "detector.jax"
+    assert cli.main(["export", "--checkpoint", str(trained), "--out", str(path), "--score-thresh", "0.3"]) == 0
+    return path

@@ -1,5 +1,6 @@
-"""Shipping a trained detector: the jax.export artifact run by jax alone, the serving
-API against ``lucid-jax predict``, and batched prediction over folders and globs."""
+"""Shipping a trained detector: the jax.export artifact run by jax alone, and batched
+prediction over folders and globs. The ``artifact`` and ``photos`` fixtures are in
+tests/conftest.py, shared with test_serving.py."""
 
 import json
 import os
@@ -9,10 +10,9 @@ import sys
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from lucid_jax import cli, jobs, serving
-from lucid_jax.data import ShapesDataset, fit_to_canvas, preprocess
+from lucid_jax.data import fit_to_canvas, preprocess
 from lucid_jax.export import uint8_predict_fn
 from lucid_jax.train import make_predict_fn
 
@@ -28,26 +28,6 @@ out = exp.call(images, sizes)
 np.savez(sys.argv[4], **{k: np.asarray(v) for k, v in out.items()})
 print("lucid_jax imported:", any(m == "lucid_jax" or m.startswith("lucid_jax.") for m in sys.modules))
 """
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """Six PNGs of shapes at three sizes (landscape, portrait, square), named 1.png .. 6.png."""
-    folder = tmp_path_factory.mktemp("photos")
-    images = {}
-    for i, size in enumerate([(96, 160), (160, 96), (128, 128), (64, 200), (200, 64), (100, 100)]):
-        image = ShapesDataset(num_examples=1, seed=20 + i, image_size=size)[0]["image"]
-        Image.fromarray(image).save(folder / f"{i + 1}.png")
-        images[f"{i + 1}.png"] = image
-    return folder, images
-
-
-@pytest.fixture(scope="module")
-def artifact(trained, tmp_path_factory):
-    """The trained run exported with a symbolic batch and a 0.3 threshold."""
-    path = tmp_path_factory.mktemp("export") / "detector.jax"
-    assert cli.main(["export", "--checkpoint", str(trained), "--out", str(path), "--score-thresh", "0.3"]) == 0
-    return path
 
 
 def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, photos, tmp_path):
@@ -155,42 +135,6 @@ def test_fixed_batch_export_and_bad_arguments(trained, tmp_path):
         )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr  # usage errors
         assert not (tmp_path / "x.jax").exists()
-
-
-def test_serving_load_equals_lucid_jax_predict(trained, artifact, photos, tmp_path):
-    folder, images = photos
-    assert (
-        cli.main(
-            [
-                "predict",
-                str(folder),
-                "--checkpoint",
-                str(trained),
-                "--out",
-                str(tmp_path / "pred"),
-                "--score-thresh",
-                "0.3",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    listed = json.loads((tmp_path / "pred" / "detections.json").read_text())
-    assert [os.path.basename(r["image"]) for r in listed] == sorted(images)
-    detect = serving.load(artifact, batch_size=4)
-    served = detect([images[name] for name in sorted(images)])
-    assert sum(len(d["boxes"]) for d in served) >= 6
-    for entry, dets, name in zip(listed, served, sorted(images), strict=True):
-        h, w = images[name].shape[:2]
-        assert (entry["height"], entry["width"]) == (h, w)
-        np.testing.assert_allclose(
-            dets["boxes"], np.array([d["box_xyxy"] for d in entry["detections"]]).reshape(-1, 4), atol=0.011
-        )  # the JSON rounds to 0.01 px
-        assert dets["classes"] == [d["class"] for d in entry["detections"]]
-        np.testing.assert_allclose(dets["scores"], [d["score"] for d in entry["detections"]], atol=6e-5)
-        assert (dets["boxes"][:, 2] <= w + 0.01).all() and (dets["boxes"][:, 3] <= h + 0.01).all()
-    with pytest.raises(ValueError, match=r"images\[0\] must be uint8 \[H, W, 3\] RGB"):
-        detect([images["1.png"].astype(np.float32)])
 
 
 def test_predict_batches_globs_skips_unreadable_files_and_writes_coco_results(trained, photos, tmp_path):

@@ -1,0 +1,46 @@
+"""The serving API: ``serving.load`` of the exported artifact (tests/conftest.py) detects
+what ``lucid-jax predict`` writes, in each image's own pixels, and refuses other images."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from lucid_jax import cli, serving
+
+
+def test_serving_load_equals_lucid_jax_predict(trained, artifact, photos, tmp_path):
+    folder, images = photos
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(folder),
+                "--checkpoint",
+                str(trained),
+                "--out",
+                str(tmp_path / "pred"),
+                "--score-thresh",
+                "0.3",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    listed = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    assert [os.path.basename(r["image"]) for r in listed] == sorted(images)
+    detect = serving.load(artifact, batch_size=4)
+    served = detect([images[name] for name in sorted(images)])
+    assert sum(len(d["boxes"]) for d in served) >= 6
+    for entry, dets, name in zip(listed, served, sorted(images), strict=True):
+        h, w = images[name].shape[:2]
+        assert (entry["height"], entry["width"]) == (h, w)
+        np.testing.assert_allclose(
+            dets["boxes"], np.array([d["box_xyxy"] for d in entry["detections"]]).reshape(-1, 4), atol=0.011
+        )  # the JSON rounds to 0.01 px
+        assert dets["classes"] == [d["class"] for d in entry["detections"]]
+        np.testing.assert_allclose(dets["scores"], [d["score"] for d in entry["detections"]], atol=6e-5)
+        assert (dets["boxes"][:, 2] <= w + 0.01).all() and (dets["boxes"][:, 3] <= h + 0.01).all()
+    with pytest.raises(ValueError, match=r"images\[0\] must be uint8 \[H, W, 3\] RGB"):
+        detect([images["1.png"].astype(np.float32)])
