@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from lucid_jax import checkpoint, manifest
-from lucid_jax.checkpoint import MANIFEST_NAME, Checkpointer, CheckpointError
+from lucid_jax.checkpoint import Checkpointer
+from lucid_jax.manifest import MANIFEST_NAME, CheckpointError
 from lucid_jax.train import create_train_state
 
 

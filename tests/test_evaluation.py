@@ -31,16 +31,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from lucid_jax.data import COCODataset, VOCDataset, collate, preprocess
+from lucid_jax.data.coco_format import coco_ground_truth
 from lucid_jax.evaluation import (
     DetectionEvaluator,
     coco_evaluate_official,
-    coco_ground_truth,
-    coco_results,
     evaluate,
     evaluate_dataset,
     num_ground_truth,
-    unpad_detections,
 )
+from lucid_jax.inference import coco_results, unpad_detections
 
 NAMES = ("cat", "dog", "bird")
 CAT_VOC_ALL, CAT_VOC_11, CAT_COCO = 4 / 9, 14 / 33, 134 / 303

@@ -13,8 +13,7 @@ import pytest
 
 from lucid_jax import cli, jobs, serving
 from lucid_jax.data import fit_to_canvas, preprocess
-from lucid_jax.export import uint8_predict_fn
-from lucid_jax.train import make_predict_fn
+from lucid_jax.inference import make_predict_fn
 
 # Runs in a fresh interpreter that imports only jax and numpy.
 RUNNER = r"""
@@ -92,7 +91,8 @@ def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, phot
             for n in sorted(images)
         ],
     )
-    want = jax.device_get(make_predict_fn(model, score_thresh=0.3)(variables, x, sizes.astype(np.float32)))
+    predict = make_predict_fn(model, score_thresh=0.3, channels_last=True)
+    want = jax.device_get(predict(variables, x, sizes.astype(np.float32)))
     assert got["valid"].sum() >= 6, "the trained detector should find objects in most images"
     np.testing.assert_array_equal(got["valid"], want["valid"])
     np.testing.assert_array_equal(got["labels"], want["labels"])
@@ -187,26 +187,3 @@ def test_predict_batches_globs_skips_unreadable_files_and_writes_coco_results(tr
     first = next(r for r in by_four if r["detections"])["detections"][0]
     x1, y1, x2, y2 = first["box_xyxy"]
     assert any(abs(r["bbox"][0] - x1) < 0.01 and abs(r["bbox"][2] - (x2 - x1)) < 0.02 for r in coco)
-
-
-def test_uint8_predict_fn_zeroes_the_padding():
-    """What the artifact adds to predict: normalisation, and padding that is 0 after it."""
-    from lucid_jax.data import IMAGENET_MEAN, IMAGENET_STD
-
-    captured = {}
-
-    class Recorder:
-        def apply(self, variables, x, sizes, method, **kwargs):
-            captured.update(x=np.asarray(x), sizes=np.asarray(sizes))
-            return {}
-
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
-    sizes = np.array([[64, 96], [40, 70]], np.int32)
-    uint8_predict_fn(Recorder())({}, images, sizes)
-    x = captured["x"]  # [2, 3, 64, 96]
-    want = ((images / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(x[0], want[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(x[1, :, :40, :70], want[1, :, :40, :70], rtol=1e-5, atol=1e-5)
-    assert not x[1, :, 40:].any() and not x[1, :, :, 70:].any()
-    np.testing.assert_array_equal(captured["sizes"], sizes)

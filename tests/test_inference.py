@@ -11,6 +11,7 @@ from lucid_jax.inference import (
     image_detections,
     make_predict_fn,
     to_image_pixels,
+    uint8_predict_fn,
     unpad_detections,
 )
 from tests.models.conftest import random_images, tiny_detector
@@ -126,3 +127,27 @@ def test_channels_last_is_the_same_computation_as_lucids_layout():
     assert loss(nhwc, True) == loss(nchw, False)
     with pytest.raises(ValueError, match=r"\[B, H, W, 3\] with channels_last=True, got \(2, 3, 128, 128\)"):
         model.apply(variables, nchw, method="predict", channels_last=True)
+
+
+def test_uint8_predict_fn_zeroes_the_padding():
+    """What the artifact adds to predict: normalisation, and padding that is 0 after it."""
+    from lucid_jax.data import IMAGENET_MEAN, IMAGENET_STD
+
+    captured = {}
+
+    class Recorder:
+        def apply(self, variables, x, sizes, method, **kwargs):
+            captured.update(x=np.asarray(x), sizes=np.asarray(sizes), kwargs=kwargs)
+            return {}
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    sizes = np.array([[64, 96], [40, 70]], np.int32)
+    uint8_predict_fn(Recorder())({}, images, sizes)
+    x = captured["x"]  # [2, 64, 96, 3]: channels-last from the file to the model, no transpose
+    assert captured["kwargs"] == {"channels_last": True}
+    want = (images / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(x[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(x[1, :40, :70], want[1, :40, :70], rtol=1e-5, atol=1e-5)
+    assert not x[1, 40:].any() and not x[1, :, 70:].any()
+    np.testing.assert_array_equal(captured["sizes"], sizes)

@@ -11,15 +11,9 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from lucid_jax.compile_count import count_compiles
-from lucid_jax.train import (
-    CPU_COMPILER_OPTIONS,
-    build_optimizer,
-    compiler_options,
-    create_train_state,
-    make_train_step,
-    param_labels,
-    validate_batch,
-)
+from lucid_jax.inference import CPU_COMPILER_OPTIONS, compiler_options
+from lucid_jax.optim import build_optimizer, param_labels
+from lucid_jax.train import create_train_state, make_train_step, validate_batch
 from tests.models.conftest import random_images, tiny_detector
 
 NUM_CLASSES = 5
@@ -307,6 +301,7 @@ def test_jittered_images_that_lose_every_box_train_with_finite_losses(trainer):
     batch = collate(empty, max_boxes=make_batch(0)["boxes"].shape[1])
     assert not batch["valid"].any()  # all-negative images, every one
     inputs = {k: batch[k] for k in ("images", "boxes", "labels", "valid")}
+    inputs["images"] = inputs["images"].transpose(0, 3, 1, 2)  # the shared step takes [B, 3, H, W]
     new_state, metrics = step(state, inputs, jax.random.key(3))
     assert bool(metrics["finite"])
     assert all(np.isfinite(float(v)) for k, v in metrics.items() if k.endswith("loss"))

@@ -13,11 +13,12 @@ from tqdm.auto import tqdm
 from lucid_jax import distributed
 from lucid_jax.data import model_inputs, preprocess_on_canvas
 from lucid_jax.data.canvases import Canvases
-from lucid_jax.evaluation import coco_ground_truth, coco_results, evaluate_dataset, unpad_detections
+from lucid_jax.data.coco_format import coco_ground_truth
+from lucid_jax.evaluation import evaluate_dataset
+from lucid_jax.inference import coco_results, make_predict_fn, unpad_detections
 from lucid_jax.jobs.config import JobError, TrainConfig, canvases, output_file
 from lucid_jax.jobs.data import make_loader, open_dataset
 from lucid_jax.jobs.training import load_trained
-from lucid_jax.train import make_predict_fn
 
 
 def evaluate_checkpoint(
@@ -121,7 +122,7 @@ def evaluate(
         shard_index=jax.process_index(),
         spec=spec,
     )
-    predict = make_predict_fn(model)
+    predict = make_predict_fn(model, channels_last=True)
     progress = progress and distributed.is_primary()
     local = []  # per step: this process's padded predictions and what unpadding them needs
     for step, batch in enumerate(
@@ -159,7 +160,7 @@ def evaluate(
 def predictions_on(
     model, variables, dataset, config: TrainConfig, indices: Sequence[int], *, spec: Canvases | None = None
 ):
-    """(normalised images [N, 3, H, W], predictions, targets) for a few examples to draw.
+    """(normalised images [N, H, W, 3], predictions, targets) for a few examples to draw.
 
     Each image is resized as on its canvas; on SHORT:LONG canvases they are padded
     further, right and below, to one (H, W) that holds them all (the largest sides).
@@ -179,13 +180,13 @@ def predictions_on(
         preprocess_on_canvas(dataset[i], canvases=spec, size_divisibility=model.backbone.size_divisibility)
         for i in indices
     ]
-    height = max(e["image"].shape[1] for e in examples)
-    width = max(e["image"].shape[2] for e in examples)
+    height = max(e["image"].shape[0] for e in examples)
+    width = max(e["image"].shape[1] for e in examples)
     images = np.stack(
         [
-            np.pad(e["image"], ((0, 0), (0, height - e["image"].shape[1]), (0, width - e["image"].shape[2])))
+            np.pad(e["image"], ((0, height - e["image"].shape[0]), (0, width - e["image"].shape[1]), (0, 0)))
             for e in examples
         ]
     )
     sizes = np.stack([e["image_size"] for e in examples])
-    return images, jax.device_get(make_predict_fn(model)(variables, images, sizes)), examples
+    return images, jax.device_get(make_predict_fn(model, channels_last=True)(variables, images, sizes)), examples

@@ -251,7 +251,7 @@ def run_loop(run: Run, *, progress: bool = True, echo=print) -> dict:
       JobError: the loss or gradient became non-finite (the last checkpoint is intact).
     """
     config, state, mesh = run.config, run.state, run.mesh
-    step_fn = make_train_step(run.model, frozen=run.labels, mesh=mesh)
+    step_fn = make_train_step(run.model, frozen=run.labels, mesh=mesh, channels_last=True)
     bar = tqdm(
         total=config.steps, initial=run.start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
     )
