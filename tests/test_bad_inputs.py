@@ -5,26 +5,15 @@ CMYK, EXIF-rotated) train and predict."""
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 from PIL import Image
 
+from tests.cli_run import run_cli
+
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
 QUICK = ["--image-size", "64", "--batch-size", "2", "--steps", "1", "--no-progress", "--num-workers", "1"]
-
-
-def _run(*args, timeout=600):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lucid_jax.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=ENV,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def _one_line_error(code, err, expected_code=1) -> str:
@@ -86,7 +75,7 @@ def test_every_image_mode_trains_and_predicts(tmp_path):
         _xml("grey.png", 64, 48, [("cat", (2, 2, 20, 20)), ("dog", (22, 10, 40, 40)), ("cat", (30, 30, 10, 40))])
     )
     out = tmp_path / "run"
-    code, stdout, err = _run("train", "--data", f"voc:{root}", "--out", out, "--max-boxes", "1", *QUICK)
+    code, stdout, err = run_cli("train", "--data", f"voc:{root}", "--out", out, "--max-boxes", "1", *QUICK)
     assert code == 0, err
     assert "data: 6 images; classes (found in the annotations): cat (6), dog (6)" in stdout
     assert "data: dropped 1 annotated boxes with no area" in stdout
@@ -96,7 +85,7 @@ def test_every_image_mode_trains_and_predicts(tmp_path):
     assert log[-1]["step"] == 1 and log[-1]["finite"] == 1.0
 
     files = sorted((root / "JPEGImages").iterdir())
-    code, _, err = _run(
+    code, _, err = run_cli(
         "predict", *files, "--checkpoint", out, "--out", tmp_path / "pred", "--score-thresh", "0", "--draw"
     )
     assert code == 0, err
@@ -109,7 +98,7 @@ def test_every_image_mode_trains_and_predicts(tmp_path):
 def test_dataset_smaller_than_the_batch(tmp_path):
     root = _voc(tmp_path / "voc", {"a.png": Image.new("RGB", (64, 48)), "b.png": Image.new("RGB", (64, 48))})
     out = tmp_path / "run"
-    line = _one_line_error(*_run("train", "--data", f"voc:{root}", "--out", out, "--batch-size", "8")[::2])
+    line = _one_line_error(*run_cli("train", "--data", f"voc:{root}", "--out", out, "--batch-size", "8")[::2])
     assert line == "lucid-jax: error: the data has 2 image(s), fewer than --batch-size 8; use --batch-size 2 or less"
     assert not out.exists()
 
@@ -119,12 +108,16 @@ def test_truncated_and_non_image_files(tmp_path):
     good.save(tmp_path / "good.png")
     raw = (tmp_path / "good.png").read_bytes()
     root = _voc(tmp_path / "voc", {"a.png": raw[: len(raw) // 2], "b.png": b"this is not an image"})
-    code, _, err = _run("train", "--data", f"voc:{root}", "--out", tmp_path / "run", *QUICK)
+    code, _, err = run_cli("train", "--data", f"voc:{root}", "--out", tmp_path / "run", *QUICK)
     assert "cannot decode image" in _one_line_error(code, err) or "truncated" in err
     (tmp_path / "notes.txt").write_text("hello")
-    code, _, err = _run("predict", tmp_path / "missing.png", "--checkpoint", tmp_path / "none", "--out", tmp_path / "p")
+    code, _, err = run_cli(
+        "predict", tmp_path / "missing.png", "--checkpoint", tmp_path / "none", "--out", tmp_path / "p"
+    )
     assert "no such file or folder" in _one_line_error(code, err) and "missing.png" in err
-    code, _, err = _run("predict", tmp_path / "notes.txt", "--checkpoint", tmp_path / "none", "--out", tmp_path / "p")
+    code, _, err = run_cli(
+        "predict", tmp_path / "notes.txt", "--checkpoint", tmp_path / "none", "--out", tmp_path / "p"
+    )
     assert "checkpoint directory not found" in _one_line_error(code, err)
     assert not (tmp_path / "p").exists()
 
@@ -132,10 +125,10 @@ def test_truncated_and_non_image_files(tmp_path):
 def test_output_paths_that_are_the_wrong_kind(tmp_path):
     (tmp_path / "file").write_text("x")
     line = _one_line_error(
-        *_run("predict", tmp_path / "file", "--checkpoint", tmp_path, "--out", tmp_path / "file")[::2]
+        *run_cli("predict", tmp_path / "file", "--checkpoint", tmp_path, "--out", tmp_path / "file")[::2]
     )
     assert "--out" in line and "is a file" in line
-    line = _one_line_error(*_run("eval", "--data", "shapes", "--checkpoint", tmp_path, "--results", tmp_path)[::2])
+    line = _one_line_error(*run_cli("eval", "--data", "shapes", "--checkpoint", tmp_path, "--results", tmp_path)[::2])
     assert "--results" in line and "is a folder" in line
 
 
@@ -150,7 +143,7 @@ def test_coco_file_name_escaping_the_image_folder(tmp_path):
         }
         (tmp_path / "ann.json").write_text(json.dumps(ann))
         line = _one_line_error(
-            *_run(
+            *run_cli(
                 "train",
                 "--data",
                 f"coco:{tmp_path / 'ann.json'}:{tmp_path / 'images'}",
@@ -177,7 +170,7 @@ def test_xml_entity_tricks_are_refused_quickly(tmp_path):
         root = _voc(tmp_path / name, {"a.png": Image.new("RGB", (64, 48))})
         (root / "Annotations" / "a.xml").write_text(text)
         start = time.perf_counter()
-        line = _one_line_error(*_run("train", "--data", f"voc:{root}", "--out", tmp_path / "run", *QUICK)[::2])
+        line = _one_line_error(*run_cli("train", "--data", f"voc:{root}", "--out", tmp_path / "run", *QUICK)[::2])
         assert "a.xml" in line and "unsafe XML refused" in line
         assert time.perf_counter() - start < 60  # the interpreter's start-up, not an expansion
 
@@ -189,10 +182,10 @@ def test_voc_class_list_names_the_file_with_an_unknown_class(tmp_path):
         objects=[("cat", (2, 2, 20, 20)), ("dgo", (22, 10, 40, 40))],
     )
     line = _one_line_error(
-        *_run("train", "--data", f"voc:{root}", "--classes", "cat,dog", "--out", tmp_path / "r", *QUICK)[::2]
+        *run_cli("train", "--data", f"voc:{root}", "--classes", "cat,dog", "--out", tmp_path / "r", *QUICK)[::2]
     )
     assert "a.xml" in line and "'dgo'" in line
     (root / "classes.txt").write_text("cat\ndog\n")
-    line = _one_line_error(*_run("train", "--data", f"voc:{root}", "--out", tmp_path / "r", *QUICK)[::2])
+    line = _one_line_error(*run_cli("train", "--data", f"voc:{root}", "--out", tmp_path / "r", *QUICK)[::2])
     assert "a.xml" in line and "'dgo'" in line
     assert not (tmp_path / "r").exists()

@@ -1,28 +1,16 @@
-"""The command line's flags: every default comes from TrainConfig and is shown in
---help, usage errors exit with 2 before anything is written, a resumed run refuses
-changed settings in one line, and ``bench`` dispatches to every script."""
+"""The command line's flags (``cli_parser.py``): every default comes from TrainConfig or
+the jobs' options and is shown in --help, usage errors exit with 2 before anything is
+written, and ``bench`` dispatches to every script."""
 
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from lucid_jax import cli, jobs
 from lucid_jax.jobs import TrainConfig
-
-
-def _run(*args, timeout=600):
-    proc = subprocess.run(
-        [sys.executable, "-m", "lucid_jax.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-    return proc.returncode, proc.stdout, proc.stderr
+from tests.cli_run import fake_run, run_cli
 
 
 def _actions(command) -> dict:
@@ -90,7 +78,7 @@ def test_every_optional_flag_of_every_subcommand_states_its_default(command):
 )
 def test_usage_errors_exit_2_and_create_nothing(tmp_path, flags, message):
     out = tmp_path / "run"
-    code, _, err = _run("train", "--data", "shapes", "--out", out, *flags)
+    code, _, err = run_cli("train", "--data", "shapes", "--out", out, *flags)
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert not out.exists()
@@ -98,49 +86,8 @@ def test_usage_errors_exit_2_and_create_nothing(tmp_path, flags, message):
 
 def test_out_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    code, _, err = _run("train", "--data", "shapes", "--out", tmp_path / "file")
+    code, _, err = run_cli("train", "--data", "shapes", "--out", tmp_path / "file")
     assert code == 1 and err.strip() == f"lucid-jax: error: --out {tmp_path / 'file'} is a file; give a directory"
-
-
-def _fake_run(out, config):
-    """A run directory with one checkpoint of ``config``, written without training."""
-    from lucid_jax.checkpoint import Checkpointer
-
-    model = jobs.build_model(config.model, 4)
-    state, _ = jobs.initial_state(model, config)
-    with Checkpointer(out / "checkpoints") as ckpt:
-        ckpt.save(2, state, metadata={"config": dataclasses.asdict(config), "class_names": ["a", "b", "c"]})
-
-
-def test_resume_refuses_changed_settings_before_compiling(tmp_path):
-    out = tmp_path / "run"
-    config = TrainConfig(
-        steps=2, batch_size=2, image_size=64, shapes_train_examples=4, num_workers=0, checkpoint_every=2, log_every=1
-    )
-    _fake_run(out, config)
-    # not given: taken from the run; given and different: refused, all differences in one line
-    code, _, err = _run("train", "--out", out, "--batch-size", "4", "--lr", "0.5", "--model", "faster_rcnn_mini_fpn")
-    assert code == 1
-    assert err.strip() == (
-        "lucid-jax: error: this run was started with other settings; resuming would change them: "
-        "--batch-size 4 (the run has 2), --lr 0.5 (the run has 0.001). Drop these flags to continue "
-        "it, or use a new --out"
-    )
-    resumed, notes = jobs.reconcile_resume(
-        config, dataclasses.replace(config, steps=5, num_workers=3), given={"steps", "num_workers"}
-    )
-    assert resumed == dataclasses.replace(config, steps=5, num_workers=3)
-    assert notes == ["--steps changed from 2 to 5: the cosine schedule is recomputed for 5 steps (warmup 1)"]
-    # an old checkpoint's config (image_size stored as an int, fields missing) still reads
-    old = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("norm_mode", "schedule", "init")}
-    old["image_size"] = 64
-    assert jobs.config_from_dict(json.loads(json.dumps(old))) == config
-    assert config.image_size == "64" and jobs.canvases(config).shapes == ((64, 64),)
-    # 64 (an old checkpoint's int) and "64" (the flag's string) are the same setting on resume
-    assert (
-        jobs.reconcile_resume(config, dataclasses.replace(config, image_size="64"), given={"image_size"})[0] == config
-    )
-    assert TrainConfig(image_size=" 64 : 128").image_size == "64:128"
 
 
 def test_bench_without_arguments_runs_every_benchmark(monkeypatch):
@@ -234,15 +181,17 @@ def test_launch_passes_the_command_and_the_flags_to_each_process(monkeypatch):
 
 def test_export_of_a_canvases_run_writes_one_artifact_per_canvas_and_refuses_bad_platforms(tmp_path):
     out = tmp_path / "run"
-    _fake_run(out, TrainConfig(image_size="64:96", batch_size=2, shapes_train_examples=4, num_workers=0))
+    fake_run(out, TrainConfig(image_size="64:96", batch_size=2, shapes_train_examples=4, num_workers=0))
     target = tmp_path / "export" / "detector.jax"
-    code, stdout, err = _run("export", "--checkpoint", out, "--out", target, "--platforms", "cpu", "--batch-size", "1")
+    code, stdout, err = run_cli(
+        "export", "--checkpoint", out, "--out", target, "--platforms", "cpu", "--batch-size", "1"
+    )
     assert code == 0, err
     names = ["detector.64x96.jax", "detector.96x64.jax", "detector.96x96.jax"]
     assert sorted(p.name for p in target.parent.glob("*.jax")) == sorted(names) and not target.exists()
     index = json.loads((target.parent / "detector.jax.json").read_text())
     assert [c["file"] for c in index["canvases"]] == names and index["batch_size"] == 1
     assert "canvas 64x96, 96x64, 96x96, batch 1, cpu" in stdout
-    code, _, err = _run("export", "--checkpoint", out, "--out", tmp_path / "x.jax", "--platforms", "cpu,metal")
+    code, _, err = run_cli("export", "--checkpoint", out, "--out", tmp_path / "x.jax", "--platforms", "cpu,metal")
     assert code == 2 and "--platforms must be among cpu, cuda, tpu, got cpu, metal" in err
     assert not list(tmp_path.glob("x.jax*"))

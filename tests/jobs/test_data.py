@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from lucid_jax.jobs.training import DataWait
+from lucid_jax.jobs.data import DataWait
 
 
 def _loop(load_s: float, step_s: float, steps: int = 6):
