@@ -293,10 +293,10 @@ def main(argv=None) -> int:
     import absl.logging
 
     absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's informational warnings are not for users
-    from lucid_jax.checkpoint import CheckpointError
     from lucid_jax.data import DatasetError
     from lucid_jax.jobs import JobError
-    from lucid_jax.state_dict import StateDictError
+    from lucid_jax.manifest import CheckpointError
+    from lucid_jax.state_dict_files import StateDictError
 
     try:
         if hasattr(args, "coordinator"):

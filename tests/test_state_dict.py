@@ -10,7 +10,7 @@ import pytest
 from lucid_jax import state_dict
 from lucid_jax.models import resnet_50
 from lucid_jax.state_dict import export_inference_weights
-from lucid_jax.state_dict_files import load_state_dict_file, save_state_dict_file
+from lucid_jax.state_dict_files import StateDictError, load_state_dict_file, save_state_dict_file
 from tests.models.conftest import TV_REASON, random_images, tiny_detector
 from tests.test_checkpoint import assert_trees_identical, fresh_state, train
 
@@ -22,7 +22,7 @@ def test_state_dict_of_another_architecture_is_refused(tiny):
     flat = state_dict.to_state_dict(jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), other_vars))
     flat["extra.weight"] = np.zeros(3)
     del flat["fc1.bias"]
-    with pytest.raises(state_dict.StateDictError) as err:
+    with pytest.raises(StateDictError) as err:
         state_dict.from_state_dict(variables, flat)
     msg = str(err.value)
     assert "backbone.net.stem.0.weight: state dict has shape (16, 3, 7, 7), model expects (8, 3, 7, 7)" in msg
@@ -48,9 +48,7 @@ def test_non_default_anchors_and_stds_round_trip_their_buffers():
     for name in flat:
         np.testing.assert_array_equal(again[name], flat[name], err_msg=name)
     # the default configuration has 9 anchors per location (3 octave sizes x 3 ratios): refused by name
-    with pytest.raises(
-        state_dict.StateDictError, match=r"base_anchors: state dict has shape \(2, 4\), model expects \(9, 4\)"
-    ):
+    with pytest.raises(StateDictError, match=r"base_anchors: state dict has shape \(2, 4\), model expects \(9, 4\)"):
         state_dict.from_state_dict(variables, flat, model=tiny_detector())
 
 

@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lucid_jax.checkpoint import Checkpointer, CheckpointError
+from lucid_jax.checkpoint import Checkpointer
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.jobs.config import JobError, TrainConfig, canvases, check_model_name, config_from_dict, warmup_steps
+from lucid_jax.manifest import CheckpointError
 from lucid_jax.models import get_model
 from lucid_jax.optim import build_optimizer, param_labels
 from lucid_jax.train import create_train_state

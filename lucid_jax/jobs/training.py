@@ -24,7 +24,7 @@ import jax
 from tqdm.auto import tqdm
 
 from lucid_jax import distributed
-from lucid_jax.checkpoint import Checkpointer, CheckpointError
+from lucid_jax.checkpoint import Checkpointer
 from lucid_jax.data import DroppedBoxes, Loader, dropped_boxes_summary, model_inputs, object_counts
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.jobs.config import (
@@ -40,6 +40,7 @@ from lucid_jax.jobs.config import (
 )
 from lucid_jax.jobs.data import DataWait, describe_data, make_loader, open_dataset, small_canvases
 from lucid_jax.jobs.state import build_model, init_variables, initial_state, stored_run, uncommitted
+from lucid_jax.manifest import CheckpointError
 from lucid_jax.train import data_mesh, host_metrics, make_train_step, shard_batch
 
 

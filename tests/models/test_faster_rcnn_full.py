@@ -15,6 +15,7 @@ import pytest
 import lucid_jax
 from lucid_jax import state_dict
 from lucid_jax.models import faster_rcnn_resnet_101_fpn
+from lucid_jax.state_dict_files import StateDictError
 
 # Lucid faster_rcnn_resnet_101_fpn(num_classes=21)'s state-dict keys and shapes, lucid-dl 2.8.5
 REFERENCE = os.path.join(os.path.dirname(__file__), "..", "data", "lucid_state_dict_keys.tsv")
@@ -113,7 +114,7 @@ def test_mismatched_backbone_num_classes_names_key_and_shapes(variables):
     flat["fc.weight"] = np.zeros((10, 2048), np.float32)
     flat["fc.bias"] = np.zeros((10,), np.float32)
     with pytest.raises(
-        state_dict.StateDictError, match=r"fc\.weight: state dict has shape \(10, 2048\), model expects \(1000, 2048\)"
+        StateDictError, match=r"fc\.weight: state dict has shape \(10, 2048\), model expects \(1000, 2048\)"
     ):
         state_dict.load_backbone(variables, flat)
 
