@@ -237,13 +237,16 @@ class Checkpointer:
           step: the step number (usually ``int(state.step)``).
           state: a ``TrainState`` (step, params, batch_stats, opt_state).
           rng: the training loop's key (typed or legacy uint32), or None.
-          metrics: scalar metrics, e.g. {"mAP": 0.41}; ranks steps for ``best_metric``.
+          metrics: scalar metrics, e.g. {"mAP": 0.41}; ranks steps for ``best_metric``
+            (a step whose metrics lack it, or hold NaN, is not ranked).
           metadata: any JSON-able dict (model name and config, class names, ...).
         """
         step = int(step)
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        if metrics is not None and self.best_metric is not None and self.best_metric not in metrics:
-            raise ValueError(f"metrics {sorted(metrics)} lack best_metric {self.best_metric!r}")
+        # Only steps with a finite best_metric are ranked; the others are kept as newest steps alone.
+        ranked = metrics
+        if self.best_metric is not None and not np.isfinite((metrics or {}).get(self.best_metric, np.nan)):
+            ranked = None
         meta = {
             "format": FORMAT_VERSION,
             "step": step,
@@ -262,7 +265,7 @@ class Checkpointer:
             log.warning("replacing %s, left unsealed by an interrupted save", self.step_dir(step))
             self._manager.delete(step)
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_state_tree(state)), _META: ocp.args.JsonSave(meta)})
-        if not self._manager.save(step, args=args, metrics=metrics, force=True):
+        if not self._manager.save(step, args=args, metrics=ranked, force=True):
             raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
         self._manager.wait_until_finished()
         # Every process has written its part before process 0 hashes the files,

@@ -6,6 +6,7 @@
     lucid-jax eval     --data ... --checkpoint DIR [--split val] [--results FILE] [--ground-truth FILE]
     lucid-jax predict  PATH... --checkpoint DIR --out DIR [--batch-size B] [--draw] [--results FILE]
     lucid-jax export   --checkpoint DIR --out FILE [--batch-size B] [--platforms cpu,cuda,tpu]
+    lucid-jax plot     OUT [--png FILE]
     lucid-jax bench    [ops] [predict] [train]
     lucid-jax seed     [--size 224 512]
     lucid-jax launch   --local N [--devices-per-process D] -- train ...
@@ -90,6 +91,8 @@ def _eval(args) -> int:
         progress=not o.no_progress,
         results=o.results,
         ground_truth=o.ground_truth,
+        step=o.step,
+        compute_dtype=o.compute_dtype,
     )
     if metrics is None:  # another process scores and prints
         return 0
@@ -125,6 +128,8 @@ def _predict(args) -> int:
         results=o.results,
         num_workers=o.num_workers,
         progress=not o.no_progress,
+        step=o.step,
+        compute_dtype=o.compute_dtype,
     )
     drawn = f"{len(report.results)} PNG(s), " if o.draw else ""
     extra = f" and {o.results}" if o.results else ""
@@ -143,7 +148,13 @@ def _export(args) -> int:
     o = _options(args, jobs.ExportOptions)
     if o.format == "onnx":
         paths = jobs.export_checkpoint_onnx(
-            o.checkpoint, o.out, model_name=o.model, batch_size=o.batch_size or 1, score_thresh=o.score_thresh
+            o.checkpoint,
+            o.out,
+            model_name=o.model,
+            batch_size=o.batch_size or 1,
+            score_thresh=o.score_thresh,
+            step=o.step,
+            compute_dtype=o.compute_dtype,
         )
         for path in paths:
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX) and {path}.json")
@@ -157,6 +168,8 @@ def _export(args) -> int:
         batch_size=o.batch_size,
         platforms=o.platforms,
         score_thresh=o.score_thresh,
+        step=o.step,
+        compute_dtype=o.compute_dtype,
     )
     shapes = [c["canvas"] for c in meta["canvases"]] if "canvases" in meta else [meta["canvas"]]
     print(
@@ -164,6 +177,13 @@ def _export(args) -> int:
         f"canvas {', '.join(f'{h}x{w}' for h, w in shapes)}, batch {meta['batch_size']}, "
         f"{', '.join(meta['platforms'])}) and {o.out}.json in {meta['seconds']} s"
     )
+    return 0
+
+
+def _plot(args) -> int:
+    from lucid_jax.jobs.curves import plot_run
+
+    print(f"wrote {plot_run(args.out, args.png)}")
     return 0
 
 
@@ -218,8 +238,11 @@ def _check_args(args) -> str | None:
             check_config(_config(args)[0])
         except JobError as e:
             return str(e)
-    elif args.command in ("eval", "predict", "export") and args.batch_size is not None and args.batch_size < 1:
-        return f"--batch-size must be >= 1, got {args.batch_size}"
+    elif args.command in ("eval", "predict", "export"):
+        if args.batch_size is not None and args.batch_size < 1:
+            return f"--batch-size must be >= 1, got {args.batch_size}"
+        if args.step not in ("latest", "best") and not args.step.isdigit():
+            return f"--step must be latest, best or a step number, got {args.step!r}"
     unknown = [w for w in getattr(args, "which", None) or [] if w not in BENCHMARKS]
     if unknown:
         return f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}"
@@ -269,6 +292,7 @@ COMMANDS = {
     "eval": _eval,
     "predict": _predict,
     "export": _export,
+    "plot": _plot,
     "bench": _bench,
     "seed": _seed,
     "launch": _launch,

@@ -104,7 +104,7 @@ def _add_job_commands(sub) -> None:
 
     p = sub.add_parser("demo", help="train on synthetic shapes, report AP on held-out images, draw detections")
     p.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    _add_training_flags(p, dict(DEMO_OVERRIDES), skip=("data", "init", "split", "classes"))
+    _add_training_flags(p, dict(DEMO_OVERRIDES), skip=("data", "init", "split", "classes", "eval_data"))
 
     p = sub.add_parser(
         "train",
@@ -129,7 +129,12 @@ def _add_job_commands(sub) -> None:
 
 
 def _add_tool_commands(sub) -> None:
-    """bench, seed and launch: benchmarks, the seed example and local multi-process runs."""
+    """plot, bench, seed and launch: a run's curves, benchmarks, the seed example and local
+    multi-process runs."""
+    p = sub.add_parser("plot", help="draw a run's losses, learning rate and validation AP to OUT/curves.png")
+    p.add_argument("out", help="a train --out directory (its log.jsonl)")
+    p.add_argument("--png", default=None, help="the picture to write (default: OUT/curves.png)")
+
     p = sub.add_parser("bench", help="run the side-by-side benchmarks against torchvision")
     p.add_argument(
         "which",

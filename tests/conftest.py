@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from lucid_jax import cli
+from lucid_jax.compile_count import count_compiles
 from lucid_jax.data import ShapesDataset
 from tests.models.conftest import random_images, tiny_detector
 from tests.voc_fixture import write_voc
@@ -60,14 +61,36 @@ def voc_mixed(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, voc):
-    """A mini detector trained through the CLI on the VOC folder's train split (128x128 canvas)."""
+def trained_run(tmp_path_factory, voc):
+    """A mini detector trained through the CLI on the VOC folder's train split (128x128 canvas),
+    validated on its val split at steps 150 and 300; (the run's folder, the names of the
+    functions XLA compiled during the run, in order)."""
     out = tmp_path_factory.mktemp("run")
-    code = cli.main(
-        ["train", "--data", f"voc:{voc[0]}", "--steps", "300", "--out", str(out), "--checkpoint-every", "150", *SMALL]
-    )
+    with count_compiles() as compiles:
+        code = cli.main(
+            [
+                "train",
+                "--data",
+                f"voc:{voc[0]}",
+                "--steps",
+                "300",
+                "--out",
+                str(out),
+                "--checkpoint-every",
+                "150",
+                "--eval-every",
+                "150",
+                *SMALL,
+            ]
+        )
     assert code == 0
-    return out
+    return out, list(compiles.names)
+
+
+@pytest.fixture(scope="session")
+def trained(trained_run):
+    """The folder of ``trained_run``."""
+    return trained_run[0]
 
 
 @pytest.fixture(scope="session")

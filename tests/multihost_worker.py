@@ -61,6 +61,8 @@ CLI_TRAIN = [
     "2",
     "--log-every",
     "1",
+    "--eval-every",
+    "4",
     "--num-workers",
     "0",
     "--no-progress",

@@ -13,7 +13,8 @@ from PIL import Image
 from tests.cli_run import run_cli
 
 ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
-QUICK = ["--image-size", "64", "--batch-size", "2", "--steps", "1", "--no-progress", "--num-workers", "1"]
+QUICK = ["--image-size", "64", "--batch-size", "2", "--steps", "1", "--eval-every", "0", "--no-progress"]
+QUICK += ["--num-workers", "1"]
 
 
 def _one_line_error(code, err, expected_code=1) -> str:

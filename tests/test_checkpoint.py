@@ -150,8 +150,12 @@ def test_best_by_metric_is_kept_beside_the_latest(tmp_path, mode, values, best):
         assert ckpt.best_step() == best
         assert ckpt.latest_step() == 5
         assert ckpt.metrics(best) == {"mAP": values[best - 1]}
-        with pytest.raises(ValueError, match="best_metric"):
-            ckpt.save(6, state, metrics={"loss": 1.0})
+        # steps without the metric (or with NaN) are kept as newest, never ranked
+        ckpt.save(6, state, metrics={"loss": 1.0})
+        ckpt.save(7, state, metrics={"mAP": float("nan")})
+        assert ckpt.all_steps() == [best, 6, 7]
+        assert ckpt.best_step() == best
+        assert ckpt.metrics(6) == {"loss": 1.0}
 
 
 def _data_files(step_dir):

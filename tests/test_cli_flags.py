@@ -23,7 +23,7 @@ def test_train_flags_are_trainconfig_with_its_defaults_and_the_models():
         action = actions[field.name]
         assert action.option_strings == ["--" + field.name.replace("_", "-")]
         assert action.default is None  # so that the run knows which flags were given
-        shown = "none" if field.default in (None, ()) else str(field.default)
+        shown = field.metadata.get("shown") or ("none" if field.default in (None, ()) else str(field.default))
         assert action.help.endswith(f"(default: {shown})"), (field.name, action.help)
     assert actions["model"].help == (
         "a registered model name: " + ", ".join(jobs.detector_names()) + f" (default: {TrainConfig.model})"
@@ -48,7 +48,7 @@ def _subparsers():
     return sub.choices
 
 
-@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "export", "bench", "seed", "launch"])
+@pytest.mark.parametrize("command", ["demo", "train", "eval", "predict", "export", "plot", "bench", "seed", "launch"])
 def test_every_optional_flag_of_every_subcommand_states_its_default(command):
     parser = _subparsers()[command]
     for action in parser._actions:

@@ -199,6 +199,17 @@ def test_gathered_evaluation_equals_a_single_process_evaluation(two, one):
     assert two_results == json.loads((one / "eval_results.json").read_text())
 
 
+def test_validation_during_a_two_process_run_is_the_gathered_evaluation(two):
+    """The run validated at its last step (--eval-every 4), each process predicting its slice;
+    the AP it logged is the eval job's on the finished run."""
+    records = [r for r in _log_steps(two / "uninterrupted") if "eval" in r]
+    assert [r["step"] for r in records] == [4]
+    evaluated = json.loads((two / "eval.json").read_text())
+    for key in ("AP", "AP50", "AP75"):
+        assert abs(records[-1]["eval"][key] - evaluated[key]) <= 1e-9, key
+    assert all(np.isfinite(v) and v > 0 for v in records[-1]["val_loss"].values())
+
+
 def _log_steps(run_dir):
     return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
 
@@ -251,13 +262,21 @@ def test_killed_and_resumed_run_ends_bit_identical(two, env):
     resumed, straight = _flatten(resumed), _flatten(straight)
     assert sorted(resumed) == sorted(straight)
     assert all(resumed[k].dtype == straight[k].dtype and resumed[k].tobytes() == straight[k].tobytes() for k in resumed)
-    # log.jsonl: one line per step, written by process 0 alone, the same losses
-    assert [r["step"] for r in _log_steps(run)] == [1, 2, 3, 4]
+    # log.jsonl, written by process 0 alone: one line per step and the validation at step 4,
+    # the same losses and the same held-out figures
+    assert [(r["step"], "eval" in r) for r in _log_steps(run)] == [
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, False),
+        (4, True),
+    ]
     assert _without_time(_log_steps(run)) == _without_time(_log_steps(uninterrupted))
 
 
 def _without_time(rows):
-    return [{k: v for k, v in row.items() if k not in ("seconds", "data_wait_fraction")} for row in rows]
+    timings = ("seconds", "data_wait_fraction", "eval_seconds")
+    return [{k: v for k, v in row.items() if k not in timings} for row in rows]
 
 
 def _flatten(tree, prefix=""):

@@ -92,7 +92,8 @@ def test_cli_exports_a_trained_run_that_onnxruntime_runs_as_lucid_jax_predicts(t
     from lucid_jax import cli, jobs
 
     run = tmp_path / "run"
-    train = ["train", "--data", "shapes", "--steps", "2", "--batch-size", "2", "--no-progress", "--out", str(run)]
+    train = ["train", "--data", "shapes", "--steps", "2", "--batch-size", "2", "--eval-every", "0", "--no-progress"]
+    train += ["--out", str(run)]
     assert cli.main([*train, "--shapes-train-examples", "16", "--num-workers", "0"]) == 0
     path = tmp_path / "detector.onnx"
     export = ["export", "--format", "onnx", "--checkpoint", str(run), "--score-thresh", "0"]

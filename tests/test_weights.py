@@ -288,6 +288,8 @@ def _train(*args, timeout=600):
             "64",
             "--shapes-train-examples",
             "4",
+            "--eval-every",
+            "0",
             "--no-progress",
             "--num-workers",
             "1",

@@ -5,9 +5,13 @@ settings that prints little and returns what it made.
   checks of the paths a job writes.
 - ``options``: the settings of ``eval``, ``predict`` and ``export``, one field per flag.
 - ``data``: datasets from ``--data`` specs and their loaders.
-- ``state``: a run's detector and train state, fresh or from its checkpoints.
+- ``state``: a run's detector and train state, fresh or from its checkpoints
+  (``load_trained``, at any kept step).
 - ``training``: ``train`` (or resume) into a run directory, as ``prepare_run`` then
-  ``run_loop``; ``load_trained``.
+  ``run_loop``.
+- ``validation``: held-out data scored during a run, and its loss.
+- ``run_log``: ``log.jsonl`` and TensorBoard events of a run.
+- ``curves``: a run's curves drawn to ``curves.png``.
 - ``evaluate``: metrics against every annotated object, COCO results files.
 - ``predict``: detections on files, folders and globs of images, batched.
 - ``export``: a run's prediction as one serialized file.
@@ -35,8 +39,8 @@ from lucid_jax.jobs.export import export_checkpoint, export_checkpoint_onnx
 from lucid_jax.jobs.options import EvalOptions, ExportOptions, PredictOptions
 from lucid_jax.jobs.predict import default_score_thresh, detect_files, expand_image_paths, predict_files
 from lucid_jax.jobs.seed import seed_example
-from lucid_jax.jobs.state import build_model, frozen_labels, initial_state
-from lucid_jax.jobs.training import Run, load_trained, prepare_run, run_loop, train
+from lucid_jax.jobs.state import build_model, frozen_labels, initial_state, load_trained
+from lucid_jax.jobs.training import Run, prepare_run, run_loop, train
 
 __all__ = [
     "DEMO_OVERRIDES",

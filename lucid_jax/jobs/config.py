@@ -59,6 +59,17 @@ def output_file(path: str | os.PathLike, flag: str = "--out", *, folder_exists: 
     return path
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+# Validation metrics a run can keep its best step by; val_loss (the held-out training
+# loss) is better when lower, the COCO APs when higher.
+BEST_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "val_loss")
+
+
+def best_mode(metric: str) -> str:
+    """ "min" for the validation loss, "max" for the APs."""
+    return "min" if metric == "val_loss" else "max"
+
+
 REQUIRED: Any = dataclasses.MISSING  # the default of a field whose flag must be given
 
 
@@ -167,6 +178,29 @@ class TrainConfig:
         "VOC class list, e.g. cat,dog (none: classes.txt beside the data, or the names found in the XML)",
         type=parse_names,
     )
+    compute_dtype: str = flag(
+        "float32",
+        "dtype of the convolutions and matmuls; bfloat16 keeps float32 parameters, optimiser state and "
+        "losses (the run stores it; eval, predict and export use it)",
+        choices=COMPUTE_DTYPES,
+    )
+    eval_every: int | None = flag(
+        None,
+        "steps between validations on the held-out data, each one a checkpoint (0: none)",
+        type=int,
+        shown="about a tenth of --steps when there is held-out data",
+    )
+    eval_data: str | None = flag(
+        None,
+        "held-out data: shapes | voc:DIR (its val split, else every image) | coco:VAL.json:IMAGE_DIR",
+        shown="the held-out shapes; VOC: the val split of --data where it lists one; COCO: none",
+    )
+    best_metric: str | None = flag(
+        None,
+        "keep the best validated step by this metric beside the newest: " + ", ".join(BEST_METRICS),
+        choices=BEST_METRICS,
+        shown="AP when there is validation",
+    )
     seed: int = flag(0, "seed of the initialisation, data order and sampling", type=int)
     checkpoint_every: int = flag(200, "steps between checkpoints", type=int)
     keep_checkpoints: int = flag(2, "newest checkpoints kept", type=int)
@@ -181,7 +215,15 @@ class TrainConfig:
 
 
 # Flags that may differ when a run resumes: they change neither the model nor the data order.
-RESUMABLE_CHANGES = ("steps", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints", "init")
+RESUMABLE_CHANGES = (
+    "steps",
+    "num_workers",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "eval_every",
+    "init",
+)
 # What ``lucid-jax demo`` changes from TrainConfig's defaults.
 DEMO_OVERRIDES = {"steps": 800}
 
@@ -273,7 +315,9 @@ def check_config(config: TrainConfig) -> None:
     canvases(config)  # --image-size: S or SHORT:LONG
     if config.max_boxes is not None and config.max_boxes < 1:
         raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
-    for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers"):
+    for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers", "eval_every"):
+        if getattr(config, name) is None:
+            continue
         if getattr(config, name) < 0:
             raise JobError(f"{flag_name(name)} must be >= 0, got {getattr(config, name)}")
     if not config.lr > 0:

@@ -171,6 +171,7 @@ class DataWait:
 
     def __init__(self) -> None:
         self.waited = 0.0
+        self.excluded = 0.0
         self.steps = 0
         self.started: float | None = None
 
@@ -186,8 +187,12 @@ class DataWait:
                 self.waited += time.perf_counter() - before
                 self.steps += 1
 
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` of other work (a validation) out of the wall time."""
+        self.excluded += seconds
+
     def fraction(self) -> float:
-        wall = time.perf_counter() - self.started if self.started is not None else 0.0
+        wall = time.perf_counter() - self.started - self.excluded if self.started is not None else 0.0
         return self.waited / wall if wall > 0 else 0.0
 
     def __str__(self) -> str:

@@ -12,7 +12,8 @@ from lucid_jax import viz
 from lucid_jax.jobs.config import DEMO_OVERRIDES, TrainConfig, canvases
 from lucid_jax.jobs.data import open_dataset
 from lucid_jax.jobs.evaluate import evaluate, predictions_on
-from lucid_jax.jobs.training import load_trained, train
+from lucid_jax.jobs.state import load_trained
+from lucid_jax.jobs.training import train
 
 
 def pad_targets(boxes: list, labels: list) -> dict:

@@ -3,7 +3,7 @@
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -11,14 +11,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from lucid_jax import distributed
-from lucid_jax.data import model_inputs, preprocess_on_canvas
+from lucid_jax.data import Loader, model_inputs, preprocess_on_canvas
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.coco_format import coco_ground_truth
 from lucid_jax.evaluation import evaluate_dataset
 from lucid_jax.inference import coco_results, make_predict_fn, unpad_detections
 from lucid_jax.jobs.config import JobError, TrainConfig, canvases, output_file
 from lucid_jax.jobs.data import make_loader, open_dataset
-from lucid_jax.jobs.training import load_trained
+from lucid_jax.jobs.state import load_trained
 
 
 def evaluate_checkpoint(
@@ -31,6 +31,8 @@ def evaluate_checkpoint(
     progress: bool = True,
     results: str | os.PathLike | None = None,
     ground_truth: str | os.PathLike | None = None,
+    step: str | int = "latest",
+    compute_dtype: str | None = None,
 ) -> dict | None:
     """The eval job: a trained run's metrics on a dataset (see :func:`evaluate`).
 
@@ -45,6 +47,7 @@ def evaluate_checkpoint(
       batch_size: images per predict call (default: the run's); the metrics do not depend on it.
       progress: show a progress bar.
       results, ground_truth: COCO files to write (see :func:`evaluate`); their folders must exist.
+      step, compute_dtype: the kept step and the dtype (see :func:`load_trained`).
 
     Returns:
       :func:`evaluate`'s metrics on process 0; None on the others.
@@ -55,7 +58,7 @@ def evaluate_checkpoint(
     """
     results = None if results is None else output_file(results, "--results", folder_exists=True)
     ground_truth = None if ground_truth is None else output_file(ground_truth, "--ground-truth", folder_exists=True)
-    model, variables, class_names, config = load_trained(checkpoint, model_name)
+    model, variables, class_names, config = load_trained(checkpoint, model_name, step=step, compute_dtype=compute_dtype)
     dataset = open_dataset(
         data,
         split,
@@ -83,6 +86,9 @@ def evaluate(
     results: str | os.PathLike | None = None,
     ground_truth: str | os.PathLike | None = None,
     spec: Canvases | None = None,
+    loader: Loader | None = None,
+    predict: Callable | None = None,
+    on_batch: Callable[[int, dict], None] | None = None,
 ) -> dict | None:
     """COCO AP, AP50, AP75, per-class AP and VOC AP50 against every annotated object.
 
@@ -107,22 +113,29 @@ def evaluate(
       ground_truth: write the matching COCO ground truth here (VOC difficult
         objects as ``iscrowd: 1``, which COCOeval ignores).
       spec: the run's canvases, where the caller has them (default: ``canvases(config)``).
+      loader: the dataset's evaluation loader, where the caller keeps one (validation
+        during training; default: a new one, in order, padded).
+      predict: the compiled prediction, where the caller keeps one (default: a new
+        ``make_predict_fn``, which compiles on its first call for each canvas).
+      on_batch: called as ``on_batch(step, batch)`` after each batch is predicted (the
+        validation loss reads the same batches).
 
     Returns:
       On process 0, ``evaluate_dataset``'s dict: AP, AP50, AP75, per_class_AP,
       voc_AP50_11pt, voc_AP50_all, num_ground_truth, ...; None on the others.
     """
-    loader = make_loader(
-        dataset,
-        config,
-        train=False,
-        max_boxes=1,
-        batch_size=config.batch_size,
-        num_shards=jax.process_count(),
-        shard_index=jax.process_index(),
-        spec=spec,
-    )
-    predict = make_predict_fn(model, channels_last=True)
+    if loader is None:
+        loader = make_loader(
+            dataset,
+            config,
+            train=False,
+            max_boxes=1,
+            batch_size=config.batch_size,
+            num_shards=jax.process_count(),
+            shard_index=jax.process_index(),
+            spec=spec,
+        )
+    predict = make_predict_fn(model, channels_last=True) if predict is None else predict
     progress = progress and distributed.is_primary()
     local = []  # per step: this process's padded predictions and what unpadding them needs
     for step, batch in enumerate(
@@ -138,6 +151,8 @@ def evaluate(
                 "index": np.array(indices + [-1] * (loader.batch_size - len(indices))),
             }
         )
+        if on_batch is not None:
+            on_batch(step, batch)
     # [P, steps, B, ...]: every process's steps, gathered in one collective
     gathered = distributed.gather({k: np.stack([b[k] for b in local]) for k in local[0]})
     if not distributed.is_primary():

@@ -10,7 +10,7 @@ from typing import Any
 from lucid_jax.data.canvases import ORIENTATIONS, Canvases
 from lucid_jax.export import PLATFORMS, export_prediction, write_artifact
 from lucid_jax.jobs.config import JobError, canvases, output_file
-from lucid_jax.jobs.training import load_trained
+from lucid_jax.jobs.state import load_trained
 
 
 def canvas_files(out: Path, spec: Canvases) -> dict[tuple[int, int], Path]:
@@ -47,13 +47,14 @@ def write_index(out: Path, spec: Canvases, files: dict[tuple[int, int], Path], c
     return index
 
 
-def _trained_for_export(checkpoint, out: str | os.PathLike, model_name: str | None):
+def _trained_for_export(checkpoint, out: str | os.PathLike, model_name: str | None, **selection):
     """The run to export and where each canvas's file goes, ``out`` checked before the checkpoint is read.
 
     Args:
       checkpoint: the ``--out`` of ``train``.
       out: the artifact's path (see :func:`canvas_files`).
       model_name: the architecture expected in the checkpoint, if given.
+      **selection: ``step`` and ``compute_dtype`` of :func:`load_trained`.
 
     Returns:
       (model, variables, class names, config, canvases, {canvas: file}).
@@ -62,7 +63,7 @@ def _trained_for_export(checkpoint, out: str | os.PathLike, model_name: str | No
       JobError: ``out`` is a folder, or the checkpoint cannot be read.
     """
     files_at = output_file(out)
-    model, variables, class_names, config = load_trained(checkpoint, model_name)
+    model, variables, class_names, config = load_trained(checkpoint, model_name, **selection)
     spec = canvases(config)
     return model, variables, class_names, config, spec, canvas_files(files_at, spec)
 
@@ -74,6 +75,8 @@ def export_checkpoint_onnx(
     model_name: str | None = None,
     batch_size: int = 1,
     score_thresh: float | None = None,
+    step: str | int = "latest",
+    compute_dtype: str | None = None,
 ) -> list[Path]:
     """Export a run's prediction as ONNX graphs, one per canvas (see :func:`canvas_files`).
 
@@ -87,6 +90,7 @@ def export_checkpoint_onnx(
       model_name: the architecture expected in the checkpoint, if given.
       batch_size: B, static (>= 1).
       score_thresh: the graph's detection threshold (default: the model's, 0.05).
+      step, compute_dtype: the kept step and the dtype (see :func:`load_trained`).
 
     Returns:
       The files written, one per canvas.
@@ -98,7 +102,9 @@ def export_checkpoint_onnx(
         from lucid_jax.onnx_export import DEFAULT_OPSET, export_onnx
     except ImportError as e:
         raise JobError(f"--format onnx needs jax2onnx and onnx: {e}") from None
-    model, variables, class_names, config, spec, files = _trained_for_export(checkpoint, out, model_name)
+    model, variables, class_names, config, spec, files = _trained_for_export(
+        checkpoint, out, model_name, step=step, compute_dtype=compute_dtype
+    )
     kwargs: dict[str, Any] = {} if score_thresh is None else {"score_thresh": score_thresh}
     common = {
         "format": "onnx",
@@ -129,6 +135,8 @@ def export_checkpoint(
     batch_size: int | None = None,
     platforms=PLATFORMS,
     score_thresh: float | None = None,
+    step: str | int = "latest",
+    compute_dtype: str | None = None,
 ) -> dict:
     """Export a run's prediction on its canvas as ``out`` (jax.export) and ``out.json``.
 
@@ -139,6 +147,7 @@ def export_checkpoint(
       batch_size: a fixed batch size (>= 1); None for a symbolic batch dimension (any B).
       platforms: lower for each of these (any of "cpu", "cuda", "tpu").
       score_thresh: the artifact's detection threshold (default: the model's, 0.05).
+      step, compute_dtype: the kept step and the dtype (see :func:`load_trained`).
 
     A run trained with ``--image-size S`` gives one artifact, ``out``. A SHORT:LONG
     run gives one artifact per canvas (landscape, portrait, square), each a complete
@@ -153,10 +162,19 @@ def export_checkpoint(
       JobError: ``out`` is a folder, or the checkpoint cannot be read.
     """
     start = time.perf_counter()
-    model, variables, class_names, config, spec, files = _trained_for_export(checkpoint, out, model_name)
+    model, variables, class_names, config, spec, files = _trained_for_export(
+        checkpoint, out, model_name, step=step, compute_dtype=compute_dtype
+    )
     kwargs = {} if score_thresh is None else {"score_thresh": score_thresh}
     thresh = model.roi_heads.score_thresh if score_thresh is None else score_thresh
-    extra = {"model": config.model, "score_thresh": thresh, "checkpoint": str(checkpoint), "image_size": str(spec)}
+    extra = {
+        "model": config.model,
+        "score_thresh": thresh,
+        "checkpoint": str(checkpoint),
+        "step": str(step),
+        "compute_dtype": compute_dtype or config.compute_dtype,
+        "image_size": str(spec),
+    }
     metas = {}
     for canvas, path in files.items():
         exported = export_prediction(

@@ -7,11 +7,14 @@ Each field's metadata holds its flag's help and argparse keywords (see
 
 import dataclasses
 
-from lucid_jax.jobs.config import REQUIRED, flag, parse_names
+from lucid_jax.jobs.config import COMPUTE_DTYPES, REQUIRED, flag, parse_names
 
 _CHECKPOINT = "a train --out directory"
 _MODEL = "the architecture expected in the checkpoint"
 _CHECKPOINTS_OWN = "the checkpoint's"
+_STEP = "the kept step to use: latest, best (the best validated step) or a step number"
+_DTYPE = "dtype of the convolutions and matmuls"
+_RUNS_OWN = "the run's"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +25,8 @@ class EvalOptions:
     checkpoint: str = flag(REQUIRED, _CHECKPOINT)
     split: str = flag("val", "shapes: val (held out); VOC: ImageSets/Main/<split>.txt, or all to score every image")
     model: str | None = flag(None, _MODEL + ", one of {models}", shown=_CHECKPOINTS_OWN)
+    step: str = flag("latest", _STEP)
+    compute_dtype: str | None = flag(None, _DTYPE, choices=COMPUTE_DTYPES, shown=_RUNS_OWN)
     batch_size: int | None = flag(
         None, "images per predict call; the metrics do not depend on it", type=int, shown="the run's"
     )
@@ -46,6 +51,8 @@ class PredictOptions:
     checkpoint: str = flag(REQUIRED, _CHECKPOINT)
     out: str = flag(REQUIRED, "folder for detections.json (and the drawings)")
     model: str | None = flag(None, _MODEL, shown=_CHECKPOINTS_OWN)
+    step: str = flag("latest", _STEP)
+    compute_dtype: str | None = flag(None, _DTYPE, choices=COMPUTE_DTYPES, shown=_RUNS_OWN)
     batch_size: int | None = flag(
         None,
         "images per predict call",
@@ -76,6 +83,8 @@ class ExportOptions:
     checkpoint: str = flag(REQUIRED, _CHECKPOINT)
     out: str = flag(REQUIRED, "the artifact's file name; its description goes to OUT.json")
     model: str | None = flag(None, _MODEL, shown=_CHECKPOINTS_OWN)
+    step: str = flag("latest", _STEP)
+    compute_dtype: str | None = flag(None, _DTYPE, choices=COMPUTE_DTYPES, shown=_RUNS_OWN)
     batch_size: int | None = flag(
         None, "a fixed batch size", type=int, shown="a symbolic batch dimension: any batch size"
     )

@@ -35,7 +35,7 @@ from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.transforms import fit_to_canvases
 from lucid_jax.inference import coco_rows, compiler_options, image_detections, uint8_predict_fn
 from lucid_jax.jobs.config import JobError, canvases, output_file, output_folder
-from lucid_jax.jobs.training import load_trained
+from lucid_jax.jobs.state import load_trained
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # A results file is scored by COCO's evaluation, which keeps low-scoring detections.
@@ -118,7 +118,14 @@ def _decoded(paths: Sequence[Path], num_workers: int, ahead: int) -> Iterator[tu
 
 
 def predict_files(
-    specs: Sequence[str | os.PathLike], checkpoint, out: str | os.PathLike, *, model_name: str | None = None, **kwargs
+    specs: Sequence[str | os.PathLike],
+    checkpoint,
+    out: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    step: str | int = "latest",
+    compute_dtype: str | None = None,
+    **kwargs,
 ) -> PredictReport:
     """Detect objects in image files with a trained run (see :func:`detect_files`).
 
@@ -127,6 +134,7 @@ def predict_files(
       checkpoint: the ``--out`` of ``train``; its canvases are the run's ``--image-size``.
       out: folder for ``detections.json`` (and the drawings).
       model_name: the architecture expected in the checkpoint, if given.
+      step, compute_dtype: the kept step and the dtype (see :func:`load_trained`).
       **kwargs: the options of :func:`detect_files`.
 
     Raises:
@@ -137,7 +145,7 @@ def predict_files(
     if kwargs.get("results") is not None:
         kwargs["results"] = output_file(kwargs["results"], "--results", folder_exists=True)
     paths = expand_image_paths(specs)
-    model, variables, class_names, config = load_trained(checkpoint, model_name)
+    model, variables, class_names, config = load_trained(checkpoint, model_name, step=step, compute_dtype=compute_dtype)
     return detect_files(model, variables, class_names, canvases(config), paths, out, **kwargs)
 
 

@@ -5,6 +5,7 @@ step 0 (fresh or given), and what its checkpoints hold.
 same structure.
 """
 
+import os
 from pathlib import Path
 
 import jax
@@ -13,20 +14,30 @@ import numpy as np
 
 from lucid_jax.checkpoint import Checkpointer
 from lucid_jax.data.canvases import Canvases
-from lucid_jax.jobs.config import JobError, TrainConfig, canvases, check_model_name, config_from_dict, warmup_steps
+from lucid_jax.jobs.config import (
+    JobError,
+    TrainConfig,
+    best_mode,
+    canvases,
+    check_model_name,
+    config_from_dict,
+    warmup_steps,
+)
 from lucid_jax.manifest import CheckpointError
 from lucid_jax.models import get_model
-from lucid_jax.optim import build_optimizer, param_labels
+from lucid_jax.optim import build_optimizer, learning_rate_schedule, param_labels
 from lucid_jax.train import create_train_state
 
 
-def build_model(name: str, num_classes: int, *, norm_mode: str = "batch"):
+def build_model(name: str, num_classes: int, *, norm_mode: str = "batch", compute_dtype: str = "float32"):
     """The registered detector ``name`` for ``num_classes`` classes (background included).
 
     Args:
       name: a registered detector.
       num_classes: object classes, background included.
       norm_mode: "batch" or "frozen" BatchNorm.
+      compute_dtype: "float32", or "bfloat16": convolutions and matmuls in bfloat16 on
+        float32 parameters (the losses and detections stay float32).
 
     Returns:
       The unbound model.
@@ -35,7 +46,13 @@ def build_model(name: str, num_classes: int, *, norm_mode: str = "batch"):
       JobError: ``name`` is not a registered detector.
     """
     check_model_name(name)
-    return get_model(name, num_classes=num_classes, norm_mode=norm_mode)
+    return get_model(name, num_classes=num_classes, norm_mode=norm_mode, dtype=jnp.dtype(compute_dtype))
+
+
+def run_model(config: TrainConfig, num_classes: int, compute_dtype: str | None = None):
+    """The detector of a run's settings (its ``compute_dtype`` unless another is given)."""
+    dtype = compute_dtype or config.compute_dtype
+    return build_model(config.model, num_classes, norm_mode=config.norm_mode, compute_dtype=dtype)
 
 
 def frozen_labels(params, config: TrainConfig):
@@ -44,6 +61,16 @@ def frozen_labels(params, config: TrainConfig):
         params,
         trainable_backbone_layers=config.trainable_backbone_layers,
         freeze_batchnorm=config.norm_mode == "frozen",
+    )
+
+
+def _schedule(config: TrainConfig) -> dict:
+    return dict(
+        schedule=config.schedule,
+        total_steps=config.steps,
+        warmup_steps=warmup_steps(config),
+        decay_steps=tuple(config.decay_steps),
+        decay_factor=config.decay_factor,
     )
 
 
@@ -56,12 +83,14 @@ def _optimizer(params, labels, config: TrainConfig):
         weight_decay=config.weight_decay,
         backbone_lr_mult=config.backbone_lr_mult,
         clip_grad_norm=config.clip_grad_norm,
-        schedule=config.schedule,
-        total_steps=config.steps,
-        warmup_steps=warmup_steps(config),
-        decay_steps=tuple(config.decay_steps),
-        decay_factor=config.decay_factor,
+        **_schedule(config),
     )
+
+
+def learning_rate(config: TrainConfig):
+    """The heads' learning rate as a function of the optimiser's count: step i uses ``lr(i - 1)``
+    (the backbone's is ``--backbone-lr-mult`` times it)."""
+    return learning_rate_schedule(config.lr, **_schedule(config))
 
 
 def init_variables(model, config: TrainConfig, spec: Canvases | None = None):
@@ -128,3 +157,83 @@ def stored_run(checkpoints: Path):
     if "config" not in saved:
         raise JobError(f"{checkpoints} was not written by lucid-jax train (no config in its metadata)")
     return config_from_dict(saved["config"]), saved.get("class_names"), step
+
+
+def select_step(directory: Path, config: TrainConfig, step: str | int) -> int:
+    """The checkpoint ``--step`` names: "latest", "best" or a number, among the kept steps.
+
+    Args:
+      directory: the run's ``checkpoints`` folder.
+      config: the run's settings (its ``best_metric``).
+      step: "latest", "best" or a step number (an int or its text).
+
+    Raises:
+      JobError: "best" in a run without validation, or a step the run does not keep;
+        the message lists the kept steps.
+    """
+    with Checkpointer(directory, read_only=True) as ckpt:
+        kept = ckpt.all_steps()
+        if not kept:
+            raise JobError(f"no complete checkpoint in {directory}")
+        if step == "latest":
+            return kept[-1]
+        if step == "best":
+            if not config.best_metric:
+                raise JobError(f"{directory}: the run trained without validation, so it keeps no best step")
+            ranked = {s: (ckpt.metrics(s) or {}).get(config.best_metric) for s in kept}
+            ranked = {s: v for s, v in ranked.items() if v is not None and v == v}  # validated, not NaN
+            if not ranked:
+                raise JobError(f"{directory}: no kept step was validated; use --step latest")
+            pick = max if best_mode(config.best_metric) == "max" else min
+            return pick(ranked, key=lambda s: (ranked[s], -s))
+        try:
+            number = int(step)
+        except ValueError:
+            raise JobError(f"--step must be latest, best or a step number, got {step!r}") from None
+        if number not in kept:
+            raise JobError(f"{directory} keeps no step {number}; kept steps: {', '.join(map(str, kept))}")
+        return number
+
+
+def load_trained(
+    checkpoint: str | os.PathLike,
+    model_name: str | None = None,
+    *,
+    step: str | int = "latest",
+    compute_dtype: str | None = None,
+):
+    """(model, variables, class_names, config) from a training run's directory.
+
+    Args:
+      checkpoint: the ``--out`` of ``train`` (or its ``checkpoints`` folder).
+      model_name: if given, the architecture the user expects; a checkpoint of
+        another architecture is refused.
+      step: "latest", "best" (the best validated step by the run's ``--best-metric``)
+        or a kept step's number.
+      compute_dtype: "float32" or "bfloat16" (default: the run's own).
+
+    Raises:
+      JobError: no run there, another architecture, a step it does not keep, or a
+        checkpoint that cannot be read.
+    """
+    root = Path(checkpoint)
+    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
+    if not directory.is_dir():
+        raise JobError(f"checkpoint directory not found: {checkpoint}")
+    stored = stored_run(directory)
+    if stored is None:
+        raise JobError(f"no complete checkpoint in {directory}")
+    config, class_names, _ = stored
+    if class_names is None:
+        raise JobError(f"checkpoint {directory} was not written by lucid-jax train (no class names in its metadata)")
+    if model_name is not None and model_name != config.model:
+        raise JobError(f"{checkpoint} holds a {config.model}, not a {model_name}")
+    model = run_model(config, len(class_names) + 1, compute_dtype)
+    number = select_step(directory, config, step)
+    try:
+        with Checkpointer(directory, read_only=True) as ckpt:
+            template = jax.eval_shape(lambda: initial_state(model, config)[0])
+            state, _, _ = ckpt.restore(template, number)
+    except CheckpointError as e:
+        raise JobError(str(e)) from None
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, class_names, config

@@ -14,7 +14,6 @@ process 0 prints, shows progress and writes ``log.jsonl``.
 """
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from lucid_jax.jobs.config import (
     JobError,
     TrainConfig,
     apply_init_recipe,
+    best_mode,
     canvases,
     check_config,
     describe_canvases,
@@ -39,8 +39,24 @@ from lucid_jax.jobs.config import (
     reconcile_resume,
 )
 from lucid_jax.jobs.data import DataWait, describe_data, make_loader, open_dataset, small_canvases
-from lucid_jax.jobs.state import build_model, init_variables, initial_state, stored_run, uncommitted
-from lucid_jax.manifest import CheckpointError
+from lucid_jax.jobs.run_log import RunLog
+from lucid_jax.jobs.state import (
+    init_variables,
+    initial_state,
+    learning_rate,
+    run_model,
+    stored_run,
+    uncommitted,
+)
+from lucid_jax.jobs.validation import (
+    Validation,
+    best_value,
+    held_out_data,
+    make_validation,
+    overlap_note,
+    resolve,
+    validate,
+)
 from lucid_jax.train import data_mesh, host_metrics, make_train_step, shard_batch
 
 
@@ -79,6 +95,7 @@ class Run:
       start: the steps already done (0 for a fresh run).
       metadata: what every checkpoint stores beside the state.
       dropped: the boxes over ``max_boxes`` that training drops.
+      validation: the held-out data and the programs that score it, or None.
     """
 
     config: TrainConfig
@@ -93,13 +110,15 @@ class Run:
     start: int
     metadata: dict
     dropped: DroppedBoxes
+    validation: Validation | None = None
 
 
 def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: bool = True, echo=print) -> dict:
     """Train (or resume) a detector: :func:`prepare_run`, then :func:`run_loop`.
 
-    Writes ``OUT/log.jsonl`` (one JSON object per logged step) and
-    ``OUT/checkpoints/<step>``. A run whose loss or gradient turns non-finite
+    Writes ``OUT/log.jsonl`` (one JSON object per logged step and validation),
+    TensorBoard events in ``OUT/tb/``, ``OUT/checkpoints/<step>`` and, at the end,
+    ``OUT/curves.png``. A run whose loss or gradient turns non-finite
     stops with a JobError; the last checkpoint stays the last sound state.
 
     ``config.batch_size`` is the global batch: under ``jax.distributed`` each of
@@ -144,6 +163,8 @@ def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo
     check_config(config)
     stored = stored_run(out / "checkpoints")
     config, init = _settings(config, stored, given, echo)
+    if stored is not None:
+        echo(f"resuming from step {stored[2]} of {config.steps} ({out / 'checkpoints' / str(stored[2])})")
     spec = canvases(config)  # once per run: the loader, the initialisation and the log share it
     mesh = training_mesh(config)
 
@@ -158,6 +179,8 @@ def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo
     class_names = list(dataset.class_names)
     if stored is not None and stored[1] is not None and stored[1] != class_names:
         raise JobError(f"the data's classes {class_names} differ from the run's {stored[1]}")
+    held_out = held_out_data(config, class_names)
+    config = resolve(config, held_out is not None, resumed=stored is not None)
     counts = object_counts(dataset)
     max_boxes = config.max_boxes or max(int(counts.max(initial=0)), 1)
     shards = {"num_shards": jax.process_count(), "shard_index": jax.process_index()}
@@ -166,9 +189,21 @@ def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo
     dropped = dropped_boxes_summary(counts, max_boxes)
     for note in (describe_canvases(spec), *small_canvases(loader), *([str(dropped)] if dropped.dropped else [])):
         echo(note)
+    model = run_model(config, len(class_names) + 1)
+    validation = None
+    if held_out is not None and config.eval_every:
+        validation = make_validation(model, config, *held_out, spec)
+        echo(
+            f"validation: every {validation.every} steps on {len(validation.dataset)} held-out images "
+            f"({validation.source}); the best step by {validation.best_metric} is kept"
+        )
+        overlap = overlap_note(validation.dataset, config, getattr(dataset, "ids", None))
+        if overlap:
+            echo(overlap)
+    elif config.eval_every == 0:
+        echo("validation: off (--eval-every 0)" if held_out is not None else _NO_VALIDATION.get(config.data[:4], ""))
 
     # --- State: fresh, from the --init weights, or the last checkpoint's ------------------------
-    model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
     out.mkdir(parents=True, exist_ok=True)
     variables = init_variables(model, config, spec)
     if init is not None:
@@ -181,7 +216,14 @@ def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo
         state = uncommitted(state) if mesh is None else state
         start = int(state.step)
     metadata = {"config": dataclasses.asdict(config), "class_names": class_names, "max_boxes": max_boxes, **data_info}
-    return Run(config, out, spec, model, mesh, loader, state, labels, rng, start, metadata, dropped)
+    return Run(config, out, spec, model, mesh, loader, state, labels, rng, start, metadata, dropped, validation)
+
+
+# Why a run without --eval-data has no validation, by the kind of its --data.
+_NO_VALIDATION = {
+    "coco": "validation: off; a COCO annotation file is one split: give --eval-data coco:VAL.json:IMAGE_DIR",
+    "voc:": "validation: off; the VOC folder lists no val split (ImageSets/Main/val.txt): give --eval-data",
+}
 
 
 def _settings(config: TrainConfig, stored, given, echo) -> tuple[TrainConfig, tuple | None]:
@@ -238,12 +280,13 @@ def _pretrained(variables, init: tuple, model, out: Path, echo):
 
 
 def run_loop(run: Run, *, progress: bool = True, echo=print) -> dict:
-    """Train ``run`` from its start to ``config.steps``: log, checkpoint, stop on a non-finite step.
+    """Train ``run`` from its start to ``config.steps``: log, validate, checkpoint, stop on a
+    non-finite step; draw ``OUT/curves.png`` at the end.
 
     Args:
       run: a prepared run (:func:`prepare_run`).
       progress: show a progress bar.
-      echo: prints how long the step waited for data.
+      echo: prints how long the step waited for data, and what validation cost.
 
     Returns:
       The last logged metrics ({} when no step is left).
@@ -251,89 +294,85 @@ def run_loop(run: Run, *, progress: bool = True, echo=print) -> dict:
     Raises:
       JobError: the loss or gradient became non-finite (the last checkpoint is intact).
     """
-    config, state, mesh = run.config, run.state, run.mesh
+    config, state, mesh, validation = run.config, run.state, run.mesh, run.validation
     step_fn = make_train_step(run.model, frozen=run.labels, mesh=mesh, channels_last=True)
+    lr = learning_rate(config)
+    validation_key = jax.random.fold_in(run.rng, 0)  # training steps draw fold_in(rng, i >= 1)
     bar = tqdm(
         total=config.steps, initial=run.start, desc="train", unit="step", disable=not progress, dynamic_ncols=True
     )
-    with Checkpointer(run.out / "checkpoints", keep_last=config.keep_checkpoints) as ckpt, _log(run) as log, bar:
-        last, started, waiting = {}, time.perf_counter(), DataWait()
+    ranking = config.best_metric  # set without validation only where a resumed run stopped validating
+    checkpoints = Checkpointer(
+        run.out / "checkpoints",
+        keep_last=config.keep_checkpoints,
+        best_metric=ranking,
+        best_mode=best_mode(ranking or "AP"),
+    )
+    log = RunLog(run.out, enabled=distributed.is_primary())
+    with checkpoints as ckpt, log, bar:
+        _note_dropped(run, log)
+        last, started, waiting, validating = {}, time.perf_counter(), DataWait(), 0.0
+        postfix: dict[str, str] = {}
         for i, batch in enumerate(waiting.wrap(run.loader.iterate(run.start, config.steps - run.start)), run.start + 1):
             inputs = model_inputs(batch) if mesh is None else shard_batch(model_inputs(batch), mesh)
             state, metrics = step_fn(state, inputs, jax.random.fold_in(run.rng, i))
             bar.update(1)
-            if i % config.log_every and i != config.steps and bool(distributed.host_value(metrics["finite"])):
+            validates = validation is not None and validation.due(i, config.steps)
+            saves = validates or i % config.checkpoint_every == 0 or i == config.steps
+            logs = saves or i % config.log_every == 0
+            if not logs and bool(distributed.host_value(metrics["finite"])):
                 continue
             last = host_metrics(metrics)
             last.update(
-                step=i, seconds=round(time.perf_counter() - started, 2), data_wait_fraction=round(waiting.fraction(), 4)
+                step=i,
+                lr=float(lr(i - 1)),
+                seconds=round(time.perf_counter() - started, 2),
+                data_wait_fraction=round(waiting.fraction(), 4),
             )
-            log.write(json.dumps(last) + "\n")
-            log.flush()
-            bar.set_postfix({k.removesuffix("_loss"): f"{last[k]:.3f}" for k in LOSSES_SHOWN})
+            log.write(last)
+            postfix.update({k.removesuffix("_loss"): f"{last[k]:.3f}" for k in LOSSES_SHOWN})
+            bar.set_postfix(postfix)
             if not last["finite"]:
                 raise JobError(
                     f"loss or gradient became non-finite at step {i}; stopped (the last checkpoint is intact)"
                 )
-            if i % config.checkpoint_every == 0 or i == config.steps:
-                ckpt.save(i, state, run.rng, metrics=last, metadata=run.metadata)
+            ranked = dict(last)
+            if validates:
+                assert validation is not None
+                record = {"step": i, **validate(validation, run.model, state, config, run.spec, validation_key)}
+                validating += record["eval_seconds"]
+                waiting.exclude(record["eval_seconds"])
+                log.write(record)
+                postfix.update({k: f"{record['eval'][k]:.3f}" for k in ("AP", "AP50")})
+                bar.set_postfix(postfix)
+                ranked[validation.best_metric] = best_value(record, validation.best_metric)
+            if saves:
+                ckpt.save(i, state, run.rng, metrics=ranked, metadata=run.metadata)
     if waiting.steps:
         echo(f"data: the step waited for the loader {waiting.fraction():.1%} of the wall time ({waiting})")
+    if validating:
+        wall = time.perf_counter() - started
+        echo(f"validation: {validating:.1f} s, {validating / wall:.1%} of the run's {wall:.0f} s")
+    if distributed.is_primary() and (run.out / "log.jsonl").is_file():
+        from lucid_jax.jobs.curves import plot_run
+
+        plot_run(run.out)
     return last
 
 
 LOSSES_SHOWN = ("total_loss", "rpn_cls_loss", "roi_cls_loss", "roi_reg_loss")  # on the progress bar
 
 
-def _log(run: Run):
-    """``OUT/log.jsonl``, opened to append (a null file on processes other than 0), with
-    a first line for the boxes over ``max_boxes`` that training drops.
-
-    Args:
-      run: the prepared run.
-
-    Returns:
-      The open file.
-    """
-    log = open(run.out / "log.jsonl", "a") if distributed.is_primary() else open(os.devnull, "w")
+def _note_dropped(run: Run, log: RunLog) -> None:
+    """The log's record of the boxes over ``max_boxes`` that training drops, if any."""
     dropped = run.dropped
     if dropped.dropped:
-        line = {
-            "step": run.start,
-            "dropped_boxes": dropped.dropped,
-            "total_boxes": dropped.total,
-            "images_with_dropped_boxes": dropped.images,
-            "max_boxes": dropped.max_boxes,
-        }
-        log.write(json.dumps(line) + "\n")
-    return log
-
-
-def load_trained(checkpoint: str | os.PathLike, model_name: str | None = None):
-    """(model, variables, class_names, config) from a training run's directory.
-
-    Args:
-      checkpoint: the ``--out`` of ``train`` (or its ``checkpoints`` folder).
-      model_name: if given, the architecture the user expects; a checkpoint of
-        another architecture is refused.
-    """
-    root = Path(checkpoint)
-    directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
-    if not directory.is_dir():
-        raise JobError(f"checkpoint directory not found: {checkpoint}")
-    stored = stored_run(directory)
-    if stored is None:
-        raise JobError(f"no complete checkpoint in {directory}")
-    config, class_names, _ = stored
-    if class_names is None:
-        raise JobError(f"checkpoint {directory} was not written by lucid-jax train (no class names in its metadata)")
-    if model_name is not None and model_name != config.model:
-        raise JobError(f"{checkpoint} holds a {config.model}, not a {model_name}")
-    model = build_model(config.model, len(class_names) + 1, norm_mode=config.norm_mode)
-    try:
-        with Checkpointer(directory, read_only=True) as ckpt:
-            template = jax.eval_shape(lambda: initial_state(model, config)[0])
-            state, _, _ = ckpt.restore(template)
-    except CheckpointError as e:
-        raise JobError(str(e)) from None
-    return model, {"params": state.params, "batch_stats": state.batch_stats}, class_names, config
+        log.write(
+            {
+                "step": run.start,
+                "dropped_boxes": dropped.dropped,
+                "total_boxes": dropped.total,
+                "images_with_dropped_boxes": dropped.images,
+                "max_boxes": dropped.max_boxes,
+            }
+        )

@@ -29,6 +29,8 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
         "4",
         "--log-every",
         "1",
+        "--eval-every",
+        "0",
         "--batch-size",
         "4",
         "--no-progress",
