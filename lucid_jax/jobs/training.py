@@ -343,7 +343,8 @@ def run_loop(run: Run, *, progress: bool = True, echo=print) -> dict:
                 validating += record["eval_seconds"]
                 waiting.exclude(record["eval_seconds"])
                 log.write(record)
-                postfix.update({k: f"{record['eval'][k]:.3f}" for k in ("AP", "AP50")})
+                shown = {k: record["eval"][k] for k in ("AP", "AP50")}
+                postfix.update({k: "-" if v is None else f"{v:.3f}" for k, v in shown.items()})  # None: no objects
                 bar.set_postfix(postfix)
                 ranked[validation.best_metric] = best_value(record, validation.best_metric)
             if saves:
