@@ -319,3 +319,21 @@ def test_resuming_a_bfloat16_run_refuses_float32(bf16):
     code, _, err = run_cli("train", "--out", bf16[0], "--compute-dtype", "float32", "--steps", "400")
     assert code == 1
     assert "--compute-dtype float32 (the run has bfloat16)" in err
+
+
+def test_validation_flags_without_held_out_data_are_one_line_through_the_cli(voc, tmp_path):
+    """Refused before anything is compiled or written: no run folder is left."""
+    bare = tmp_path / "bare"  # a VOC folder that lists no val split
+    (bare / "ImageSets" / "Main").mkdir(parents=True)
+    for sub in ("Annotations", "JPEGImages", "classes.txt"):
+        (bare / sub).symlink_to(voc[0] / sub)
+    out = tmp_path / "run"
+    code, _, err = run_cli("train", "--data", f"voc:{bare}", "--eval-every", "10", "--out", out)
+    assert code == 1
+    assert err.strip() == (
+        "lucid-jax: error: --eval-every needs held-out data: give --eval-data (COCO: --eval-data "
+        "coco:VAL.json:IMAGE_DIR; VOC: a val split in ImageSets/Main/val.txt)"
+    )
+    code, _, err = run_cli("train", "--data", "shapes", "--eval-every", "0", "--best-metric", "AP50", "--out", out)
+    assert (code, err.strip()) == (1, "lucid-jax: error: --best-metric needs validation; drop --eval-every 0")
+    assert not out.exists()
