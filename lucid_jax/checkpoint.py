@@ -29,6 +29,10 @@ N best and may delete the newest step, which a resume needs.
 
 import json
 import logging
+import os
+import shutil
+import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +44,7 @@ from etils import epath
 from flax import serialization
 
 from lucid_jax.distributed import barrier
+from lucid_jax.files import StorageError, fault_errno
 from lucid_jax.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -52,6 +57,32 @@ from lucid_jax.manifest import (
 _STATE, _META = "state", "meta"
 _LIST_LIMIT = 3  # keys named per kind of problem, so an error stays one line
 log = logging.getLogger(__name__)
+
+
+def _quiet_failed_writes() -> None:
+    """Keep the aftermath of a failed orbax write off stderr (installed once, before saving).
+
+    When one tensor file fails (a full disk), orbax closes its event loop while
+    tensorstore still completes the other writes: each completion's callback raises
+    "Event loop is closed" as an unraisable exception, asyncio logs every task whose
+    error nobody retrieved, and Python warns of the coroutines never awaited, hundreds
+    of tracebacks for the one fault that :class:`StorageError` reports. Only those are
+    dropped: another unraisable exception still reaches the previous hook, and asyncio's
+    logger keeps its level for critical records.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "_lucid_jax_quiet", False):
+        return
+
+    def hook(unraisable) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._lucid_jax_quiet = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def _flat_shapes(tree, prefix: str = "") -> dict[str, tuple]:
@@ -183,6 +214,7 @@ class Checkpointer:
         )
         handlers = {_STATE: ocp.StandardCheckpointHandler(), _META: ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._failed = False
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -191,8 +223,16 @@ class Checkpointer:
         self.close()
 
     def close(self) -> None:
-        """Finish pending work (deletions) and release orbax's threads."""
-        self._manager.close()
+        """Finish pending work (deletions) and release orbax's threads.
+
+        After a failed save, orbax's own complaints on closing are not raised: the
+        failure was already, in one line.
+        """
+        try:
+            self._manager.close()
+        except Exception:
+            if not self._failed:
+                raise
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -265,15 +305,36 @@ class Checkpointer:
             log.warning("replacing %s, left unsealed by an interrupted save", self.step_dir(step))
             self._manager.delete(step)
         args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(_state_tree(state)), _META: ocp.args.JsonSave(meta)})
-        if not self._manager.save(step, args=args, metrics=ranked, force=True):
-            raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
-        self._manager.wait_until_finished()
-        # Every process has written its part before process 0 hashes the files,
-        # and no process reads the step before the seal is on disk.
-        barrier(f"lucid_jax_checkpoint_written_{step}")
-        if jax.process_index() == 0:
-            write_manifest(self.step_dir(step))
-        barrier(f"lucid_jax_checkpoint_sealed_{step}")
+        _quiet_failed_writes()
+        try:
+            if not self._manager.save(step, args=args, metrics=ranked, force=True):
+                raise CheckpointError(f"orbax declined to save step {step} in {self.directory}")
+            self._manager.wait_until_finished()
+            # Every process has written its part before process 0 hashes the files,
+            # and no process reads the step before the seal is on disk.
+            barrier(f"lucid_jax_checkpoint_written_{step}")
+            if jax.process_index() == 0:
+                write_manifest(self.step_dir(step))
+            barrier(f"lucid_jax_checkpoint_sealed_{step}")
+        except Exception as e:
+            code = fault_errno(e)
+            if code is None:
+                raise
+            self._failed = True
+            self._discard(step)
+            latest = self.latest_step()
+            last = f"the last complete checkpoint is step {latest}" if latest else "no checkpoint is complete yet"
+            raise StorageError(code, self.directory, f"while writing step {step}; {last}") from None
+
+    def _discard(self, step: int) -> None:
+        """Remove what a failed save of ``step`` left: orbax's temporary folders, an unsealed step."""
+        if jax.process_index() != 0:
+            return
+        leftovers = [p for p in self.directory.iterdir() if p.name.startswith(f"{step}.orbax-checkpoint-tmp")]
+        if self.step_dir(step).exists() and not self.is_sealed(step):
+            leftovers.append(self.step_dir(step))
+        for path in leftovers:
+            shutil.rmtree(os.fspath(path), ignore_errors=True)
 
     def _checked_step(self, step: int | None) -> int:
         if step is None:

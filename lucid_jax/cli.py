@@ -316,8 +316,11 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     import absl.logging
 
-    absl.logging.set_verbosity(absl.logging.ERROR)  # orbax's informational warnings are not for users
+    # orbax's informational warnings are not for users, and its errors reach the job,
+    # which says them in one line (a full disk: one line, not orbax's thread reports)
+    absl.logging.set_verbosity(absl.logging.FATAL)
     from lucid_jax.data import DatasetError
+    from lucid_jax.files import describe
     from lucid_jax.jobs import JobError
     from lucid_jax.manifest import CheckpointError
     from lucid_jax.state_dict_files import StateDictError
@@ -326,7 +329,10 @@ def main(argv=None) -> int:
         if hasattr(args, "coordinator"):
             _join(args)
         return COMMANDS[args.command](args)
-    except (JobError, DatasetError, CheckpointError, StateDictError, OSError) as e:
+    except OSError as e:
+        print(f"lucid-jax: error: {describe(e)}".splitlines()[0], file=sys.stderr)
+        return 1
+    except (JobError, DatasetError, CheckpointError, StateDictError) as e:
         print(f"lucid-jax: error: {e}".splitlines()[0], file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from lucid_jax.files import atomic_path
 from lucid_jax.inference import check_canvas, serving_function
 
 INPUT_NAMES = ("images", "image_sizes")
@@ -99,5 +100,6 @@ def export_onnx(
     finally:
         plugin_log.setLevel(level)
     # One self-contained file (jax2onnx's own file mode puts the weights beside it).
-    onnx.save_model(proto, str(path))
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
     return path

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from lucid_jax.files import atomic_path
+
 
 class StateDictError(ValueError):
     """A state dict cannot be read, or does not fit the model; the message names the file or every offending key."""
@@ -149,7 +151,7 @@ def write_lcd(flat: Mapping[str, Any], path: str | os.PathLike) -> None:
     content = collections.OrderedDict((k, np.ascontiguousarray(np.asarray(v))) for k, v in flat.items())
     _check_arrays(content, os.fspath(path))
     data = {"type": "OrderedDict", "format_version": LCD_FORMAT_VERSION, "content": content}
-    with open(path, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         pickle.dump(data, f, protocol=_PROTOCOL)
 
 

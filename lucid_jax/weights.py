@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from lucid_jax import state_dict as sd
+from lucid_jax.files import write_atomically
 from lucid_jax.state_dict_files import StateDictError, load_state_dict_file
 
 LUCID_DETECTOR = "Lucid detector"
@@ -228,4 +229,4 @@ def fine_tuning_defaults(kind: str) -> dict[str, Any]:
 
 
 def save_report(report: InitReport, path: str | os.PathLike) -> None:
-    Path(path).write_text(report.to_json())
+    write_atomically(path, report.to_json())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from lucid_jax.files import atomic_path
 from lucid_jax.jobs.config import JobError
 from lucid_jax.jobs.run_log import LOG_NAME, read_log
 
@@ -99,5 +100,6 @@ def plot_run(out: str | os.PathLike, path: str | os.PathLike | None = None) -> P
     for axes in (losses, lr, ap, grad):
         axes.grid(alpha=0.3)
     fig.suptitle(f"{Path(out).resolve().name}: {len(steps)} logged steps, {len(val)} validations")
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     return path

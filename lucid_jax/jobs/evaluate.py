@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -15,6 +14,7 @@ from lucid_jax.data import Loader, model_inputs, preprocess_on_canvas
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.coco_format import coco_ground_truth
 from lucid_jax.evaluation import evaluate_dataset
+from lucid_jax.files import write_atomically
 from lucid_jax.inference import coco_results, make_predict_fn, unpad_detections
 from lucid_jax.jobs.config import JobError, TrainConfig, canvases, output_file
 from lucid_jax.jobs.data import make_loader, open_dataset
@@ -166,9 +166,9 @@ def evaluate(
     detections = [by_index[i] for i in range(len(dataset))]
     metrics = evaluate_dataset(dataset, detections)
     if results is not None:
-        Path(results).write_text(json.dumps(coco_results(dataset, detections)))
+        write_atomically(results, json.dumps(coco_results(dataset, detections)))
     if ground_truth is not None:
-        Path(ground_truth).write_text(json.dumps(coco_ground_truth(dataset)))
+        write_atomically(ground_truth, json.dumps(coco_ground_truth(dataset)))
     return metrics
 
 

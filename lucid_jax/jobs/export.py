@@ -9,6 +9,7 @@ from typing import Any
 
 from lucid_jax.data.canvases import ORIENTATIONS, Canvases
 from lucid_jax.export import PLATFORMS, export_prediction, write_artifact
+from lucid_jax.files import write_atomically
 from lucid_jax.jobs.config import JobError, canvases, output_file
 from lucid_jax.jobs.state import load_trained
 
@@ -43,7 +44,7 @@ def write_index(out: Path, spec: Canvases, files: dict[tuple[int, int], Path], c
             for (h, w), name in zip(spec.shapes, ORIENTATIONS, strict=True)
         ],
     }
-    Path(str(out) + ".json").write_text(json.dumps(index, indent=2))
+    write_atomically(str(out) + ".json", json.dumps(index, indent=2))
     return index
 
 
@@ -121,7 +122,7 @@ def export_checkpoint_onnx(
             export_onnx(model, variables, path, canvas=canvas, batch_size=batch_size, **kwargs)
         except ImportError as e:
             raise JobError(f"--format onnx needs jax2onnx (the onnx extra): {e}") from None
-        Path(str(path) + ".json").write_text(json.dumps({**common, "canvas": list(canvas)}, indent=2))
+        write_atomically(str(path) + ".json", json.dumps({**common, "canvas": list(canvas)}, indent=2))
     if not spec.square_only:
         write_index(Path(out), spec, files, common)
     return list(files.values())

@@ -33,6 +33,7 @@ from lucid_jax import viz
 from lucid_jax.data import DatasetError, load_image
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.transforms import fit_to_canvases
+from lucid_jax.files import atomic_path, write_atomically
 from lucid_jax.inference import coco_rows, compiler_options, image_detections, uint8_predict_fn
 from lucid_jax.jobs.config import JobError, canvases, output_file, output_folder
 from lucid_jax.jobs.state import load_trained
@@ -208,7 +209,8 @@ def detect_files(
             png = None
             if draw:
                 png = out / (path.stem + "_detections.png")
-                viz.save_detections(image, found, png, names)
+                with atomic_path(png) as tmp:
+                    viz.save_detections(image, found, tmp, names)
             coco = [] if results is None else coco_rows(_coco_image_id(path, position[path]), found)
             entry = {
                 "image": str(path),
@@ -227,24 +229,24 @@ def detect_files(
             }
             done[position[path]] = entry, coco
 
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
     batches: dict[tuple[int, int], list] = {}  # canvas: the images waiting for a batch of it
-    for path, image in _decoded(paths, num_workers, ahead=2 * batch_size):
-        if isinstance(image, str):
-            report.failures.append((str(path), image))
-        else:
-            shape, fitted, size, scale = fit_to_canvases(image, canvas)
-            batch = batches.setdefault(shape, [])
-            batch.append((path, image, fitted, size, scale))
-            if len(batch) == batch_size:
-                flush(shape, batches.pop(shape))
-        bar.update(1)
-    for shape, batch in batches.items():
-        flush(shape, batch)
-    bar.close()
+    # closed on an error too, so that the error's line is not written after the bar's
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for path, image in _decoded(paths, num_workers, ahead=2 * batch_size):
+            if isinstance(image, str):
+                report.failures.append((str(path), image))
+            else:
+                shape, fitted, size, scale = fit_to_canvases(image, canvas)
+                batch = batches.setdefault(shape, [])
+                batch.append((path, image, fitted, size, scale))
+                if len(batch) == batch_size:
+                    flush(shape, batches.pop(shape))
+            bar.update(1)
+        for shape, batch in batches.items():
+            flush(shape, batch)
 
     report.results = [done[i][0] for i in sorted(done)]  # input order, whatever the canvases
-    (out / "detections.json").write_text(json.dumps(report.results, indent=2))
+    write_atomically(out / "detections.json", json.dumps(report.results, indent=2))
     if results is not None:
-        Path(results).write_text(json.dumps([r for i in sorted(done) for r in done[i][1]]))
+        write_atomically(results, json.dumps([r for i in sorted(done) for r in done[i][1]]))
     return report
