@@ -6,6 +6,7 @@ same structure.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -23,7 +24,7 @@ from lucid_jax.jobs.config import (
     config_from_dict,
     warmup_steps,
 )
-from lucid_jax.manifest import CheckpointError
+from lucid_jax.manifest import MANIFEST_NAME, CheckpointError
 from lucid_jax.models import get_model
 from lucid_jax.optim import build_optimizer, learning_rate_schedule, param_labels
 from lucid_jax.train import create_train_state
@@ -130,6 +131,65 @@ def uncommitted(state):
     and compiled its step again. Each array goes through the host once.
     """
     return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)) if isinstance(x, jax.Array) else x, state)
+
+
+CORRUPT_FOLDER = "corrupt_checkpoints"  # in the run folder: steps set aside by a resume
+
+
+def remove_unfinished(out: Path) -> list[Path]:
+    """Remove what a killed run left half-written in its folder; call with the folder locked.
+
+    That is orbax's temporary step folders, step folders never sealed, and the partial
+    files of whole-file writes (``.NAME.partial-PID``, see :mod:`lucid_jax.files`).
+
+    Returns:
+      The paths removed.
+    """
+    checkpoints = out / "checkpoints"
+    found = list(out.glob(".*.partial-*"))
+    if checkpoints.is_dir():
+        for path in checkpoints.iterdir():
+            unsealed = path.name.isdigit() and path.is_dir() and not (path / MANIFEST_NAME).exists()
+            if "orbax-checkpoint-tmp" in path.name or unsealed:
+                found.append(path)
+    for path in found:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+def set_aside_corrupt(checkpoints: Path, aside: Path) -> list[tuple[int, Path, str]]:
+    """Move the newest checkpoints that fail their manifest out of the way, down to a sound one.
+
+    Args:
+      checkpoints: the run's ``checkpoints`` folder.
+      aside: where the corrupt steps go (created when one is found), each as ``aside/<step>``
+        (``<step>-2`` and so on where that name is taken), kept for inspection.
+
+    Returns:
+      (step, where it went, the problem) for each step moved, newest first; the steps
+      older than a sound one are not read.
+    """
+    if not checkpoints.is_dir():
+        return []
+    moved = []
+    with Checkpointer(checkpoints, read_only=True) as ckpt:
+        for step in reversed(ckpt.all_steps()):
+            try:
+                ckpt.metadata(step)  # verifies every file against the manifest first
+                break
+            except CheckpointError as e:
+                problem = str(e).split(" is corrupt: ")[-1] if " is corrupt: " in str(e) else str(e)
+                aside.mkdir(exist_ok=True)
+                target, n = aside / str(step), 1
+                while target.exists():
+                    n += 1
+                    target = aside / f"{step}-{n}"
+                os.replace(os.fspath(ckpt.step_dir(step)), target)
+                moved.append((step, target, problem))
+    return moved
 
 
 def stored_run(checkpoints: Path):

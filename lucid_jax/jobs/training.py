@@ -39,12 +39,16 @@ from lucid_jax.jobs.config import (
     reconcile_resume,
 )
 from lucid_jax.jobs.data import DataWait, describe_data, make_loader, open_dataset, small_canvases
-from lucid_jax.jobs.run_log import RunLog
+from lucid_jax.jobs.run_lock import RunLock
+from lucid_jax.jobs.run_log import RunLog, truncate_log
 from lucid_jax.jobs.state import (
+    CORRUPT_FOLDER,
     init_variables,
     initial_state,
     learning_rate,
+    remove_unfinished,
     run_model,
+    set_aside_corrupt,
     stored_run,
     uncommitted,
 )
@@ -111,6 +115,7 @@ class Run:
     metadata: dict
     dropped: DroppedBoxes
     validation: Validation | None = None
+    lock: RunLock | None = None
 
 
 def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: bool = True, echo=print) -> dict:
@@ -141,7 +146,12 @@ def train(config: TrainConfig, out: str | os.PathLike, *, given=None, progress: 
     """
     if not distributed.is_primary():
         echo, progress = (lambda *_: None), False
-    return run_loop(prepare_run(config, out, given=given, echo=echo), progress=progress, echo=echo)
+    run = prepare_run(config, out, given=given, echo=echo)
+    try:
+        return run_loop(run, progress=progress, echo=echo)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
 
 
 def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo=print) -> Run:
@@ -152,16 +162,32 @@ def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo
       config, out, given, echo: as for :func:`train`.
 
     Returns:
-      The :class:`Run`, its state restored from ``OUT/checkpoints`` where a run is there.
+      The :class:`Run`, its state restored from ``OUT/checkpoints`` where a run is there,
+      holding the folder's lock (:class:`RunLock`, process 0) until it is released.
 
     Raises:
-      JobError: bad settings, a changed setting on resume, data that cannot be read or
-        differs from the run's, or a batch that does not split over the devices.
+      JobError: bad settings, a folder another run is using, a changed setting on
+        resume, data that cannot be read or differs from the run's, or a batch that
+        does not split over the devices.
     """
     # --- Settings: the flags, then a resumed run's or the --init recipe's -----------------------
     out = output_folder(out)
     check_config(config)
-    stored = stored_run(out / "checkpoints")
+    locks: list[RunLock] = []
+    if out.is_dir() and distributed.is_primary():  # a folder in use is refused before anything else
+        locks.append(RunLock(out, echo))
+    try:
+        return _prepare(config, out, locks, given, echo)
+    except BaseException:
+        for lock in locks:
+            lock.release()
+        raise
+
+
+def _prepare(config: TrainConfig, out: Path, locks: list, given, echo) -> Run:
+    """:func:`prepare_run` once the folder, if it exists, is locked (``locks``: process 0's lock,
+    appended here where the folder is new)."""
+    stored = _sound_run(out, echo)
     config, init = _settings(config, stored, given, echo)
     if stored is not None:
         echo(f"resuming from step {stored[2]} of {config.steps} ({out / 'checkpoints' / str(stored[2])})")
@@ -204,6 +230,11 @@ def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo
         echo("validation: off (--eval-every 0)" if held_out is not None else _NO_VALIDATION.get(config.data[:4], ""))
 
     # --- State: fresh, from the --init weights, or the last checkpoint's ------------------------
+    if not locks and distributed.is_primary():  # every input is valid: now the folder is made, and ours
+        out.mkdir(parents=True, exist_ok=True)
+        locks.append(RunLock(out, echo))
+        if stored is None and stored_run(out / "checkpoints") is not None:
+            raise JobError(f"another run wrote checkpoints into {out} while this one started; run again to resume it")
     out.mkdir(parents=True, exist_ok=True)
     variables = init_variables(model, config, spec)
     if init is not None:
@@ -215,8 +246,28 @@ def prepare_run(config: TrainConfig, out: str | os.PathLike, *, given=None, echo
             state, rng, _ = ckpt.restore(state)
         state = uncommitted(state) if mesh is None else state
         start = int(state.step)
+    if distributed.is_primary():
+        dropped_records = truncate_log(out, start)
+        if dropped_records:
+            echo(f"log: dropped {dropped_records} record(s) past step {start}, written after the last checkpoint")
     metadata = {"config": dataclasses.asdict(config), "class_names": class_names, "max_boxes": max_boxes, **data_info}
-    return Run(config, out, spec, model, mesh, loader, state, labels, rng, start, metadata, dropped, validation)
+    lock = locks[0] if locks else None
+    return Run(config, out, spec, model, mesh, loader, state, labels, rng, start, metadata, dropped, validation, lock)
+
+
+def _sound_run(out: Path, echo):
+    """:func:`stored_run` of the newest sound checkpoint: corrupt newer ones are set aside.
+
+    A step whose files fail their manifest is moved to ``OUT/corrupt_checkpoints/``
+    (process 0), said in one line, and the run resumes from the newest step before it.
+    """
+    checkpoints = out / "checkpoints"
+    if distributed.is_primary():
+        remove_unfinished(out)
+        for step, moved, problem in set_aside_corrupt(checkpoints, out / CORRUPT_FOLDER):
+            echo(f"checkpoint step {step} is corrupt ({problem}); moved it to {moved}, resuming from an earlier step")
+    distributed.barrier("lucid_jax_sound_checkpoints")
+    return stored_run(checkpoints)
 
 
 # Why a run without --eval-data has no validation, by the kind of its --data.
@@ -308,7 +359,7 @@ def run_loop(run: Run, *, progress: bool = True, echo=print) -> dict:
         best_metric=ranking,
         best_mode=best_mode(ranking or "AP"),
     )
-    log = RunLog(run.out, enabled=distributed.is_primary())
+    log = RunLog(run.out, enabled=distributed.is_primary(), start=run.start)
     with checkpoints as ckpt, log, bar:
         _note_dropped(run, log)
         last, started, waiting, validating = {}, time.perf_counter(), DataWait(), 0.0
@@ -367,7 +418,7 @@ LOSSES_SHOWN = ("total_loss", "rpn_cls_loss", "roi_cls_loss", "roi_reg_loss")  #
 def _note_dropped(run: Run, log: RunLog) -> None:
     """The log's record of the boxes over ``max_boxes`` that training drops, if any."""
     dropped = run.dropped
-    if dropped.dropped:
+    if dropped.dropped and run.start == 0:  # a resumed run's log has it from its start
         log.write(
             {
                 "step": run.start,
