@@ -157,6 +157,23 @@ def test_coco_file_name_escaping_the_image_folder(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_missing_coco_image_is_refused_before_the_run_folder_exists(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "a.png")
+    ann = {
+        "images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}, {"id": 2, "file_name": "b.png"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4], "area": 16, "iscrowd": 0}],
+        "categories": [{"id": 1, "name": "a"}],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    data = f"coco:{tmp_path / 'ann.json'}:{tmp_path / 'images'}"
+    line = _one_line_error(*run_cli("train", "--data", data, "--out", tmp_path / "run2", *QUICK)[::2])
+    assert line == (
+        f"lucid-jax: error: {tmp_path / 'images' / 'b.png'}: image file not found, listed in {tmp_path / 'ann.json'}"
+    )
+    assert not (tmp_path / "run2").exists()  # no folder, no empty checkpoints/, no log.jsonl
+
+
 def test_xml_entity_tricks_are_refused_quickly(tmp_path):
     bomb = (
         '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'

@@ -14,9 +14,14 @@ Conversions made here:
 - Crowd regions (``iscrowd = 1``) are left out of the training targets, as
   torchvision's and detectron2's recipes do, but kept, flagged ``ignore``, in
   :meth:`COCODataset.annotation`, which is what evaluation reads.
-- Boxes with zero or negative width or height are dropped and counted in
-  ``dropped_invalid_boxes``. (Evaluation with pycocotools on the original file still
-  sees them, as the official numbers do.)
+- Boxes are taken as they lie in the image: one that extends past the image (its
+  ``height`` and ``width`` fields, or its header where the file has none) is clipped
+  to it, here, and counted in ``clipped_boxes``, so training and evaluation see the
+  same box. Boxes with zero or negative width or height, as annotated or once
+  clipped, are dropped and counted in ``dropped_invalid_boxes``. (pycocotools on the
+  original file sees them as written, as the official numbers do.)
+- Every listed image file must exist: its folder is listed when the file is loaded
+  (no image is opened), so a missing image is an error before any work starts.
 - Images without annotations stay in the dataset, as all-background examples.
 - A ``file_name`` that is absolute or climbs out of the image folder with ".." is
   refused when the annotation file is loaded: images come from the image folder only.
@@ -24,6 +29,7 @@ Conversions made here:
 
 import json
 import math
+import os
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -33,6 +39,7 @@ from lucid_jax.data.dataset import (
     Annotation,
     DatasetError,
     Example,
+    clip_to_image,
     image_size,
     load_image,
     make_annotation,
@@ -113,7 +120,9 @@ class COCODataset:
       cat_id_to_label, label_to_cat_id: the category id <-> label maps.
       image_ids: COCO image ids in dataset order (sorted); ``self[i]["id"]`` is
         ``image_ids[i]``. ``image_id_to_index`` is the inverse.
-      dropped_invalid_boxes: annotations left out for a box with no area.
+      dropped_invalid_boxes: annotations left out for a box with no area, as annotated
+        or once clipped to the image.
+      clipped_boxes: boxes that extended past their image, clipped to it.
 
     Raises:
       DatasetError: missing file or folder, malformed JSON, missing or mistyped fields,
@@ -186,12 +195,38 @@ class COCODataset:
             record["boxes"].append(box)
             record["labels"].append(self.cat_id_to_label[cat_id])
             record["crowd"].append(bool(ann.get("iscrowd", 0)))  # pycocotools reads it by truth value too
-        for record in self._images.values():
-            record["boxes"] = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
-            record["labels"] = np.asarray(record["labels"], np.int32)
-            record["crowd"] = np.asarray(record["crowd"], bool)
         self.image_ids = sorted(self._images)
         self.image_id_to_index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        self._check_files_exist(path)
+        self.clipped_boxes = 0
+        for index, image_id in enumerate(self.image_ids):
+            record = self._images[image_id]
+            boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
+            labels, crowd = np.asarray(record["labels"], np.int32), np.asarray(record["crowd"], bool)
+            if len(boxes):
+                boxes, keep, clipped = clip_to_image(boxes, self.image_shape(index))
+                self.clipped_boxes += clipped
+                self.dropped_invalid_boxes += int((~keep).sum())
+                boxes, labels, crowd = boxes[keep], labels[keep], crowd[keep]
+            record["boxes"], record["labels"], record["crowd"] = boxes, labels, crowd
+
+    def _check_files_exist(self, path: Path) -> None:
+        """Refuse a listed image file that is missing, listing each folder once (no file is opened)."""
+        listed: dict[Path, set[str]] = {}
+        missing = []
+        for image_id in self.image_ids:
+            file = self.image_dir / self._images[image_id]["file_name"]
+            if file.parent not in listed:
+                try:
+                    listed[file.parent] = {e.name for e in os.scandir(file.parent) if not e.is_dir()}
+                except OSError:
+                    listed[file.parent] = set()
+            if file.name not in listed[file.parent]:
+                missing.append(file)
+        if missing:
+            count = f"{len(missing)} of the {len(self.image_ids)} listed images are missing"
+            more = f" ({count})" if len(missing) > 1 else ""
+            raise DatasetError(missing[0], f"image file not found, listed in {path}{more}")
 
     def __len__(self) -> int:
         return len(self.image_ids)

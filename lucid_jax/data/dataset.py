@@ -136,6 +136,24 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
+def clip_to_image(boxes: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Annotated boxes as they lie in their image.
+
+    Args:
+      boxes: [M, 4] float32 xyxy, 0-based continuous pixels.
+      shape: the image's (height, width).
+
+    Returns:
+      (boxes clipped to [0, width] x [0, height], [M] bool: the clipped box still has
+      area, the number of boxes that extended past the image).
+    """
+    height, width = shape
+    limit = np.array([width, height, width, height], np.float32)
+    clipped = np.clip(boxes, 0.0, limit).astype(np.float32)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped, keep, int((clipped != boxes).any(axis=1).sum())
+
+
 def _to_rgb(img) -> np.ndarray:
     """A Pillow image of any mode as [H, W, 3] uint8 RGB."""
     if img.mode in _SIXTEEN_BIT_MODES:

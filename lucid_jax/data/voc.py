@@ -14,6 +14,13 @@ xyxy that box spans ``[0, 10)``, hence ``(xmin - 1, ymin - 1, xmax, ymax)``. A b
 with no area in that convention (``xmax < xmin`` or ``ymax < ymin`` by a pixel or
 more) is dropped and counted, not fatal: annotation tools do write such boxes.
 
+Boxes are taken as they lie in the image: a box that extends past the image is
+clipped to it once, here, with the image's size read from its header (no pixels
+decoded), so training and evaluation see the same box; one left with no area is
+dropped. Both are counted (``clipped_boxes``, ``dropped_invalid_boxes``). An XML
+``<size>`` that disagrees with the image header is recorded in ``size_mismatches``;
+the header wins.
+
 XML is parsed with ``defusedxml``, so entity expansion ("billion laughs") and
 external entities are refused at once with a :class:`DatasetError`. All annotations
 are parsed when the dataset is built, so a broken file fails at once with a
@@ -33,6 +40,7 @@ from lucid_jax.data.dataset import (
     Annotation,
     DatasetError,
     Example,
+    clip_to_image,
     image_size,
     load_image,
     make_annotation,
@@ -100,6 +108,11 @@ def parse_annotation(path: str | Path) -> dict:
     if root.tag != "annotation":
         raise DatasetError(path, f"root element is <{root.tag}>, expected <annotation>")
     filename = _text(root, "filename", path, "<annotation>")
+    size = root.find("size")
+    try:
+        stated = None if size is None else tuple(int(_text(size, t, path, "<size>")) for t in ("height", "width"))
+    except (ValueError, DatasetError):
+        stated = None  # <size> is optional and informative only: the image header is the truth
     names, boxes, difficult, dropped = [], [], [], 0
     for k, obj in enumerate(root.findall("object")):
         where = f"object {k}"
@@ -129,6 +142,7 @@ def parse_annotation(path: str | Path) -> dict:
         "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
         "difficult": np.asarray(difficult, bool),
         "dropped_invalid": dropped,
+        "size": stated,
     }
 
 
@@ -201,7 +215,10 @@ class VOCDataset:
       class_source: "class_names", the classes.txt path, or "discovered".
       class_counts: {name: objects of that class in this split, difficult included}.
       split_source: where the image list came from (a split file or a rule).
-      dropped_invalid_boxes: objects left out for a box with no area (see the module).
+      dropped_invalid_boxes: objects left out for a box with no area, as annotated or
+        once clipped to the image (see the module).
+      clipped_boxes: boxes that extended past their image, clipped to it.
+      size_mismatches: (annotation file, its <size> (h, w), the image's (h, w)) where they differ.
 
     Raises:
       DatasetError: a missing folder, split file or image, malformed or unsafe XML, or
@@ -246,21 +263,31 @@ class VOCDataset:
             if ext.lower() in _IMAGE_EXTENSIONS:
                 images_by_stem.setdefault(base, []).append(name)
         self._records = []
+        self.clipped_boxes, self.size_mismatches = 0, []
+        self.dropped_invalid_boxes = sum(parsed[s]["dropped_invalid"] for s in stems)
         for stem in stems:
             ann, xml = parsed[stem], ann_dir / f"{stem}.xml"
             unknown = [n for n in ann["names"] if n not in index]
             if unknown:
                 raise DatasetError(xml, f"class {unknown[0]!r} is not in {self.class_source} {list(self.class_names)}")
+            image = self._resolve_image(img_dir, ann["filename"], stem, images_by_stem, xml)
+            shape = image_size(image)
+            if ann["size"] is not None and tuple(ann["size"]) != shape:
+                self.size_mismatches.append((xml, ann["size"], shape))
+            labels = np.asarray([index[n] for n in ann["names"]], np.int32)
+            boxes, keep, clipped = clip_to_image(ann["boxes"], shape)
+            self.clipped_boxes += clipped
+            self.dropped_invalid_boxes += int((~keep).sum())
             self._records.append(
                 {
                     "id": stem,
-                    "image": self._resolve_image(img_dir, ann["filename"], stem, images_by_stem, xml),
-                    "boxes": ann["boxes"],
-                    "labels": np.asarray([index[n] for n in ann["names"]], np.int32),
-                    "difficult": ann["difficult"],
+                    "image": image,
+                    "boxes": boxes[keep],
+                    "labels": labels[keep],
+                    "difficult": ann["difficult"][keep],
+                    "size": shape,
                 }
             )
-        self.dropped_invalid_boxes = sum(parsed[s]["dropped_invalid"] for s in stems)
         labels = np.concatenate([r["labels"] for r in self._records])
         self.class_counts = {n: int((labels == k + 1).sum()) for k, n in enumerate(self.class_names)}
 

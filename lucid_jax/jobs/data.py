@@ -70,10 +70,17 @@ def describe_data(dataset, echo=print) -> dict:
         else f" ({'found in the annotations' if source == 'discovered' else source})"
     )
     echo(f"data: {len(dataset)} images; classes{where}: " + ", ".join(f"{k} ({v:,})" for k, v in counts.items()))
-    invalid = getattr(dataset, "dropped_invalid_boxes", 0)
-    if invalid:
+    invalid, clipped = getattr(dataset, "dropped_invalid_boxes", 0), getattr(dataset, "clipped_boxes", 0)
+    if clipped:
+        echo(f"data: clipped {clipped:,} boxes to their image, dropped {invalid:,} with no area")
+    elif invalid:
         echo(f"data: dropped {invalid:,} annotated boxes with no area (zero width or height, or inverted)")
-    return {"class_counts": counts, "dropped_invalid_boxes": int(invalid)}
+    mismatches = getattr(dataset, "size_mismatches", [])
+    if mismatches:
+        xml, (h, w), (ih, iw) = mismatches[0]
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        echo(f"warning: {xml} gives <size> {w}x{h}, but its image is {iw}x{ih}; the image's size is used{more}")
+    return {"class_counts": counts, "dropped_invalid_boxes": int(invalid), "clipped_boxes": int(clipped)}
 
 
 def make_loader(

@@ -120,12 +120,36 @@ def test_errors_name_the_file_and_the_problem(coco, tmp_path):
         COCODataset(_write(tmp_path, "[" * 100_000 + "]" * 100_000), images)
 
 
-def test_missing_image_file_raises_on_access(coco, tmp_path):
+def test_a_missing_listed_image_is_refused_when_the_file_is_loaded(coco, tmp_path):
     path, images = coco
-    (images / "c.png").unlink()
     ds = COCODataset(path, images)
+    (images / "c.png").unlink()
     with pytest.raises(DatasetError, match=r"c\.png: image file not found"):
-        ds[1]
+        ds[1]  # gone after loading: refused on access
+    with pytest.raises(DatasetError) as err:
+        COCODataset(path, images)  # checked before any work, without opening an image
+    assert str(err.value) == f"{images / 'c.png'}: image file not found, listed in {path}"
+    (images / "a.png").unlink()
+    with pytest.raises(DatasetError, match=r"c\.png: .* \(2 of the 3 listed images are missing\)$"):
+        COCODataset(path, images)
+
+
+def test_boxes_past_the_image_are_clipped_to_its_size_when_the_file_is_loaded(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "images" / "a.png")
+    data = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30}],
+        "categories": [{"id": 4, "name": "x"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 4, "bbox": [-5, 2, 20, 30], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 4, "bbox": [3, 4, 5, 6], "iscrowd": 0},
+            {"id": 3, "image_id": 1, "category_id": 4, "bbox": [31, 0, 5, 5], "iscrowd": 0},
+        ],
+    }
+    ds = COCODataset(_write(tmp_path, data), tmp_path / "images")
+    assert (ds.clipped_boxes, ds.dropped_invalid_boxes) == (2, 1)
+    np.testing.assert_array_equal(ds.annotation(0)["boxes"], [[0, 2, 15, 20], [3, 4, 8, 10]])
+    np.testing.assert_array_equal(ds[0]["boxes"], ds.annotation(0)["boxes"])
 
 
 def test_annotation_keeps_crowds_as_ignored_and_counts_dropped_boxes(coco):

@@ -24,6 +24,10 @@ def coco(tmp_path):
         "categories": [{"id": 9, "name": "dog"}, {"id": 2, "name": "cat"}],
         "annotations": [{"id": 77, "image_id": 40, "category_id": 9, "bbox": [1, 1, 4, 4], "area": 9.5, "iscrowd": 0}],
     }
+    for image in data["images"]:  # the dataset checks that every listed image exists
+        Image.fromarray(np.zeros((image["height"], image["width"], 3), np.uint8)).save(
+            tmp_path / "images" / image["file_name"]
+        )
     path = tmp_path / "ann.json"
     path.write_text(json.dumps(data))
     return COCODataset(path, tmp_path / "images"), data

@@ -226,6 +226,36 @@ def test_boxes_without_area_are_dropped_and_counted(voc):
     np.testing.assert_array_equal(ds.annotation(0)["labels"], [2])
 
 
+def test_boxes_past_the_image_are_clipped_once_and_scored_as_they_lie(tmp_path):
+    from lucid_jax.evaluation import evaluate_dataset
+    from lucid_jax.jobs.data import describe_data
+
+    root = tmp_path / "VOC"
+    for sub in ("Annotations", "JPEGImages"):
+        (root / sub).mkdir(parents=True)
+    Image.fromarray(np.zeros((150, 200, 3), np.uint8)).save(root / "JPEGImages/p.jpg")  # 200 wide, 150 high
+    objects = [("cat", (-50, -30, 500, 400), 0), ("dog", (10, 10, 50, 40), 0), ("cat", (301, 1, 400, 90), 0)]
+    xml = root / "Annotations/p.xml"
+    xml.write_text(_xml("p.jpg", objects, size=(100, 100)))  # <size> disagrees with the image
+    ds = VOCDataset(root)
+    assert (ds.clipped_boxes, ds.dropped_invalid_boxes) == (2, 1)  # the third lies wholly right of the image
+    assert ds.size_mismatches == [(xml, (100, 100), (150, 200))]
+    ann, example = ds.annotation(0), ds[0]
+    np.testing.assert_array_equal(ann["boxes"], [[0, 0, 200, 150], [9, 9, 50, 40]])
+    np.testing.assert_array_equal(example["boxes"], ann["boxes"])  # training sees the same boxes
+    np.testing.assert_array_equal(ann["labels"], example["labels"])
+    notes: list[str] = []
+    assert describe_data(ds, notes.append)["clipped_boxes"] == 2
+    assert notes[1:] == [
+        "data: clipped 2 boxes to their image, dropped 1 with no area",
+        f"warning: {xml} gives <size> 100x100, but its image is 200x150; the image's size is used",
+    ]
+    # a perfect detector (the boxes as they lie in the image) scores 1.0, not 0.5
+    perfect = {"boxes": ann["boxes"], "scores": np.array([0.9, 0.8]), "labels": ann["labels"]}
+    metrics = evaluate_dataset(ds, [perfect])
+    assert metrics["AP"] == pytest.approx(1.0) and metrics["voc_AP50_all"] == pytest.approx(1.0)
+
+
 BILLION_LAUGHS = (
     '<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol">'
     + "".join(f'<!ENTITY lol{k} "{("&lol" + (str(k - 1) if k > 1 else "") + ";") * 10}">' for k in range(1, 10))
