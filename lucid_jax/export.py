@@ -27,8 +27,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lucid_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lucid_jax.files import write_atomically
 from lucid_jax.inference import check_canvas, serving_function
 
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -113,12 +115,46 @@ def write_artifact(
         **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(exported.serialize())
-    Path(str(path) + ".json").write_text(json.dumps(meta, indent=2))
+    write_atomically(path, bytes(exported.serialize()))
+    write_atomically(str(path) + ".json", json.dumps(meta, indent=2))
     return meta
 
 
-def read_artifact(path: str | os.PathLike) -> tuple[jax.export.Exported, dict]:
+class Artifact:
+    """A deserialized program whose :meth:`call` checks its inputs against the canvas first.
+
+    Every other attribute is the ``jax.export.Exported``'s (``in_avals``, ``platforms``...).
+    """
+
+    def __init__(self, exported: jax.export.Exported, meta: dict):
+        self.exported, self.meta = exported, meta
+
+    def __getattr__(self, name: str):
+        return getattr(self.exported, name)
+
+    def call(self, images, image_sizes):
+        """The program on ``images`` uint8 [B, H, W, 3] and ``image_sizes`` int32 [B, 2].
+
+        Raises:
+          ValueError: images not on the artifact's canvas (saying how to fit them), or
+            a batch the artifact was not exported for.
+        """
+        h, w = self.meta["canvas"]
+        shape, batch = tuple(np.shape(images)), self.meta["batch_size"]
+        if len(shape) != 4 or shape[1:] != (h, w, 3):
+            raise ValueError(
+                f"this artifact takes images on its {h}x{w} canvas, uint8 [B, {h}, {w}, 3], got {list(shape)}: "
+                f"resize each image so that it fits {h}x{w} with its aspect ratio kept, pad it right and below, "
+                "and give its resized (height, width) in image_sizes; lucid_jax.serving.load(FILE) does all of that"
+            )
+        if batch != "any" and shape[0] != batch:
+            raise ValueError(f"this artifact was exported for batch size {batch}, got {shape[0]} images")
+        if tuple(np.shape(image_sizes)) != (shape[0], 2):
+            raise ValueError(f"image_sizes must be int32 [{shape[0]}, 2], got {list(np.shape(image_sizes))}")
+        return self.exported.call(images, image_sizes)
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[Artifact, dict]:
     """(the deserialized program, its JSON sidecar) of a file written by :func:`write_artifact`."""
     path = Path(path)
     meta_path = Path(str(path) + ".json")
@@ -126,4 +162,5 @@ def read_artifact(path: str | os.PathLike) -> tuple[jax.export.Exported, dict]:
         raise FileNotFoundError(f"no exported detector at {path}")
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} has no {meta_path.name} beside it (written by lucid-jax export)")
-    return jax.export.deserialize(bytearray(path.read_bytes())), json.loads(meta_path.read_text())
+    meta = json.loads(meta_path.read_text())
+    return Artifact(jax.export.deserialize(bytearray(path.read_bytes())), meta), meta

@@ -3,8 +3,10 @@ prediction over folders and globs. The ``artifact`` and ``photos`` fixtures are 
 tests/conftest.py, shared with test_serving.py."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -14,7 +16,7 @@ from lucid_jax import cli, jobs, serving
 from lucid_jax.data import fit_to_canvas, preprocess
 from lucid_jax.inference import make_predict_fn
 
-# Runs in a fresh interpreter that imports only jax and numpy.
+# Runs in a virtual environment that holds jax and flatbuffers alone (serving_python).
 RUNNER = r"""
 import sys
 import jax
@@ -28,7 +30,66 @@ print("lucid_jax imported:", any(m == "lucid_jax" or m.startswith("lucid_jax.") 
 """
 
 
-def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, photos, tmp_path):
+_BARE = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nothing of this checkout on the path
+SERVING_PACKAGES = ("jax", "flatbuffers")  # what the README says serving needs: pip install jax flatbuffers
+
+
+def _requirements(name: str, seen: set) -> set:
+    """``name`` and every distribution it requires (without extras), installed here, by name."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    key = name.lower().replace("_", "-")
+    if key in seen:
+        return seen
+    seen.add(key)
+    for text in metadata.requires(name) or []:
+        req = Requirement(text)
+        if req.marker is None or req.marker.evaluate({"extra": ""}):
+            _requirements(req.name, seen)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def serving_python(tmp_path_factory):
+    """The interpreter of a virtual environment with only jax, flatbuffers and what they require.
+
+    The installed distributions are linked in (file by file, from each one's RECORD), so the
+    environment is built offline in a second; lucid_jax, flax, orbax and the rest are absent.
+    """
+    import venv
+    from importlib import metadata
+
+    root = tmp_path_factory.mktemp("serving_venv")
+    venv.EnvBuilder(with_pip=False).create(root)
+    site = next((root / "lib").glob("python*/site-packages"))
+    names = set()
+    for package in SERVING_PACKAGES:
+        names |= _requirements(package, set())
+    for name in sorted(names):
+        dist = metadata.distribution(name)
+        for file in dist.files or []:
+            source = Path(dist.locate_file(file)).resolve()
+            target = site / file
+            if ".." in file.parts or not source.is_file() or target.exists():
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(source)
+    python = root / "bin" / "python"
+    check = (
+        "import importlib.metadata as m, importlib.util as u; "
+        "print(sorted(d.name.lower().replace('_', '-') for d in m.distributions()), "
+        "u.find_spec('lucid_jax'), u.find_spec('flax'))"
+    )
+    found = subprocess.run(
+        [python, "-c", check], capture_output=True, text=True, check=True, cwd=root, env=_BARE
+    ).stdout
+    assert found.strip() == f"{sorted(names)} None None", found
+    return python
+
+
+def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, photos, tmp_path, serving_python):
     meta = json.loads((artifact.parent / "detector.jax.json").read_text())
     model, variables, class_names, config = jobs.load_trained(trained)
     assert meta["class_names"] == class_names and meta["canvas"] == [128, 128] and meta["batch_size"] == "any"
@@ -49,7 +110,7 @@ def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, phot
     np.save(tmp_path / "sizes.npy", sizes)
     proc = subprocess.run(
         [
-            sys.executable,
+            serving_python,
             "-c",
             RUNNER,
             str(artifact),
@@ -61,6 +122,7 @@ def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, phot
         text=True,
         timeout=300,
         cwd=tmp_path,
+        env=_BARE,
     )
     assert proc.returncode == 0, proc.stderr
     assert "lucid_jax imported: False" in proc.stdout

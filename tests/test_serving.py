@@ -44,3 +44,24 @@ def test_serving_load_equals_lucid_jax_predict(trained, artifact, photos, tmp_pa
         assert (dets["boxes"][:, 2] <= w + 0.01).all() and (dets["boxes"][:, 3] <= h + 0.01).all()
     with pytest.raises(ValueError, match=r"images\[0\] must be uint8 \[H, W, 3\] RGB"):
         detect([images["1.png"].astype(np.float32)])
+
+
+def test_an_image_off_the_canvas_is_refused_with_how_to_fit_it(artifact):
+    from lucid_jax.export import read_artifact
+
+    program, meta = read_artifact(artifact)
+    assert meta["canvas"] == [128, 128] and program.platforms == ("cpu", "cuda", "tpu")  # the program's own
+    with pytest.raises(ValueError) as err:
+        program.call(np.zeros((1, 96, 128, 3), np.uint8), np.array([[96, 128]], np.int32))
+    assert str(err.value) == (
+        "this artifact takes images on its 128x128 canvas, uint8 [B, 128, 128, 3], got [1, 96, 128, 3]: "
+        "resize each image so that it fits 128x128 with its aspect ratio kept, pad it right and below, "
+        "and give its resized (height, width) in image_sizes; lucid_jax.serving.load(FILE) does all of that"
+    )
+    with pytest.raises(ValueError, match=r"^image_sizes must be int32 \[2, 2\], got \[2\]$"):
+        program.call(np.zeros((2, 128, 128, 3), np.uint8), np.array([128, 128], np.int32))
+    images = np.random.default_rng(0).integers(0, 256, (2, 128, 128, 3), dtype=np.uint8)
+    sizes = np.array([[128, 128], [96, 128]], np.int32)
+    checked, bare = program.call(images, sizes), program.exported.call(images, sizes)  # the check only checks
+    for key in ("boxes", "scores", "labels", "valid"):
+        np.testing.assert_array_equal(np.asarray(checked[key]), np.asarray(bare[key]))

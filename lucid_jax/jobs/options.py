@@ -63,7 +63,7 @@ class PredictOptions:
         None,
         "keep detections scoring at least this",
         type=float,
-        shown="0.05 with --results, COCO's convention; else 0.5",
+        shown="0.05 with --results, COCO's convention; else 0.5, for drawings (export keeps 0.05)",
     )
     draw: bool = flag(False, "also draw each image's detections to OUT/<name>_detections.png", action="store_true")
     results: str | None = flag(
@@ -89,5 +89,10 @@ class ExportOptions:
         None, "a fixed batch size", type=int, shown="a symbolic batch dimension: any batch size"
     )
     platforms: tuple[str, ...] = flag(("cpu", "cuda", "tpu"), "lower for these platforms", type=parse_names)
-    score_thresh: float | None = flag(None, "the artifact's detection threshold", type=float, shown="the model's, 0.05")
+    score_thresh: float | None = flag(
+        None,
+        "the artifact's detection threshold; callers filter further",
+        type=float,
+        shown="the model's, 0.05, as eval scores (predict's is 0.5 for drawings)",
+    )
     format: str = flag("jax", "jax: a serialized jax.export program; onnx: an ONNX model", choices=("jax", "onnx"))
