@@ -226,7 +226,7 @@ class Checkpointer:
         """Finish pending work (deletions) and release orbax's threads.
 
         After a failed save, orbax's own complaints on closing are not raised: the
-        failure was already, in one line.
+        failure was already reported, in one line.
         """
         try:
             self._manager.close()

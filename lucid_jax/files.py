@@ -32,7 +32,7 @@ _TENSORSTORE_ERRNO = re.compile(r"os_error_code='?(\d+)")
 
 
 class StorageError(OSError):
-    """A file-system fault while writing ``path``: one line, ``PATH: cause[; detail]``.
+    """A file-system fault while writing ``path``: one line, ``PATH: cause[ detail]``.
 
     Attributes:
       errno: the fault's errno (one of :data:`FAULTS`).

@@ -306,3 +306,42 @@ def test_the_lock_names_its_owner_and_warns_where_locks_are_unreliable(tmp_path,
         f"warning: {tmp_path / '..'} is on nfs4, where file locks are not reliable; "
         f"it is not locked, so start no other run with --out {tmp_path / '..'}"
     ]
+
+
+def test_a_fault_in_the_log_or_its_tensorboard_thread_is_one_line(tmp_path, monkeypatch):
+    import threading
+
+    from lucid_jax.jobs import run_log
+
+    log = run_log.RunLog(tmp_path, start=0)
+    log.write({"step": 1, "total_loss": 1.0, "finite": 1.0})
+
+    class _EventLoggerThread(threading.Thread):  # named as tensorboardX's writer thread is
+        def run(self):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "tb" / "events"))
+
+    monkeypatch.setattr(run_log, "_THREAD_FAULTS", [])
+    thread = _EventLoggerThread()
+    thread.start()
+    thread.join()  # its traceback is kept, not printed
+    with pytest.raises(StorageError) as err:
+        log.write({"step": 2, "total_loss": 0.5, "finite": 1.0})
+    assert str(err.value) == f"{tmp_path / 'tb' / 'events'}: no space left on device while logging step 2"
+    log.close()
+    assert [r["step"] for r in _records(tmp_path)] == [1]  # the record of the failed step is not half-written
+
+    # a fault writing log.jsonl itself names the file and the step
+    log = run_log.RunLog(tmp_path, start=1)
+
+    class Full:
+        def write(self, text):
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))
+
+        def close(self):
+            pass
+
+    log._file = Full()
+    with pytest.raises(StorageError) as err:
+        log.write({"step": 2, "total_loss": 0.5, "finite": 1.0})
+    assert str(err.value) == f"{tmp_path / 'log.jsonl'}: disk quota exceeded while logging step 2"
+    log.close()

@@ -85,6 +85,7 @@ class RunLog:
             purge = {"purge_step": start + 1} if start else {}
             self._writer = SummaryWriter(logdir=str(out / TB_FOLDER), flush_secs=60, **purge)
             _catch_writer_thread_faults()
+            _THREAD_FAULTS.clear()  # a new writer, a new thread: an earlier run's fault is not ours
 
     def write(self, record: dict) -> None:
         """One record: a line of ``log.jsonl`` and its scalars in TensorBoard, both flushed."""
