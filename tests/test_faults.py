@@ -345,3 +345,17 @@ def test_a_fault_in_the_log_or_its_tensorboard_thread_is_one_line(tmp_path, monk
         log.write({"step": 2, "total_loss": 0.5, "finite": 1.0})
     assert str(err.value) == f"{tmp_path / 'log.jsonl'}: disk quota exceeded while logging step 2"
     log.close()
+
+
+def test_the_log_is_cut_back_to_the_restored_step(tmp_path):
+    from lucid_jax.jobs.run_log import truncate_log
+
+    lines = [json.dumps({"step": 0, "dropped_boxes": 3})]
+    lines += [json.dumps({"step": s, "total_loss": s}) for s in range(1, 6)]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + '\n{"step": 6, "total_lo')  # cut short by a kill
+    assert truncate_log(tmp_path, 5) == 1  # only the cut line
+    assert truncate_log(tmp_path, 5) == 0 and (tmp_path / "log.jsonl").read_text() == "\n".join(lines) + "\n"
+    assert truncate_log(tmp_path, 3) == 2
+    assert [r["step"] for r in _records(tmp_path)] == [0, 1, 2, 3]
+    assert truncate_log(tmp_path, 0) == 4 and (tmp_path / "log.jsonl").read_text() == ""  # a fresh start
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.jsonl"]

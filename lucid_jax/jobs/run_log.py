@@ -128,7 +128,8 @@ def truncate_log(out: str | os.PathLike, step: int) -> int:
 
     A run killed after its last checkpoint logged steps that its resume does again;
     they are dropped (and a line cut short by the kill) before the run goes on, so
-    every step appears once. The file is rewritten whole (:func:`write_atomically`).
+    every step appears once. A run that starts from step 0 starts an empty log. The
+    file is rewritten whole (:func:`write_atomically`).
 
     Returns:
       The number of records dropped (0: the file is left untouched).
@@ -143,7 +144,7 @@ def truncate_log(out: str | os.PathLike, step: int) -> int:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) <= step:
+        if step > 0 and record.get("step", 0) <= step:  # a run from step 0 starts its log afresh
             kept.append(line)
     if len(kept) == len(lines):
         return 0
