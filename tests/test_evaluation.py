@@ -321,6 +321,8 @@ def coco_file(tmp_path):
     path = tmp_path / "instances.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}))
     (tmp_path / "images").mkdir()
+    for image in images:  # the dataset checks that every listed image exists; no pixel is read
+        (tmp_path / "images" / image["file_name"]).touch()
     ds = COCODataset(path, tmp_path / "images")
 
     detections = []
