@@ -24,7 +24,7 @@ from lucid_jax.jobs.config import (
     config_from_dict,
     warmup_steps,
 )
-from lucid_jax.manifest import MANIFEST_NAME, CheckpointError
+from lucid_jax.manifest import MANIFEST_NAME, CheckpointError, verify_checkpoint
 from lucid_jax.models import get_model
 from lucid_jax.optim import build_optimizer, learning_rate_schedule, param_labels
 from lucid_jax.train import create_train_state
@@ -160,6 +160,17 @@ def remove_unfinished(out: Path) -> list[Path]:
     return found
 
 
+def sealed_steps(checkpoints: Path) -> list[int]:
+    """The sealed steps of a ``checkpoints`` folder, oldest first, read from the folder alone.
+
+    Without orbax, so that process 0 may call it by itself: orbax's manager waits for
+    every process when it opens a folder.
+    """
+    if not checkpoints.is_dir():
+        return []
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit() and (p / MANIFEST_NAME).is_file())
+
+
 def set_aside_corrupt(checkpoints: Path, aside: Path) -> list[tuple[int, Path, str]]:
     """Move the newest checkpoints that fail their manifest out of the way, down to a sound one.
 
@@ -170,25 +181,22 @@ def set_aside_corrupt(checkpoints: Path, aside: Path) -> list[tuple[int, Path, s
 
     Returns:
       (step, where it went, the problem) for each step moved, newest first; the steps
-      older than a sound one are not read.
+      older than a sound one are not read. Orbax is not used (see :func:`sealed_steps`).
     """
-    if not checkpoints.is_dir():
-        return []
     moved = []
-    with Checkpointer(checkpoints, read_only=True) as ckpt:
-        for step in reversed(ckpt.all_steps()):
-            try:
-                ckpt.metadata(step)  # verifies every file against the manifest first
-                break
-            except CheckpointError as e:
-                problem = str(e).split(" is corrupt: ")[-1] if " is corrupt: " in str(e) else str(e)
-                aside.mkdir(exist_ok=True)
-                target, n = aside / str(step), 1
-                while target.exists():
-                    n += 1
-                    target = aside / f"{step}-{n}"
-                os.replace(os.fspath(ckpt.step_dir(step)), target)
-                moved.append((step, target, problem))
+    for step in reversed(sealed_steps(checkpoints)):
+        try:
+            verify_checkpoint(checkpoints / str(step))
+            break
+        except CheckpointError as e:
+            problem = str(e).split(" is corrupt: ")[-1] if " is corrupt: " in str(e) else str(e)
+            aside.mkdir(exist_ok=True)
+            target, n = aside / str(step), 1
+            while target.exists():
+                n += 1
+                target = aside / f"{step}-{n}"
+            os.replace(checkpoints / str(step), target)
+            moved.append((step, target, problem))
     return moved
 
 

@@ -48,6 +48,7 @@ from lucid_jax.jobs.state import (
     learning_rate,
     remove_unfinished,
     run_model,
+    sealed_steps,
     set_aside_corrupt,
     stored_run,
     uncommitted,
@@ -233,7 +234,7 @@ def _prepare(config: TrainConfig, out: Path, locks: list, given, echo) -> Run:
     if not locks and distributed.is_primary():  # every input is valid: now the folder is made, and ours
         out.mkdir(parents=True, exist_ok=True)
         locks.append(RunLock(out, echo))
-        if stored is None and stored_run(out / "checkpoints") is not None:
+        if stored is None and sealed_steps(out / "checkpoints"):
             raise JobError(f"another run wrote checkpoints into {out} while this one started; run again to resume it")
     out.mkdir(parents=True, exist_ok=True)
     variables = init_variables(model, config, spec)
