@@ -131,3 +131,30 @@ def test_export_inference_weights_round_trip(tmp_path, suffix):
         np.testing.assert_array_equal(loaded[name], value)
     restored = state_dict.from_state_dict(variables, loaded)
     assert_trees_identical(restored["params"], variables["params"])
+
+
+def test_v2_layers_have_lucid_style_names_and_round_trip_exactly(tmp_path):
+    """The FPN's norms, the RPN's two convs and the conv box head, through a file and back."""
+    model = tiny_detector(
+        fpn_norm_mode="batch", rpn_conv_depth=2, box_head_convs=(16, 16), box_head_fcs=1, box_head_norm_mode="batch"
+    )
+    shapes = jax.eval_shape(model.init, jax.random.key(0), random_images(0))
+    rng = np.random.default_rng(3)
+    variables = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    flat = state_dict.to_state_dict(variables, model=model)
+    new = {
+        k
+        for k in flat
+        if k.startswith(("backbone.fpn.lateral_norms", "backbone.fpn.output_norms", "box_", "rpn.head.conv"))
+    }
+    assert {k for k in new if k.startswith(("box_", "rpn"))} == {
+        *(f"rpn.head.conv.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")),
+        *(f"box_convs.{i}.weight" for i in (0, 1)),
+        *(f"box_norms.{i}.{p}" for i in (0, 1) for p in ("weight", "bias", "running_mean", "running_var")),
+    }
+    assert len(new) == 2 * 4 * 4 + 4 + 2 + 8  # 8 FPN norms x 4 tensors
+    assert "fc2.weight" not in flat and flat["fc1.weight"].shape == (64, 16 * 7 * 7)
+    assert "backbone.fpn.lateral_convs.0.bias" not in flat  # a conv followed by a norm has no bias
+    save_state_dict_file(flat, tmp_path / "v2.safetensors")
+    back = state_dict.from_state_dict(shapes, load_state_dict_file(tmp_path / "v2.safetensors"), model=model)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, back, variables)

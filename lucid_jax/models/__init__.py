@@ -4,6 +4,7 @@ from lucid_jax.models.faster_rcnn import FasterRCNN
 from lucid_jax.models.fpn import FPN, ResNetFPN
 from lucid_jax.models.registry import (
     TORCHVISION_FASTER_RCNN,
+    TORCHVISION_FASTER_RCNN_V2,
     build_resnet_fpn_faster_rcnn,
     faster_rcnn_mini_fpn,
     faster_rcnn_resnet_50_fpn,
@@ -25,6 +26,7 @@ __all__ = [
     "RoIHeads",
     "RPN",
     "TORCHVISION_FASTER_RCNN",
+    "TORCHVISION_FASTER_RCNN_V2",
     "build_resnet_fpn_faster_rcnn",
     "faster_rcnn_mini_fpn",
     "faster_rcnn_resnet_50_fpn",

@@ -69,7 +69,9 @@ class FasterRCNN(nn.Module):
 
     def _forward(self, images, image_sizes, train: bool, channels_last: bool, nms_scatter_free: bool = False) -> dict:
         features, sizes, out = self._features_and_proposals(images, image_sizes, train, channels_last, nms_scatter_free)
-        cls_logits, class_deltas = self.roi_heads(features, out["proposals"], self.backbone.roi_strides, train)
+        cls_logits, class_deltas = self.roi_heads(
+            features, out["proposals"], self.backbone.roi_strides, train, out["proposal_valid"]
+        )
         best = jnp.argmax(cls_logits[..., 1:], axis=-1) + 1  # [B, R]
         out.update(
             cls_logits=cls_logits,

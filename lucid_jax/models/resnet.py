@@ -17,11 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lucid_jax.models.batch_norm import BatchNorm
 from lucid_jax.models.conv import Conv
 from lucid_jax.models.inputs import check_images
+from lucid_jax.models.norms import check_norm_mode, norm_layer
 
-NORM_MODES = ("batch", "frozen")
 STEM_STRIDE = 4  # the 7x7/2 conv, then the 3x3/2 max-pool
 STAGE_STRIDES = (1, 2, 2, 2)  # layer1..layer4; each stage's first bottleneck strides
 
@@ -80,17 +79,13 @@ class ConvNorm(nn.Module):
             kernel_init=_conv_init,
             name=self.child_names[0],
         )(x)
-        # Frozen BN normalises with the stored statistics and never updates them,
-        # in training too (torchvision's FrozenBatchNorm2d, for fine-tuning).
-        use_running_average = (not train) or self.norm_mode == "frozen"
-        x = BatchNorm(
-            use_running_average=use_running_average,
-            momentum=0.9,  # torch's momentum=0.1 in flax's convention
-            epsilon=1e-5,
-            dtype=self.dtype,
-            axis_name=None if use_running_average else self.bn_axis_name,
-            scale_init=nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones,
+        x = norm_layer(
+            self.norm_mode,
+            train=train,
             name=self.child_names[1],
+            axis_name=self.bn_axis_name,
+            dtype=self.dtype,
+            scale_init=nn.initializers.zeros if self.zero_init_scale else nn.initializers.ones,
         )(x)
         return nn.relu(x) if self.relu else x
 
@@ -170,8 +165,7 @@ class ResNet(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        if self.norm_mode not in NORM_MODES:
-            raise ValueError(f"norm_mode must be one of {NORM_MODES}, got {self.norm_mode!r}")
+        check_norm_mode(self.norm_mode)
         if len(self.stage_sizes) != 4 or len(self.widths) != 4:
             raise ValueError(
                 f"stage_sizes and widths must have 4 entries (layer1..layer4), "

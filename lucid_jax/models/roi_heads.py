@@ -5,8 +5,9 @@
 samples RoIs and computes the loss (training) or turns the head's outputs into
 detections. The head is two fully connected layers (``fc1``, ``fc2``) then a
 classifier (``cls_score``, C outputs) and a per-class box regressor (``bbox_pred``,
-4C outputs). Regression targets are normalised by ``bbox_reg_stds``, Lucid's
-buffer (torchvision's box-coder weights are their inverses).
+4C outputs). Optionally 3x3 convs with a norm come first and one fully connected
+layer follows them (torchvision's v2 ``FastRCNNConvFCHead``). Regression targets
+are normalised by ``bbox_reg_stds``, Lucid's buffer (torchvision's box-coder weights are their inverses).
 """
 
 from collections.abc import Sequence
@@ -18,43 +19,85 @@ import jax.numpy as jnp
 
 from lucid_jax import ops
 from lucid_jax.models import losses as L
+from lucid_jax.models.conv import Conv
+from lucid_jax.models.norms import check_norm_mode, norm_layer
 from lucid_jax.models.targets import roi_targets
+
+# He-normal on fan_out, torchvision's init of the conv box head.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 class RoIBoxHead(nn.Module):
-    """``fc1`` -> ReLU -> dropout -> ``fc2`` -> ReLU -> dropout -> scores, deltas.
+    """[``box_convs.i`` -> ``box_norms.i`` -> ReLU]* -> ``fc1`` -> ReLU -> dropout
+    [-> ``fc2`` -> ReLU -> dropout] -> scores, deltas.
 
     Attributes:
       num_classes: C, background included (class 0).
-      representation_size: width of fc1 and fc2 (1024).
-      dropout_rate: dropout after fc1 and fc2 in training (Lucid: 0.5).
+      representation_size: width of the fully connected layers (1024).
+      dropout_rate: dropout after each of them in training (Lucid: 0.5).
+      conv_channels: widths of the 3x3 convs before them (none; torchvision's v2
+        has four of 256).
+      num_fc: fully connected layers (2: ``fc1``, ``fc2``; v2 has ``fc1`` only).
+      norm_mode: the convs' norm (a mode of ``norms.NORM_MODES``; None: the convs
+        have a bias and no norm).
+      bn_axis_name: a mapped axis over which batch statistics are averaged.
       dtype: computation dtype.
     """
 
     num_classes: int
     representation_size: int = 1024
     dropout_rate: float = 0.5
+    conv_channels: Sequence[int] = ()
+    num_fc: int = 2
+    norm_mode: str | None = None
+    bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, roi_features: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+    def __call__(
+        self, roi_features: jax.Array, train: bool = False, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
         """Classify and regress pooled RoIs.
 
         Args:
           roi_features: [B, R, S, S, C] pooled features (channels last).
-          train: enable dropout (needs the "dropout" rng).
+          train: enable dropout (needs the "dropout" rng) and the convs' batch statistics.
+          valid: optional [B, R] bool; in training only these RoIs count in the
+            convs' batch statistics (the sampler pads with invalid RoIs).
 
         Returns:
           cls_logits [B, R, num_classes] and class_deltas [B, R, num_classes, 4],
           both float32; deltas are in units of ``bbox_reg_stds``.
         """
+        if self.num_fc not in (1, 2):
+            raise ValueError(f"the box head has 1 or 2 fully connected layers, got num_fc={self.num_fc}")
+        check_norm_mode(self.norm_mode, optional=True, where="the box head's norm_mode")
         b, r, s, _, c = roi_features.shape
+        x = roi_features.reshape(b * r, s, s, c).astype(self.dtype)
+        mask = None if valid is None else valid.reshape(b * r, 1, 1, 1)
+        for i, width in enumerate(self.conv_channels):
+            x = Conv(
+                width,
+                (3, 3),
+                padding=((1, 1), (1, 1)),
+                use_bias=self.norm_mode is None,
+                kernel_init=_conv_init,
+                dtype=self.dtype,
+                name=f"box_convs.{i}",
+            )(x)
+            if self.norm_mode is not None:
+                norm = norm_layer(
+                    self.norm_mode, train=train, name=f"box_norms.{i}", axis_name=self.bn_axis_name, dtype=self.dtype
+                )
+                x = norm(x, mask)
+            x = nn.relu(x)
+        c = x.shape[-1]
         # Flatten in (C, S, S) order, as Lucid and torchvision do, so fc1's weight
         # converts by a plain transpose.
-        x = jnp.transpose(roi_features, (0, 1, 4, 2, 3)).reshape(b, r, c * s * s).astype(self.dtype)
+        x = jnp.transpose(x.reshape(b, r, s, s, c), (0, 1, 4, 2, 3)).reshape(b, r, c * s * s)
         drop = nn.Dropout(self.dropout_rate, deterministic=not train)
-        x = drop(nn.relu(nn.Dense(self.representation_size, dtype=self.dtype, name="fc1")(x)))
-        x = drop(nn.relu(nn.Dense(self.representation_size, dtype=self.dtype, name="fc2")(x)))
+        for i in range(self.num_fc):
+            x = drop(nn.relu(nn.Dense(self.representation_size, dtype=self.dtype, name=f"fc{i + 1}")(x)))
         cls_logits = nn.Dense(
             self.num_classes, kernel_init=nn.initializers.normal(0.01), dtype=self.dtype, name="cls_score"
         )(x)
@@ -127,6 +170,9 @@ class RoIHeads(nn.Module):
       num_classes: C, background included (class 0).
       output_size, sampling_ratio, aligned: RoIAlign settings.
       representation_size, dropout_rate: box head width and dropout.
+      conv_channels, num_fc, norm_mode: the box head's convs, fully connected
+        layers and the convs' norm (see ``RoIBoxHead``).
+      bn_axis_name: a mapped axis over which the box head's batch statistics are averaged.
       bbox_reg_stds: the delta normalisation (Lucid's buffer).
       score_thresh, nms_thresh, detections_per_img, min_size: ``postprocess``
         defaults.
@@ -152,6 +198,10 @@ class RoIHeads(nn.Module):
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
     smooth_l1_beta: float = 1.0 / 9
+    conv_channels: Sequence[int] = ()
+    num_fc: int = 2
+    norm_mode: str | None = None
+    bn_axis_name: str | None = None
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -167,17 +217,34 @@ class RoIHeads(nn.Module):
         return tuple(1.0 / s for s in self.bbox_reg_stds)
 
     def setup(self):
-        self.box_head = RoIBoxHead(self.num_classes, self.representation_size, self.dropout_rate, dtype=self.dtype)
+        self.box_head = RoIBoxHead(
+            self.num_classes,
+            self.representation_size,
+            self.dropout_rate,
+            tuple(self.conv_channels),
+            self.num_fc,
+            self.norm_mode,
+            self.bn_axis_name,
+            dtype=self.dtype,
+        )
         nn.share_scope(self, self.box_head)
 
-    def __call__(self, features: Sequence[jax.Array], rois: jax.Array, strides: Sequence[int], train: bool = False):
+    def __call__(
+        self,
+        features: Sequence[jax.Array],
+        rois: jax.Array,
+        strides: Sequence[int],
+        train: bool = False,
+        valid: jax.Array | None = None,
+    ):
         """Pool each RoI from its level and run the box head.
 
         Args:
           features: per level, [B, H_l, W_l, C]; the first ``len(strides)`` are pooled.
           rois: [B, R, 4] xyxy canvas pixels.
           strides: the pooled levels' strides (the backbone's ``roi_strides``).
-          train: dropout (rng "dropout").
+          train: dropout (rng "dropout") and the box head's batch statistics.
+          valid: optional [B, R] bool, the RoIs that count in those statistics.
 
         Returns:
           cls_logits [B, R, C] and class_deltas [B, R, C, 4] in units of ``bbox_reg_stds``.
@@ -191,7 +258,7 @@ class RoIHeads(nn.Module):
             strides=tuple(strides),
         )
         roi_features = jax.vmap(pool)(list(features[: len(strides)]), rois)  # [B, R, S, S, C]
-        return self.box_head(roi_features, train)
+        return self.box_head(roi_features, train, valid)
 
     def loss(
         self,
@@ -231,7 +298,9 @@ class RoIHeads(nn.Module):
             weights=self.box_coder_weights,
         )
         sampled = jax.vmap(match_and_sample)(proposals, proposal_valid, gt_boxes, gt_labels, gt_valid, keys)
-        cls_logits, class_deltas = self(features, jax.lax.stop_gradient(sampled["rois"]), strides, train=True)
+        cls_logits, class_deltas = self(
+            features, jax.lax.stop_gradient(sampled["rois"]), strides, train=True, valid=sampled["valid"]
+        )
         terms = jax.vmap(lambda c, d, t: L.roi_loss_terms(c, d, t, self.smooth_l1_beta))(
             cls_logits, class_deltas, sampled
         )

@@ -23,24 +23,35 @@ from lucid_jax.models.targets import rpn_targets
 
 
 class RPNHead(nn.Module):
-    """``conv`` (3x3 + ReLU), ``cls_logits`` (1x1, A) and ``bbox_pred`` (1x1, 4A)."""
+    """``conv`` (3x3 + ReLU), ``cls_logits`` (1x1, A) and ``bbox_pred`` (1x1, 4A).
+
+    With ``conv_depth`` > 1 the 3x3 convs (each with a bias and a ReLU) are
+    ``conv.0``, ``conv.1``, ... (torchvision's v2 head has two).
+    """
 
     num_anchors: int
+    conv_depth: int = 1
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: Sequence[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
         """Per level: [B, H, W, C] -> objectness [B, H*W*A], deltas [B, H*W*A, 4]."""
+        if self.conv_depth < 1:
+            raise ValueError(f"the RPN head needs conv_depth >= 1, got {self.conv_depth}")
         init = nn.initializers.normal(0.01)  # Faster R-CNN's RPN init
-        conv = Conv(
-            features[0].shape[-1], (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, dtype=self.dtype, name="conv"
-        )
+        names = ["conv"] if self.conv_depth == 1 else [f"conv.{i}" for i in range(self.conv_depth)]
+        convs = [
+            Conv(features[0].shape[-1], (3, 3), padding=((1, 1), (1, 1)), kernel_init=init, dtype=self.dtype, name=n)
+            for n in names
+        ]
         cls = Conv(self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="cls_logits")
         box = Conv(4 * self.num_anchors, (1, 1), kernel_init=init, dtype=self.dtype, name="bbox_pred")
         objectness, deltas = [], []
         for f in features:
             b = f.shape[0]
-            t = nn.relu(conv(f))
+            t = f
+            for conv in convs:
+                t = nn.relu(conv(t))
             objectness.append(cls(t).reshape(b, -1).astype(jnp.float32))  # [B, H*W*A]
             deltas.append(box(t).reshape(b, -1, 4).astype(jnp.float32))  # [B, H*W*A, 4]
         return objectness, deltas
@@ -113,6 +124,7 @@ class RPN(nn.Module):
       batch_size_per_image, positive_fraction: anchors sampled per image, and the
         largest share of them that is foreground.
       smooth_l1_beta: the box loss's Huber transition point.
+      conv_depth: 3x3 convs of the head (1; torchvision's v2 has 2).
       dtype: computation dtype of the head.
     """
 
@@ -129,6 +141,7 @@ class RPN(nn.Module):
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
     smooth_l1_beta: float = 1.0 / 9
+    conv_depth: int = 1
     dtype: Any = jnp.float32
 
     @property
@@ -144,7 +157,7 @@ class RPN(nn.Module):
         counts = {len(s) for s in self.anchor_sizes}
         if len(counts) != 1:
             raise ValueError(f"every level needs the same number of anchor sizes, got {self.anchor_sizes}")
-        self.head = RPNHead(self.num_anchors, dtype=self.dtype)
+        self.head = RPNHead(self.num_anchors, self.conv_depth, dtype=self.dtype)
 
     def __call__(
         self,

@@ -31,3 +31,24 @@ def test_flat_keywords_set_each_stage():
     assert (model.rpn.pre_nms_top_n, heads.nms_thresh, heads.batch_size_per_image) == ((2000, 1000), 0.5, 512)
     with pytest.raises(TypeError, match="unknown detector keyword.*rpn_post_nms_topn.*known: anchor_sizes"):
         faster_rcnn_resnet_101_fpn(rpn_post_nms_topn=(1, 1))
+
+
+def test_v2_heads_are_fields_of_their_stages_and_bad_values_are_one_line_errors():
+    import jax
+    import numpy as np
+
+    model = get_model("faster_rcnn_resnet_50_fpn_v2_torchvision", num_classes=5)
+    assert (model.backbone.norm_mode, model.rpn.conv_depth) == ("batch", 2)
+    heads = model.roi_heads
+    assert (heads.conv_channels, heads.num_fc, heads.norm_mode) == ((256, 256, 256, 256), 1, "batch")
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    for kwargs, message in [
+        (dict(fpn_norm_mode="group"), r"the FPN's norm_mode must be one of \('batch', 'frozen', None\), got 'group'"),
+        (dict(box_head_norm_mode="sync"), r"the box head's norm_mode must be one of .*got 'sync'"),
+        (dict(box_head_fcs=3), "the box head has 1 or 2 fully connected layers, got num_fc=3"),
+        (dict(rpn_conv_depth=0), "the RPN head needs conv_depth >= 1, got 0"),
+        (dict(norm_mode="none"), r"norm_mode must be one of \('batch', 'frozen'\), got 'none'"),
+    ]:
+        bad = get_model("faster_rcnn_mini_fpn", **kwargs)
+        with pytest.raises(ValueError, match=message):
+            jax.eval_shape(bad.init, jax.random.key(0), x)
