@@ -213,12 +213,27 @@ _TV_RESNET_RULES = [
 ]
 _TV_DETECTOR_RULES = [
     (r"^backbone\.fpn\.inner_blocks\.(\d)\.0\.", r"backbone.fpn.lateral_convs.\1."),
+    (r"^backbone\.fpn\.inner_blocks\.(\d)\.1\.", r"backbone.fpn.lateral_norms.\1."),
     (r"^backbone\.fpn\.layer_blocks\.(\d)\.0\.", r"backbone.fpn.output_convs.\1."),
-    (r"^rpn\.head\.conv\.0\.0\.", "rpn.head.conv."),
+    (r"^backbone\.fpn\.layer_blocks\.(\d)\.1\.", r"backbone.fpn.output_norms.\1."),
     (r"^roi_heads\.box_head\.fc6\.", "fc1."),
     (r"^roi_heads\.box_head\.fc7\.", "fc2."),
     (r"^roi_heads\.box_predictor\.", ""),
 ]
+_TV_RPN_CONV = re.compile(r"^rpn\.head\.conv\.(\d+)\.0\.")
+_TV_BOX_HEAD_LAYER = re.compile(r"^roi_heads\.box_head\.(\d+)\.")
+
+
+def torchvision_faster_rcnn_layout(keys) -> dict[str, int]:
+    """The head layout of a torchvision FasterRCNN state dict, from its key names.
+
+    Returns:
+      {"rpn_conv_depth": the RPN head's 3x3 convs (1 in v1, 2 in v2),
+      "box_head_convs": the conv box head's convs (0 in v1's ``TwoMLPHead``, 4 in v2)}.
+    """
+    rpn = {int(m.group(1)) for k in keys if (m := _TV_RPN_CONV.match(k))}
+    convs = {int(m.group(1)) for k in keys if (m := _TV_BOX_HEAD_LAYER.match(k)) and k.count(".") == 4}
+    return {"rpn_conv_depth": max(rpn, default=0) + 1, "box_head_convs": max(convs, default=-1) + 1}
 
 
 def _rename(name: str, rules) -> str:
@@ -232,10 +247,27 @@ def rename_torchvision_resnet_key(key: str) -> str:
     return _rename(key, _TV_RESNET_RULES)
 
 
-def rename_torchvision_faster_rcnn_key(key: str) -> str:
-    """``backbone.body.layer1.0.conv1.weight`` -> ``backbone.net.layer1.0.conv1.conv.weight``, etc."""
+def rename_torchvision_faster_rcnn_key(key: str, rpn_conv_depth: int = 1, box_head_convs: int = 0) -> str:
+    """``backbone.body.layer1.0.conv1.weight`` -> ``backbone.net.layer1.0.conv1.conv.weight``, etc.
+
+    The head's names depend on its layout (``torchvision_faster_rcnn_layout``):
+    v1's ``rpn.head.conv.0.0`` is ``rpn.head.conv``, and v2's ``rpn.head.conv.{0,1}.0``
+    are ``rpn.head.conv.{0,1}``; v2's box head ``roi_heads.box_head.{i}.{0,1}``
+    (conv, BatchNorm) is ``box_convs.{i}`` and ``box_norms.{i}``, and the linear
+    layers after its flatten are ``fc1`` (and ``fc2``).
+    """
     if key.startswith("backbone.body."):
         key = "backbone.net." + rename_torchvision_resnet_key(key[len("backbone.body.") :])
+    if m := _TV_RPN_CONV.match(key):
+        layer = "rpn.head.conv." if rpn_conv_depth == 1 else f"rpn.head.conv.{m.group(1)}."
+        key = layer + key[m.end() :]
+    elif m := _TV_BOX_HEAD_LAYER.match(key):
+        index, rest = int(m.group(1)), key[m.end() :]
+        if index < box_head_convs:
+            part, leaf = rest.split(".", 1)
+            key = f"box_{'convs' if part == '0' else 'norms'}.{index}.{leaf}"
+        elif box_head_convs and (index - box_head_convs) % 2 == 1:
+            key = f"fc{(index - box_head_convs + 1) // 2}.{rest}"  # Flatten, then Linear/ReLU pairs
     return _rename(key, _TV_DETECTOR_RULES)
 
 
@@ -249,14 +281,15 @@ def from_torchvision_resnet(tv_state_dict: Mapping[str, Any]) -> dict[str, np.nd
 
 
 def from_torchvision_faster_rcnn(tv_state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Rename torchvision ``FasterRCNN`` (ResNet FPN backbone) keys to Lucid's.
+    """Rename torchvision ``FasterRCNN`` (ResNet FPN backbone, v1 or v2) keys to Lucid's.
 
     The result loads with ``from_state_dict(..., strict=False)`` into a model built
-    with ``TORCHVISION_FASTER_RCNN``; only ``backbone.net.fc`` is missing, since
-    torchvision's detector drops the classifier.
+    with ``TORCHVISION_FASTER_RCNN`` (v1) or ``TORCHVISION_FASTER_RCNN_V2``; only
+    ``backbone.net.fc`` is missing, since torchvision's detector drops the classifier.
     """
+    layout = torchvision_faster_rcnn_layout(tv_state_dict)
     return {
-        rename_torchvision_faster_rcnn_key(k): np.asarray(v)
+        rename_torchvision_faster_rcnn_key(k, **layout): np.asarray(v)
         for k, v in tv_state_dict.items()
         if not k.endswith(_IGNORED_SUFFIXES)
     }

@@ -11,6 +11,10 @@ The kind of a state dict is recognised from its key names:
 | Lucid backbone           | ``stem.0.weight``, ``layer1.0.conv1.conv.*``    | backbone.net  |
 | torchvision ResNet       | ``conv1.weight``, ``layer1.0.conv1.weight``     | backbone.net  |
 | torchvision FasterRCNN   | ``backbone.body.*``, ``rpn.head.*``, ``roi_heads.*`` | the detector |
+| torchvision FasterRCNN v2 | the same, and ``roi_heads.box_head.0.0.*``     | the detector  |
+
+A torchvision file is v2 when it has a conv box head (``roi_heads.box_head.0.0.*``),
+a second RPN conv (``rpn.head.conv.1.0.*``) or FPN norms (``inner_blocks.0.1.*``).
 
 The report accounts for every key on both sides: each key of the file is loaded,
 skipped (with the reason) or listed apart (Lucid's second stem copy, Lucid's
@@ -18,7 +22,9 @@ constant buffers and BatchNorm's ``num_batches_tracked`` counters); each paramet
 and statistic of the model is loaded or left at its initial value. Class-count
 heads of another size (``cls_score``, ``bbox_pred``, ``fc``) and an RPN head with
 another anchor count are skipped, as detectron2 does when fine-tuning on new
-classes; any other shape mismatch is an error.
+classes; any other shape mismatch is an error. So is a detector file whose heads
+are not the model's (a v2 file into a v1 model, or the reverse): the same shapes
+in other places would load, and mean nothing.
 """
 
 import dataclasses
@@ -39,12 +45,24 @@ LUCID_DETECTOR = "Lucid detector"
 LUCID_BACKBONE = "Lucid backbone"
 TORCHVISION_RESNET = "torchvision ResNet"
 TORCHVISION_FASTER_RCNN = "torchvision FasterRCNN"
-KINDS = (LUCID_DETECTOR, LUCID_BACKBONE, TORCHVISION_RESNET, TORCHVISION_FASTER_RCNN)
+TORCHVISION_FASTER_RCNN_V2 = "torchvision FasterRCNN v2"
+KINDS = (LUCID_DETECTOR, LUCID_BACKBONE, TORCHVISION_RESNET, TORCHVISION_FASTER_RCNN, TORCHVISION_FASTER_RCNN_V2)
+DETECTOR_KINDS = (LUCID_DETECTOR, TORCHVISION_FASTER_RCNN, TORCHVISION_FASTER_RCNN_V2)
 BACKBONE_KINDS = (LUCID_BACKBONE, TORCHVISION_RESNET)
 
 _BUFFERS = ("bbox_reg_means", "bbox_reg_stds", "anchor_generator.base_anchors", "rpn.anchor_generator.base_anchors")
 _CLASS_HEAD = re.compile(r"^(cls_score|bbox_pred|backbone\.net\.fc|fc)\.(weight|bias)$")
 _RPN_ANCHOR_HEAD = re.compile(r"^rpn\.head\.(cls_logits|bbox_pred)\.(weight|bias)$")
+# The layers that tell one detector head from another: the FPN's norms, the RPN
+# head's convs, the conv box head and the fully connected layers.
+_HEAD_LAYER = re.compile(
+    r"^(backbone\.fpn\.(lateral|output)_norms\.\d+|rpn\.head\.conv(\.\d+)?|box_(convs|norms)\.\d+|fc[12])\.[a-z_]+$"
+)
+_V2_MARKERS = ("roi_heads.box_head.0.0.", "rpn.head.conv.1.0.", "backbone.fpn.inner_blocks.0.1.")
+_MODEL_FOR_KIND = {
+    TORCHVISION_FASTER_RCNN: "faster_rcnn_resnet_50_fpn_torchvision",
+    TORCHVISION_FASTER_RCNN_V2: "faster_rcnn_resnet_50_fpn_v2_torchvision",
+}
 
 
 @dataclasses.dataclass
@@ -91,7 +109,7 @@ def detect_kind(keys) -> str:
     keys = set(keys)
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     if has("backbone.body.") or has("roi_heads."):
-        return TORCHVISION_FASTER_RCNN
+        return TORCHVISION_FASTER_RCNN_V2 if any(has(m) for m in _V2_MARKERS) else TORCHVISION_FASTER_RCNN
     if has("backbone.net.") or has("rpn.head.conv."):
         return LUCID_DETECTOR
     if "conv1.weight" in keys and has("layer1.0.conv1.weight"):
@@ -101,7 +119,7 @@ def detect_kind(keys) -> str:
     sample = ", ".join(sorted(keys)[:6]) or "(no keys)"
     raise StateDictError(
         f"cannot tell what these weights are ({len(keys)} keys: {sample}); expected a Lucid detector or "
-        "backbone, a torchvision ResNet or a torchvision FasterRCNN state dict"
+        "backbone, a torchvision ResNet or a torchvision FasterRCNN (v1 or v2) state dict"
     )
 
 
@@ -131,6 +149,7 @@ def _file_to_model_names(flat: Mapping[str, Any], kind: str, detector: bool):
     names: dict[str, str | None] = {}
     prefix = "backbone.net." if detector else ""
     name: str | None
+    layout = sd.torchvision_faster_rcnn_layout(flat)
     for key in flat:
         if key.endswith(".num_batches_tracked"):
             apart["counters"].append(key)
@@ -140,8 +159,8 @@ def _file_to_model_names(flat: Mapping[str, Any], kind: str, detector: bool):
         elif kind == LUCID_BACKBONE:
             name = prefix + key
         else:
-            if kind == TORCHVISION_FASTER_RCNN:
-                name = sd.rename_torchvision_faster_rcnn_key(key)
+            if kind in (TORCHVISION_FASTER_RCNN, TORCHVISION_FASTER_RCNN_V2):
+                name = sd.rename_torchvision_faster_rcnn_key(key, **layout)
             else:
                 name = key
                 if key in _BUFFERS:
@@ -187,6 +206,8 @@ def load_pretrained(variables: Mapping, source, *, model=None) -> tuple[dict, In
     detector = sd.is_detector(variables)
     entries = sd.torch_layout_shapes(variables)  # model name -> shape in the file's (torch) layout
     names, apart = _file_to_model_names(flat, kind, detector)
+    if detector and kind in DETECTOR_KINDS:
+        _check_heads(names, entries, kind, description)
     loaded: dict[str, str] = {}
     skipped: dict[str, str] = {}
     mismatched: list[str] = []
@@ -221,11 +242,36 @@ def load_pretrained(variables: Mapping, source, *, model=None) -> tuple[dict, In
     return new, report
 
 
+def _head_layers(names) -> set[str]:
+    return {name.rsplit(".", 1)[0] for name in names if name and _HEAD_LAYER.match(name)}
+
+
+def _check_heads(names: Mapping[str, str | None], entries: Mapping[str, tuple], kind: str, description: str) -> None:
+    """Refuse a detector file whose heads are not the model's (say, v2 weights into v1).
+
+    Raises:
+      StateDictError: naming the layers each side has alone, and the model to use.
+    """
+    ours, theirs = _head_layers(entries), _head_layers(names.values())
+    if ours == theirs:
+        return
+    only_file, only_model = sorted(theirs - ours), sorted(ours - theirs)
+    hint = f"; build {_MODEL_FOR_KIND[kind]} (or its R101 twin) for these weights" if kind in _MODEL_FOR_KIND else ""
+    few = lambda names: ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")  # noqa: E731
+    sides = [f"the file alone has {few(only_file)}"] * bool(only_file) + [
+        f"the model alone has {few(only_model)}"
+    ] * bool(only_model)
+    raise StateDictError(f"{description}: the {kind}'s heads are not this model's: {'; '.join(sides)}{hint}")
+
+
 def fine_tuning_defaults(kind: str) -> dict[str, Any]:
-    """torchvision's fine-tuning recipe for a pretrained backbone: frozen BN, 3 trainable stages."""
+    """torchvision's fine-tuning recipe for pretrained weights of ``kind``: 3 trainable
+    stages, with frozen BN, except for torchvision's v2 detector, whose BatchNorm
+    trains (its recipe, and its norms after the FPN and in the box head)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; one of {KINDS}")
-    return {"norm_mode": "frozen", "trainable_backbone_layers": 3}
+    norm_mode = "batch" if kind == TORCHVISION_FASTER_RCNN_V2 else "frozen"
+    return {"norm_mode": norm_mode, "trainable_backbone_layers": 3}
 
 
 def save_report(report: InitReport, path: str | os.PathLike) -> None:

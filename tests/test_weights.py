@@ -208,13 +208,11 @@ def _perturbed(torch, module, seed):
     return out
 
 
-def _torchvision_faster_rcnn(num_classes, seed):
-    """A perturbed torchvision fasterrcnn_resnet50_fpn state dict with ``num_classes``."""
+def _torchvision_faster_rcnn(num_classes, seed, builder="fasterrcnn_resnet50_fpn"):
+    """A perturbed torchvision ``builder`` (v1 or v2) state dict with ``num_classes``."""
     torch, torchvision = _torchvision()
     torch.manual_seed(0)
-    tv = torchvision.models.detection.fasterrcnn_resnet50_fpn(
-        weights=None, weights_backbone=None, num_classes=num_classes
-    )
+    tv = getattr(torchvision.models.detection, builder)(weights=None, weights_backbone=None, num_classes=num_classes)
     return _perturbed(torch, tv, seed)
 
 
@@ -266,6 +264,75 @@ def test_torchvision_faster_rcnn_into_lucids_default_skips_the_rpn_head():
         "rpn.head.cls_logits.bias",
         "rpn.head.cls_logits.weight",
     ]
+
+
+@pytest.mark.parametrize("file_classes, skipped", [(4, 0), (91, 4)])
+def test_torchvision_v2_into_its_architecture(file_classes, skipped):
+    flat = _torchvision_faster_rcnn(file_classes, 3, "fasterrcnn_resnet50_fpn_v2")
+    assert weights.detect_kind(flat) == weights.TORCHVISION_FASTER_RCNN_V2
+    model = get_model("faster_rcnn_resnet_50_fpn_v2_torchvision", num_classes=4)
+    variables = _zeros(model)
+    new, report = weights.load_pretrained(variables, flat, model=model)
+    _check_accounting(report, flat, variables)
+    # body 53 convs x 5 tensors; FPN 8 convs + 8 norms x 4; RPN 2 convs + 2 heads, 2 tensors each;
+    # box head 4 convs + 4 norms x 4 and fc1's 2; the predictor's 4
+    assert len(report.loaded) == 265 + 8 + 32 + 8 + 4 + 16 + 2 + 4 - skipped
+    assert report.summary() == f"torchvision FasterRCNN v2 -> detector: {339 - skipped} loaded, {skipped} skipped, " + (
+        f"{2 + skipped} left initial"
+    )
+    heads = {f"{n}.{p}" for n in ("cls_score", "bbox_pred") for p in ("weight", "bias")}
+    assert set(report.skipped) == {"roi_heads.box_predictor." + k for k in heads if skipped}
+    assert all(v.startswith("class-count head of another size") for v in report.skipped.values())
+    for ours, theirs in [
+        ("backbone.fpn.lateral_convs.2.weight", "backbone.fpn.inner_blocks.2.0.weight"),
+        ("backbone.fpn.lateral_norms.2.running_var", "backbone.fpn.inner_blocks.2.1.running_var"),
+        ("backbone.fpn.output_norms.0.weight", "backbone.fpn.layer_blocks.0.1.weight"),
+        ("rpn.head.conv.1.bias", "rpn.head.conv.1.0.bias"),
+        ("box_convs.3.weight", "roi_heads.box_head.3.0.weight"),
+        ("box_norms.1.running_mean", "roi_heads.box_head.1.1.running_mean"),
+        ("fc1.weight", "roi_heads.box_head.5.weight"),
+    ]:
+        np.testing.assert_array_equal(_value(new, ours), flat[theirs], err_msg=ours)
+
+
+def test_init_recipe_trains_v2s_batchnorm_and_freezes_v1s():
+    """``--init`` with v2 weights trains BatchNorm (v2's recipe) unless --norm-mode is given."""
+    from lucid_jax.jobs.config import TrainConfig, apply_init_recipe
+
+    config, recipe = apply_init_recipe(TrainConfig(), weights.TORCHVISION_FASTER_RCNN_V2, given=set())
+    assert recipe == {"norm_mode": "batch", "trainable_backbone_layers": 3} and config.norm_mode == "batch"
+    _, recipe = apply_init_recipe(TrainConfig(), weights.TORCHVISION_FASTER_RCNN, given=set())
+    assert recipe == {"norm_mode": "frozen", "trainable_backbone_layers": 3}
+    config, recipe = apply_init_recipe(
+        TrainConfig(norm_mode="frozen"), weights.TORCHVISION_FASTER_RCNN_V2, given={"norm_mode"}
+    )
+    assert recipe == {"trainable_backbone_layers": 3} and config.norm_mode == "frozen"
+    # --norm-mode sets every norm of a v2 model: the body's, the FPN's and the box head's
+    model = get_model("faster_rcnn_resnet_50_fpn_v2_torchvision", norm_mode="frozen")
+    assert (model.backbone.net.norm_mode, model.backbone.norm_mode, model.roi_heads.norm_mode) == ("frozen",) * 3
+
+
+def test_v2_file_never_loads_as_v1_nor_the_reverse():
+    """The v2 fc1 has v1's fc6 shape (1024 x 12544): only the heads' layout tells them apart."""
+    v2 = _torchvision_faster_rcnn(91, 4, "fasterrcnn_resnet50_fpn_v2")
+    v1 = _torchvision_faster_rcnn(91, seed=4)
+    assert weights.detect_kind(v1) == weights.TORCHVISION_FASTER_RCNN
+    v1_model = get_model("faster_rcnn_resnet_50_fpn_torchvision")
+    with pytest.raises(StateDictError) as error:
+        weights.load_pretrained(_zeros(v1_model), v2, model=v1_model)
+    assert str(error.value) == (
+        "mapping: the torchvision FasterRCNN v2's heads are not this model's: the file alone has "
+        "backbone.fpn.lateral_norms.0, backbone.fpn.lateral_norms.1, backbone.fpn.lateral_norms.2 (+15 more); "
+        "the model alone has fc2, rpn.head.conv; build faster_rcnn_resnet_50_fpn_v2_torchvision "
+        "(or its R101 twin) for these weights"
+    )
+    v2_model = get_model("faster_rcnn_resnet_50_fpn_v2_torchvision")
+    with pytest.raises(StateDictError, match="build faster_rcnn_resnet_50_fpn_torchvision"):
+        weights.load_pretrained(_zeros(v2_model), v1, model=v2_model)
+    # Nor does our own v2 detector's Lucid-named file load into a v1 model.
+    flat, _ = weights.load_pretrained(_zeros(v2_model), v2, model=v2_model)
+    with pytest.raises(StateDictError, match="the Lucid detector's heads are not this model's"):
+        weights.load_pretrained(_zeros(v1_model), sd.to_state_dict(flat), model=v1_model)
 
 
 # --- the command line ---------------------------------------------------------------

@@ -146,13 +146,15 @@ class TrainConfig:
     norm_mode: str = flag(
         "batch",
         "batch: BatchNorm trains its statistics, scale and bias; frozen: fixed "
-        "statistics, scale and bias, as torchvision's FrozenBatchNorm2d (with --init: frozen)",
+        "statistics, scale and bias, as torchvision's FrozenBatchNorm2d; every norm of the model "
+        "(the FPN's and the box head's too, where it has them) (with --init: frozen; batch for "
+        "torchvision FasterRCNN v2 weights)",
         choices=("batch", "frozen"),
     )
     init: str | None = flag(
         None,
         "start from pretrained weights: .lcd, .safetensors, .npz, .pth or a run "
-        "directory (Lucid detector or backbone, torchvision ResNet or FasterRCNN); "
+        "directory (Lucid detector or backbone, torchvision ResNet or FasterRCNN v1 or v2); "
         "ignored when the run resumes",
     )
     augment: str = flag(
