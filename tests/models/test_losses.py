@@ -14,6 +14,7 @@ from lucid_jax import state_dict
 from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn
 from lucid_jax.models import losses as L
 from tests.models.conftest import TV_REASON, example_targets, random_images, randomise_bn
+from tests.models.torchvision_twin import every_candidate_sampled, torchvision_losses
 
 # --- loss formulas ------------------------------------------------------------------
 
@@ -88,7 +89,6 @@ def test_losses_match_torchvision():
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-    from torchvision.models.detection.image_list import ImageList
     from torchvision.models.resnet import Bottleneck, ResNet
     from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -98,14 +98,7 @@ def test_losses_match_torchvision():
     backbone = BackboneWithFPN(
         body, {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}, [256, 512, 1024, 2048], 256
     )
-    sampling = dict(
-        rpn_pre_nms_top_n_train=TV_TOPN,
-        rpn_post_nms_top_n_train=TV_TOPN,
-        rpn_batch_size_per_image=100_000,
-        rpn_positive_fraction=1.0,
-        box_batch_size_per_image=TV_TOPN + 3,
-        box_positive_fraction=1.0,
-    )
+    sampling, ours_sampling = every_candidate_sampled(TV_TOPN)
     tv = FasterRCNN(
         backbone,
         box_head=TwoMLPHead(256 * 7 * 7, TV_REP),
@@ -120,40 +113,13 @@ def test_losses_match_torchvision():
     tv.train()  # FrozenBatchNorm2d stays frozen; the box head has no dropout
 
     x, targets = _tv_batch()
-    tv_targets = [
-        {
-            "boxes": torch.from_numpy(targets["boxes"][i][targets["valid"][i]]),
-            "labels": torch.from_numpy(targets["labels"][i][targets["valid"][i]]).long(),
-        }
-        for i in range(2)
-    ]
-    with torch.no_grad():
-        images = ImageList(torch.from_numpy(x), TV_SIZES)
-        features = tv.backbone(images.tensors)
-        proposals, rpn_losses = tv.rpn(images, features, tv_targets)
-        _, roi_losses = tv.roi_heads(features, proposals, images.image_sizes, tv_targets)
-    assert all(len(p) < TV_TOPN for p in proposals)  # no proposal was cut by the count
-    expected = {
-        "rpn_cls_loss": float(rpn_losses["loss_objectness"]),
-        "rpn_reg_loss": float(rpn_losses["loss_rpn_box_reg"]),
-        "roi_cls_loss": float(roi_losses["loss_classifier"]),
-        "roi_reg_loss": float(roi_losses["loss_box_reg"]),
-    }
+    expected = torchvision_losses(tv, x, TV_SIZES, targets, TV_TOPN)
 
     model = build_resnet_fpn_faster_rcnn(
         (1, 1, 1, 1),
         TV_CLASSES,
         1000,
-        **{
-            **TORCHVISION_FASTER_RCNN,
-            "representation_size": TV_REP,
-            "rpn_pre_nms_top_n": (TV_TOPN, 1000),
-            "rpn_post_nms_top_n": (TV_TOPN, 1000),
-            "rpn_batch_size_per_image": 100_000,
-            "rpn_positive_fraction": 1.0,
-            "box_batch_size_per_image": TV_TOPN + 3,
-            "box_positive_fraction": 1.0,
-        },
+        **{**TORCHVISION_FASTER_RCNN, "representation_size": TV_REP, **ours_sampling},
     )
     template = jax.eval_shape(model.init, jax.random.key(0), x)
     template = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), template)

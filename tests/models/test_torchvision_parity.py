@@ -11,13 +11,13 @@ import pytest
 from lucid_jax import state_dict
 from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn
 from tests.models.conftest import TV_REASON, randomise_bn
+from tests.models.torchvision_twin import compare_with_torchvision, run_torchvision
 
 torch = pytest.importorskip("torch", reason=TV_REASON)
 torchvision = pytest.importorskip("torchvision", reason=TV_REASON)
 
 from torchvision.models.detection import FasterRCNN  # noqa: E402
 from torchvision.models.detection.backbone_utils import BackboneWithFPN  # noqa: E402
-from torchvision.models.detection.image_list import ImageList  # noqa: E402
 from torchvision.models.resnet import Bottleneck, ResNet  # noqa: E402
 from torchvision.ops.misc import FrozenBatchNorm2d  # noqa: E402
 
@@ -40,23 +40,6 @@ def _torchvision_detector(layers, num_classes, seed, rpn_box_gain=1.0, **kwargs)
     return tv
 
 
-def _run_torchvision(tv, x, sizes):
-    """torchvision's stages on a padded batch whose images have the given (h, w).
-
-    Returns:
-      per image, (proposals, logits, boxes, scores, labels) as NumPy arrays.
-    """
-    with torch.no_grad():
-        images = ImageList(torch.from_numpy(x), [tuple(int(v) for v in s) for s in sizes])
-        features = tv.backbone(images.tensors)
-        proposals, _ = tv.rpn(images, features)
-        pooled = tv.roi_heads.box_roi_pool(features, proposals, images.image_sizes)
-        logits, regression = tv.roi_heads.box_predictor(tv.roi_heads.box_head(pooled))
-        boxes, scores, labels = tv.roi_heads.postprocess_detections(logits, regression, proposals, images.image_sizes)
-    logits = logits.split([len(p) for p in proposals])
-    return [tuple(t[i].numpy() for t in (proposals, logits, boxes, scores, labels)) for i in range(len(x))]
-
-
 def _ours(tv, layers, num_classes, x, sizes, **config):
     model = build_resnet_fpn_faster_rcnn(layers, num_classes, 1000, **{**TORCHVISION_FASTER_RCNN, **config})
     template = jax.eval_shape(model.init, jax.random.key(0), x)
@@ -67,27 +50,6 @@ def _ours(tv, layers, num_classes, x, sizes, **config):
     raw = jax.jit(lambda v, x, s: model.apply(v, x, s, method="forward_with_proposals"))(variables, x, sizes)
     dets = jax.jit(lambda v, x, s: model.apply(v, x, s, method="predict"))(variables, x, sizes)
     return raw, dets
-
-
-def _match(ours, theirs, scores, atol):
-    """Pair each of our boxes with torchvision's nearest one, one to one.
-
-    Float rounding may swap two entries whose scores are within 1e-5 of each
-    other; anything else is a mismatch.
-
-    Returns:
-      perm such that ours[i] corresponds to theirs[perm[i]].
-    """
-    n = len(ours)
-    perm = np.arange(n)
-    moved = np.nonzero(np.abs(ours - theirs).max(-1) > atol + 1e-5 * np.abs(theirs).max(-1))[0]
-    assert len(moved) <= max(2, n // 100), f"{len(moved)} of {n} entries differ"
-    for i in moved:
-        perm[i] = moved[np.abs(ours[i] - theirs[moved]).max(-1).argmin()]
-    assert len(set(perm[moved].tolist())) == len(moved), "two of our boxes match the same torchvision box"
-    np.testing.assert_allclose(ours, theirs[perm], rtol=1e-5, atol=atol)
-    np.testing.assert_allclose(scores[moved], scores[perm[moved]], atol=1e-5)
-    return perm
 
 
 def _check_parity(layers, num_classes, size, seed, sizes=None, pre_nms_top_n=1000, rpn_box_gain=1.0):
@@ -110,36 +72,10 @@ def _check_parity(layers, num_classes, size, seed, sizes=None, pre_nms_top_n=100
     for i, (ih, iw) in enumerate(sizes):
         x[i, :, ih:] = 0.0
         x[i, :, :, iw:] = 0.0
-    theirs = _run_torchvision(tv, x, sizes)
+    theirs = run_torchvision(tv, x, sizes)
     raw, dets = _ours(tv, layers, num_classes, x, sizes, rpn_pre_nms_top_n=(2000, pre_nms_top_n))
 
-    errors = []
-    for i, (tv_props, tv_logits, tv_boxes, tv_scores, tv_labels) in enumerate(theirs):
-        # RPN proposals: the same boxes in the same order (up to near-ties)
-        valid = np.asarray(raw["proposal_valid"][i])
-        n = int(valid.sum())
-        assert n == len(tv_props) > 100 and valid[:n].all()
-        props = np.asarray(raw["proposals"][i, :n])
-        perm = _match(props, tv_props, np.asarray(raw["proposal_scores"][i, :n]), 2e-3)
-        prop_err = np.abs(props - tv_props[perm]).max()
-
-        # RoI-head class probabilities for every proposal
-        logits = np.asarray(raw["cls_logits"][i, :n])
-        probs = np.exp(logits - logits.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        tv_probs = torch.softmax(torch.from_numpy(tv_logits), -1).numpy()
-        np.testing.assert_allclose(probs, tv_probs[perm], atol=1e-4)
-
-        # final detections
-        k = int(np.asarray(dets["valid"][i]).sum())
-        assert k == len(tv_scores) and k > 10
-        scores = np.asarray(dets["scores"][i, :k])
-        boxes = np.asarray(dets["boxes"][i, :k])
-        perm = _match(boxes, tv_boxes, scores, 2e-3)
-        np.testing.assert_array_equal(np.asarray(dets["labels"][i, :k]), tv_labels[perm])
-        np.testing.assert_allclose(scores, tv_scores[perm], atol=1e-4)
-        errors.append((prop_err, np.abs(boxes - tv_boxes[perm]).max()))
-    return errors
+    return compare_with_torchvision(theirs, raw, dets)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
