@@ -65,7 +65,8 @@ def torchvision_targets(batch):
 def realistic_weights(model, seed=0, spread=30.0):
     """Give a random torchvision FasterRCNN weights that behave like trained ones, in place.
 
-    - every BN has non-trivial statistics, scale and bias (a trained network's BN
+    - every BN (the body's, and v2's in the FPN and the box head) has non-trivial
+      statistics, scale and bias (a trained network's BN
       is far from the identity, and the conversion of all four tensors is exercised);
     - each residual branch is damped (bn3's scale x 0.2), so activations stay bounded
       through 33 random bottlenecks instead of doubling per block;
@@ -82,7 +83,7 @@ def realistic_weights(model, seed=0, spread=30.0):
 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in model.backbone.body.modules():
+        for m in model.modules():  # the body's BN first; v2's FPN and box head BN too
             if isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)):
                 c = m.weight.shape[0]
                 m.weight.copy_(torch.rand(c, generator=gen) + 0.5)

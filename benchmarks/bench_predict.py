@@ -1,6 +1,17 @@
 """Inference of lucid_jax's Faster R-CNN ResNet-101 FPN against torchvision's, on CPU.
 
     python benchmarks/bench_predict.py [--size 512] [--batch 1] [--steps 5] [--profile] [--no-rss]
+    python benchmarks/bench_predict.py --model v2 [--size 512] [--rounds 3]
+
+``--model v2`` compares torchvision's ``fasterrcnn_resnet50_fpn_v2`` (91 classes,
+``min_size = max_size = size``) with ours, ``faster_rcnn_resnet_50_fpn_v2_torchvision``,
+on the same realistic random weights (every BatchNorm's statistics random, the
+residual branches damped, the RPN and the classifier spread): detections are
+checked equal first, then each side runs alone in its own process, alternating
+ours and torchvision's for ``--rounds`` rounds; the ratio is the median of the
+per-round ratios of each child's median call time.
+
+Without ``--model v2``:
 
 Both sides see the same synthetic images (random, in [0, 1]) at size x size, and the
 run gives two tables from one interleaved timing:
@@ -59,12 +70,20 @@ def parse_args(argv=None):
     p.add_argument("--child-steps", type=int, default=3, help="calls after the first one in each child")
     p.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling")
     p.add_argument("--profile", action="store_true", help="also profile where our predict's time goes")
+    p.add_argument(
+        "--model",
+        choices=("r101", "v2"),
+        default="r101",
+        help="r101: the ResNet-101 FPN tables below; v2: torchvision's v2 ResNet-50 FPN, each side alone",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="--model v2: rounds of (ours, torchvision) children")
     p.add_argument("--profile-steps", type=int, default=2)
     p.add_argument(
         "--side",
-        choices=("both", "ours", "torchvision", "weights"),
+        choices=("both", "ours", "torchvision", "weights", "check"),
         default="both",
-        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS); 'weights' writes the weights",
+        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS); 'weights' writes the "
+        "weights; 'check' compares both sides' detections (--model v2)",
     )
     args = p.parse_args(argv)
     multiple = C.ours_model().backbone.size_divisibility
@@ -130,7 +149,129 @@ def build_torchvision(args, images):
     return {"run": run, "box": box, "model": model}
 
 
+def v2_torchvision(size, seed=0):
+    """torchvision's fasterrcnn_resnet50_fpn_v2 (91 classes) with realistic random weights, in eval mode."""
+    import torch
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
+
+    torch.manual_seed(seed)
+    model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, min_size=size, max_size=size)
+    C.realistic_weights(model, seed)
+    return model.eval()
+
+
+def v2_ours(weights_file):
+    """Our faster_rcnn_resnet_50_fpn_v2_torchvision with the weights file's (Lucid-named) weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from lucid_jax import state_dict, state_dict_files
+    from lucid_jax.models import get_model
+
+    model = get_model("faster_rcnn_resnet_50_fpn_v2_torchvision")
+    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
+    template = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), template)
+    flat = state_dict_files.load_state_dict_file(weights_file)
+    return model, state_dict.from_state_dict(template, flat, strict=False, model=model)
+
+
+def run_v2_child(args, images):
+    """One side of ``--model v2`` alone: build, first call, ``--child-steps`` timed calls."""
+    if args.side == "weights":
+        from lucid_jax import state_dict, state_dict_files
+
+        flat = state_dict.from_torchvision_faster_rcnn(v2_torchvision(args.size).state_dict())
+        state_dict_files.save_state_dict_file(flat, args.weights_file)
+        return C.emit_result({"side": "weights"})
+    if args.side == "check":
+        import torch
+
+        with torch.inference_mode():
+            theirs = v2_torchvision(args.size)([torch.from_numpy(img) for img in images])
+        model, variables = v2_ours(args.weights_file)
+        ours = build_ours(model, variables, images)
+        ours["predict"]()
+        return C.emit_result(C.check_same_detections(ours["box"]["dets"], theirs))
+    if args.side == "ours":
+        model, variables = v2_ours(args.weights_file)
+        fn = build_ours(model, variables, images)["predict"]
+        del variables
+    else:
+        import torch
+
+        tv = v2_torchvision(args.size)
+        batch = [torch.from_numpy(img) for img in images]
+        C.check_torchvision_size(tv, batch, args.size)
+
+        def fn():
+            with torch.inference_mode():
+                tv(batch)
+
+    first = C.time_call(fn)
+    times = [C.time_call(fn) for _ in range(args.child_steps)]
+    C.emit_result(
+        {"side": args.side, "first_call_s": first, "median_s": C.median(times), "peak_rss_mib": C.peak_rss_mib()}
+    )
+
+
+def main_v2(args, images):
+    """``--model v2``: detections checked equal, then each side alone, alternating."""
+    print(
+        f"# bench_predict --model v2: torchvision's Faster R-CNN v2 ResNet-50 FPN, "
+        f"{args.batch}x3x{args.size}x{args.size}"
+    )
+    print(C.environment_line())
+    script = os.path.abspath(__file__)
+    weights = os.path.join(tempfile.mkdtemp(prefix="bench_predict_v2_"), "weights.npz")
+    argv_child = ["--model", "v2", "--size", str(args.size), "--batch", str(args.batch)]
+    argv_child += ["--child-steps", str(args.child_steps), "--weights-file", weights]
+    if C.run_child(script, argv_child, "weights") is None:
+        sys.exit("could not write the shared weights")
+
+    # Checked in a child too: Linux keeps a process's peak RSS across fork and exec, so
+    # this process stays small for the measuring children it starts.
+    print("checking both sides' detections on the same weights ...", flush=True)
+    check = C.run_child(script, argv_child, "check")
+    if check is None:
+        sys.exit("the two sides' detections differ (see above); nothing is timed")
+    print(
+        f"same detections on both sides: {check['detections']} per image, boxes within "
+        f"{check['max_box_diff']:.2g} px, {check['swapped']} near-tie rank swaps",
+        flush=True,
+    )
+
+    results = {"ours": [], "torchvision": []}
+    for r in range(args.rounds):
+        for side in ("ours", "torchvision"):
+            print(f"round {r + 1}/{args.rounds}: the '{side}' child ...", flush=True)
+            res = C.run_child(script, argv_child, side)
+            if res is None:
+                sys.exit(f"the {side} child failed")
+            results[side].append(res)
+    ratios = [o["median_s"] / t["median_s"] for o, t in zip(results["ours"], results["torchvision"])]
+    rss = [o["peak_rss_mib"] / t["peak_rss_mib"] for o, t in zip(results["ours"], results["torchvision"])]
+    print(f"\n## Each side alone ({args.rounds} rounds, {args.child_steps} timed calls per child, same weights)")
+    rows = [
+        (
+            side,
+            f"{C.median([x['median_s'] for x in results[side]]):.3f}",
+            ", ".join(f"{x['median_s']:.3f}" for x in results[side]),
+            f"{C.median([x['first_call_s'] for x in results[side]]):.1f}",
+            f"{C.median([x['peak_rss_mib'] for x in results[side]]):.0f}",
+        )
+        for side in ("ours", "torchvision")
+    ]
+    C.print_table(rows, ["side", "median s", "per round s", "first call s", "peak RSS MiB"])
+    print(
+        f"ours / torchvision: {C.median(ratios):.2f}x time (median of per-round ratios "
+        f"{', '.join(f'{x:.2f}' for x in ratios)}), {C.median(rss):.2f}x peak RSS"
+    )
+    return {"ratio": C.median(ratios), "rss_ratio": C.median(rss), "detections": check["detections"]}
+
+
 def run_child_side(args, images):
+    if args.model == "v2":
+        return run_v2_child(args, images)
     if args.side == "weights":
         C.write_same_weights(args.size, args.weights_file)
         return C.emit_result({"side": "weights"})
@@ -174,6 +315,8 @@ def main(argv=None):
     images = C.synthetic_batch(args.batch, args.size)["images"]
     if args.side != "both":
         return run_child_side(args, images)
+    if args.model == "v2":
+        return main_v2(args, images)
 
     print(f"# bench_predict: Faster R-CNN ResNet-101 FPN inference, {args.batch}x3x{args.size}x{args.size}")
     print(C.environment_line())

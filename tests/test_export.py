@@ -89,6 +89,17 @@ def serving_python(tmp_path_factory):
     return python
 
 
+def _float_canvases(images, size):
+    """The library's preprocessed float canvases [B, size, size, 3] of ``images``, by name."""
+    empty = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)}
+    return np.stack(
+        [
+            preprocess({"image": images[name], **empty}, canvas=size, longer_side=size, size_divisibility=32)["image"]
+            for name in sorted(images)
+        ]
+    )
+
+
 def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, photos, tmp_path, serving_python):
     meta = json.loads((artifact.parent / "detector.jax.json").read_text())
     model, variables, class_names, config = jobs.load_trained(trained)
@@ -129,17 +140,7 @@ def test_artifact_runs_with_jax_alone_and_equals_predict(trained, artifact, phot
     got = dict(np.load(tmp_path / "out.npz"))
 
     # the library's predict on the preprocessed float canvas of the same images
-    x = np.stack(
-        [
-            preprocess(
-                {"image": images[name], "boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int32)},
-                canvas=128,
-                longer_side=128,
-                size_divisibility=32,
-            )["image"]
-            for name in sorted(images)
-        ]
-    )
+    x = _float_canvases(images, 128)
     np.testing.assert_array_equal(
         np.stack([f[2] for f in fitted]),
         [
@@ -196,3 +197,40 @@ def test_fixed_batch_export_and_bad_arguments(trained, tmp_path):
         )
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr  # usage errors
         assert not (tmp_path / "x.jax").exists()
+
+
+def _mini_v2(num_classes: int = 21, backbone_num_classes: int = 1000, norm_mode: str = "batch", **kwargs):
+    """torchvision's v2 heads (FPN norms, two RPN convs, a conv box head with BN and one
+    fully connected layer) on the mini backbone: the v2 export path at test cost."""
+    from lucid_jax.models import TORCHVISION_FASTER_RCNN_V2, faster_rcnn_mini_fpn
+
+    v2 = {k: TORCHVISION_FASTER_RCNN_V2[k] for k in ("fpn_norm_mode", "rpn_conv_depth", "box_head_fcs")}
+    config = dict(v2, norm_mode=norm_mode, box_head_convs=(32, 32), box_head_norm_mode=norm_mode)
+    return faster_rcnn_mini_fpn(num_classes, backbone_num_classes, **{**config, **kwargs})
+
+
+def test_v2_heads_export_and_equal_predict(tmp_path, monkeypatch, photos):
+    """A detector with torchvision's v2 heads trains, exports with ``lucid-jax export``, and
+    the artifact's detections equal ``predict``'s (BatchNorm's stored statistics in both)."""
+    from lucid_jax.models import registry
+
+    monkeypatch.setitem(registry._REGISTRY, "faster_rcnn_mini_fpn_v2", _mini_v2)
+    run, path = tmp_path / "run", tmp_path / "v2.jax"
+    train = ["train", "--data", "shapes", "--model", "faster_rcnn_mini_fpn_v2", "--steps", "6", "--out", str(run)]
+    small = ["--batch-size", "2", "--image-size", "64", "--shapes-train-examples", "8", "--eval-every", "0"]
+    assert cli.main([*train, *small, "--no-progress", "--num-workers", "0", "--warmup-steps", "1"]) == 0
+    assert cli.main(["export", "--checkpoint", str(run), "--out", str(path), "--score-thresh", "0.01"]) == 0
+    model, variables, _, _ = jobs.load_trained(run)
+    assert "box_norms.1" in variables["batch_stats"] and "conv.1" in variables["params"]["rpn"]["head"]
+    _, images = photos
+    fitted = [fit_to_canvas(images[name], (64, 64)) for name in sorted(images)]
+    canvases, sizes = np.stack([f[0] for f in fitted]), np.stack([f[1] for f in fitted])
+    exported = jax.export.deserialize(bytearray(path.read_bytes()))
+    got = jax.device_get(exported.call(canvases, sizes))
+    x = _float_canvases(images, 64)
+    want = jax.device_get(make_predict_fn(model, score_thresh=0.01, channels_last=True)(variables, x, sizes))
+    assert want["valid"].sum() >= 6
+    np.testing.assert_array_equal(got["valid"], want["valid"])
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+    np.testing.assert_allclose(got["boxes"], want["boxes"], atol=1e-3)
+    np.testing.assert_allclose(got["scores"], want["scores"], atol=1e-5)
