@@ -231,7 +231,8 @@ def make_train_step(
         grads, (losses, updates) = jax.grad(loss_fn, has_aux=True)(state.params)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree_util.tree_leaves(grads)))
         finite = jnp.isfinite(losses["total_loss"]) & jnp.isfinite(grad_norm)
-        new_state = state.apply_gradients(grads=grads, batch_stats=updates["batch_stats"])
+        # GroupNorm models have no batch statistics.
+        new_state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", {}))
         # Skipping a non-finite update keeps the state (and any checkpoint of it) sound. A
         # conditional picks one whole state; an elementwise select would need both
         # states at once (docs/benchmarks.md: the temporaries it costs).

@@ -195,3 +195,25 @@ def test_export_of_a_canvases_run_writes_one_artifact_per_canvas_and_refuses_bad
     code, _, err = run_cli("export", "--checkpoint", out, "--out", tmp_path / "x.jax", "--platforms", "cpu,metal")
     assert code == 2 and "--platforms must be among cpu, cuda, tpu, got cpu, metal" in err
     assert not list(tmp_path.glob("x.jax*"))
+
+
+def test_group_norm_with_jitter_and_color_trains_evaluates_and_predicts(tmp_path):
+    """--norm-mode group (no batch statistics anywhere) and --augment jitter,color, end to end."""
+    out = tmp_path / "gn"
+    code, stdout, err = run_cli(
+        "train",
+        *("--data", "shapes", "--model", "faster_rcnn_mini_fpn", "--norm-mode", "group", "--augment", "jitter,color"),
+        *("--steps", "2", "--batch-size", "2", "--image-size", "64", "--shapes-train-examples", "4"),
+        *("--eval-every", "0", "--no-progress", "--num-workers", "0", "--log-every", "1", "--out", out),
+    )
+    assert code == 0, err
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "total_loss" in r] == [1, 2]
+    assert all(r["finite"] == 1.0 for r in records if "total_loss" in r)
+    model, variables, _, config = jobs.load_trained(out)
+    assert (config.norm_mode, config.augment) == ("group", "jitter,color")
+    assert not variables["batch_stats"] and model.backbone.norm_mode == "group"
+    code, stdout, err = run_cli("eval", "--checkpoint", out, "--data", "shapes", "--no-progress")
+    assert code == 0 and "AP50" in stdout, err
+    code, _, err = run_cli("train", "--data", "shapes", "--augment", "none,flip", "--out", tmp_path / "bad")
+    assert code == 2 and err.strip() == "lucid-jax: error: --augment none stands alone; got 'none,flip'"

@@ -99,6 +99,29 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in str(text).replace(" ", "").split(",") if v)
 
 
+AUGMENTS = ("none", "flip", "jitter", "color")
+
+
+def augment_parts(text: str) -> frozenset[str]:
+    """The parts of an ``--augment`` comma list, e.g. "jitter,color" -> {"jitter", "color"}.
+
+    Raises:
+      JobError: an unknown or repeated part, ``none`` with another, or ``flip`` with
+        ``jitter`` (which flips already).
+    """
+    parts = [p.strip() for p in str(text).split(",")]
+    unknown = [p for p in parts if p not in AUGMENTS]
+    if unknown or not parts:
+        raise JobError(f"--augment takes a comma list of {', '.join(AUGMENTS)}; got {text!r}")
+    if len(set(parts)) != len(parts):
+        raise JobError(f"--augment names a part twice: {text!r}")
+    if "none" in parts and len(parts) > 1:
+        raise JobError(f"--augment none stands alone; got {text!r}")
+    if {"flip", "jitter"} <= set(parts):
+        raise JobError(f"--augment jitter flips already; use jitter or jitter,color, not {text!r}")
+    return frozenset(parts) - {"none"}
+
+
 def parse_names(text: str) -> tuple[str, ...]:
     """A comma-separated flag's names, e.g. "cat, dog" -> ("cat", "dog")."""
     return tuple(v.strip() for v in str(text).split(",") if v.strip())
@@ -146,10 +169,12 @@ class TrainConfig:
     norm_mode: str = flag(
         "batch",
         "batch: BatchNorm trains its statistics, scale and bias; frozen: fixed "
-        "statistics, scale and bias, as torchvision's FrozenBatchNorm2d; every norm of the model "
+        "statistics, scale and bias, as torchvision's FrozenBatchNorm2d; group: GroupNorm "
+        "(32 groups; each image's own statistics, for training from scratch with small "
+        "batches), in the backbone, the FPN and a conv box head. Every norm of the model "
         "(the FPN's and the box head's too, where it has them) (with --init: frozen; batch for "
         "torchvision FasterRCNN v2 weights)",
-        choices=("batch", "frozen"),
+        choices=("batch", "frozen", "group"),
     )
     init: str | None = flag(
         None,
@@ -159,10 +184,11 @@ class TrainConfig:
     )
     augment: str = flag(
         "flip",
-        "training augmentation: none; flip (horizontal, p = 0.5); jitter (large-scale "
-        "jitter: resize to 0.5..2.0 x the canvas fit, random crop or pad, flip; boxes keeping "
-        "under 30% of their area are dropped)",
-        choices=("none", "flip", "jitter"),
+        "training augmentation, a comma list: none; flip (horizontal, p = 0.5); jitter "
+        "(large-scale jitter: resize to 0.5..2.0 x the canvas fit, random crop or pad, flip; "
+        "boxes keeping under 30% of their area are dropped); color (brightness, contrast, "
+        "saturation and hue, each with p = 0.5, as mmdetection's PhotoMetricDistortion). "
+        "E.g. flip,color or jitter,color; none stands alone",
     )
     max_boxes: int | None = flag(
         None,
@@ -315,6 +341,7 @@ def check_config(config: TrainConfig) -> None:
         if getattr(config, name) < 1:
             raise JobError(f"{flag_name(name)} must be >= 1, got {getattr(config, name)}")
     canvases(config)  # --image-size: S or SHORT:LONG
+    augment_parts(config.augment)
     if config.max_boxes is not None and config.max_boxes < 1:
         raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
     for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers", "eval_every"):

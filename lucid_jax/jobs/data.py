@@ -18,7 +18,8 @@ from lucid_jax.data import (
 )
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.jitter import jitter_preprocess
-from lucid_jax.jobs.config import JobError, TrainConfig, canvases
+from lucid_jax.data.photometric import with_color_jitter
+from lucid_jax.jobs.config import JobError, TrainConfig, augment_parts, canvases
 
 
 def shapes_image_size(image_size: int | str) -> int:
@@ -119,18 +120,21 @@ def make_loader(
     batch_size = batch_size or config.batch_size // num_shards
     spec = canvases(config) if spec is None else spec
     multiple = spec.multiple  # the model's size divisibility
-    flip = 0.5 if train and config.augment == "flip" else 0.0
+    parts = augment_parts(config.augment) if train else frozenset()
+    flip = 0.5 if "flip" in parts else 0.0
     transform: Callable
     if spec.square_only:  # one canvas, given here; the loader passes none
         size = spec.long
-        if train and config.augment == "jitter":
+        if "jitter" in parts:
             transform = partial(jitter_preprocess, canvas=size)
         else:
             transform = partial(preprocess, canvas=size, longer_side=size, flip_prob=flip, size_divisibility=multiple)
-    elif train and config.augment == "jitter":  # the loader passes each batch's canvas
+    elif "jitter" in parts:  # the loader passes each batch's canvas
         transform = jitter_preprocess
     else:
         transform = partial(preprocess_on_canvas, canvases=spec, flip_prob=flip, size_divisibility=multiple)
+    if "color" in parts:
+        transform = partial(with_color_jitter, transform)
     try:
         return Loader(
             dataset,

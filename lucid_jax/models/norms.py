@@ -8,12 +8,15 @@ means the same everywhere:
 |------------|-------------------------------------------|----------------------|
 | ``batch``  | batch statistics; running averages kept; scale and bias trained | stored statistics |
 | ``frozen`` | stored statistics, never updated (torchvision's ``FrozenBatchNorm2d``) | stored statistics |
+| ``group``  | GroupNorm: each image's own statistics, per group of channels; scale and bias trained | the same |
 
 A stage whose norm is optional (the FPN, the box head) takes ``None`` for none:
 its convolutions then carry a bias, as torchvision's v1 layers do.
 
 State-dict names: a norm's ``weight`` and ``bias`` (flax's ``scale``, ``bias``)
-and ``running_mean``, ``running_var`` (flax's batch_stats ``mean``, ``var``).
+and, for BatchNorm, ``running_mean``, ``running_var`` (flax's batch_stats ``mean``,
+``var``). GroupNorm keeps no statistics, so batch size never matters to it: the
+norm to train from scratch with small batches.
 """
 
 from collections.abc import Callable
@@ -24,8 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from lucid_jax.models.batch_norm import BatchNorm
+from lucid_jax.models.group_norm import GroupNorm
 
-NORM_MODES = ("batch", "frozen")
+NORM_MODES = ("batch", "frozen", "group")
 
 
 def check_norm_mode(mode: str | None, *, optional: bool = False, where: str = "norm_mode") -> None:
@@ -59,6 +63,8 @@ def norm_layer(
       scale_init: the scale's initialiser (zeros for a residual branch's last norm).
     """
     check_norm_mode(mode)
+    if mode == "group":
+        return GroupNorm(epsilon=1e-5, dtype=dtype, scale_init=scale_init, name=name)
     # Frozen BN normalises with the stored statistics and never updates them,
     # in training too (torchvision's FrozenBatchNorm2d, for fine-tuning).
     use_running_average = (not train) or mode == "frozen"

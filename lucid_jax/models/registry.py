@@ -148,7 +148,9 @@ def build_resnet_fpn_faster_rcnn(
     """A Faster R-CNN on any bottleneck ResNet depth (``stage_sizes``).
 
     ``norm_mode`` is the ResNet's norm and ``fpn_norm_mode`` the FPN's (None: no
-    norm). Backbone keywords are listed; the others are the flat keywords of
+    norm). GroupNorm is for the whole network, as in detectron2's from-scratch
+    configurations: with ``norm_mode="group"`` an FPN or a conv box head given no
+    norm of its own gets GroupNorm too. Backbone keywords are listed; the others are the flat keywords of
     ``RPN_KEYWORDS`` and ``ROI_HEADS_KEYWORDS``, which set the RPN's and the RoI
     heads' attributes.
 
@@ -159,6 +161,9 @@ def build_resnet_fpn_faster_rcnn(
     if unknown:
         known = ", ".join(sorted({*RPN_KEYWORDS, *ROI_HEADS_KEYWORDS}))
         raise TypeError(f"unknown detector keyword(s) {', '.join(unknown)}; known: {known}")
+    if norm_mode == "group":
+        fpn_norm_mode = fpn_norm_mode or "group"
+        kwargs["box_head_norm_mode"] = kwargs.get("box_head_norm_mode") or "group"
     roi_heads_kwargs = {field: kwargs[flat] for flat, field in ROI_HEADS_KEYWORDS.items() if flat in kwargs}
     if "conv_channels" in roi_heads_kwargs:
         roi_heads_kwargs["conv_channels"] = tuple(roi_heads_kwargs["conv_channels"])

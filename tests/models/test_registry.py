@@ -43,11 +43,14 @@ def test_v2_heads_are_fields_of_their_stages_and_bad_values_are_one_line_errors(
     assert (heads.conv_channels, heads.num_fc, heads.norm_mode) == ((256, 256, 256, 256), 1, "batch")
     x = np.zeros((1, 3, 64, 64), np.float32)
     for kwargs, message in [
-        (dict(fpn_norm_mode="group"), r"the FPN's norm_mode must be one of \('batch', 'frozen', None\), got 'group'"),
+        (
+            dict(fpn_norm_mode="layer"),
+            r"the FPN's norm_mode must be one of \('batch', 'frozen', 'group', None\), got 'layer'",
+        ),
         (dict(box_head_norm_mode="sync"), r"the box head's norm_mode must be one of .*got 'sync'"),
         (dict(box_head_fcs=3), "the box head has 1 or 2 fully connected layers, got num_fc=3"),
         (dict(rpn_conv_depth=0), "the RPN head needs conv_depth >= 1, got 0"),
-        (dict(norm_mode="none"), r"norm_mode must be one of \('batch', 'frozen'\), got 'none'"),
+        (dict(norm_mode="none"), r"norm_mode must be one of \('batch', 'frozen', 'group'\), got 'none'"),
     ]:
         bad = get_model("faster_rcnn_mini_fpn", **kwargs)
         with pytest.raises(ValueError, match=message):
