@@ -197,7 +197,7 @@ def test_export_of_a_canvases_run_writes_one_artifact_per_canvas_and_refuses_bad
     assert not list(tmp_path.glob("x.jax*"))
 
 
-def test_group_norm_with_jitter_and_color_trains_evaluates_and_predicts(tmp_path):
+def test_group_norm_with_jitter_and_color_trains_and_evaluates(tmp_path):
     """--norm-mode group (no batch statistics anywhere) and --augment jitter,color, end to end."""
     out = tmp_path / "gn"
     code, stdout, err = run_cli(
