@@ -432,3 +432,28 @@ def test_cli_init_from_torchvision_faster_rcnn(tmp_path, file_classes):
     stdout = _train("--model", "faster_rcnn_resnet_50_fpn_torchvision", "--init", tmp_path / "frcnn.pth", "--out", out)
     assert "resuming from the run's own checkpoint; --init is ignored" in stdout
     assert "init: torchvision" not in stdout
+
+
+def test_cli_init_from_torchvision_v2_and_its_refusal_by_a_v1_model(tmp_path):
+    from tests.cli_run import run_cli
+
+    torch, _ = _torchvision()
+    flat = _torchvision_faster_rcnn(91, 5, "fasterrcnn_resnet50_fpn_v2")
+    torch.save(flat, tmp_path / "v2.pth")
+    out = tmp_path / "run"
+    model = "faster_rcnn_resnet_50_fpn_v2_torchvision"
+    stdout = _train("--model", model, "--init", tmp_path / "v2.pth", "--trainable-backbone-layers", "0", "--out", out)
+    assert "init: fine-tuning recipe --norm-mode batch" in stdout
+    assert "init: torchvision FasterRCNN v2 -> detector: 335 loaded, 4 skipped, 6 left initial" in stdout
+    saved = _checkpoint_flat(out)
+    report = json.loads((out / "init_report.json").read_text())
+    for key in ("backbone.body.layer3.2.conv2.weight", "backbone.body.conv1.weight"):  # frozen: the file's, exactly
+        np.testing.assert_array_equal(saved[report["loaded"][key]], flat[key].numpy(), err_msg=key)
+    assert report["loaded"]["roi_heads.box_head.2.1.running_var"] == "box_norms.2.running_var"
+    code, _, err = run_cli(
+        "train", "--data", "shapes", "--model", "faster_rcnn_resnet_50_fpn_torchvision", "--init", tmp_path / "v2.pth",
+        "--steps", "1", "--image-size", "64", "--out", tmp_path / "v1",
+    )  # fmt: skip
+    assert code == 1 and err.count("\n") == 1, err
+    assert "the torchvision FasterRCNN v2's heads are not this model's" in err
+    assert "build faster_rcnn_resnet_50_fpn_v2_torchvision" in err
