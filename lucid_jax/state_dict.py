@@ -272,9 +272,12 @@ def rename_torchvision_faster_rcnn_key(key: str, rpn_conv_depth: int = 1, box_he
 
 
 def from_torchvision_resnet(tv_state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Rename a torchvision ResNet-50/101 state dict to Lucid's classifier names."""
+    """Rename a torchvision ResNet-50/101 state dict to Lucid's classifier names.
+
+    The arrays are copies: training the torch model afterwards leaves them as they were.
+    """
     return {
-        rename_torchvision_resnet_key(k): np.asarray(v)
+        rename_torchvision_resnet_key(k): np.array(v)
         for k, v in tv_state_dict.items()
         if not k.endswith(_IGNORED_SUFFIXES)
     }
@@ -286,10 +289,11 @@ def from_torchvision_faster_rcnn(tv_state_dict: Mapping[str, Any]) -> dict[str, 
     The result loads with ``from_state_dict(..., strict=False)`` into a model built
     with ``TORCHVISION_FASTER_RCNN`` (v1) or ``TORCHVISION_FASTER_RCNN_V2``; only
     ``backbone.net.fc`` is missing, since torchvision's detector drops the classifier.
+    The arrays are copies: training the torch model afterwards leaves them as they were.
     """
     layout = torchvision_faster_rcnn_layout(tv_state_dict)
     return {
-        rename_torchvision_faster_rcnn_key(k, **layout): np.asarray(v)
+        rename_torchvision_faster_rcnn_key(k, **layout): np.array(v)
         for k, v in tv_state_dict.items()
         if not k.endswith(_IGNORED_SUFFIXES)
     }

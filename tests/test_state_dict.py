@@ -118,6 +118,28 @@ def test_torchvision_resnet50_file_imports_into_our_resnet(tmp_path):
     )
 
 
+def test_torchvision_conversions_copy_so_torch_training_afterwards_changes_nothing():
+    torch = pytest.importorskip("torch", reason=TV_REASON)
+    torchvision = pytest.importorskip("torchvision", reason=TV_REASON)
+    from torchvision.models.detection import fasterrcnn_resnet50_fpn
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50(weights=None)
+    detector = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+    for tv, convert, name in [
+        (resnet, state_dict.from_torchvision_resnet, "layer1.0.conv1.weight"),
+        (detector, state_dict.from_torchvision_faster_rcnn, "backbone.body.layer1.0.conv1.weight"),
+    ]:
+        flat = convert(tv.state_dict())
+        before = {k: v.copy() for k, v in flat.items()}
+        with torch.no_grad():  # what an optimizer step does: in place
+            for p in tv.parameters():
+                p.add_(1.0)
+        assert tv.state_dict()[name].abs().min() > 0  # the torch tensors did change
+        for k, v in flat.items():
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
 @pytest.mark.parametrize("suffix", [".safetensors", ".npz"])
 def test_export_inference_weights_round_trip(tmp_path, suffix):
     state = train(fresh_state(), jax.random.key(0), 1)
