@@ -1,16 +1,24 @@
-"""Augmentations compared on real photographs: the same run with --augment flip and with jitter.
+"""Training recipes compared on real photographs: one factor at a time from a baseline
+(norm, augmentation, steps, image size, model), each run through ``lucid-jax train``
+and scored by ``lucid-jax eval`` on held-out photographs.
 
-    python benchmarks/bench_augment.py --images DIR [--held-out NAME,...] [--steps 400] [--image-size 384:576]
+    python benchmarks/bench_augment.py --neon [--seeds 2] [--variants "baseline;--norm-mode group"] [--work DIR]
+    python benchmarks/bench_augment.py --images DIR [--held-out NAME,...] [--variants ...]
 
-``DIR`` holds large annotated photographs as VOC pairs, ``NAME.xml`` beside
-``NAME.png`` (or .jpg), e.g. aerial tiles of tree crowns. Each photograph is cut
-into tiles of mixed orientation (landscape, portrait and square, as a real
-collection has), keeping a box when at least half of it lies inside its tile, and
-the tiles are written as a VOC folder: the photographs named in ``--held-out``
-become the ``val`` split, whole, the others the ``train`` split. Then the same
-``lucid-jax train`` runs once per augmentation (same seed, steps and canvases),
-and ``lucid-jax eval`` scores each on the held-out photographs. Printed: the
-tiles and boxes per split, and COCO AP and AP50 and the VOC all-point AP50 per augmentation.
+``--neon`` uses the NEON tree crowns of the DeepForest sample data (``_neon.py``
+fetches them with pip) and two held-out sets: ``in_distribution``, pieces of the
+bottom of a training photograph that training never sees, and ``cross_site``, whole
+photographs of two sites never trained on. ``--images DIR`` takes your own large
+annotated photographs as VOC pairs, ``NAME.xml`` beside ``NAME.png`` (or .jpg); the
+photographs named in ``--held-out`` become the ``cross_site`` set, whole.
+
+Training photographs are cut into tiles of mixed orientation (landscape, portrait
+and square, as a real collection has), keeping a box when at least half of it lies
+inside its tile, and written as a VOC folder with one split per set. Every variant is
+the baseline's flags followed by its own (the last value of a flag wins), run once
+per seed. Printed and written to WORK/recipes.json: per variant, the mean and spread
+(standard deviation over seeds) of COCO AP50 and AP on each held-out set, and the
+seconds a run took.
 """
 
 import argparse
@@ -19,27 +27,60 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))  # _neon beside this script
 
 # (height, width) of the training tiles, taken in turn: landscape, portrait, square.
 TILE_SHAPES = ((320, 480), (480, 320), (400, 400))
 MIN_INSIDE = 0.5  # a box cut by a tile edge is kept when at least this share of it is inside
 
 
+# The baseline every variant starts from: the mini detector from scratch at 416 pixels,
+# batch 2, 600 steps, BatchNorm, flips; the optimiser and schedule are the command
+# line's defaults (AdamW 1e-3, warmup, cosine).
+BASELINE = (
+    "--model", "faster_rcnn_mini_fpn", "--image-size", "416", "--batch-size", "2", "--steps", "600",
+    "--norm-mode", "batch", "--augment", "flip",
+)  # fmt: skip
+# One factor at a time; "name=flags" where the name differs from the flags.
+STUDY = (
+    "baseline",
+    "--norm-mode group",
+    "--augment flip,color",
+    "--augment jitter",
+    "--augment jitter,color",
+    "--steps 2000",
+    "--image-size 256",
+    "--image-size 640",
+)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", required=True, help="folder of NAME.xml + NAME.png/.jpg photographs")
-    p.add_argument("--held-out", default="", help="comma-separated NAMEs for the val split (default: the last one)")
-    p.add_argument("--augments", default="flip,jitter")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--image-size", default="384:576")
-    p.add_argument("--model", default="faster_rcnn_mini_fpn")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--neon", action="store_true", help="the NEON photographs of the DeepForest sample data")
+    source.add_argument("--images", help="folder of NAME.xml + NAME.png/.jpg photographs")
+    p.add_argument("--photos", default=None, help="with --neon: where they are kept (default: ~/.cache/lucid_jax/neon)")
+    p.add_argument("--held-out", default="", help="with --images: comma-separated NAMEs held out (default: the last)")
+    p.add_argument("--variants", default=";".join(STUDY), help="';'-separated flag sets added to the baseline's")
+    p.add_argument("--baseline", default=" ".join(BASELINE), help="the flags every run starts from")
+    p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--work", default=None, help="where the VOC folder and the runs go (default: a temporary folder)")
     return p.parse_args(argv)
+
+
+def variant_flags(variant: str) -> tuple[str, list[str]]:
+    """(name, flags) of a variant: "baseline", "FLAGS" or "NAME=FLAGS"."""
+    name, _, flags = variant.partition("=") if "=" in variant.split("--")[0] else ("", "", variant)
+    flags = flags.strip()
+    if flags == "baseline":
+        return "baseline", []
+    return (name.strip() or flags), flags.split()
 
 
 def read_voc_boxes(xml_path: Path) -> tuple[np.ndarray, list[str]]:
@@ -88,44 +129,81 @@ def write_xml(path: Path, filename: str, height: int, width: int, boxes: np.ndar
     )
 
 
-def build_voc(source: Path, root: Path, held_out: list[str]) -> dict:
-    """Write the tiled VOC folder; returns {"train": (images, boxes), "val": (images, boxes)}."""
-    from PIL import Image
+def tiles_of(photos, stem_prefix: str):
+    """Training tiles of every orientation from each (image, boxes, names) photograph."""
+    turn = 0
+    for index, (image, boxes, names) in enumerate(photos):
+        k = 0
+        for _ in range(len(TILE_SHAPES)):  # each photograph gives tiles of every orientation
+            for tile in cut_tiles(image, boxes, names, TILE_SHAPES[turn % len(TILE_SHAPES)]):
+                yield f"{stem_prefix}{index}_{k:03d}", tile
+                k += 1
+            turn += 1
 
-    from lucid_jax.data import load_image
+
+def write_voc(root: Path, sets: dict) -> dict:
+    """Write a VOC folder with one split per set.
+
+    Args:
+      sets: {split: [(stem, (image [H, W, 3] uint8, boxes [M, 4], names))]}.
+
+    Returns:
+      {split: (images, boxes)}.
+    """
+    from PIL import Image
 
     for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
         (root / sub).mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for split, pieces in sets.items():
+        stems = []
+        for stem, (image, boxes, names) in pieces:
+            Image.fromarray(np.ascontiguousarray(image)).save(root / "JPEGImages" / f"{stem}.png")
+            write_xml(root / "Annotations" / f"{stem}.xml", f"{stem}.png", *image.shape[:2], boxes, names)
+            stems.append(stem)
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
+        counts[split] = (len(pieces), sum(len(p[1][1]) for p in pieces))
+    return counts
+
+
+def build_voc(source: Path, root: Path, held_out: list[str]) -> dict:
+    """Tiles of your photographs in ``train``, the ``held_out`` ones whole in ``cross_site``
+    (default: the last photograph); returns {split: (images, boxes)}."""
+    from lucid_jax.data import load_image
+
     photos = sorted(p for p in source.glob("*.xml"))
     images = {p.stem: next(source.glob(f"{p.stem}.[pj][np]g"), None) for p in photos}
     photos = [p for p in photos if images[p.stem] is not None]
     if not photos:
         raise SystemExit(f"no NAME.xml beside NAME.png or NAME.jpg in {source}")
     held = held_out or [photos[-1].stem]
-    splits: dict[str, list[str]] = {"train": [], "val": []}
-    counts = {"train": [0, 0], "val": [0, 0]}
-    turn = 0
+    train, whole = [], []
     for xml in photos:
-        image = load_image(images[xml.stem])
-        boxes, names = read_voc_boxes(xml)
-        split = "val" if xml.stem in held else "train"
-        if split == "val":
-            pieces = [(image, boxes, names)]
-        else:
-            pieces = []
-            for _ in range(len(TILE_SHAPES)):  # each photograph gives tiles of every orientation
-                pieces += list(cut_tiles(image, boxes, names, TILE_SHAPES[turn % len(TILE_SHAPES)]))
-                turn += 1
-        for k, (tile, tile_boxes, tile_names) in enumerate(pieces):
-            stem = f"{xml.stem}_{k:03d}"
-            Image.fromarray(tile).save(root / "JPEGImages" / f"{stem}.png")
-            write_xml(root / "Annotations" / f"{stem}.xml", f"{stem}.png", *tile.shape[:2], tile_boxes, tile_names)
-            splits[split].append(stem)
-            counts[split][0] += 1
-            counts[split][1] += len(tile_boxes)
-    for split, stems in splits.items():
-        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(stems) + "\n")
-    return {k: tuple(v) for k, v in counts.items()}
+        image, (boxes, names) = load_image(images[xml.stem]), read_voc_boxes(xml)
+        (whole if xml.stem in held else train).append((xml.stem, (image, boxes, names)))
+    train_tiles = []
+    for stem, photo in train:
+        train_tiles += [(f"{stem}_{k}", tile) for k, tile in tiles_of([photo], "")]
+    return write_voc(root, {"train": train_tiles, "cross_site": whole})
+
+
+def build_neon_voc(photos: Path, root: Path) -> dict:
+    """The NEON split of ``_neon.split``: training tiles, in-distribution pieces, cross-site photographs."""
+    import _neon
+
+    data = _neon.split(_neon.fetch_photos(photos))
+
+    def named(items):
+        return [(image, boxes, ["tree"] * len(boxes)) for image, boxes, _ in items]
+
+    return write_voc(
+        root,
+        {
+            "train": list(tiles_of(named(data["train"]), "train")),
+            "in_distribution": [(f"piece{i:02d}", p) for i, p in enumerate(named(data["in_distribution"]))],
+            "cross_site": [(f"site{i}", p) for i, p in enumerate(named(data["cross_site"]))],
+        },
+    )
 
 
 def cli(*args) -> str:
@@ -139,29 +217,62 @@ def main(argv=None):
     args = parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_augment_"))
     voc = work / "voc"
-    held_out = [n for n in args.held_out.split(",") if n]
-    counts = build_voc(Path(args.images), voc, held_out)
-    print(f"# bench_augment: {args.model}, --image-size {args.image_size}, batch {args.batch_size}, {args.steps} steps")
+    if args.neon:
+        counts = build_neon_voc(Path(args.photos or Path.home() / ".cache" / "lucid_jax" / "neon"), voc)
+    else:
+        counts = build_voc(Path(args.images), voc, [n for n in args.held_out.split(",") if n])
+    held_out = [split for split in counts if split != "train"]
+    print(f"# bench_augment: baseline {args.baseline}; {args.seeds} seed(s) per variant")
     for split, (n, boxes) in counts.items():
         print(f"{split}: {n} image(s), {boxes} boxes")
-    rows = []
-    for augment in args.augments.split(","):
-        run = work / f"run_{augment}"
-        print(f"training with --augment {augment} ...", flush=True)
-        cli(
-            "train", "--data", f"voc:{voc}", "--model", args.model, "--image-size", args.image_size,
-            "--batch-size", args.batch_size, "--steps", args.steps, "--augment", augment,
-            "--out", run, "--no-progress",
-        )  # fmt: skip
-        scored = cli("eval", "--data", f"voc:{voc}", "--split", "val", "--checkpoint", run, "--no-progress")
-        metrics = json.loads(scored)
-        rows.append((augment, metrics))
-    print(f"\n## Held-out photographs ({counts['val'][0]} image(s), {counts['val'][1]} boxes)")
-    keys = ("AP", "AP50", "voc_AP50_all")
-    print("augment  " + "  ".join(f"{k:>9}" for k in keys))
-    for augment, m in rows:
-        print(f"{augment:<8} " + "  ".join(f"{m.get(k, float('nan')):9.3f}" for k in keys))
-    return rows
+    results = []
+    for variant in (v for v in args.variants.split(";") if v.strip()):
+        name, flags = variant_flags(variant)
+        for seed in range(args.seeds):
+            run = work / "runs" / f"{name.replace(' ', '_').replace('-', '').replace(',', '+')}_seed{seed}"
+            print(f"training {name}, seed {seed} ...", flush=True)
+            start = time.perf_counter()
+            cli(
+                "train",
+                "--data",
+                f"voc:{voc}",
+                *args.baseline.split(),
+                *flags,
+                "--seed",
+                seed,
+                "--out",
+                run,
+                "--no-progress",
+            )
+            seconds = time.perf_counter() - start
+            scores = {}
+            for split in held_out:
+                scored = cli("eval", "--data", f"voc:{voc}", "--split", split, "--checkpoint", run, "--no-progress")
+                metrics = json.loads(scored)
+                scores[split] = {"AP": metrics["AP"], "AP50": metrics["AP50"]}
+            results.append({"variant": name, "seed": seed, "train_seconds": round(seconds), "held_out": scores})
+            print("  " + ", ".join(f"{s} AP50 {v['AP50']:.3f} AP {v['AP']:.3f}" for s, v in scores.items()), flush=True)
+    (work / "recipes.json").write_text(
+        json.dumps({"counts": counts, "baseline": args.baseline, "runs": results}, indent=1)
+    )
+    print_table(results, held_out)
+    return results
+
+
+def print_table(results: list[dict], held_out: list[str]) -> None:
+    """Per variant: mean ± standard deviation over seeds of each held-out set's AP50 and AP."""
+    names = list(dict.fromkeys(r["variant"] for r in results))
+    header = ["variant", "seeds"] + [f"{s} {k}" for s in held_out for k in ("AP50", "AP")] + ["train s"]
+    print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for name in names:
+        runs = [r for r in results if r["variant"] == name]
+        cells = [f"`{name}`", str(len(runs))]
+        for split in held_out:
+            for key in ("AP50", "AP"):
+                v = np.array([r["held_out"][split][key] for r in runs])
+                cells.append(f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}")
+        cells.append(f"{np.mean([r['train_seconds'] for r in runs]):.0f}")
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -39,10 +39,23 @@ def test_voc_folder_holds_out_whole_photographs(bench, tmp_path):
         Image.fromarray(np.full((h, w, 3), 90, np.uint8)).save(source / f"{name}.png")
         bench.write_xml(source / f"{name}.xml", f"{name}.png", h, w, np.array([[9, 9, 49, 49]], np.float32), ["tree"])
     counts = bench.build_voc(source, tmp_path / "voc", ["two"])
-    assert counts["val"] == (1, 1)
-    val = (tmp_path / "voc" / "ImageSets" / "Main" / "val.txt").read_text().split()
-    assert val == ["two_000"] and Image.open(tmp_path / "voc" / "JPEGImages" / "two_000.png").size == (400, 400)
-    boxes, names = bench.read_voc_boxes(tmp_path / "voc" / "Annotations" / "two_000.xml")
+    assert counts["cross_site"] == (1, 1)
+    val = (tmp_path / "voc" / "ImageSets" / "Main" / "cross_site.txt").read_text().split()
+    assert val == ["two"] and Image.open(tmp_path / "voc" / "JPEGImages" / "two.png").size == (400, 400)
+    boxes, names = bench.read_voc_boxes(tmp_path / "voc" / "Annotations" / "two.xml")
     assert boxes.tolist() == [[9, 9, 49, 49]] and names == ["tree"]
     train = (tmp_path / "voc" / "ImageSets" / "Main" / "train.txt").read_text().split()
     assert counts["train"][0] == len(train) > 3  # every orientation of tiles from "one"
+
+
+def test_variants_are_the_baseline_and_one_factor_each(bench):
+    assert bench.variant_flags("baseline") == ("baseline", [])
+    assert bench.variant_flags("--augment flip,color") == ("--augment flip,color", ["--augment", "flip,color"])
+    assert bench.variant_flags("R50=--model faster_rcnn_resnet_50_fpn") == (
+        "R50",
+        ["--model", "faster_rcnn_resnet_50_fpn"],
+    )
+    baseline = bench.BASELINE
+    for variant in bench.STUDY[1:]:
+        _, flags = bench.variant_flags(variant)
+        assert len(flags) == 2 and flags[0] in baseline and flags[1] != baseline[baseline.index(flags[0]) + 1]
