@@ -54,6 +54,7 @@ STUDY = (
     "--augment flip,color",
     "--augment jitter",
     "--augment jitter,color",
+    "SGD=--optimizer sgd --lr 0.02 --warmup-steps 100",
     "--steps 2000",
     "--image-size 256",
     "--image-size 640",

@@ -55,7 +55,10 @@ def test_variants_are_the_baseline_and_one_factor_each(bench):
         "R50",
         ["--model", "faster_rcnn_resnet_50_fpn"],
     )
-    baseline = bench.BASELINE
+    baseline = dict(zip(bench.BASELINE[::2], bench.BASELINE[1::2]))
     for variant in bench.STUDY[1:]:
         _, flags = bench.variant_flags(variant)
-        assert len(flags) == 2 and flags[0] in baseline and flags[1] != baseline[baseline.index(flags[0]) + 1]
+        pairs = dict(zip(flags[::2], flags[1::2]))
+        assert len(flags) == 2 * len(pairs) and all(f.startswith("--") for f in pairs)
+        assert any(baseline.get(f) != v for f, v in pairs.items())  # the variant changes something
+    assert "SGD" in [bench.variant_flags(v)[0] for v in bench.STUDY]
