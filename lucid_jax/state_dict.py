@@ -277,7 +277,7 @@ def from_torchvision_resnet(tv_state_dict: Mapping[str, Any]) -> dict[str, np.nd
     The arrays are copies: training the torch model afterwards leaves them as they were.
     """
     return {
-        rename_torchvision_resnet_key(k): np.array(v)
+        rename_torchvision_resnet_key(k): np.asarray(v).copy()
         for k, v in tv_state_dict.items()
         if not k.endswith(_IGNORED_SUFFIXES)
     }
@@ -293,7 +293,7 @@ def from_torchvision_faster_rcnn(tv_state_dict: Mapping[str, Any]) -> dict[str, 
     """
     layout = torchvision_faster_rcnn_layout(tv_state_dict)
     return {
-        rename_torchvision_faster_rcnn_key(k, **layout): np.array(v)
+        rename_torchvision_faster_rcnn_key(k, **layout): np.asarray(v).copy()
         for k, v in tv_state_dict.items()
         if not k.endswith(_IGNORED_SUFFIXES)
     }
