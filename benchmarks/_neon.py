@@ -53,15 +53,17 @@ def fetch_photos(dest: str | Path) -> Path:
     return dest
 
 
-def read_voc_boxes(xml_path: str | Path) -> np.ndarray:
-    """[M, 4] float32 xyxy boxes in continuous pixels (VOC's corners are 1-based and inclusive)."""
+def read_voc_boxes(xml_path: str | Path) -> tuple[np.ndarray, list[str]]:
+    """[M, 4] float32 xyxy boxes in continuous pixels (VOC's corners are 1-based and
+    inclusive), and their names."""
     root = ET.parse(xml_path).getroot()
-    boxes = []
+    boxes, names = [], []
     for obj in root.iter("object"):
         b = obj.find("bndbox")
         x1, y1, x2, y2 = (float(b.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
         boxes.append((x1 - 1, y1 - 1, x2, y2))
-    return np.array(boxes, np.float32).reshape(-1, 4)
+        names.append(obj.findtext("name").strip())
+    return np.array(boxes, np.float32).reshape(-1, 4), names
 
 
 def read_photo(folder: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -70,7 +72,7 @@ def read_photo(folder: str | Path, name: str) -> tuple[np.ndarray, np.ndarray]:
 
     folder = Path(folder)
     image = np.asarray(Image.open(folder / f"{name}.png").convert("RGB"))
-    return image, read_voc_boxes(folder / f"{name}.xml")
+    return image, read_voc_boxes(folder / f"{name}.xml")[0]
 
 
 def crop(image: np.ndarray, boxes: np.ndarray, y0: int, x0: int, h: int, w: int):

@@ -28,16 +28,15 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))  # _neon beside this script
+from _neon import crop, read_voc_boxes  # noqa: E402
 
 # (height, width) of the training tiles, taken in turn: landscape, portrait, square.
 TILE_SHAPES = ((320, 480), (480, 320), (400, 400))
-MIN_INSIDE = 0.5  # a box cut by a tile edge is kept when at least this share of it is inside
 
 
 # The baseline every variant starts from: the mini detector from scratch at 416 pixels,
@@ -84,18 +83,6 @@ def variant_flags(variant: str) -> tuple[str, list[str]]:
     return (name.strip() or flags), flags.split()
 
 
-def read_voc_boxes(xml_path: Path) -> tuple[np.ndarray, list[str]]:
-    """[M, 4] xyxy boxes (VOC's 1-based inclusive corners to continuous pixels) and names."""
-    root = ET.parse(xml_path).getroot()
-    boxes, names = [], []
-    for obj in root.iter("object"):
-        b = obj.find("bndbox")
-        x1, y1, x2, y2 = (float(b.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-        boxes.append((x1 - 1, y1 - 1, x2, y2))
-        names.append(obj.findtext("name").strip())
-    return np.array(boxes, np.float32).reshape(-1, 4), names
-
-
 def tile_origins(length: int, tile: int) -> list[int]:
     """Tile starts covering [0, length) with tiles of ``tile`` (the last one flush with the end)."""
     if length <= tile:
@@ -108,14 +95,10 @@ def cut_tiles(image: np.ndarray, boxes: np.ndarray, names: list[str], shape: tup
     """Tiles of ``shape`` covering the image, each with the boxes mostly inside it, moved and clipped."""
     h, w = image.shape[:2]
     th, tw = min(shape[0], h), min(shape[1], w)
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     for y0 in tile_origins(h, th):
         for x0 in tile_origins(w, tw):
-            moved = boxes - np.array([x0, y0, x0, y0], np.float32)
-            clipped = np.clip(moved, 0, np.array([tw, th, tw, th], np.float32))
-            inside = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-            keep = inside >= MIN_INSIDE * area
-            yield image[y0 : y0 + th, x0 : x0 + tw], clipped[keep], [n for n, k in zip(names, keep) if k]
+            tile, kept, keep = crop(image, boxes, y0, x0, th, tw)
+            yield tile, kept, [n for n, k in zip(names, keep) if k]
 
 
 def write_xml(path: Path, filename: str, height: int, width: int, boxes: np.ndarray, names: list[str]) -> None:
