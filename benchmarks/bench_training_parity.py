@@ -547,7 +547,7 @@ def main(argv=None):
                 )
     draw_curves(runs, out / "loss_curves.png")
     result = {
-        "config": {k: v for k, v in vars(args).items()},
+        "config": dict(vars(args)),
         "summary": {name: summary(runs, name) for name in held_out},
         "runs": runs,
     }
