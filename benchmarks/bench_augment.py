@@ -18,7 +18,9 @@ inside its tile, and written as a VOC folder with one split per set. Every varia
 the baseline's flags followed by its own (the last value of a flag wins), run once
 per seed. Printed and written to WORK/recipes.json: per variant, the mean and spread
 (standard deviation over seeds) of COCO AP50 and AP on each held-out set, and the
-seconds a run took.
+seconds a run took. recipes.json is written after every run, and a later invocation
+with the same ``--work`` keeps the (variant, seed) runs it holds: the study can be
+run in parts, and more seeds added to one variant (``--variants baseline --seeds 3``).
 """
 
 import argparse
@@ -209,10 +211,14 @@ def main(argv=None):
     print(f"# bench_augment: baseline {args.baseline}; {args.seeds} seed(s) per variant")
     for split, (n, boxes) in counts.items():
         print(f"{split}: {n} image(s), {boxes} boxes")
-    results = []
+    results = earlier_runs(work / "recipes.json", args.baseline)
+    done = {(r["variant"], r["seed"]) for r in results}
     for variant in (v for v in args.variants.split(";") if v.strip()):
         name, flags = variant_flags(variant)
         for seed in range(args.seeds):
+            if (name, seed) in done:
+                print(f"{name}, seed {seed}: scored by an earlier invocation, kept", flush=True)
+                continue
             run = work / "runs" / f"{name.replace(' ', '_').replace('-', '').replace(',', '+')}_seed{seed}"
             print(f"training {name}, seed {seed} ...", flush=True)
             start = time.perf_counter()
@@ -236,11 +242,22 @@ def main(argv=None):
                 scores[split] = {"AP": metrics["AP"], "AP50": metrics["AP50"]}
             results.append({"variant": name, "seed": seed, "train_seconds": round(seconds), "held_out": scores})
             print("  " + ", ".join(f"{s} AP50 {v['AP50']:.3f} AP {v['AP']:.3f}" for s, v in scores.items()), flush=True)
-    (work / "recipes.json").write_text(
-        json.dumps({"counts": counts, "baseline": args.baseline, "runs": results}, indent=1)
-    )
+            # after every run: an interrupted study keeps what it measured, and a later one goes on from it
+            (work / "recipes.json").write_text(
+                json.dumps({"counts": counts, "baseline": args.baseline, "runs": results}, indent=1)
+            )
     print_table(results, held_out)
     return results
+
+
+def earlier_runs(path: Path, baseline: str) -> list[dict]:
+    """The runs a previous invocation in the same WORK folder scored, when it had the same baseline."""
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    if earlier["baseline"] != baseline:
+        raise SystemExit(f"{path} holds runs of another baseline ({earlier['baseline']}); use another --work")
+    return earlier["runs"]
 
 
 def print_table(results: list[dict], held_out: list[str]) -> None:

@@ -1,5 +1,7 @@
 """benchmarks/bench_augment.py: the tiling of annotated photographs into a VOC folder."""
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -62,3 +64,14 @@ def test_variants_are_the_baseline_and_one_factor_each(bench):
         assert len(flags) == 2 * len(pairs) and all(f.startswith("--") for f in pairs)
         assert any(baseline.get(f) != v for f, v in pairs.items())  # the variant changes something
     assert "SGD" in [bench.variant_flags(v)[0] for v in bench.STUDY]
+
+
+def test_a_study_goes_on_from_the_runs_an_earlier_invocation_scored(bench, tmp_path):
+    path = tmp_path / "recipes.json"
+    assert bench.earlier_runs(path, "--steps 600") == []
+    scores = {"cross_site": {"AP": 0.1, "AP50": 0.2}}
+    runs = [{"variant": "baseline", "seed": 0, "train_seconds": 1, "held_out": scores}]
+    path.write_text(json.dumps({"counts": {}, "baseline": "--steps 600", "runs": runs}))
+    assert bench.earlier_runs(path, "--steps 600") == runs
+    with pytest.raises(SystemExit, match="another baseline"):
+        bench.earlier_runs(path, "--steps 2000")  # mixing baselines would make the table lie
