@@ -33,6 +33,11 @@ results.json (every seed's AP, AP50, losses and time), ground truth files,
 loss_curves.png (both sides' training loss per seed, smoothed) and every run's
 trained weights in Lucid's names (SIDE_seedN.safetensors). torchvision's trained
 weights are also scored through our predict, which tells training apart from scoring.
+
+``--ours-model`` (with ``--sides ours``) trains our side alone on another model, from
+our own initialisation: the twin (``twin-own-init``), the twin with the mini model's
+proposal and RoI counts (``twin-mini-counts``), or ``faster_rcnn_mini_fpn`` itself
+(``mini``, ``mini-no-dropout``). It tells which setting costs the mini model accuracy.
 """
 
 import argparse
@@ -71,9 +76,18 @@ def parse_args(argv=None):
     p.add_argument("--norm", choices=("batch", "group"), default="batch")
     p.add_argument("--sides", default="torchvision,ours", help="comma list of the sides to train")
     p.add_argument(
+        "--ours-model",
+        choices=OURS_MODELS,
+        default="twin",
+        help="our side's model; any but twin starts from our own initialisation (jax.random.key(seed)) "
+        "and trains our side alone: a diagnosis of which setting costs accuracy",
+    )
+    p.add_argument(
         "--small", action="store_true", help="synthetic photographs, 2 seeds, 6 steps at 128: mechanics only"
     )
     args = p.parse_args(argv)
+    if args.ours_model != "twin" and args.sides != "ours":
+        p.error(f"--ours-model {args.ours_model} has no torchvision twin: add --sides ours")
     if args.small:
         args.seeds, args.steps, args.size, args.warmup = 2, 6, 128, 2
     return args
@@ -264,6 +278,42 @@ def ours_twin(num_classes: int, norm: str):
         fpn_channels=FPN_CHANNELS,
         representation_size=REPRESENTATION,
     )
+
+
+# --ours-model: the twin, and the settings that tell why the mini model trails it
+OURS_MODELS = ("twin", "twin-own-init", "twin-mini-counts", "mini", "mini-no-dropout")
+MINI_COUNTS = dict(rpn_pre_nms_top_n=(600, 300), rpn_post_nms_top_n=(300, 100), box_batch_size_per_image=128)
+
+
+def ours_model(name: str, num_classes: int, norm: str):
+    """Our side's detector for ``--ours-model``: the twin; the twin with the mini
+    model's proposal and RoI counts; or ``faster_rcnn_mini_fpn`` (with or without its
+    box head's dropout)."""
+    from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn, get_model
+
+    if name in ("twin", "twin-own-init"):
+        return ours_twin(num_classes, norm)
+    if name == "twin-mini-counts":
+        return build_resnet_fpn_faster_rcnn(
+            (1, 1, 1, 1),
+            num_classes,
+            **{**TORCHVISION_FASTER_RCNN, "norm_mode": norm, **MINI_COUNTS},
+            widths=WIDTHS,
+            stem_width=STEM_WIDTH,
+            fpn_channels=FPN_CHANNELS,
+            representation_size=REPRESENTATION,
+        )
+    dropout = {"dropout_rate": 0.0} if name == "mini-no-dropout" else {}
+    return get_model("faster_rcnn_mini_fpn", num_classes=num_classes, norm_mode=norm, **dropout)
+
+
+def own_init(model, size: int, seed: int) -> dict:
+    """Our initialisation of ``model``, from ``jax.random.key(seed)``, as NumPy arrays."""
+    import jax
+    import jax.numpy as jnp
+
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, 3, size, size), jnp.float32))
+    return jax.tree_util.tree_map(np.asarray, dict(variables))
 
 
 def ours_from(tv, model, size: int) -> dict:
@@ -492,11 +542,14 @@ def main(argv=None):
     )
     lrs = lr_table(args)
     sides = [s.strip() for s in args.sides.split(",")]
-    model = ours_twin(num_classes, args.norm)
+    model = ours_model(args.ours_model, num_classes, args.norm)
     runs, trainer = [], None
     for seed in range(args.seeds):
-        tv = torchvision_twin(num_classes, args.norm, seed)
-        variables = ours_from(tv, model, args.size)  # before torchvision trains: the same start
+        if args.ours_model == "twin":
+            tv = torchvision_twin(num_classes, args.norm, seed)
+            variables = ours_from(tv, model, args.size)  # before torchvision trains: the same start
+        else:
+            variables = own_init(model, args.size, seed)
         for side in sides:
             start = time.perf_counter()
             if side == "torchvision":

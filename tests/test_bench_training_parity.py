@@ -73,3 +73,26 @@ def test_small_run_trains_both_sides_from_equal_weights_and_writes_curves(bench,
     with Image.open(out / "loss_curves.png") as png:
         assert png.format == "PNG" and png.size[0] > 1000
     assert set(result["summary"]["in_distribution"]) == {"torchvision", "lucid_jax"}
+
+
+def test_diagnostic_models_train_our_side_alone_from_our_initialisation(bench, tmp_path):
+    with pytest.raises(SystemExit):  # no torchvision twin for the mini model
+        bench.parse_args(["--small", "--ours-model", "mini"])
+    twin = bench.ours_model("twin-mini-counts", 2, "batch")
+    assert (twin.rpn.post_nms_top_n, twin.roi_heads.batch_size_per_image) == ((300, 100), 128)
+    assert bench.ours_model("mini-no-dropout", 2, "batch").roi_heads.dropout_rate == 0.0
+    mini = bench.ours_model("mini", 2, "batch")
+    a, b = (bench.own_init(mini, 128, seed) for seed in (0, 0))
+    assert all(np.array_equal(x, y) for x, y in zip(*(jax_leaves(v) for v in (a, b))))
+    out = tmp_path / "mini"
+    assert bench.main(["--small", "--sides", "ours", "--ours-model", "mini", "--out", str(out)]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [(r["side"], r["seed"]) for r in runs] == [("lucid_jax", 0), ("lucid_jax", 1)]
+    assert all(np.isfinite(np.array(r["losses"])).all() and len(r["losses"]) == 6 for r in runs)
+    assert runs[0]["losses"][0] != runs[1]["losses"][0]  # each seed its own start and windows
+
+
+def jax_leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_leaves(tree)
