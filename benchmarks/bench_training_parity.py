@@ -266,13 +266,14 @@ def torchvision_twin(num_classes: int, norm: str, seed: int):
     )
 
 
-def ours_twin(num_classes: int, norm: str):
+def ours_twin(num_classes: int, norm: str, **overrides):
+    """Our side of the twin; ``overrides`` replace its RPN and RoI-head settings."""
     from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn
 
     return build_resnet_fpn_faster_rcnn(
         (1, 1, 1, 1),
         num_classes,
-        **{**TORCHVISION_FASTER_RCNN, "norm_mode": norm},
+        **{**TORCHVISION_FASTER_RCNN, "norm_mode": norm, **overrides},
         widths=WIDTHS,
         stem_width=STEM_WIDTH,
         fpn_channels=FPN_CHANNELS,
@@ -289,20 +290,12 @@ def ours_model(name: str, num_classes: int, norm: str):
     """Our side's detector for ``--ours-model``: the twin; the twin with the mini
     model's proposal and RoI counts; or ``faster_rcnn_mini_fpn`` (with or without its
     box head's dropout)."""
-    from lucid_jax.models import TORCHVISION_FASTER_RCNN, build_resnet_fpn_faster_rcnn, get_model
+    from lucid_jax.models import get_model
 
     if name in ("twin", "twin-own-init"):
         return ours_twin(num_classes, norm)
     if name == "twin-mini-counts":
-        return build_resnet_fpn_faster_rcnn(
-            (1, 1, 1, 1),
-            num_classes,
-            **{**TORCHVISION_FASTER_RCNN, "norm_mode": norm, **MINI_COUNTS},
-            widths=WIDTHS,
-            stem_width=STEM_WIDTH,
-            fpn_channels=FPN_CHANNELS,
-            representation_size=REPRESENTATION,
-        )
+        return ours_twin(num_classes, norm, **MINI_COUNTS)
     dropout = {"dropout_rate": 0.0} if name == "mini-no-dropout" else {}
     return get_model("faster_rcnn_mini_fpn", num_classes=num_classes, norm_mode=norm, **dropout)
 
