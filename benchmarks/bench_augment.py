@@ -203,6 +203,7 @@ def main(argv=None):
     args = parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_augment_"))
     voc = work / "voc"
+    results = earlier_runs(work / "recipes.json", args.baseline)  # before anything is written
     if args.neon:
         counts = build_neon_voc(Path(args.photos or Path.home() / ".cache" / "lucid_jax" / "neon"), voc)
     else:
@@ -211,7 +212,6 @@ def main(argv=None):
     print(f"# bench_augment: baseline {args.baseline}; {args.seeds} seed(s) per variant")
     for split, (n, boxes) in counts.items():
         print(f"{split}: {n} image(s), {boxes} boxes")
-    results = earlier_runs(work / "recipes.json", args.baseline)
     done = {(r["variant"], r["seed"]) for r in results}
     for variant in (v for v in args.variants.split(";") if v.strip()):
         name, flags = variant_flags(variant)
