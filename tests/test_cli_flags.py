@@ -74,6 +74,13 @@ def test_every_optional_flag_of_every_subcommand_states_its_default(command):
         (["--schedule", "step"], "--schedule step needs --decay-steps"),
         (["--decay-steps", "300,200"], "--decay-steps must be increasing positive steps, got 300,200"),
         (["--trainable-backbone-layers", "7"], "invalid choice"),
+        (
+            ["--rpn-pre-nms-top-n", "2000"],
+            "--rpn-pre-nms-top-n takes TRAIN,TEST, two positive counts, e.g. 2000,1000; got 2000",
+        ),
+        (["--rpn-post-nms-top-n", "300,0"], "--rpn-post-nms-top-n takes TRAIN,TEST, two positive counts"),
+        (["--box-batch-size-per-image", "0"], "--box-batch-size-per-image must be >= 1, got 0"),
+        (["--dropout-rate", "1"], "--dropout-rate must be in [0, 1), got 1.0"),
     ],
 )
 def test_usage_errors_exit_2_and_create_nothing(tmp_path, flags, message):
@@ -197,12 +204,17 @@ def test_export_of_a_canvases_run_writes_one_artifact_per_canvas_and_refuses_bad
     assert not list(tmp_path.glob("x.jax*"))
 
 
-def test_group_norm_with_jitter_and_color_trains_and_evaluates(tmp_path):
-    """--norm-mode group (no batch statistics anywhere) and --augment jitter,color, end to end."""
+def test_group_norm_color_and_proposal_counts_train_and_evaluate(tmp_path):
+    """--norm-mode group (no batch statistics anywhere), --augment jitter,color and the
+    proposal, RoI-sample and dropout settings, end to end: the run stores them and the
+    model rebuilt from it has them."""
     out = tmp_path / "gn"
+    counts = ("--rpn-pre-nms-top-n", "200,150", "--rpn-post-nms-top-n", "60,40")
+    counts += ("--box-batch-size-per-image", "48", "--dropout-rate", "0")
     code, stdout, err = run_cli(
         "train",
         *("--data", "shapes", "--model", "faster_rcnn_mini_fpn", "--norm-mode", "group", "--augment", "jitter,color"),
+        *counts,
         *("--steps", "2", "--batch-size", "2", "--image-size", "64", "--shapes-train-examples", "4"),
         *("--eval-every", "0", "--no-progress", "--num-workers", "0", "--log-every", "1", "--out", out),
     )
@@ -213,6 +225,9 @@ def test_group_norm_with_jitter_and_color_trains_and_evaluates(tmp_path):
     model, variables, _, config = jobs.load_trained(out)
     assert (config.norm_mode, config.augment) == ("group", "jitter,color")
     assert not variables["batch_stats"] and model.backbone.norm_mode == "group"
+    assert (model.rpn.pre_nms_top_n, model.rpn.post_nms_top_n) == ((200, 150), (60, 40))
+    assert (model.roi_heads.batch_size_per_image, model.roi_heads.dropout_rate) == (48, 0.0)
+    assert jobs.build_model("faster_rcnn_mini_fpn", 4).rpn.post_nms_top_n == (300, 100)  # the model's own
     code, stdout, err = run_cli("eval", "--checkpoint", out, "--data", "shapes", "--no-progress")
     assert code == 0 and "AP50" in stdout, err
     code, _, err = run_cli("train", "--data", "shapes", "--augment", "none,flip", "--out", tmp_path / "bad")

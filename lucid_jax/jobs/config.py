@@ -176,6 +176,36 @@ class TrainConfig:
         "torchvision FasterRCNN v2 weights)",
         choices=("batch", "frozen", "group"),
     )
+    rpn_pre_nms_top_n: tuple[int, ...] | None = flag(
+        None,
+        "TRAIN,TEST: RPN boxes kept per FPN level before NMS, in training and in test "
+        "(the mini model's 600,300; torchvision's and the ResNet FPNs' 2000,1000)",
+        type=_ints,
+        metavar="TRAIN,TEST",
+        shown="the model's",
+    )
+    rpn_post_nms_top_n: tuple[int, ...] | None = flag(
+        None,
+        "TRAIN,TEST: proposals kept after the RPN's NMS, in training and in test "
+        "(the mini model's 300,100; torchvision's 2000,1000; the ResNet FPNs' 1000,300)",
+        type=_ints,
+        metavar="TRAIN,TEST",
+        shown="the model's",
+    )
+    box_batch_size_per_image: int | None = flag(
+        None,
+        "proposals sampled per image to train the box head (the mini model's 128; torchvision's "
+        "and the ResNet FPNs' 512)",
+        type=int,
+        shown="the model's",
+    )
+    dropout_rate: float | None = flag(
+        None,
+        "dropout after each fully connected layer of the box head in training (Lucid's and the "
+        "mini model's 0.5; torchvision's 0)",
+        type=float,
+        shown="the model's",
+    )
     init: str | None = flag(
         None,
         "start from pretrained weights: .lcd, .safetensors, .npz, .pth or a run "
@@ -342,6 +372,16 @@ def check_config(config: TrainConfig) -> None:
             raise JobError(f"{flag_name(name)} must be >= 1, got {getattr(config, name)}")
     canvases(config)  # --image-size: S or SHORT:LONG
     augment_parts(config.augment)
+    for name in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+        value = getattr(config, name)
+        if value is not None and (len(value) != 2 or min(value) < 1):
+            raise JobError(
+                f"{flag_name(name)} takes TRAIN,TEST, two positive counts, e.g. 2000,1000; got {_show(value)}"
+            )
+    if config.box_batch_size_per_image is not None and config.box_batch_size_per_image < 1:
+        raise JobError(f"--box-batch-size-per-image must be >= 1, got {config.box_batch_size_per_image}")
+    if config.dropout_rate is not None and not 0 <= config.dropout_rate < 1:
+        raise JobError(f"--dropout-rate must be in [0, 1), got {config.dropout_rate}")
     if config.max_boxes is not None and config.max_boxes < 1:
         raise JobError(f"--max-boxes must be >= 1, got {config.max_boxes}")
     for name in ("weight_decay", "backbone_lr_mult", "warmup_steps", "num_workers", "eval_every"):

@@ -29,16 +29,20 @@ from lucid_jax.models import get_model
 from lucid_jax.optim import build_optimizer, learning_rate_schedule, param_labels
 from lucid_jax.train import create_train_state
 
+# Run settings that are the builders' own keywords: None keeps the registered model's value.
+MODEL_SETTINGS = ("rpn_pre_nms_top_n", "rpn_post_nms_top_n", "box_batch_size_per_image", "dropout_rate")
 
-def build_model(name: str, num_classes: int, *, norm_mode: str = "batch", compute_dtype: str = "float32"):
+
+def build_model(name: str, num_classes: int, *, norm_mode: str = "batch", compute_dtype: str = "float32", **overrides):
     """The registered detector ``name`` for ``num_classes`` classes (background included).
 
     Args:
       name: a registered detector.
       num_classes: object classes, background included.
-      norm_mode: "batch" or "frozen" BatchNorm.
+      norm_mode: "batch", "frozen" or "group" (every norm of the model).
       compute_dtype: "float32", or "bfloat16": convolutions and matmuls in bfloat16 on
         float32 parameters (the losses and detections stay float32).
+      **overrides: builder keywords (``MODEL_SETTINGS``) that replace the model's own.
 
     Returns:
       The unbound model.
@@ -47,13 +51,15 @@ def build_model(name: str, num_classes: int, *, norm_mode: str = "batch", comput
       JobError: ``name`` is not a registered detector.
     """
     check_model_name(name)
-    return get_model(name, num_classes=num_classes, norm_mode=norm_mode, dtype=jnp.dtype(compute_dtype))
+    return get_model(name, num_classes=num_classes, norm_mode=norm_mode, dtype=jnp.dtype(compute_dtype), **overrides)
 
 
 def run_model(config: TrainConfig, num_classes: int, compute_dtype: str | None = None):
-    """The detector of a run's settings (its ``compute_dtype`` unless another is given)."""
+    """The detector of a run's settings (its ``compute_dtype`` unless another is given):
+    the registered model with the run's ``MODEL_SETTINGS`` where they are set."""
     dtype = compute_dtype or config.compute_dtype
-    return build_model(config.model, num_classes, norm_mode=config.norm_mode, compute_dtype=dtype)
+    overrides = {name: getattr(config, name) for name in MODEL_SETTINGS if getattr(config, name) is not None}
+    return build_model(config.model, num_classes, norm_mode=config.norm_mode, compute_dtype=dtype, **overrides)
 
 
 def frozen_labels(params, config: TrainConfig):
