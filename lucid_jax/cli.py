@@ -93,6 +93,7 @@ def _eval(args) -> int:
         ground_truth=o.ground_truth,
         step=o.step,
         compute_dtype=o.compute_dtype,
+        max_detections=o.max_detections,
     )
     if metrics is None:  # another process scores and prints
         return 0
@@ -106,6 +107,7 @@ def _eval(args) -> int:
         "num_ground_truth",
         "num_images",
         "num_detections",
+        "coco_max_dets",
     )
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     return 0
@@ -130,6 +132,7 @@ def _predict(args) -> int:
         progress=not o.no_progress,
         step=o.step,
         compute_dtype=o.compute_dtype,
+        max_detections=o.max_detections,
     )
     drawn = f"{len(report.results)} PNG(s), " if o.draw else ""
     extra = f" and {o.results}" if o.results else ""
@@ -155,6 +158,7 @@ def _export(args) -> int:
             score_thresh=o.score_thresh,
             step=o.step,
             compute_dtype=o.compute_dtype,
+            max_detections=o.max_detections,
         )
         for path in paths:
             print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, ONNX) and {path}.json")
@@ -170,6 +174,7 @@ def _export(args) -> int:
         score_thresh=o.score_thresh,
         step=o.step,
         compute_dtype=o.compute_dtype,
+        max_detections=o.max_detections,
     )
     shapes = [c["canvas"] for c in meta["canvases"]] if "canvases" in meta else [meta["canvas"]]
     print(

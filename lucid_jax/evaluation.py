@@ -85,12 +85,66 @@ def _images(predictions, targets) -> list[tuple[dict, dict]]:
 _COCO_STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-def _run_cocoeval(coco_gt, results: list[dict]) -> dict:
-    """COCOeval (bbox) of ``results`` against a loaded ``COCO``; prints silenced by the caller.
+def coco_max_dets(max_detections: int = 100) -> tuple[int, int, int]:
+    """COCOeval's ``maxDets`` for up to ``max_detections`` detections per image: (1, 10, 100),
+    or (1, 10, K) where K > 100, so that a crowded image's detections past the 100th count."""
+    return 1, 10, max(100, int(max_detections))
+
+
+def coco_stat_names(max_dets: Sequence[int] = (1, 10, 100)) -> tuple[str, ...]:
+    """The 12 COCO figures' names; the third recall is named for its limit (AR100, AR1000)."""
+    return tuple(f"AR{max_dets[2]}" if name == "AR100" else name for name in _COCO_STATS)
+
+
+def _coco_summary(evaluator) -> list[float]:
+    """COCOeval's 12 box figures, every one at the largest ``maxDets`` but AR1 and AR10.
+
+    ``COCOeval.summarize`` reads AP@[.5:.95] at ``maxDets`` = 100 whatever the
+    parameters are (it reports -1 when 100 is not among them). Here every AP is the
+    mean of ``precision[..., -1]`` over its entries that are not -1, and every recall
+    ``recall[..., m]``, as ``summarize`` takes them; with the default (1, 10, 100)
+    the figures equal its ``stats``.
+    """
+    p = evaluator.params
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]: IoU thresholds, recalls, classes, areas, maxDets
+    recall = evaluator.eval["recall"]  # [T, K, A, M]
+    area = {name: i for i, name in enumerate(p.areaRngLbl)}
+
+    def mean(values) -> float:
+        values = values[values > -1]
+        return float(values.mean()) if values.size else -1.0
+
+    def ap(iou=None, rng="all") -> float:
+        s = precision if iou is None else precision[np.isclose(p.iouThrs, iou)]
+        return mean(s[:, :, :, area[rng], -1])
+
+    def ar(m, rng="all") -> float:
+        return mean(recall[:, :, area[rng], m])
+
+    return [
+        ap(),
+        ap(0.5),
+        ap(0.75),
+        ap(rng="small"),
+        ap(rng="medium"),
+        ap(rng="large"),
+        ar(0),
+        ar(1),
+        ar(-1),
+        ar(-1, "small"),
+        ar(-1, "medium"),
+        ar(-1, "large"),
+    ]
+
+
+def _run_cocoeval(coco_gt, results: list[dict], max_detections: int = 100) -> dict:
+    """COCOeval (bbox) of ``results`` against a loaded ``COCO``, with ``maxDets``
+    :func:`coco_max_dets` (``max_detections``); prints silenced by the caller.
 
     Returns:
-      {the 12 named stats (NaN where pycocotools reports -1), "stats": the 12 raw
-      floats, "per_class_AP": {category name: AP, NaN without ground truth}}.
+      {the 12 named stats (:func:`coco_stat_names`; NaN where pycocotools reports -1),
+      "stats": the 12 raw floats, "per_class_AP": {category name: AP, NaN without
+      ground truth}, "max_dets": [1, 10, K]}.
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -110,34 +164,40 @@ def _run_cocoeval(coco_gt, results: list[dict]) -> dict:
         }
         coco_dt.createIndex()
     evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    max_dets = coco_max_dets(max_detections)
+    evaluator.params.maxDets = list(max_dets)
     evaluator.evaluate()
     evaluator.accumulate()
-    evaluator.summarize()
-    stats = [float(v) for v in evaluator.stats]
-    metrics: dict[str, Any] = {name: v if v > -1 else float("nan") for name, v in zip(_COCO_STATS, stats)}
+    stats = _coco_summary(evaluator)
+    names = coco_stat_names(max_dets)
+    metrics: dict[str, Any] = {name: v if v > -1 else float("nan") for name, v in zip(names, stats)}
     metrics["stats"] = stats
-    precision = evaluator.eval["precision"]  # [T, R, K, A, M]: IoU thresholds, recalls, classes, areas, maxDets
+    metrics["max_dets"] = list(max_dets)
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
     per_class = {}
     for k, cat_id in enumerate(evaluator.params.catIds):
-        p = precision[:, :, k, 0, -1]  # area "all", maxDets 100
+        p = precision[:, :, k, 0, -1]  # area "all", the largest maxDets
         per_class[str(coco_gt.cats[cat_id]["name"])] = float(p[p > -1].mean()) if (p > -1).any() else float("nan")
     metrics["per_class_AP"] = per_class
     return metrics
 
 
-def coco_evaluate_official(gt, results: list[dict]) -> dict:
+def coco_evaluate_official(gt, results: list[dict], max_detections: int = 100) -> dict:
     """pycocotools' box evaluation, as the official COCO numbers are computed.
 
     Args:
       gt: a COCO instances dict (e.g. :func:`coco_ground_truth`), or the path of an
         annotation file, which ``pycocotools.coco.COCO`` loads itself.
       results: COCO result records (e.g. :func:`coco_results`); empty scores 0.
+      max_detections: the detections per image that count: COCOeval's ``maxDets``
+        are (1, 10, K) for K > 100, else the standard (1, 10, 100).
 
     Returns:
-      {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
-      "ARm", "ARl": float (NaN where pycocotools reports -1), "stats": the 12 raw
-      ``COCOeval.stats``, "per_class_AP": {category name: AP@[.5:.95], NaN for a
-      category without ground truth}}.
+      {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100" (AR1000 for
+      K = 1000), "ARs", "ARm", "ARl": float (NaN where pycocotools reports -1),
+      "stats": the 12 raw figures (``COCOeval.stats`` at the standard maxDets),
+      "per_class_AP": {category name: AP@[.5:.95], NaN for a category without
+      ground truth}, "max_dets": [1, 10, K]}. Every AP is at the largest maxDets.
     """
     from pycocotools.coco import COCO
 
@@ -148,15 +208,24 @@ def coco_evaluate_official(gt, results: list[dict]) -> dict:
             coco_gt.createIndex()
         else:
             coco_gt = COCO(str(gt))
-        return _run_cocoeval(coco_gt, list(results))
+        return _run_cocoeval(coco_gt, list(results), max_detections)
 
 
-def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -> dict:
+def coco_evaluate(
+    images: list[tuple[dict, dict]], class_names: Sequence[str], max_detections: int | None = None
+) -> dict:
     """COCO box metrics through pycocotools, image ids 1..N and category ids = labels.
 
+    Args:
+      images: (prediction, ground truth) per image.
+      class_names: the foreground classes.
+      max_detections: the detections per image that count (see
+        :func:`coco_evaluate_official`; default: the most any image has, at least 100).
+
     Returns:
-      {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
-      "ARl": float (NaN where pycocotools reports -1), "per_class_AP": {name: float}}.
+      {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100" (AR<K>), "ARs",
+      "ARm", "ARl": float (NaN where pycocotools reports -1), "per_class_AP": {name:
+      float}}.
     """
 
     annotations: list[dict] = []
@@ -181,9 +250,16 @@ def coco_evaluate(images: list[tuple[dict, dict]], class_names: Sequence[str]) -
         "categories": categories,
         "annotations": annotations,
     }
-    metrics = coco_evaluate_official(gt, results)
-    del metrics["stats"]
+    if max_detections is None:
+        max_detections = most_detections(pred for pred, _ in images)
+    metrics = coco_evaluate_official(gt, results, max_detections)
+    del metrics["stats"], metrics["max_dets"]  # AR<K> names the limit
     return metrics
+
+
+def most_detections(detections) -> int:
+    """The most detections any image has, and at least 100 (COCO's standard limit)."""
+    return max([100, *(len(d["scores"]) for d in detections)])
 
 
 class DetectionEvaluator:
@@ -193,6 +269,8 @@ class DetectionEvaluator:
       class_names: foreground names, label k is ``class_names[k - 1]`` (e.g. a
         dataset's ``class_names``), or the number of foreground classes.
       voc_iou_threshold: VOC's matching threshold.
+      max_detections: the detections per image COCO counts (see
+        :func:`coco_evaluate_official`; default: the most any image has, at least 100).
 
     Example::
 
@@ -203,11 +281,14 @@ class DetectionEvaluator:
         metrics = evaluator.compute()
     """
 
-    def __init__(self, class_names: Sequence[str] | int, voc_iou_threshold: float = 0.5):
+    def __init__(
+        self, class_names: Sequence[str] | int, voc_iou_threshold: float = 0.5, max_detections: int | None = None
+    ):
         if isinstance(class_names, int):
             class_names = [str(k) for k in range(1, class_names + 1)]
         self.class_names = tuple(class_names)
         self.voc_iou_threshold = voc_iou_threshold
+        self.max_detections = max_detections
         self.reset()
 
     def reset(self) -> None:
@@ -235,7 +316,7 @@ class DetectionEvaluator:
         """
         if not self._images:
             raise ValueError("DetectionEvaluator.compute: no images were added")
-        metrics = coco_evaluate(self._images, self.class_names)
+        metrics = coco_evaluate(self._images, self.class_names, self.max_detections)
         voc = voc_evaluate(self._images, len(self.class_names) + 1, self.voc_iou_threshold)
         for key, name in (("11pt", "voc_AP50_11pt"), ("all", "voc_AP50_all")):
             metrics[name] = float(np.nanmean(voc[key])) if np.isfinite(voc[key]).any() else float("nan")
@@ -266,7 +347,7 @@ def num_ground_truth(dataset) -> dict[str, int]:
     return {str(name): int(counts[k]) for k, name in enumerate(dataset.class_names, start=1)}
 
 
-def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5) -> dict:
+def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5, max_detections: int | None = None) -> dict:
     """COCO and VOC metrics of per-image detections against every annotated object.
 
     The ground truth is ``dataset.annotation(i)``: all boxes in original pixels,
@@ -280,13 +361,17 @@ def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5) -> 
       detections: one dict per dataset index (a list in dataset order, or a dict
         keyed by index) of ``boxes [K, 4]`` xyxy in original pixels, ``scores [K]``,
         ``labels [K]``, optional ``valid [K]``; e.g. from ``lucid_jax.inference.unpad_detections``.
+      voc_iou_threshold: VOC's matching threshold.
+      max_detections: the detections per image COCO counts, COCOeval's ``maxDets``
+        (1, 10, K) for K > 100 (default: the most any image has, at least 100; the
+        eval job passes the model's limit).
 
     Returns:
       {"AP", "AP50", "AP75": float, "per_class_AP": {name: COCO AP},
       "voc_AP50_11pt", "voc_AP50_all": float (means over classes with ground truth),
       "per_class_voc_AP50": {name: all-point AP}, "num_ground_truth": {name: int},
-      "coco_stats": {the 12 named COCOeval stats}, "num_images": int,
-      "num_detections": int}.
+      "coco_stats": {the 12 named COCOeval stats}, "coco_max_dets": [1, 10, K],
+      "num_images": int, "num_detections": int}.
     """
     n, names = len(dataset), tuple(dataset.class_names)
     if n == 0:
@@ -303,7 +388,9 @@ def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5) -> 
         images.append((det, gt))
         counts += np.bincount(gt["labels"][~gt["difficult"]], minlength=len(counts))[: len(counts)]
     gt_source = dataset.annotation_file if isinstance(dataset, COCODataset) else coco_ground_truth(dataset)
-    coco = coco_evaluate_official(gt_source, coco_results(dataset, dets))
+    if max_detections is None:
+        max_detections = most_detections(dets)
+    coco = coco_evaluate_official(gt_source, coco_results(dataset, dets), max_detections)
     voc = voc_evaluate(images, len(names) + 1, voc_iou_threshold)
     metrics = {key: coco[key] for key in ("AP", "AP50", "AP75")}
     metrics["per_class_AP"] = coco["per_class_AP"]
@@ -311,7 +398,8 @@ def evaluate_dataset(dataset, detections, *, voc_iou_threshold: float = 0.5) -> 
         metrics[name] = float(np.nanmean(voc[key])) if np.isfinite(voc[key]).any() else float("nan")
     metrics["per_class_voc_AP50"] = {str(c): float(v) for c, v in zip(names, voc["all"])}
     metrics["num_ground_truth"] = {str(c): int(counts[k]) for k, c in enumerate(names, start=1)}
-    metrics["coco_stats"] = {key: coco[key] for key in _COCO_STATS}
+    metrics["coco_stats"] = {key: coco[key] for key in coco_stat_names(coco["max_dets"])}
+    metrics["coco_max_dets"] = coco["max_dets"]
     metrics["num_images"] = n
     metrics["num_detections"] = int(sum(len(d["scores"]) for d in dets))
     return metrics

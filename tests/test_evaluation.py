@@ -20,6 +20,8 @@ VOC datasets and compare with pycocotools called directly on files: COCO(file),
 loadRes, COCOeval.
 """
 
+import contextlib
+import io
 import json
 import warnings
 
@@ -552,3 +554,46 @@ def test_unpadded_detections_return_to_original_pixels(tmp_path):
         np.testing.assert_array_equal(det["labels"], ann["labels"])
     metrics = evaluate_dataset(ds, dets)
     assert metrics["AP"] == pytest.approx(1.0) and metrics["voc_AP50_all"] == pytest.approx(1.0)
+
+
+def test_a_crowded_image_counts_every_detection_up_to_max_detections():
+    """300 objects on one image, each found exactly: COCO's standard maxDets caps recall at
+    100 of them (AP 34/101 on the 101 recall points), maxDets (1, 10, 300) counts them all."""
+    rows, cols = np.divmod(np.arange(300), 20)
+    boxes = np.stack([cols * 20.0, rows * 20.0, cols * 20.0 + 16, rows * 20.0 + 16], 1)
+    gt = {
+        "images": [{"id": 1, "height": 400, "width": 400}],
+        "categories": [{"id": 1, "name": "tree"}],
+        "annotations": [
+            {"id": i + 1, "image_id": 1, "category_id": 1, "bbox": [x0, y0, 16.0, 16.0], "area": 256.0, "iscrowd": 0}
+            for i, (x0, y0, _, _) in enumerate(boxes.tolist())
+        ],
+    }
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": [x0, y0, 16.0, 16.0], "score": 1.0 - i / 1000}
+        for i, (x0, y0, _, _) in enumerate(boxes.tolist())
+    ]
+    capped = coco_evaluate_official(gt, results)
+    counted = coco_evaluate_official(gt, results, max_detections=300)
+    assert capped["max_dets"] == [1, 10, 100] and counted["max_dets"] == [1, 10, 300]
+    for key in ("AP", "AP50", "AP75", "APs"):
+        assert capped[key] == pytest.approx(34 / 101), key
+        assert counted[key] == pytest.approx(1.0), key
+    assert capped["AR100"] == pytest.approx(1 / 3) and counted["AR300"] == pytest.approx(1.0)
+    assert capped["per_class_AP"]["tree"] == pytest.approx(34 / 101)
+    assert counted["per_class_AP"]["tree"] == pytest.approx(1.0)
+    # pycocotools itself, run independently at maxDets (1, 10, 300): its summarize reads
+    # AP@[.5:.95] at 100 detections whatever maxDets are, and reports -1; the others agree.
+    coco_gt = COCO()
+    coco_gt.dataset = gt
+    coco_gt.createIndex()
+    e = COCOeval(coco_gt, coco_gt.loadRes(results), "bbox")
+    e.params.maxDets = [1, 10, 300]
+    e.evaluate()
+    e.accumulate()
+    with contextlib.redirect_stdout(io.StringIO()):
+        e.summarize()
+    assert e.stats[0] == -1
+    for k, key in enumerate(("AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR300"), start=1):
+        expected = e.stats[k]
+        assert counted[key] == pytest.approx(expected) if expected > -1 else np.isnan(counted[key]), key

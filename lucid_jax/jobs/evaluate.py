@@ -33,6 +33,7 @@ def evaluate_checkpoint(
     ground_truth: str | os.PathLike | None = None,
     step: str | int = "latest",
     compute_dtype: str | None = None,
+    max_detections: int | None = None,
 ) -> dict | None:
     """The eval job: a trained run's metrics on a dataset (see :func:`evaluate`).
 
@@ -47,7 +48,9 @@ def evaluate_checkpoint(
       batch_size: images per predict call (default: the run's); the metrics do not depend on it.
       progress: show a progress bar.
       results, ground_truth: COCO files to write (see :func:`evaluate`); their folders must exist.
-      step, compute_dtype: the kept step and the dtype (see :func:`load_trained`).
+      step, compute_dtype, max_detections: the kept step, the dtype and the detections
+        per image (see :func:`load_trained`); COCO counts up to ``max_detections`` per
+        image (COCOeval's ``maxDets`` 1, 10, K where K > 100).
 
     Returns:
       :func:`evaluate`'s metrics on process 0; None on the others.
@@ -58,7 +61,9 @@ def evaluate_checkpoint(
     """
     results = None if results is None else output_file(results, "--results", folder_exists=True)
     ground_truth = None if ground_truth is None else output_file(ground_truth, "--ground-truth", folder_exists=True)
-    model, variables, class_names, config = load_trained(checkpoint, model_name, step=step, compute_dtype=compute_dtype)
+    model, variables, class_names, config = load_trained(
+        checkpoint, model_name, step=step, compute_dtype=compute_dtype, max_detections=max_detections
+    )
     dataset = open_dataset(
         data,
         split,
@@ -122,7 +127,8 @@ def evaluate(
 
     Returns:
       On process 0, ``evaluate_dataset``'s dict: AP, AP50, AP75, per_class_AP,
-      voc_AP50_11pt, voc_AP50_all, num_ground_truth, ...; None on the others.
+      voc_AP50_11pt, voc_AP50_all, num_ground_truth, ..., counting up to the model's
+      ``detections_per_img`` per image (``coco_max_dets``); None on the others.
     """
     if loader is None:
         loader = make_loader(
@@ -164,7 +170,7 @@ def evaluate(
             real = part["index"][part["image_valid"]]
             by_index.update(zip(real.tolist(), unpad_detections(part, part)))
     detections = [by_index[i] for i in range(len(dataset))]
-    metrics = evaluate_dataset(dataset, detections)
+    metrics = evaluate_dataset(dataset, detections, max_detections=model.roi_heads.detections_per_img)
     if results is not None:
         write_atomically(results, json.dumps(coco_results(dataset, detections)))
     if ground_truth is not None:

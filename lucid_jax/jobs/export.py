@@ -55,7 +55,7 @@ def _trained_for_export(checkpoint, out: str | os.PathLike, model_name: str | No
       checkpoint: the ``--out`` of ``train``.
       out: the artifact's path (see :func:`canvas_files`).
       model_name: the architecture expected in the checkpoint, if given.
-      **selection: ``step`` and ``compute_dtype`` of :func:`load_trained`.
+      **selection: ``step``, ``compute_dtype`` and ``max_detections`` of :func:`load_trained`.
 
     Returns:
       (model, variables, class names, config, canvases, {canvas: file}).
@@ -78,6 +78,7 @@ def export_checkpoint_onnx(
     score_thresh: float | None = None,
     step: str | int = "latest",
     compute_dtype: str | None = None,
+    max_detections: int | None = None,
 ) -> list[Path]:
     """Export a run's prediction as ONNX graphs, one per canvas (see :func:`canvas_files`).
 
@@ -91,7 +92,8 @@ def export_checkpoint_onnx(
       model_name: the architecture expected in the checkpoint, if given.
       batch_size: B, static (>= 1).
       score_thresh: the graph's detection threshold (default: the model's, 0.05).
-      step, compute_dtype: the kept step and the dtype (see :func:`load_trained`).
+      step, compute_dtype, max_detections: the kept step, the dtype and the detections
+        per image (see :func:`load_trained`).
 
     Returns:
       The files written, one per canvas.
@@ -104,7 +106,7 @@ def export_checkpoint_onnx(
     except ImportError as e:
         raise JobError(f"--format onnx needs jax2onnx and onnx: {e}") from None
     model, variables, class_names, config, spec, files = _trained_for_export(
-        checkpoint, out, model_name, step=step, compute_dtype=compute_dtype
+        checkpoint, out, model_name, step=step, compute_dtype=compute_dtype, max_detections=max_detections
     )
     kwargs: dict[str, Any] = {} if score_thresh is None else {"score_thresh": score_thresh}
     common = {
@@ -114,6 +116,7 @@ def export_checkpoint_onnx(
         "batch_size": batch_size,
         "model": config.model,
         "score_thresh": model.roi_heads.score_thresh if score_thresh is None else score_thresh,
+        "max_detections": model.roi_heads.detections_per_img,
         "inputs": {"images": "uint8 [B, H, W, 3] RGB on the canvas", "image_sizes": "int32 [B, 2]"},
         "outputs": ["boxes", "labels", "scores", "valid"],
     }
@@ -138,6 +141,7 @@ def export_checkpoint(
     score_thresh: float | None = None,
     step: str | int = "latest",
     compute_dtype: str | None = None,
+    max_detections: int | None = None,
 ) -> dict:
     """Export a run's prediction on its canvas as ``out`` (jax.export) and ``out.json``.
 
@@ -148,7 +152,8 @@ def export_checkpoint(
       batch_size: a fixed batch size (>= 1); None for a symbolic batch dimension (any B).
       platforms: lower for each of these (any of "cpu", "cuda", "tpu").
       score_thresh: the artifact's detection threshold (default: the model's, 0.05).
-      step, compute_dtype: the kept step and the dtype (see :func:`load_trained`).
+      step, compute_dtype, max_detections: the kept step, the dtype and the detections
+        per image (see :func:`load_trained`).
 
     A run trained with ``--image-size S`` gives one artifact, ``out``. A SHORT:LONG
     run gives one artifact per canvas (landscape, portrait, square), each a complete
@@ -164,7 +169,7 @@ def export_checkpoint(
     """
     start = time.perf_counter()
     model, variables, class_names, config, spec, files = _trained_for_export(
-        checkpoint, out, model_name, step=step, compute_dtype=compute_dtype
+        checkpoint, out, model_name, step=step, compute_dtype=compute_dtype, max_detections=max_detections
     )
     kwargs = {} if score_thresh is None else {"score_thresh": score_thresh}
     thresh = model.roi_heads.score_thresh if score_thresh is None else score_thresh

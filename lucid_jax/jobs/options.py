@@ -15,6 +15,10 @@ _CHECKPOINTS_OWN = "the checkpoint's"
 _STEP = "the kept step to use: latest, best (the best validated step) or a step number"
 _DTYPE = "dtype of the convolutions and matmuls"
 _RUNS_OWN = "the run's"
+_MAX_DETECTIONS = (
+    "detections kept per image, e.g. 1000 for crowded scenes; the test-time proposals rise to it where they are fewer"
+)
+_MODELS_OWN = "the model's, 100, as torchvision's"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +31,12 @@ class EvalOptions:
     model: str | None = flag(None, _MODEL + ", one of {models}", shown=_CHECKPOINTS_OWN)
     step: str = flag("latest", _STEP)
     compute_dtype: str | None = flag(None, _DTYPE, choices=COMPUTE_DTYPES, shown=_RUNS_OWN)
+    max_detections: int | None = flag(
+        None,
+        _MAX_DETECTIONS + "; COCO then counts up to that many per image (COCOeval's maxDets 1, 10, K)",
+        type=int,
+        shown=_MODELS_OWN,
+    )
     batch_size: int | None = flag(
         None, "images per predict call; the metrics do not depend on it", type=int, shown="the run's"
     )
@@ -53,6 +63,7 @@ class PredictOptions:
     model: str | None = flag(None, _MODEL, shown=_CHECKPOINTS_OWN)
     step: str = flag("latest", _STEP)
     compute_dtype: str | None = flag(None, _DTYPE, choices=COMPUTE_DTYPES, shown=_RUNS_OWN)
+    max_detections: int | None = flag(None, _MAX_DETECTIONS, type=int, shown=_MODELS_OWN)
     batch_size: int | None = flag(
         None,
         "images per predict call",
@@ -85,6 +96,7 @@ class ExportOptions:
     model: str | None = flag(None, _MODEL, shown=_CHECKPOINTS_OWN)
     step: str = flag("latest", _STEP)
     compute_dtype: str | None = flag(None, _DTYPE, choices=COMPUTE_DTYPES, shown=_RUNS_OWN)
+    max_detections: int | None = flag(None, _MAX_DETECTIONS, type=int, shown=_MODELS_OWN)
     batch_size: int | None = flag(
         None, "a fixed batch size", type=int, shown="a symbolic batch dimension: any batch size"
     )

@@ -126,6 +126,7 @@ def predict_files(
     model_name: str | None = None,
     step: str | int = "latest",
     compute_dtype: str | None = None,
+    max_detections: int | None = None,
     **kwargs,
 ) -> PredictReport:
     """Detect objects in image files with a trained run (see :func:`detect_files`).
@@ -135,7 +136,8 @@ def predict_files(
       checkpoint: the ``--out`` of ``train``; its canvases are the run's ``--image-size``.
       out: folder for ``detections.json`` (and the drawings).
       model_name: the architecture expected in the checkpoint, if given.
-      step, compute_dtype: the kept step and the dtype (see :func:`load_trained`).
+      step, compute_dtype, max_detections: the kept step, the dtype and the detections
+        per image (see :func:`load_trained`).
       **kwargs: the options of :func:`detect_files`.
 
     Raises:
@@ -146,7 +148,9 @@ def predict_files(
     if kwargs.get("results") is not None:
         kwargs["results"] = output_file(kwargs["results"], "--results", folder_exists=True)
     paths = expand_image_paths(specs)
-    model, variables, class_names, config = load_trained(checkpoint, model_name, step=step, compute_dtype=compute_dtype)
+    model, variables, class_names, config = load_trained(
+        checkpoint, model_name, step=step, compute_dtype=compute_dtype, max_detections=max_detections
+    )
     return detect_files(model, variables, class_names, canvases(config), paths, out, **kwargs)
 
 

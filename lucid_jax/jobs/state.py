@@ -275,6 +275,7 @@ def load_trained(
     *,
     step: str | int = "latest",
     compute_dtype: str | None = None,
+    max_detections: int | None = None,
 ):
     """(model, variables, class_names, config) from a training run's directory.
 
@@ -285,11 +286,16 @@ def load_trained(
       step: "latest", "best" (the best validated step by the run's ``--best-metric``)
         or a kept step's number.
       compute_dtype: "float32" or "bfloat16" (default: the run's own).
+      max_detections: detections per image (default: the model's, 100); the
+        test-time proposals rise to it where they are fewer
+        (``FasterRCNN.with_max_detections``).
 
     Raises:
-      JobError: no run there, another architecture, a step it does not keep, or a
-        checkpoint that cannot be read.
+      JobError: no run there, another architecture, a step it does not keep, a
+        checkpoint that cannot be read, or ``max_detections`` < 1.
     """
+    if max_detections is not None and max_detections < 1:
+        raise JobError(f"--max-detections must be >= 1, got {max_detections}")
     root = Path(checkpoint)
     directory = root / "checkpoints" if (root / "checkpoints").is_dir() else root
     if not directory.is_dir():
@@ -310,4 +316,6 @@ def load_trained(
             state, _, _ = ckpt.restore(template, number)
     except CheckpointError as e:
         raise JobError(str(e)) from None
+    if max_detections is not None:
+        model = model.with_max_detections(max_detections)
     return model, {"params": state.params, "batch_stats": state.batch_stats}, class_names, config

@@ -52,6 +52,29 @@ class FasterRCNN(nn.Module):
         """C, background included."""
         return self.roi_heads.num_classes
 
+    def with_max_detections(self, k: int) -> "FasterRCNN":
+        """The same detector, on the same variables, returning up to ``k`` detections per image.
+
+        A detection is one test-time proposal's box for one class, so with one class
+        the proposals cap the count: the test-time RPN counts (``pre_nms_top_n`` per
+        level and ``post_nms_top_n``) are raised to ``k`` where they are smaller, and
+        the training counts are left as they are.
+
+        Args:
+          k: detections per image (the model's ``box_detections_per_img``, 100 by default).
+
+        Raises:
+          ValueError: ``k`` < 1.
+        """
+        if int(k) < 1:
+            raise ValueError(f"max detections must be >= 1, got {k}")
+        k = int(k)
+        (pre_train, pre_test), (post_train, post_test) = self.rpn.pre_nms_top_n, self.rpn.post_nms_top_n
+        rpn = self.rpn.clone(
+            pre_nms_top_n=(pre_train, max(pre_test, k)), post_nms_top_n=(post_train, max(post_test, k))
+        )
+        return self.clone(rpn=rpn, roi_heads=self.roi_heads.clone(detections_per_img=k))
+
     def setup(self):
         if len(self.rpn.anchor_sizes) != len(self.backbone.strides):
             raise ValueError(

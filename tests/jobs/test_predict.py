@@ -105,3 +105,53 @@ def test_predict_batches_globs_skips_unreadable_files_and_writes_coco_results(tr
     first = next(r for r in by_four if r["detections"])["detections"][0]
     x1, y1, x2, y2 = first["box_xyxy"]
     assert any(abs(r["bbox"][0] - x1) < 0.01 and abs(r["bbox"][2] - (x2 - x1)) < 0.02 for r in coco)
+
+
+def test_max_detections_reaches_predict_eval_and_export(trained, photos, voc, tmp_path, capsys):
+    """--max-detections K: predict keeps up to K per image (the test-time proposals rise to K),
+    eval scores COCO with maxDets (1, 10, K) and says so, export's artifact returns K rows."""
+    folder, _ = photos
+    image = folder / "3.png"
+    counts = {}
+    for k in (None, 300):
+        out = tmp_path / f"k{k}"
+        flags = [] if k is None else ["--max-detections", str(k)]
+        argv = ["predict", str(image), "--checkpoint", str(trained), "--out", str(out), "--score-thresh", "0"]
+        assert cli.main([*argv, "--no-progress", *flags]) == 0
+        counts[k] = len(json.loads((out / "detections.json").read_text())[0]["detections"])
+    # score 0 keeps every candidate the per-class NMS leaves: at most the model's 100, and
+    # with K = 300 (300 proposals x 3 classes before the NMS) more than 100
+    assert counts[None] <= 100 < counts[300] <= 300, counts
+    model, _, _, _ = jobs.load_trained(trained, max_detections=300)
+    assert model.roi_heads.detections_per_img == 300 and model.rpn.post_nms_top_n[1] == 300
+
+    capsys.readouterr()
+    argv = ["eval", "--data", f"voc:{voc[0]}", "--checkpoint", str(trained), "--no-progress"]
+    assert cli.main([*argv, "--max-detections", "300"]) == 0
+    assert json.loads(capsys.readouterr().out)["coco_max_dets"] == [1, 10, 300]
+    assert cli.main(argv) == 0
+    assert json.loads(capsys.readouterr().out)["coco_max_dets"] == [1, 10, 100]
+
+    artifact = tmp_path / "k300.jax"
+    argv = ["export", "--checkpoint", str(trained), "--out", str(artifact), "--platforms", "cpu"]
+    assert cli.main([*argv, "--max-detections", "300", "--batch-size", "1"]) == 0
+    meta = json.loads((tmp_path / "k300.jax.json").read_text())
+    exported = jax.export.deserialize(bytearray(artifact.read_bytes()))
+    assert meta["max_detections"] == 300 and exported.out_avals[0].shape == (1, 300, 4)
+    assert (
+        cli.main(
+            [
+                "predict",
+                str(image),
+                "--checkpoint",
+                str(trained),
+                "--out",
+                str(tmp_path / "bad"),
+                "--max-detections",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
+    assert "--max-detections must be >= 1, got 0" in capsys.readouterr().err
