@@ -127,6 +127,7 @@ def _predict(args) -> int:
         score_thresh=o.score_thresh,
         batch_size=o.batch_size or (1 if jax.default_backend() == "cpu" else 8),
         draw=o.draw,
+        draw_max_side=o.draw_max_side,
         results=o.results,
         num_workers=o.num_workers,
         progress=not o.no_progress,
@@ -248,6 +249,10 @@ def _check_args(args) -> str | None:
             return f"--batch-size must be >= 1, got {args.batch_size}"
         if args.step not in ("latest", "best") and not args.step.isdigit():
             return f"--step must be latest, best or a step number, got {args.step!r}"
+        if args.max_detections is not None and args.max_detections < 1:
+            return f"--max-detections must be >= 1, got {args.max_detections}"
+        if getattr(args, "draw_max_side", 0) < 0:
+            return f"--draw-max-side must be >= 0 (0: no limit), got {args.draw_max_side}"
     unknown = [w for w in getattr(args, "which", None) or [] if w not in BENCHMARKS]
     if unknown:
         return f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}"

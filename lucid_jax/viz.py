@@ -19,11 +19,20 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
+from PIL import Image
 
 from lucid_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_DPI = 100
+# Label text is never smaller than this many points (about 11 pixels at 100 dpi).
+MIN_FONTSIZE = 8.0
+# Ground-truth labels: white text on this dark, mostly opaque box, readable on any
+# image and any class colour; the box's dashed edge is the class colour.
+GT_LABEL_BACKGROUND = (0.0, 0.0, 0.0, 0.7)
+# The height, in pixels, of the band under a grid that holds its legend.
+LEGEND_BAND_PX = 30
 
 
 def denormalize(image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
@@ -66,6 +75,47 @@ def _name(label: int, class_names: Sequence[str] | None) -> str:
     return str(label)
 
 
+def _label_width(text: str, fontsize: float, dpi: float) -> float:
+    """A generous estimate of a label's width in pixels (DejaVu Sans averages about
+    0.6 em per character; 0.7 leaves room), plus its box's padding."""
+    return len(text) * 0.7 * fontsize * dpi / 72.0 + 4.0
+
+
+def _label_x(x: float, text: str, fontsize: float, dpi: float, width: float) -> float:
+    """The left end of a label starting at ``x``, moved left where it would run past the
+    image's right edge, and never left of the image."""
+    return float(max(0.0, min(x, width - _label_width(text, fontsize, dpi))))
+
+
+def fit_for_drawing(image: np.ndarray, boxes, max_side: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """The image shrunk so that its longer side is at most ``max_side`` pixels, and the
+    boxes scaled with it (both unchanged when the image is that small already).
+
+    Drawing renders a figure as large as the image; an 8000x6000 photograph would
+    need gigabytes. The shrink averages pixel blocks (PIL's box filter).
+
+    Args:
+      image: [H, W, 3] uint8, or float in [0, 1] (shrunk as uint8).
+      boxes: [K, 4] xyxy pixels of ``image``.
+      max_side: the longest side drawn; None or 0: no limit.
+
+    Returns:
+      (image [h, w, 3] uint8, boxes [K, 4] float32 in its pixels).
+    """
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    height, width = image.shape[:2]
+    if not max_side or max(height, width) <= max_side:
+        return image, boxes
+    scale = max_side / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))  # PIL: (width, height)
+    pixels = _to_display(image)
+    if pixels.dtype != np.uint8:
+        pixels = np.round(pixels * 255.0).astype(np.uint8)
+    small = np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BOX))
+    sx, sy = size[0] / width, size[1] / height
+    return small, boxes * np.array([sx, sy, sx, sy], np.float32)
+
+
 def blank_axes(height: int, width: int, dpi: int = DEFAULT_DPI) -> Axes:
     """Axes filling a new figure of exactly ``width`` x ``height`` pixels at ``dpi``."""
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
@@ -103,7 +153,12 @@ def draw_detections(
       gt_labels: [M] int, their classes.
       gt_valid: [M] bool padding mask of the ground truth; None: all valid.
       linewidth: box edge width in points.
-      fontsize: label text size in points.
+      fontsize: label text size in points (at least ``MIN_FONTSIZE``).
+
+    Every label lies inside the image: above its box where there is room, else just
+    inside it, and moved left where it would run past the right edge. Ground-truth
+    labels are white on a dark box with a dashed edge in the class colour, at the
+    bottom of their box.
 
     Returns:
       The axes (``ax.figure`` is the figure, e.g. for ``savefig``).
@@ -112,6 +167,10 @@ def draw_detections(
     height, width = pixels.shape[:2]
     if ax is None:
         ax = blank_axes(height, width)
+    fontsize = max(float(fontsize), MIN_FONTSIZE)
+    figure = ax.get_figure(root=True)
+    dpi = figure.dpi if figure is not None else DEFAULT_DPI
+    line_px = fontsize * 1.6 * dpi / 72.0  # a label's height with its box, generously
     ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
@@ -135,15 +194,17 @@ def draw_detections(
                     snap=False,
                 )
             )
+            name = _name(label, class_names)
             ax.text(
-                x1 + 2,
-                y2 - 2,
-                _name(label, class_names),
-                color=color,
-                fontsize=fontsize * 0.9,
+                _label_x(max(x1, 0.0) + 2, name, fontsize, dpi, width),
+                min(max(y2 - 2, line_px), height - 2),  # inside the image, at the box's bottom
+                name,
+                color="white",
+                fontsize=fontsize,
                 va="bottom",
                 ha="left",
                 clip_on=True,
+                bbox={"facecolor": GT_LABEL_BACKGROUND, "edgecolor": color, "linestyle": "--", "pad": 1.5},
             )
 
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)  # [K, 4]
@@ -162,11 +223,12 @@ def draw_detections(
             Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth, snap=False)
         )
         # Above the box, unless that would leave the image: then just inside it.
-        above = y1 >= fontsize * 1.6
+        above = y1 >= line_px
+        text = f"{_name(labels[k], class_names)} {scores[k]:.2f}"
         ax.text(
-            x1,
-            y1,
-            f"{_name(labels[k], class_names)} {scores[k]:.2f}",
+            _label_x(x1, text, fontsize, dpi, width),
+            max(y1, 0.0),
+            text,
             color="white",
             fontsize=fontsize,
             va="bottom" if above else "top",
@@ -192,6 +254,7 @@ def save_detections_grid(
     score_thresh: float = 0.0,
     normalized: bool = False,
     dpi: int = DEFAULT_DPI,
+    legend: bool = False,
 ) -> Figure:
     """Write a PNG grid: one cell per image, each at its native pixel size.
 
@@ -208,6 +271,8 @@ def save_detections_grid(
       score_thresh: detections scoring below it are not drawn.
       normalized: ``images`` are normalised model inputs (see ``denormalize``).
       dpi: resolution; the PNG is ``ncols * W`` x ``nrows * H`` pixels at any dpi.
+      legend: add a band of ``LEGEND_BAND_PX`` pixels under the grid saying that
+        predictions are solid and the ground truth dashed.
 
     Returns:
       The figure that was saved.
@@ -216,10 +281,13 @@ def save_detections_grid(
     num, height, width = images.shape[:3]
     ncols = max(1, min(ncols, num))
     nrows = math.ceil(num / ncols)
-    fig = Figure(figsize=(ncols * width / dpi, nrows * height / dpi), dpi=dpi, facecolor="black")
+    band = LEGEND_BAND_PX if legend else 0
+    total = nrows * height + band  # pixels
+    fig = Figure(figsize=(ncols * width / dpi, total / dpi), dpi=dpi, facecolor="black")
+    cell_h = height / total  # a cell's height as a fraction of the figure's
     for i in range(num):
         row, col = divmod(i, ncols)
-        ax = fig.add_axes((col / ncols, 1.0 - (row + 1) / nrows, 1.0 / ncols, 1.0 / nrows))
+        ax = fig.add_axes((col / ncols, 1.0 - (row + 1) * cell_h, 1.0 / ncols, cell_h))
         pred, gt = _select(predictions, i), _select(targets, i)
         assert pred is not None
         draw_detections(
@@ -235,15 +303,35 @@ def save_detections_grid(
             gt_labels=None if gt is None else gt["labels"],
             gt_valid=None if gt is None else gt.get("valid"),
         )
+    if legend:
+        handles = [
+            Line2D([], [], color="white", linewidth=2.0, label="prediction (class score)"),
+            Line2D([], [], color="white", linewidth=2.0, linestyle="--", label="ground truth"),
+        ]
+        fig.legend(
+            handles=handles,
+            loc="center",
+            bbox_to_anchor=(0.5, band / 2 / total),
+            ncols=2,
+            frameon=False,
+            labelcolor="white",
+            fontsize=MIN_FONTSIZE + 1,
+            handlelength=3.0,
+        )
     fig.savefig(os.fspath(path), dpi=dpi, facecolor=fig.get_facecolor())
     return fig
 
 
-def save_detections(image, prediction: Mapping, path: str | os.PathLike, class_names=None, **kwargs) -> Axes:
-    """``draw_detections`` for one image's prediction dict, saved as a PNG of W x H pixels."""
+def save_detections(
+    image, prediction: Mapping, path: str | os.PathLike, class_names=None, *, max_side: int | None = None, **kwargs
+) -> Axes:
+    """``draw_detections`` for one image's prediction dict, saved as a PNG of W x H pixels,
+    or, where the longer side exceeds ``max_side``, shrunk to it with the boxes
+    (:func:`fit_for_drawing`)."""
+    image, boxes = fit_for_drawing(np.asarray(image), prediction["boxes"], max_side)
     ax = draw_detections(
         image,
-        prediction["boxes"],
+        boxes,
         prediction["labels"],
         prediction["scores"],
         prediction.get("valid"),

@@ -153,6 +153,22 @@ def test_distributed_flag_errors_are_usage_errors(tmp_path, capsys, command, fla
 @pytest.mark.parametrize(
     "argv, message",
     [
+        (["eval", "--data", "shapes", "--max-detections", "0"], "--max-detections must be >= 1, got 0"),
+        (["export", "--out", "x.jax", "--max-detections", "-5"], "--max-detections must be >= 1, got -5"),
+        (
+            ["predict", "x.png", "--out", "p", "--draw-max-side", "-1"],
+            "--draw-max-side must be >= 0 (0: no limit), got -1",
+        ),
+    ],
+)
+def test_prediction_flag_errors_are_usage_errors(tmp_path, capsys, argv, message):
+    assert cli.main([*argv, "--checkpoint", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"lucid-jax: error: {message}"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
         (["--local", "0", "--", "train"], "--local and --devices-per-process must be >= 1, got 0 and 1"),
         (
             ["--local", "2", "--", "predict", "x.png"],

@@ -5,7 +5,14 @@ import pytest
 from PIL import Image
 
 from lucid_jax.data.transforms import normalize
-from lucid_jax.viz import class_color, denormalize, draw_detections, save_detections, save_detections_grid
+from lucid_jax.viz import (
+    class_color,
+    denormalize,
+    draw_detections,
+    fit_for_drawing,
+    save_detections,
+    save_detections_grid,
+)
 
 CLASS_NAMES = ["background", "cat", "dog", "car"]
 H, W = 120, 200
@@ -135,3 +142,75 @@ def test_denormalize_inverts_normalize():
 def test_bad_image_shape_is_explained():
     with pytest.raises(ValueError, match="denormalize"):
         draw_detections(np.zeros((3, H, W), np.float32), np.zeros((0, 4)), [], [])
+
+
+def _text_extents(ax):
+    """Each label's rendered box [x0, x1] x [y0, y1] in figure pixels, y up (Agg renders)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    figure = ax.get_figure(root=True)
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    return [t.get_window_extent(renderer) for t in ax.texts]
+
+
+def test_labels_at_the_image_edges_are_drawn_inside_it():
+    # A detection against the right edge and the top, and ground truth in the bottom-right corner.
+    ax = draw_detections(
+        np.zeros((H, W, 3), np.uint8),
+        [[185, 0, 200, 30]],
+        [3],
+        [0.93],
+        class_names=CLASS_NAMES,
+        gt_boxes=[[190, 110, 200, 120]],
+        gt_labels=[2],
+    )
+    extents = _text_extents(ax)
+    assert len(extents) == 2
+    for box in extents:  # figure pixels, one per image pixel
+        assert box.x0 >= 0 and box.x1 <= W and box.y0 >= 0 and box.y1 <= H, box
+
+
+def test_ground_truth_labels_are_readable_on_their_own_colour(tmp_path):
+    """Never blue on blue: white text on a dark box, at the predictions' size."""
+    blue = rgb255(1)
+    image = np.tile(blue.astype(np.uint8), (H, W, 1))
+    ax = draw_detections(image, np.zeros((0, 4)), [], [], gt_boxes=[[20, 20, 180, 100]], gt_labels=[1])
+    (label,) = ax.texts
+    assert label.get_color() == "white" and label.get_fontsize() >= 8
+    path = tmp_path / "gt.png"
+    ax.get_figure(root=True).savefig(path, dpi=100)
+    (box,) = _text_extents(ax)
+    region = read_png(path)[H - int(box.y1) : H - int(box.y0), int(box.x0) : int(box.x1)]
+    brightness = region.mean(axis=-1)
+    assert (brightness > 160).sum() >= 10  # the text's white strokes (antialiased)
+    assert (brightness < 0.5 * blue.mean()).mean() > 0.3  # on a box much darker than the blue around it
+
+
+def test_grid_legend_is_a_band_below_unchanged_cells(tmp_path):
+    n, h, w = 2, 64, 96
+    images = np.full((n, h, w, 3), 90, np.uint8)
+    preds = {"boxes": np.zeros((n, 1, 4)), "labels": np.ones((n, 1), int), "scores": np.ones((n, 1))}
+    preds["valid"] = np.zeros((n, 1), bool)
+    save_detections_grid(images, preds, tmp_path / "plain.png", ncols=2)
+    save_detections_grid(images, preds, tmp_path / "legend.png", ncols=2, legend=True)
+    plain, legend = read_png(tmp_path / "plain.png"), read_png(tmp_path / "legend.png")
+    assert legend.shape == (h + 30, 2 * w, 3)
+    np.testing.assert_array_equal(legend[:h], plain)
+    band = legend[h:]
+    assert (band.min(axis=-1) > 200).sum() > 50  # the white legend text and line samples
+
+
+def test_big_images_are_drawn_shrunk_to_max_side_with_their_boxes(tmp_path):
+    image = np.zeros((300, 400, 3), np.uint8)
+    image[:, 200:] = 255
+    small, boxes = fit_for_drawing(image, [[100, 50, 300, 250]], 200)
+    assert small.shape == (150, 200, 3)
+    np.testing.assert_allclose(boxes, [[50, 25, 150, 125]])
+    assert (small[:, :100] == 0).all() and (small[:, 100:] == 255).all()  # block averages of whole halves
+    same, unchanged = fit_for_drawing(image, [[1, 2, 3, 4]], 400)
+    assert same is image and unchanged.tolist() == [[1, 2, 3, 4]]
+    path = tmp_path / "shrunk.png"
+    save_detections(image, prediction([[100, 50, 300, 250]], [3], [0.9]), path, CLASS_NAMES, max_side=200)
+    png = read_png(path)
+    assert png.shape == (150, 200, 3)
+    assert is_color(png[60:110][:, [49, 50]], rgb255(3)).all()  # the left edge, at x = 100 / 2

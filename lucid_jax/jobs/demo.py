@@ -57,7 +57,9 @@ def demo(config: TrainConfig, out: str | os.PathLike, *, given=(), progress: boo
     pictures = viz.denormalize(images).repeat(up, axis=1).repeat(up, axis=2)
     preds = dict(preds, boxes=preds["boxes"] * up)
     targets = pad_targets([e["boxes"] * up for e in examples], [e["labels"] for e in examples])
-    viz.save_detections_grid(pictures, preds, png, ["background", *class_names], targets, ncols=4, score_thresh=0.5)
+    viz.save_detections_grid(
+        pictures, preds, png, ["background", *class_names], targets, ncols=4, score_thresh=0.5, legend=True
+    )
     summary = {k: metrics[k] for k in ("AP", "AP50", "AP75", "voc_AP50_all")}
     summary.update(
         per_class_AP=metrics["per_class_AP"],

@@ -77,6 +77,12 @@ class PredictOptions:
         shown="0.05 with --results, COCO's convention; else 0.5, for drawings (export keeps 0.05)",
     )
     draw: bool = flag(False, "also draw each image's detections to OUT/<name>_detections.png", action="store_true")
+    draw_max_side: int = flag(
+        2048,
+        "with --draw, the longest side of a drawing in pixels: larger images are drawn shrunk, boxes "
+        "scaled with them (0: every image at its own size)",
+        type=int,
+    )
     results: str | None = flag(
         None,
         "also write a COCO results file: image ids from numeric file names (else 1-based positions), "

@@ -165,6 +165,7 @@ def detect_files(
     score_thresh: float | None = None,
     batch_size: int = 8,
     draw: bool = False,
+    draw_max_side: int = 2048,
     results: str | os.PathLike | None = None,
     num_workers: int = 4,
     progress: bool = True,
@@ -183,6 +184,9 @@ def detect_files(
         :func:`default_score_thresh`).
       batch_size: images per compiled call.
       draw: also write ``<stem>_detections.png`` per image.
+      draw_max_side: the longest side of a drawing: larger images are drawn shrunk
+        to it, boxes scaled with them (0: each at its own size). An 8000x6000
+        photograph at its own size needs gigabytes to render.
       results: also write a COCO results file here (image ids from numeric file
         names, else 1-based positions; category ids are the labels 1..C-1).
       num_workers: decoding threads (0: decode in this thread).
@@ -214,7 +218,7 @@ def detect_files(
             if draw:
                 png = out / (path.stem + "_detections.png")
                 with atomic_path(png) as tmp:
-                    viz.save_detections(image, found, tmp, names)
+                    viz.save_detections(image, found, tmp, names, max_side=draw_max_side)
             coco = [] if results is None else coco_rows(_coco_image_id(path, position[path]), found)
             entry = {
                 "image": str(path),

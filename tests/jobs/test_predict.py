@@ -152,6 +152,19 @@ def test_max_detections_reaches_predict_eval_and_export(trained, photos, voc, tm
                 "--no-progress",
             ]
         )
-        == 1
+        == 2
     )
-    assert "--max-detections must be >= 1, got 0" in capsys.readouterr().err
+    assert capsys.readouterr().err.strip() == "lucid-jax: error: --max-detections must be >= 1, got 0"
+
+
+def test_drawings_of_big_images_are_shrunk_to_draw_max_side(trained, photos, tmp_path):
+    from PIL import Image
+
+    folder, _ = photos
+    out = tmp_path / "drawn"
+    argv = ["predict", str(folder / "4.png"), str(folder / "3.png"), "--checkpoint", str(trained), "--out", str(out)]
+    assert cli.main([*argv, "--draw", "--draw-max-side", "100", "--no-progress"]) == 0
+    results = json.loads((out / "detections.json").read_text())
+    # 4.png is 200 wide and 64 high: drawn at 100 x 32; 3.png (128 x 128) at 100 x 100
+    assert [Image.open(r["detections_png"]).size for r in results] == [(100, 32), (100, 100)]
+    assert [(r["width"], r["height"]) for r in results] == [(200, 64), (128, 128)]  # the JSON keeps file pixels
