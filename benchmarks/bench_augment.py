@@ -62,13 +62,20 @@ STUDY = (
 )
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def photo_sources(description: str) -> argparse.ArgumentParser:
+    """A parser with the photographs' flags the benchmarks on real photographs share:
+    ``--neon`` or ``--images DIR``, ``--photos`` and ``--held-out``."""
+    p = argparse.ArgumentParser(description=description)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--neon", action="store_true", help="the NEON photographs of the DeepForest sample data")
     source.add_argument("--images", help="folder of NAME.xml + NAME.png/.jpg photographs")
     p.add_argument("--photos", default=None, help="with --neon: where they are kept (default: ~/.cache/lucid_jax/neon)")
     p.add_argument("--held-out", default="", help="with --images: comma-separated NAMEs held out (default: the last)")
+    return p
+
+
+def parse_args(argv=None):
+    p = photo_sources(__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=";".join(STUDY), help="';'-separated flag sets added to the baseline's")
     p.add_argument("--baseline", default=" ".join(BASELINE), help="the flags every run starts from")
     p.add_argument("--seeds", type=int, default=2)

@@ -94,6 +94,8 @@ def _eval(args) -> int:
         step=o.step,
         compute_dtype=o.compute_dtype,
         max_detections=o.max_detections,
+        tile=o.tile,
+        overlap=o.overlap,
     )
     if metrics is None:  # another process scores and prints
         return 0
@@ -108,6 +110,8 @@ def _eval(args) -> int:
         "num_images",
         "num_detections",
         "coco_max_dets",
+        "tile",
+        "overlap",
     )
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
     return 0
@@ -128,6 +132,8 @@ def _predict(args) -> int:
         batch_size=o.batch_size or (1 if jax.default_backend() == "cpu" else 8),
         draw=o.draw,
         draw_max_side=o.draw_max_side,
+        tile=o.tile,
+        overlap=o.overlap,
         results=o.results,
         num_workers=o.num_workers,
         progress=not o.no_progress,
@@ -251,6 +257,10 @@ def _check_args(args) -> str | None:
             return f"--step must be latest, best or a step number, got {args.step!r}"
         if args.max_detections is not None and args.max_detections < 1:
             return f"--max-detections must be >= 1, got {args.max_detections}"
+        if getattr(args, "tile", None) is not None and args.tile < 1:
+            return f"--tile must be >= 1 pixel, got {args.tile}"
+        if getattr(args, "tile", None) is not None and not 0 <= args.overlap < 1:
+            return f"--overlap must be in [0, 1), got {args.overlap}"
         if getattr(args, "draw_max_side", 0) < 0:
             return f"--draw-max-side must be >= 0 (0: no limit), got {args.draw_max_side}"
     unknown = [w for w in getattr(args, "which", None) or [] if w not in BENCHMARKS]

@@ -162,6 +162,51 @@ def image_detections(
     }
 
 
+def detect_on_canvases(
+    call: Callable[[tuple[int, int], np.ndarray, np.ndarray], Mapping],
+    images: Sequence[np.ndarray],
+    canvases,
+    batch_size: int,
+    score_thresh: float = 0.0,
+) -> list[dict]:
+    """Detections in uint8 images of any sizes, each fitted onto its canvas, a batch at a time.
+
+    Images of one canvas are batched together (the last batch padded) and the boxes
+    mapped back to each image's pixels: what the predict job, the tiled prediction and
+    :mod:`lucid_jax.serving` share.
+
+    Args:
+      call: ``call(canvas, images uint8 [B, Hc, Wc, 3], image_sizes int32 [B, 2])`` returns
+        the padded detections of one batch on that canvas (NumPy or JAX).
+      images: uint8 [H_i, W_i, 3] RGB arrays (views are fine: each is copied onto its canvas).
+      canvases: the run's :class:`~lucid_jax.data.canvases.Canvases`, or one (height,
+        width) canvas (see :func:`~lucid_jax.data.transforms.fit_to_canvases`).
+      batch_size: images per call.
+      score_thresh: also drop detections scoring below this.
+
+    Returns:
+      One :func:`image_detections` dict per image, in input order.
+    """
+    from lucid_jax.data.transforms import fit_to_canvases
+
+    by_canvas: dict[tuple[int, int], list] = {}
+    for i, image in enumerate(images):
+        canvas, *fitted = fit_to_canvases(np.asarray(image), canvases)
+        by_canvas.setdefault(canvas, []).append((i, *fitted))
+    out: dict[int, dict] = {}
+    for canvas, members in by_canvas.items():
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            batch = np.zeros((batch_size, *canvas, 3), np.uint8)
+            sizes = np.tile(np.array(canvas, np.int32), (batch_size, 1))  # padding rows: any valid size
+            for row, (_, fitted, size, _) in enumerate(chunk):
+                batch[row], sizes[row] = fitted, size
+            dets = {k: np.asarray(v) for k, v in call(canvas, batch, sizes).items()}
+            for row, (index, _, _, scale) in enumerate(chunk):
+                out[index] = image_detections(dets, row, scale, np.shape(images[index])[:2], score_thresh)
+    return [out[i] for i in range(len(images))]
+
+
 def unpad_detections(predictions, batch) -> list[dict]:
     """A Loader batch's padded predictions as per-image detections in original pixels.
 

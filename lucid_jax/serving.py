@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from lucid_jax.data.canvases import Canvases
-from lucid_jax.data.transforms import fit_to_canvases
 from lucid_jax.export import read_artifact
-from lucid_jax.inference import image_detections
+from lucid_jax.inference import detect_on_canvases
+from lucid_jax.tiling import detect_tiled
 
 DEFAULT_BATCH = 8  # images per call when the artifact's batch dimension is symbolic
 
@@ -61,13 +61,24 @@ class Detector:
             raise AttributeError(f"this detector has {len(self.canvases)} canvases; see .canvases")
         return self.canvases[0]
 
-    def __call__(self, images: Sequence[np.ndarray], score_thresh: float = 0.0) -> list[dict]:
+    def __call__(
+        self,
+        images: Sequence[np.ndarray],
+        score_thresh: float = 0.0,
+        *,
+        tile: int | None = None,
+        overlap: float = 0.25,
+    ) -> list[dict]:
         """Detections per image.
 
         Args:
           images: uint8 [H_i, W_i, 3] RGB arrays, any sizes.
           score_thresh: keep detections scoring at least this (the artifact's own
             threshold applies first).
+          tile: cut each image into windows of this many pixels at native resolution,
+            detect each window, and merge the boxes across windows
+            (:func:`lucid_jax.tiling.detect_tiled`); None: each image whole.
+          overlap: the share of a window shared with its neighbour, with ``tile``.
 
         Returns:
           One dict per image, in input order: {"boxes": [N, 4] float32 xyxy in the
@@ -79,24 +90,29 @@ class Detector:
                 raise ValueError(
                     f"images[{i}] must be uint8 [H, W, 3] RGB, got {np.asarray(image).dtype} {tuple(np.shape(image))}"
                 )
-        by_canvas: dict[tuple[int, int], list] = {}
-        for i, image in enumerate(images):
-            canvas, *fitted = fit_to_canvases(np.asarray(image), self.resize or self.canvases[0])
-            by_canvas.setdefault(canvas, []).append((i, *fitted))
-        out: dict[int, dict] = {}
-        for canvas, members in by_canvas.items():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start : start + self.batch_size]
-                batch = np.zeros((self.batch_size, *canvas, 3), np.uint8)
-                sizes = np.tile(np.array(canvas, np.int32), (self.batch_size, 1))  # padding rows: any valid size
-                for row, (_, fitted, size, _) in enumerate(chunk):
-                    batch[row], sizes[row] = fitted, size
-                dets = {k: np.asarray(v) for k, v in self.artifacts[canvas].call(batch, sizes).items()}
-                for row, (index, _, _, scale) in enumerate(chunk):
-                    found = image_detections(dets, row, scale, np.shape(images[index])[:2], score_thresh)
-                    found["classes"] = [self.class_names[int(lab) - 1] for lab in found["labels"]]
-                    out[index] = found
-        return [out[i] for i in range(len(images))]
+        if tile is not None:
+            found = [
+                detect_tiled(
+                    np.asarray(image),
+                    lambda windows: self(windows, score_thresh),
+                    tile,
+                    overlap,
+                    nms_thresh=float(self.meta.get("nms_thresh", 0.5)),
+                    batch_size=self.batch_size,
+                )
+                for image in images
+            ]
+        else:
+            found = detect_on_canvases(
+                lambda canvas, batch, sizes: self.artifacts[canvas].call(batch, sizes),
+                [np.asarray(image) for image in images],
+                self.resize or self.canvases[0],
+                self.batch_size,
+                score_thresh,
+            )
+        for dets in found:
+            dets["classes"] = [self.class_names[int(lab) - 1] for lab in dets["labels"]]
+        return found
 
 
 def load(path: str | os.PathLike, batch_size: int | None = None) -> Detector:

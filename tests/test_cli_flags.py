@@ -155,6 +155,8 @@ def test_distributed_flag_errors_are_usage_errors(tmp_path, capsys, command, fla
     [
         (["eval", "--data", "shapes", "--max-detections", "0"], "--max-detections must be >= 1, got 0"),
         (["export", "--out", "x.jax", "--max-detections", "-5"], "--max-detections must be >= 1, got -5"),
+        (["predict", "x.png", "--out", "p", "--tile", "0"], "--tile must be >= 1 pixel, got 0"),
+        (["eval", "--data", "shapes", "--tile", "512", "--overlap", "1"], "--overlap must be in [0, 1), got 1.0"),
         (
             ["predict", "x.png", "--out", "p", "--draw-max-side", "-1"],
             "--draw-max-side must be >= 0 (0: no limit), got -1",

@@ -65,3 +65,19 @@ def test_an_image_off_the_canvas_is_refused_with_how_to_fit_it(artifact):
     checked, bare = program.call(images, sizes), program.exported.call(images, sizes)  # the check only checks
     for key in ("boxes", "scores", "labels", "valid"):
         np.testing.assert_array_equal(np.asarray(checked[key]), np.asarray(bare[key]))
+
+
+def test_tiled_serving_equals_tiled_predict(trained, artifact, photos, tmp_path):
+    folder, images = photos
+    argv = ["predict", str(folder / "1.png"), str(folder / "4.png"), "--checkpoint", str(trained)]
+    argv += ["--out", str(tmp_path / "pred"), "--score-thresh", "0.3", "--tile", "64", "--overlap", "0.25"]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    listed = json.loads((tmp_path / "pred" / "detections.json").read_text())
+    detect = serving.load(artifact, batch_size=4)
+    assert detect.meta["nms_thresh"] == 0.5
+    served = detect([images["1.png"], images["4.png"]], tile=64, overlap=0.25)
+    assert sum(len(d["boxes"]) for d in served) >= 2
+    for entry, dets in zip(listed, served, strict=True):
+        expected = np.array([d["box_xyxy"] for d in entry["detections"]]).reshape(-1, 4)
+        np.testing.assert_allclose(dets["boxes"], expected, atol=0.011)
+        assert dets["classes"] == [d["class"] for d in entry["detections"]]

@@ -16,6 +16,7 @@ the boxes: no "+1" anywhere.
 """
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -279,6 +280,14 @@ def fit_to_canvas(
     return out, np.array([nh, nw], np.int32), np.array([nh / h0, nw / w0], np.float32)
 
 
+def canvas_of(image_hw: Sequence[int], canvases: Canvases | tuple[int, int]) -> tuple[int, int]:
+    """The canvas (Hc, Wc) an image of ``image_hw`` goes on: the one of its orientation
+    among the run's :class:`~lucid_jax.data.canvases.Canvases`, or the one canvas given."""
+    if not isinstance(canvases, Canvases):
+        return int(canvases[0]), int(canvases[1])
+    return canvases.shapes[canvases.canvas_index(int(image_hw[0]), int(image_hw[1]))]
+
+
 def fit_to_canvases(
     image: np.ndarray, canvases: Canvases | tuple[int, int]
 ) -> tuple[tuple[int, int], np.ndarray, np.ndarray, np.ndarray]:
@@ -294,9 +303,7 @@ def fit_to_canvases(
       (canvas (Hc, Wc), image [Hc, Wc, 3] uint8 on it, content size [2] int32,
       scale [2] float32 (sy, sx)).
     """
+    shape = canvas_of(image.shape[:2], canvases)
     if not isinstance(canvases, Canvases):
-        shape = (int(canvases[0]), int(canvases[1]))
         return (shape, *fit_to_canvas(image, shape))
-    h, w = image.shape[:2]
-    shape = canvases.shapes[canvases.canvas_index(h, w)]
-    return (shape, *fit_to_canvas(image, shape, canvases.resized_shape(h, w)))
+    return (shape, *fit_to_canvas(image, shape, canvases.resized_shape(*image.shape[:2])))

@@ -15,10 +15,18 @@ from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.coco_format import coco_ground_truth
 from lucid_jax.evaluation import evaluate_dataset
 from lucid_jax.files import write_atomically
-from lucid_jax.inference import coco_results, make_predict_fn, unpad_detections
+from lucid_jax.inference import (
+    coco_results,
+    compiler_options,
+    detect_on_canvases,
+    make_predict_fn,
+    uint8_predict_fn,
+    unpad_detections,
+)
 from lucid_jax.jobs.config import JobError, TrainConfig, canvases, output_file
 from lucid_jax.jobs.data import make_loader, open_dataset
 from lucid_jax.jobs.state import load_trained
+from lucid_jax.tiling import detect_tiled, tile_windows
 
 
 def evaluate_checkpoint(
@@ -34,6 +42,8 @@ def evaluate_checkpoint(
     step: str | int = "latest",
     compute_dtype: str | None = None,
     max_detections: int | None = None,
+    tile: int | None = None,
+    overlap: float = 0.25,
 ) -> dict | None:
     """The eval job: a trained run's metrics on a dataset (see :func:`evaluate`).
 
@@ -51,14 +61,20 @@ def evaluate_checkpoint(
       step, compute_dtype, max_detections: the kept step, the dtype and the detections
         per image (see :func:`load_trained`); COCO counts up to ``max_detections`` per
         image (COCOeval's ``maxDets`` 1, 10, K where K > 100).
+      tile, overlap: score tiled prediction instead (see :func:`evaluate_tiled`).
 
     Returns:
       :func:`evaluate`'s metrics on process 0; None on the others.
 
     Raises:
       JobError: an output path that is a folder or in no folder, an unreadable
-        checkpoint or dataset, or classes that differ from the checkpoint's.
+        checkpoint or dataset, classes that differ from the checkpoint's, or
+        ``tile`` under several processes.
     """
+    if tile is not None:
+        check_tiling(tile, overlap)
+        if jax.process_count() > 1:
+            raise JobError("eval --tile runs in one process; run it without --coordinator")
     results = None if results is None else output_file(results, "--results", folder_exists=True)
     ground_truth = None if ground_truth is None else output_file(ground_truth, "--ground-truth", folder_exists=True)
     model, variables, class_names, config = load_trained(
@@ -78,7 +94,75 @@ def evaluate_checkpoint(
         raise JobError(f"the data's classes {list(dataset.class_names)} differ from the checkpoint's {class_names}")
     if batch_size:
         config = dataclasses.replace(config, batch_size=batch_size)
+    if tile is not None:
+        return evaluate_tiled(
+            model,
+            variables,
+            dataset,
+            config,
+            tile=tile,
+            overlap=overlap,
+            progress=progress,
+            results=results,
+            ground_truth=ground_truth,
+        )
     return evaluate(model, variables, dataset, config, progress=progress, results=results, ground_truth=ground_truth)
+
+
+def check_tiling(tile: int, overlap: float) -> None:
+    """Raise JobError for a ``--tile`` or ``--overlap`` no tiling can use (one line)."""
+    try:
+        tile_windows(tile, tile, tile, overlap)
+    except ValueError as e:
+        raise JobError(f"--tile {tile} --overlap {overlap}: {e}") from None
+
+
+def evaluate_tiled(
+    model,
+    variables,
+    dataset,
+    config: TrainConfig,
+    *,
+    tile: int,
+    overlap: float = 0.25,
+    progress: bool = True,
+    results: str | os.PathLike | None = None,
+    ground_truth: str | os.PathLike | None = None,
+) -> dict:
+    """:func:`evaluate` of tiled prediction: each image decoded at its own size, cut into
+    windows of ``tile`` pixels (``overlap`` shared with each neighbour), the windows
+    fitted onto the run's canvases ``config.batch_size`` at a time, and their boxes
+    merged (:func:`lucid_jax.tiling.detect_tiled`), at the model's score threshold.
+
+    A tiled image may hold more detections than one window returns, so COCO counts
+    up to the most any image has (COCOeval's ``maxDets`` 1, 10, K; ``coco_max_dets``).
+
+    Returns:
+      ``evaluate_dataset``'s dict, plus "tile" and "overlap".
+    """
+    spec = canvases(config)
+    predict = jax.jit(uint8_predict_fn(model), compiler_options=compiler_options())  # compiles once per canvas
+
+    def detect(images: list[np.ndarray]) -> list[dict]:
+        return detect_on_canvases(
+            lambda shape, batch, sizes: jax.device_get(predict(variables, batch, sizes)),
+            images,
+            spec,
+            config.batch_size,
+        )
+
+    detections = []
+    for i in tqdm(range(len(dataset)), desc="eval (tiled)", unit="img", disable=not progress, dynamic_ncols=True):
+        image = dataset[i]["image"]
+        nms = model.roi_heads.nms_thresh
+        detections.append(detect_tiled(image, detect, tile, overlap, nms_thresh=nms, batch_size=config.batch_size))
+    metrics = evaluate_dataset(dataset, detections)
+    metrics.update(tile=int(tile), overlap=float(overlap))
+    if results is not None:
+        write_atomically(results, json.dumps(coco_results(dataset, detections)))
+    if ground_truth is not None:
+        write_atomically(ground_truth, json.dumps(coco_ground_truth(dataset)))
+    return metrics
 
 
 def evaluate(

@@ -117,6 +117,7 @@ def export_checkpoint_onnx(
         "model": config.model,
         "score_thresh": model.roi_heads.score_thresh if score_thresh is None else score_thresh,
         "max_detections": model.roi_heads.detections_per_img,
+        "nms_thresh": model.roi_heads.nms_thresh,
         "inputs": {"images": "uint8 [B, H, W, 3] RGB on the canvas", "image_sizes": "int32 [B, 2]"},
         "outputs": ["boxes", "labels", "scores", "valid"],
     }
@@ -176,6 +177,7 @@ def export_checkpoint(
     extra = {
         "model": config.model,
         "score_thresh": thresh,
+        "nms_thresh": model.roi_heads.nms_thresh,
         "checkpoint": str(checkpoint),
         "step": str(step),
         "compute_dtype": compute_dtype or config.compute_dtype,

@@ -19,6 +19,14 @@ _MAX_DETECTIONS = (
     "detections kept per image, e.g. 1000 for crowded scenes; the test-time proposals rise to it where they are fewer"
 )
 _MODELS_OWN = "the model's, 100, as torchvision's"
+_TILE = (
+    "cut each image into SIZE x SIZE windows at its own resolution, fit each window onto the run's canvas "
+    "(SIZE equal to the canvas: no resize), and merge the boxes across windows"
+)
+_OVERLAP = (
+    "with --tile, the share of a window shared with its neighbour, in [0, 1): at least the largest object's "
+    "size over SIZE"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +56,8 @@ class EvalOptions:
     ground_truth: str | None = flag(
         None, "write the matching COCO ground truth (for VOC and shapes; VOC difficult objects as iscrowd 1)"
     )
+    tile: int | None = flag(None, _TILE, type=int, metavar="SIZE", shown="each image whole")
+    overlap: float = flag(0.25, _OVERLAP, type=float)
     no_progress: bool = flag(False, "no progress bar", action="store_true")
 
 
@@ -88,6 +98,8 @@ class PredictOptions:
         "also write a COCO results file: image ids from numeric file names (else 1-based positions), "
         "category ids = labels, [x, y, w, h] in the file's pixels",
     )
+    tile: int | None = flag(None, _TILE, type=int, metavar="SIZE", shown="each image whole")
+    overlap: float = flag(0.25, _OVERLAP, type=float)
     num_workers: int = flag(4, "image decoding threads", type=int)
     no_progress: bool = flag(False, "no progress bar", action="store_true")
 

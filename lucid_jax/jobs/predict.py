@@ -32,11 +32,12 @@ from tqdm.auto import tqdm
 from lucid_jax import viz
 from lucid_jax.data import DatasetError, load_image
 from lucid_jax.data.canvases import Canvases
-from lucid_jax.data.transforms import fit_to_canvases
+from lucid_jax.data.transforms import canvas_of
 from lucid_jax.files import atomic_path, write_atomically
-from lucid_jax.inference import coco_rows, compiler_options, image_detections, uint8_predict_fn
+from lucid_jax.inference import coco_rows, compiler_options, detect_on_canvases, uint8_predict_fn
 from lucid_jax.jobs.config import JobError, canvases, output_file, output_folder
 from lucid_jax.jobs.state import load_trained
+from lucid_jax.tiling import detect_tiled
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # A results file is scored by COCO's evaluation, which keeps low-scoring detections.
@@ -169,6 +170,8 @@ def detect_files(
     results: str | os.PathLike | None = None,
     num_workers: int = 4,
     progress: bool = True,
+    tile: int | None = None,
+    overlap: float = 0.25,
 ) -> PredictReport:
     """Detect objects in image files with a model and its variables.
 
@@ -182,15 +185,21 @@ def detect_files(
       out: folder for ``detections.json`` (and the drawings).
       score_thresh: keep detections scoring at least this (default:
         :func:`default_score_thresh`).
-      batch_size: images per compiled call.
+      batch_size: images (with ``tile``: windows) per compiled call.
       draw: also write ``<stem>_detections.png`` per image.
       draw_max_side: the longest side of a drawing: larger images are drawn shrunk
         to it, boxes scaled with them (0: each at its own size). An 8000x6000
         photograph at its own size needs gigabytes to render.
       results: also write a COCO results file here (image ids from numeric file
         names, else 1-based positions; category ids are the labels 1..C-1).
-      num_workers: decoding threads (0: decode in this thread).
+      num_workers: decoding threads (0: decode in this thread). With ``tile`` each
+        image is decoded in this thread when its turn comes, so that one decoded
+        image is held at a time.
       progress: show a progress bar (images per second).
+      tile: cut each image into windows of this many pixels at native resolution,
+        fit each onto the canvas, and merge the boxes across windows
+        (:func:`lucid_jax.tiling.detect_tiled`); None: each image whole.
+      overlap: the share of a window shared with its neighbour, with ``tile``.
 
     Returns:
       A :class:`PredictReport`.
@@ -199,59 +208,67 @@ def detect_files(
     thresh = default_score_thresh(results is not None) if score_thresh is None else score_thresh
     # compiles once per canvas
     predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh), compiler_options=compiler_options())
+
+    def detect(images: list[np.ndarray]) -> list[dict]:
+        return detect_on_canvases(
+            lambda shape, batch, sizes: jax.device_get(predict(variables, batch, sizes)), images, canvas, batch_size
+        )
+
     names = ["background", *class_names]
     out.mkdir(parents=True, exist_ok=True)
     report = PredictReport()
     position = {p: i for i, p in enumerate(paths)}
     done: dict[int, tuple[dict, list[dict]]] = {}  # input position: (detections.json entry, COCO results)
 
-    def flush(shape: tuple[int, int], batch: list) -> None:
-        images = np.zeros((batch_size, *shape, 3), np.uint8)
-        sizes = np.tile(np.array(shape, np.int32), (batch_size, 1))  # padding rows: any valid size
-        for i, (_, _, fitted, size, _) in enumerate(batch):
-            images[i], sizes[i] = fitted, size
-        dets = jax.device_get(predict(variables, images, sizes))
-        for i, (path, image, _, _, scale) in enumerate(batch):
-            found = image_detections(dets, i, scale, image.shape[:2])  # the file's pixels
-            boxes, scores, labels = found["boxes"], found["scores"], found["labels"]
-            png = None
-            if draw:
-                png = out / (path.stem + "_detections.png")
-                with atomic_path(png) as tmp:
-                    viz.save_detections(image, found, tmp, names, max_side=draw_max_side)
-            coco = [] if results is None else coco_rows(_coco_image_id(path, position[path]), found)
-            entry = {
-                "image": str(path),
-                "height": int(image.shape[0]),
-                "width": int(image.shape[1]),
-                "detections_png": None if png is None else str(png),
-                "detections": [
-                    {
-                        "box_xyxy": [round(float(v), 2) for v in b],
-                        "score": round(float(s), 4),
-                        "label": int(lab),
-                        "class": class_names[int(lab) - 1],
-                    }
-                    for b, s, lab in zip(boxes, scores, labels, strict=True)
-                ],
-            }
-            done[position[path]] = entry, coco
+    def record(path: Path, image: np.ndarray, found: dict) -> None:
+        boxes, scores, labels = found["boxes"], found["scores"], found["labels"]
+        png = None
+        if draw:
+            png = out / (path.stem + "_detections.png")
+            with atomic_path(png) as tmp:
+                viz.save_detections(image, found, tmp, names, max_side=draw_max_side)
+        coco = [] if results is None else coco_rows(_coco_image_id(path, position[path]), found)
+        entry = {
+            "image": str(path),
+            "height": int(image.shape[0]),
+            "width": int(image.shape[1]),
+            "detections_png": None if png is None else str(png),
+            "detections": [
+                {
+                    "box_xyxy": [round(float(v), 2) for v in b],
+                    "score": round(float(s), 4),
+                    "label": int(lab),
+                    "class": class_names[int(lab) - 1],
+                }
+                for b, s, lab in zip(boxes, scores, labels, strict=True)
+            ],
+        }
+        done[position[path]] = entry, coco
+
+    def flush(batch: list[tuple[Path, np.ndarray]]) -> None:
+        for (path, image), found in zip(batch, detect([image for _, image in batch]), strict=True):
+            record(path, image, found)
 
     batches: dict[tuple[int, int], list] = {}  # canvas: the images waiting for a batch of it
+    workers, ahead = (0, 0) if tile else (num_workers, 2 * batch_size)
     # closed on an error too, so that the error's line is not written after the bar's
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for path, image in _decoded(paths, num_workers, ahead=2 * batch_size):
+        for path, image in _decoded(paths, workers, ahead=ahead):
             if isinstance(image, str):
                 report.failures.append((str(path), image))
+            elif tile:
+                nms = model.roi_heads.nms_thresh
+                record(path, image, detect_tiled(image, detect, tile, overlap, nms_thresh=nms, batch_size=batch_size))
             else:
-                shape, fitted, size, scale = fit_to_canvases(image, canvas)
-                batch = batches.setdefault(shape, [])
-                batch.append((path, image, fitted, size, scale))
+                batch = batches.setdefault(canvas_of(image.shape[:2], canvas), [])
+                batch.append((path, image))
                 if len(batch) == batch_size:
-                    flush(shape, batches.pop(shape))
+                    flush(batch)
+                    batch.clear()
             bar.update(1)
-        for shape, batch in batches.items():
-            flush(shape, batch)
+        for batch in batches.values():
+            if batch:
+                flush(batch)
 
     report.results = [done[i][0] for i in sorted(done)]  # input order, whatever the canvases
     write_atomically(out / "detections.json", json.dumps(report.results, indent=2))
