@@ -103,22 +103,37 @@ def nms_numpy(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np
     """Greedy NMS in float64: indices kept, by decreasing score (ties: lower index first).
 
     A box is dropped when its IoU with a kept, better box exceeds ``iou_threshold``,
-    as torchvision's ``nms``.
+    as torchvision's ``nms``. Each kept box is compared with the boxes after it, one
+    row at a time, so the memory is O(N), not an N x N matrix: a tiled photograph can
+    hold tens of thousands of boxes.
     """
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     order = np.argsort(-np.asarray(scores, np.float64), kind="stable")
-    if len(order) == 0:
-        return order
-    inter = _intersections(boxes, boxes)
-    areas = _areas(boxes)
-    iou = inter / np.maximum(areas[:, None] + areas[None, :] - inter, 1e-12)
-    alive = np.ones(len(boxes), bool)
+    ranked = boxes[order]
+    areas = _areas(ranked)
+    alive = np.ones(len(order), bool)
     keep = []
-    for i in order:
-        if alive[i]:
-            keep.append(i)
-            alive &= ~(iou[i] > iou_threshold)
+    for i in range(len(order)):
+        if not alive[i]:
+            continue
+        keep.append(order[i])
+        rest = ranked[i + 1 :]
+        lo, hi = np.maximum(ranked[i, :2], rest[:, :2]), np.minimum(ranked[i, 2:], rest[:, 2:])
+        inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
+        iou = inter / np.maximum(areas[i] + areas[i + 1 :] - inter, 1e-12)
+        alive[i + 1 :] &= ~(iou > iou_threshold)
     return np.array(keep, np.int64)
+
+
+def _covered(cut: np.ndarray, whole: np.ndarray, cover: float, chunk: int = 128) -> np.ndarray:
+    """[len(cut)] bool: some box of ``whole`` covers at least ``cover`` of the cut box's area
+    (a chunk of cut boxes at a time, so the memory stays small)."""
+    out = np.zeros(len(cut), bool)
+    for start in range(0, len(cut), chunk):
+        part = cut[start : start + chunk]
+        need = cover * np.maximum(_areas(part), 1e-12)[:, None]
+        out[start : start + chunk] = (_intersections(part, whole) >= need).any(axis=1)
+    return out
 
 
 def merge_tiles(
@@ -156,10 +171,10 @@ def merge_tiles(
         }
     boxes, scores, labels, cut = (np.concatenate(column) for column in zip(*parts))
     keep = np.ones(len(scores), bool)
-    if cut.any() and (~cut).any():
-        covered = _intersections(boxes[cut], boxes[~cut]) >= cover * np.maximum(_areas(boxes[cut]), 1e-12)[:, None]
-        same_class = labels[cut][:, None] == labels[~cut][None, :]
-        keep[np.flatnonzero(cut)[(covered & same_class).any(axis=1)]] = False
+    for label in np.unique(labels[cut]):
+        cut_here, whole_here = cut & (labels == label), ~cut & (labels == label)
+        if whole_here.any():
+            keep[np.flatnonzero(cut_here)[_covered(boxes[cut_here], boxes[whole_here], cover)]] = False
     kept = []
     for label in np.unique(labels[keep]):
         members = np.flatnonzero(keep & (labels == label))

@@ -156,7 +156,9 @@ def draw_detections(
       fontsize: label text size in points (at least ``MIN_FONTSIZE``).
 
     Every label lies inside the image: above its box where there is room, else just
-    inside it, and moved left where it would run past the right edge. Ground-truth
+    inside it, and moved left where it would run past the right edge. A box lower
+    than its label (about 18 pixels at 8 points) is drawn without one, with a thinner
+    edge, so that a crowd of small boxes stays visible. Ground-truth
     labels are white on a dark box with a dashed edge in the class colour, at the
     bottom of their box.
 
@@ -171,6 +173,11 @@ def draw_detections(
     figure = ax.get_figure(root=True)
     dpi = figure.dpi if figure is not None else DEFAULT_DPI
     line_px = fontsize * 1.6 * dpi / 72.0  # a label's height with its box, generously
+
+    def edge_width(x1, y1, x2, y2) -> float:
+        """The box's edge in points: ``linewidth``, thinner on boxes under 8 edges across."""
+        return float(min(linewidth, max(0.5, min(x2 - x1, y2 - y1) * 72.0 / dpi / 8.0)))
+
     ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
@@ -189,11 +196,13 @@ def draw_detections(
                     y2 - y1,
                     fill=False,
                     edgecolor=color,
-                    linewidth=linewidth,
+                    linewidth=edge_width(x1, y1, x2, y2),
                     linestyle="--",
                     snap=False,
                 )
             )
+            if y2 - y1 < line_px:  # a box lower than its label: the label would hide it
+                continue
             name = _name(label, class_names)
             ax.text(
                 _label_x(max(x1, 0.0) + 2, name, fontsize, dpi, width),
@@ -220,8 +229,18 @@ def draw_detections(
         x1, y1, x2, y2 = boxes[k]
         color = class_color(labels[k])
         ax.add_patch(
-            Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=linewidth, snap=False)
+            Rectangle(
+                (x1, y1),
+                x2 - x1,
+                y2 - y1,
+                fill=False,
+                edgecolor=color,
+                linewidth=edge_width(x1, y1, x2, y2),
+                snap=False,
+            )
         )
+        if y2 - y1 < line_px:  # a box lower than its label (a crowd, or a big image drawn shrunk): no label
+            continue
         # Above the box, unless that would leave the image: then just inside it.
         above = y1 >= line_px
         text = f"{_name(labels[k], class_names)} {scores[k]:.2f}"

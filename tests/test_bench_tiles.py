@@ -1,5 +1,6 @@
 """benchmarks/bench_tiles.py: whole-image against tiled prediction, each mode in its own
-measured process, on photographs of your own (a tiny run: the mechanics, no figures)."""
+measured process, on photographs of your own, with the tests' trained run (the mechanics,
+no figures)."""
 
 import json
 
@@ -8,6 +9,7 @@ import pytest
 from PIL import Image
 
 from lucid_jax.data import ShapesDataset
+from lucid_jax.data.shapes import CLASS_NAMES
 from tests.bench_scripts import load_benchmark
 
 
@@ -16,19 +18,27 @@ def bench():
     return load_benchmark("bench_tiles")
 
 
-def test_whole_and_tiled_are_scored_timed_and_measured(bench, tmp_path):
+def test_whole_and_tiled_are_scored_timed_and_measured(bench, trained, tmp_path):
     augment = load_benchmark("bench_augment")
     source = tmp_path / "photos"
     source.mkdir()
     for i, name in enumerate(("one", "two")):
         ex = ShapesDataset(num_examples=1, seed=40 + i, image_size=(256, 320), max_objects=12)[0]
         Image.fromarray(ex["image"]).save(source / f"{name}.png")
-        names = ["shape"] * len(ex["boxes"])
+        names = [CLASS_NAMES[label - 1] for label in ex["labels"]]  # the classes the trained run knows
         augment.write_xml(source / f"{name}.xml", f"{name}.png", 256, 320, ex["boxes"], names)
-    train = "--model faster_rcnn_mini_fpn --image-size 128 --batch-size 2 --steps 3 --num-workers 0"
-    argv = ["--images", str(source), "--held-out", "two", "--work", str(tmp_path / "work"), "--train", train]
+    argv = [
+        "--images",
+        str(source),
+        "--held-out",
+        "two",
+        "--work",
+        str(tmp_path / "work"),
+        "--checkpoint",
+        str(trained),
+    ]
     report = bench.main([*argv, "--tile", "128", "--overlap", "0.25", "--repeats", "1"])
-    assert [row["mode"] for row in report["eval"]] == ["whole image", "tiled"]
+    assert [row["mode"] for row in report["eval"]] == ["whole image", "whole image, --max-detections 1000", "tiled"]
     for row in report["eval"]:
         assert 0.0 <= row["AP50"] <= 1.0 and isinstance(row["detections"], int)
         assert len(row["seconds"]) == 1 and row["seconds"][0] > 0 and row["peak_mib"][0] > 100  # jax alone holds more

@@ -161,7 +161,7 @@ def test_labels_at_the_image_edges_are_drawn_inside_it():
         [3],
         [0.93],
         class_names=CLASS_NAMES,
-        gt_boxes=[[190, 110, 200, 120]],
+        gt_boxes=[[170, 90, 200, 120]],
         gt_labels=[2],
     )
     extents = _text_extents(ax)
@@ -214,3 +214,14 @@ def test_big_images_are_drawn_shrunk_to_max_side_with_their_boxes(tmp_path):
     png = read_png(path)
     assert png.shape == (150, 200, 3)
     assert is_color(png[60:110][:, [49, 50]], rgb255(3)).all()  # the left edge, at x = 100 / 2
+
+
+def test_boxes_lower_than_their_label_are_drawn_without_one():
+    """A crowd of small boxes (or a big image drawn shrunk) stays visible: no label hides them."""
+    pred = prediction([[10, 10, 30, 22], [50, 10, 120, 60]], [1, 3], [0.8, 0.9])
+    ax = draw_detections(
+        np.zeros((H, W, 3), np.uint8), pred["boxes"], pred["labels"], pred["scores"], None, CLASS_NAMES
+    )
+    assert len(ax.patches) == 2 and [t.get_text() for t in ax.texts] == ["car 0.90"]
+    small, large = sorted(ax.patches, key=lambda p: p.get_width())
+    assert small.get_linewidth() < large.get_linewidth() == 2.0
