@@ -174,9 +174,14 @@ def draw_detections(
     dpi = figure.dpi if figure is not None else DEFAULT_DPI
     line_px = fontsize * 1.6 * dpi / 72.0  # a label's height with its box, generously
 
-    def edge_width(x1, y1, x2, y2) -> float:
-        """The box's edge in points: ``linewidth``, thinner on boxes under 8 edges across."""
-        return float(min(linewidth, max(0.5, min(x2 - x1, y2 - y1) * 72.0 / dpi / 8.0)))
+    def outline(x1, y1, x2, y2, color, linestyle="-") -> None:
+        """The box's edge, ``linewidth`` points wide, thinner on boxes under 8 edges across."""
+        edge = float(min(linewidth, max(0.5, min(x2 - x1, y2 - y1) * 72.0 / dpi / 8.0)))
+        ax.add_patch(
+            Rectangle(
+                (x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=color, linewidth=edge, linestyle=linestyle, snap=False
+            )
+        )
 
     ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
     ax.set_xlim(0, width)
@@ -189,18 +194,7 @@ def draw_detections(
         keep = np.ones(len(gt_boxes), bool) if gt_valid is None else np.asarray(gt_valid, bool).reshape(-1)
         for (x1, y1, x2, y2), label in zip(gt_boxes[keep], gt_labels[keep]):
             color = class_color(label)
-            ax.add_patch(
-                Rectangle(
-                    (x1, y1),
-                    x2 - x1,
-                    y2 - y1,
-                    fill=False,
-                    edgecolor=color,
-                    linewidth=edge_width(x1, y1, x2, y2),
-                    linestyle="--",
-                    snap=False,
-                )
-            )
+            outline(x1, y1, x2, y2, color, "--")
             if y2 - y1 < line_px:  # a box lower than its label: the label would hide it
                 continue
             name = _name(label, class_names)
@@ -228,17 +222,7 @@ def draw_detections(
             continue
         x1, y1, x2, y2 = boxes[k]
         color = class_color(labels[k])
-        ax.add_patch(
-            Rectangle(
-                (x1, y1),
-                x2 - x1,
-                y2 - y1,
-                fill=False,
-                edgecolor=color,
-                linewidth=edge_width(x1, y1, x2, y2),
-                snap=False,
-            )
-        )
+        outline(x1, y1, x2, y2, color)
         if y2 - y1 < line_px:  # a box lower than its label (a crowd, or a big image drawn shrunk): no label
             continue
         # Above the box, unless that would leave the image: then just inside it.
