@@ -208,3 +208,13 @@ def test_tiled_predict_and_eval_through_the_command_line(detector, trained, voc,
     assert (tiled["tile"], tiled["overlap"]) == (1024, 0.25)
     for key in ("AP", "AP50", "AP75"):
         assert tiled[key] == pytest.approx(whole[key], abs=1e-6), key
+
+
+def test_bad_tiling_is_refused_before_anything_is_written(tmp_path):
+    for call in (
+        lambda: jobs.predict_files([tmp_path / "x.png"], tmp_path / "run", tmp_path / "out", tile=64, overlap=1.5),
+        lambda: jobs.evaluate_checkpoint(tmp_path / "run", "shapes", tile=0),
+    ):
+        with pytest.raises(jobs.JobError, match=r"--tile (64 --overlap 1.5: overlap must be in \[0, 1\)|0 --overlap)"):
+            call()
+    assert not (tmp_path / "out").exists()

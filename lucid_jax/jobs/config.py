@@ -401,6 +401,16 @@ def check_config(config: TrainConfig) -> None:
         raise JobError(f"--decay-steps must be increasing positive steps, got {','.join(map(str, config.decay_steps))}")
 
 
+def check_tiling(tile: int, overlap: float) -> None:
+    """Raise JobError for a ``--tile`` or ``--overlap`` no tiling can use (one line)."""
+    from lucid_jax.tiling import tile_windows
+
+    try:
+        tile_windows(tile, tile, tile, overlap)
+    except ValueError as e:
+        raise JobError(f"--tile {tile} --overlap {overlap}: {e}") from None
+
+
 def reconcile_resume(stored: TrainConfig, config: TrainConfig, given) -> tuple[TrainConfig, list[str]]:
     """The config a resumed run continues with, and the notes to print.
 

@@ -23,10 +23,10 @@ from lucid_jax.inference import (
     uint8_predict_fn,
     unpad_detections,
 )
-from lucid_jax.jobs.config import JobError, TrainConfig, canvases, output_file
+from lucid_jax.jobs.config import JobError, TrainConfig, canvases, check_tiling, output_file
 from lucid_jax.jobs.data import make_loader, open_dataset
 from lucid_jax.jobs.state import load_trained
-from lucid_jax.tiling import detect_tiled, tile_windows
+from lucid_jax.tiling import detect_tiled
 
 
 def evaluate_checkpoint(
@@ -107,14 +107,6 @@ def evaluate_checkpoint(
             ground_truth=ground_truth,
         )
     return evaluate(model, variables, dataset, config, progress=progress, results=results, ground_truth=ground_truth)
-
-
-def check_tiling(tile: int, overlap: float) -> None:
-    """Raise JobError for a ``--tile`` or ``--overlap`` no tiling can use (one line)."""
-    try:
-        tile_windows(tile, tile, tile, overlap)
-    except ValueError as e:
-        raise JobError(f"--tile {tile} --overlap {overlap}: {e}") from None
 
 
 def evaluate_tiled(

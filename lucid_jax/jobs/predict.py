@@ -35,7 +35,7 @@ from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.transforms import canvas_of
 from lucid_jax.files import atomic_path, write_atomically
 from lucid_jax.inference import coco_rows, compiler_options, detect_on_canvases, uint8_predict_fn
-from lucid_jax.jobs.config import JobError, canvases, output_file, output_folder
+from lucid_jax.jobs.config import JobError, canvases, check_tiling, output_file, output_folder
 from lucid_jax.jobs.state import load_trained
 from lucid_jax.tiling import detect_tiled
 
@@ -142,9 +142,12 @@ def predict_files(
       **kwargs: the options of :func:`detect_files`.
 
     Raises:
-      JobError: ``out`` is a file, ``results`` a folder or in none, no image matches, or the
-        checkpoint cannot be read (all before anything is written).
+      JobError: ``out`` is a file, ``results`` a folder or in none, no image matches, a
+        ``tile`` or ``overlap`` no tiling can use, or the checkpoint cannot be read (all
+        before anything is written).
     """
+    if kwargs.get("tile") is not None:
+        check_tiling(kwargs["tile"], kwargs.get("overlap", 0.25))
     out = output_folder(out)
     if kwargs.get("results") is not None:
         kwargs["results"] = output_file(kwargs["results"], "--results", folder_exists=True)
