@@ -163,9 +163,9 @@ def test_distributed_flag_errors_are_usage_errors(tmp_path, capsys, command, fla
         ),
     ],
 )
-def test_prediction_flag_errors_are_usage_errors(tmp_path, capsys, argv, message):
-    assert cli.main([*argv, "--checkpoint", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err.strip() == f"lucid-jax: error: {message}"
+def test_prediction_flag_errors_are_usage_errors(tmp_path, argv, message):
+    code, _, err = run_cli(*argv, "--checkpoint", tmp_path / "run")  # the console script, as a user runs it
+    assert code == 2 and err.strip() == f"lucid-jax: error: {message}"
 
 
 @pytest.mark.parametrize(

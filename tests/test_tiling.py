@@ -16,6 +16,7 @@ from lucid_jax.data.shapes import _PALETTE, rasterize
 from lucid_jax.data.transforms import fit_to_canvas
 from lucid_jax.inference import image_detections, uint8_predict_fn
 from lucid_jax.tiling import detect_tiled, merge_tiles, nms_numpy, tile_windows
+from tests.cli_run import run_cli
 
 
 @pytest.mark.parametrize(
@@ -191,7 +192,8 @@ def test_tiled_predict_and_eval_through_the_command_line(detector, trained, voc,
     Image.fromarray(image).save(tmp_path / "big.png")
     out = tmp_path / "tiled"
     argv = ["predict", str(tmp_path / "big.png"), "--checkpoint", str(trained), "--out", str(out), "--no-progress"]
-    assert cli.main([*argv, "--tile", str(TILE), "--overlap", str(OVERLAP), "--batch-size", "4"]) == 0
+    code, _, err = run_cli(*argv, "--tile", TILE, "--overlap", OVERLAP, "--batch-size", 4)  # as a user runs it
+    assert code == 0, err
     (entry,) = json.loads((out / "detections.json").read_text())
     expected = tiled(image)  # the same windows, one at a time, merged
     assert len(expected["scores"]) >= 2
