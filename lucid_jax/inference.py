@@ -207,6 +207,30 @@ def detect_on_canvases(
     return [out[i] for i in range(len(images))]
 
 
+def canvas_detector(model, variables: Mapping, canvases, batch_size: int, **predict_kwargs) -> Callable:
+    """``detect(images) -> detections``: :func:`detect_on_canvases` with the model's
+    compiled uint8 prediction (compiled once per canvas), for the predict and eval jobs.
+
+    Args:
+      model, variables: the detector.
+      canvases: the run's :class:`~lucid_jax.data.canvases.Canvases`, or one (height, width).
+      batch_size: images per compiled call.
+      **predict_kwargs: ``score_thresh`` and the other keywords of :func:`uint8_predict_fn`.
+
+    Returns:
+      A function of a list of uint8 [H_i, W_i, 3] images returning one
+      :func:`image_detections` dict per image.
+    """
+    predict = jax.jit(uint8_predict_fn(model, **predict_kwargs), compiler_options=compiler_options())
+
+    def detect(images: Sequence[np.ndarray]) -> list[dict]:
+        return detect_on_canvases(
+            lambda canvas, batch, sizes: jax.device_get(predict(variables, batch, sizes)), images, canvases, batch_size
+        )
+
+    return detect
+
+
 def unpad_detections(predictions, batch) -> list[dict]:
     """A Loader batch's padded predictions as per-image detections in original pixels.
 

@@ -15,14 +15,7 @@ from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.coco_format import coco_ground_truth
 from lucid_jax.evaluation import evaluate_dataset
 from lucid_jax.files import write_atomically
-from lucid_jax.inference import (
-    coco_results,
-    compiler_options,
-    detect_on_canvases,
-    make_predict_fn,
-    uint8_predict_fn,
-    unpad_detections,
-)
+from lucid_jax.inference import canvas_detector, coco_results, make_predict_fn, unpad_detections
 from lucid_jax.jobs.config import JobError, TrainConfig, canvases, check_tiling, output_file
 from lucid_jax.jobs.data import make_loader, open_dataset
 from lucid_jax.jobs.state import load_trained
@@ -132,17 +125,7 @@ def evaluate_tiled(
     Returns:
       ``evaluate_dataset``'s dict, plus "tile" and "overlap".
     """
-    spec = canvases(config)
-    predict = jax.jit(uint8_predict_fn(model), compiler_options=compiler_options())  # compiles once per canvas
-
-    def detect(images: list[np.ndarray]) -> list[dict]:
-        return detect_on_canvases(
-            lambda shape, batch, sizes: jax.device_get(predict(variables, batch, sizes)),
-            images,
-            spec,
-            config.batch_size,
-        )
-
+    detect = canvas_detector(model, variables, canvases(config), config.batch_size)
     detections = []
     for i in tqdm(range(len(dataset)), desc="eval (tiled)", unit="img", disable=not progress, dynamic_ncols=True):
         image = dataset[i]["image"]

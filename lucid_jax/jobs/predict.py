@@ -25,7 +25,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -34,7 +33,7 @@ from lucid_jax.data import DatasetError, load_image
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.data.transforms import canvas_of
 from lucid_jax.files import atomic_path, write_atomically
-from lucid_jax.inference import coco_rows, compiler_options, detect_on_canvases, uint8_predict_fn
+from lucid_jax.inference import canvas_detector, coco_rows
 from lucid_jax.jobs.config import JobError, canvases, check_tiling, output_file, output_folder
 from lucid_jax.jobs.state import load_trained
 from lucid_jax.tiling import detect_tiled
@@ -209,13 +208,7 @@ def detect_files(
     """
     out = Path(out)
     thresh = default_score_thresh(results is not None) if score_thresh is None else score_thresh
-    # compiles once per canvas
-    predict = jax.jit(uint8_predict_fn(model, score_thresh=thresh), compiler_options=compiler_options())
-
-    def detect(images: list[np.ndarray]) -> list[dict]:
-        return detect_on_canvases(
-            lambda shape, batch, sizes: jax.device_get(predict(variables, batch, sizes)), images, canvas, batch_size
-        )
+    detect = canvas_detector(model, variables, canvas, batch_size, score_thresh=thresh)
 
     names = ["background", *class_names]
     out.mkdir(parents=True, exist_ok=True)
