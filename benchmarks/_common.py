@@ -3,12 +3,15 @@
 Both scripts compare lucid_jax's Faster R-CNN ResNet-101 FPN with torchvision's
 ``FasterRCNN(resnet_fpn_backbone("resnet101"))`` on CPU, in one run:
 
-- timings are interleaved (ours, torchvision, ours, ...) in one process, so that
-  load from other processes on a shared machine hits both sides alike, and are
-  reported as medians and as the ratio ours / torchvision (below 1: we are faster);
-- peak RSS is measured per side in a fresh child process (``--side ours`` or
-  ``--side torchvision``), as ``getrusage(RUSAGE_SELF).ru_maxrss`` at its end, so
-  neither framework's memory counts against the other (the parent imports both);
+- the headline figures come from each side alone in a fresh child process
+  (``--side ours`` or ``--side torchvision``), as a user runs one library: the
+  children alternate ours, torchvision, ours, ... for a few rounds
+  (:func:`alone_rounds`), each reports its median call time and its peak RSS
+  (``getrusage(RUSAGE_SELF).ru_maxrss``), and the ratio ours / torchvision is the
+  median of the per-round ratios (below 1: we are faster);
+- a second figure, labelled as such, interleaves the two sides in one process
+  (ours, torchvision, ours, ...): load from other processes then hits both alike,
+  but each side also pays for the pages the other's allocator handed back;
 - the floating-point ceiling is the best of a few large float32 matmuls.
 
 Per-op profiles (XLA's HLO and torch.profiler) are in ``_profile.py``.
@@ -31,18 +34,42 @@ RESULT_TAG = "BENCH_RESULT "  # a child prints its JSON result on one line behin
 # --- synthetic data -----------------------------------------------------------------
 
 
+def parse_size(text):
+    """'512' -> (512, 512); '800x1344' -> (800, 1344): an image's (height, width)."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(f"expected SIZE or HEIGHTxWIDTH in pixels, e.g. 512 or 800x1344, got {text!r}")
+    h, w = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
+    return h, w
+
+
+def size_text(size):
+    """(800, 1344) -> '800x1344'."""
+    h, w = hw(size)
+    return f"{h}x{w}"
+
+
+def hw(size):
+    """An int S or (H, W) as (H, W)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 def synthetic_batch(batch, size, num_boxes=4, seed=0):
     """A fixed random batch: images in [0, 1] and a few boxes per image.
 
+    Args:
+      size: S (square) or (H, W).
+
     Returns:
-      {"images": [B, 3, S, S] float32, "boxes": [B, M, 4] float32 xyxy pixels
+      {"images": [B, 3, H, W] float32, "boxes": [B, M, 4] float32 xyxy pixels
       (32..256 px wide and high, inside the image), "labels": [B, M] int32 in 1..20,
       "valid": [B, M] bool (all True)}.
     """
+    h, w = hw(size)
     rng = np.random.default_rng(seed)
-    images = rng.random((batch, 3, size, size), dtype=np.float32)
-    wh = rng.uniform(32, min(256, size // 2), (batch, num_boxes, 2))
-    xy = rng.uniform(0, 1, (batch, num_boxes, 2)) * (size - wh)
+    images = rng.random((batch, 3, h, w), dtype=np.float32)
+    wh = rng.uniform(32, min(256, min(h, w) // 2), (batch, num_boxes, 2))
+    xy = rng.uniform(0, 1, (batch, num_boxes, 2)) * (np.array([w, h]) - wh)
     boxes = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
     labels = rng.integers(1, 21, (batch, num_boxes)).astype(np.int32)
     valid = np.ones((batch, num_boxes), bool)
@@ -101,9 +128,9 @@ def realistic_weights(model, seed=0, spread=30.0):
 def torchvision_model(size, trainable_layers=3, num_classes=21, seed=0, spread=30.0):
     """torchvision's FasterRCNN on a ResNet-101 FPN backbone with :func:`realistic_weights`.
 
-    ``min_size = max_size = size`` makes GeneralizedRCNNTransform keep a size x size
-    batch as it is (its default min_size=800 would upsample 512 to 800 and do 2.4x
-    the work). Its normalisation and the (identity) resize still run, as in any
+    ``min_size = min(H, W)``, ``max_size = max(H, W)`` make GeneralizedRCNNTransform
+    keep an H x W batch as it is (its default min_size=800 would upsample 512 to 800
+    and do 2.4x the work). Its normalisation and the (identity) resize still run, as in any
     torchvision step. The backbone uses FrozenBatchNorm2d (the default of
     ``resnet_fpn_backbone``) and trains the top ``trainable_layers`` stages.
     """
@@ -113,8 +140,14 @@ def torchvision_model(size, trainable_layers=3, num_classes=21, seed=0, spread=3
 
     torch.manual_seed(seed)
     backbone = resnet_fpn_backbone(backbone_name="resnet101", weights=None, trainable_layers=trainable_layers)
-    model = FasterRCNN(backbone, num_classes=num_classes, min_size=size, max_size=size)
+    model = FasterRCNN(backbone, num_classes=num_classes, **torchvision_sizes(size))
     return realistic_weights(model, seed, spread)
+
+
+def torchvision_sizes(size):
+    """torchvision's ``min_size`` and ``max_size`` that leave an H x W image unresized."""
+    h, w = hw(size)
+    return {"min_size": min(h, w), "max_size": max(h, w)}
 
 
 def ours_from_torchvision(tv, num_classes=21):
@@ -208,7 +241,7 @@ def check_same_detections(ours, theirs, box_atol=0.5, min_detections=50):
 
 
 def check_torchvision_size(model, images, size):
-    """Raise unless torchvision's transform keeps the batch at size x size."""
+    """Raise unless torchvision's transform keeps the batch at its size (S or (H, W))."""
     import torch
 
     was_training = model.training
@@ -217,8 +250,8 @@ def check_torchvision_size(model, images, size):
         image_list, _ = model.transform(list(images))
     model.train(was_training)
     got = tuple(image_list.tensors.shape[-2:])
-    if got != (size, size):
-        raise RuntimeError(f"torchvision's transform resized {size}x{size} images to {got}")
+    if got != hw(size):
+        raise RuntimeError(f"torchvision's transform resized {size_text(size)} images to {got}")
 
 
 def ours_model(config="lucid", num_classes=21, **kwargs):
@@ -341,6 +374,67 @@ def run_child(script, argv, side, timeout=1800):
     tail = (proc.stdout + proc.stderr)[-3000:]
     print(f"[child {side} failed, rc={proc.returncode}]\n{tail}", file=sys.stderr)
     return None
+
+
+def alone_rounds(script, argv, rounds, sides=("ours", "torchvision")):
+    """Each side alone in a fresh process, alternating A B A B for ``rounds`` rounds.
+
+    Each child runs ``script ARGV --side SIDE`` and prints its JSON result (with at
+    least "median_s", "first_call_s" and "peak_rss_mib"). Returns side -> list of
+    results, one per round; exits if a child fails.
+    """
+    results = {side: [] for side in sides}
+    for r in range(rounds):
+        for side in sides:
+            print(f"round {r + 1}/{rounds}: '{side}' alone in its own process ...", flush=True)
+            res = run_child(script, argv, side)
+            if res is None:
+                sys.exit(f"the '{side}' child failed (see above)")
+            results[side].append(res)
+    return results
+
+
+def report_alone(results, title, rss_keys=(("peak_rss_mib", "peak RSS"),)):
+    """Print :func:`alone_rounds`' table and ratios; returns the figures.
+
+    The ratio ours / torchvision is the median of the per-round ratios of each
+    child's median call time; each RSS ratio the median of the per-round ratios.
+
+    Returns:
+      {"ours_s", "torchvision_s" (medians over rounds), "ratio", "ratios" (per round),
+      and per key of ``rss_keys``: "ours_KEY", "torchvision_KEY", "KEY_ratio"}.
+    """
+    ours, tv = results["ours"], results["torchvision"]
+    ratios = [o["median_s"] / t["median_s"] for o, t in zip(ours, tv)]
+    print(f"\n## {title}")
+    rows = []
+    for side in ("ours", "torchvision"):
+        xs = results[side]
+        row = [
+            side,
+            f"{median([x['median_s'] for x in xs]):.3f}",
+            ", ".join(f"{x['median_s']:.3f}" for x in xs),
+            f"{median([x['first_call_s'] for x in xs]):.1f}",
+        ]
+        row += [f"{median([x[k] for x in xs]):.0f}" if all(x.get(k) for x in xs) else "-" for k, _ in rss_keys]
+        rows.append(row)
+    print_table(rows, ["side", "median s", "per round s", "first call s", *(f"{n} MiB" for _, n in rss_keys)])
+    out = {
+        "ours_s": median([x["median_s"] for x in ours]),
+        "torchvision_s": median([x["median_s"] for x in tv]),
+        "ratio": median(ratios),
+        "ratios": ratios,
+    }
+    per_round = ", ".join(f"{r:.2f}" for r in ratios)
+    line = f"ours / torchvision: {out['ratio']:.2f}x time (median of per-round ratios {per_round})"
+    for key, name in rss_keys:
+        if all(o.get(key) and t.get(key) for o, t in zip(ours, tv)):
+            out[f"{key}_ratio"] = median([o[key] / t[key] for o, t in zip(ours, tv)])
+            out[f"ours_{key}"] = median([o[key] for o in ours])
+            out[f"torchvision_{key}"] = median([t[key] for t in tv])
+            line += f", {out[f'{key}_ratio']:.2f}x {name}"
+    print(line, flush=True)
+    return out
 
 
 def xla_cost(compiled):

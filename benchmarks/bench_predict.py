@@ -1,48 +1,51 @@
 """Inference of lucid_jax's Faster R-CNN ResNet-101 FPN against torchvision's, on CPU.
 
-    python benchmarks/bench_predict.py [--size 512] [--batch 1] [--steps 5] [--profile] [--no-rss]
+    python benchmarks/bench_predict.py [--size 512] [--batch 1] [--rounds 3] [--steps 5] [--profile]
+    python benchmarks/bench_predict.py --size 800x1344          # the COCO canvas
     python benchmarks/bench_predict.py --model v2 [--size 512] [--rounds 3]
 
-``--model v2`` compares torchvision's ``fasterrcnn_resnet50_fpn_v2`` (91 classes,
-``min_size = max_size = size``) with ours, ``faster_rcnn_resnet_50_fpn_v2_torchvision``,
-on the same realistic random weights (every BatchNorm's statistics random, the
-residual branches damped, the RPN and the classifier spread): detections are
-checked equal first, then each side runs alone in its own process, alternating
-ours and torchvision's for ``--rounds`` rounds; the ratio is the median of the
-per-round ratios of each child's median call time.
+Both sides see the same synthetic images (random, in [0, 1]) at ``--size`` (S or
+HxW). torchvision's ``FasterRCNN(resnet_fpn_backbone("resnet101"), num_classes=21,
+min_size=min(H, W), max_size=max(H, W))``, which keeps the H x W batch as it is
+(checked), gets realistic random weights (non-trivial frozen BN statistics, damped
+residual branches, RPN and classifier spread so that about 100 detections pass the
+0.05 threshold), and ours, built with ``TORCHVISION_FASTER_RCNN`` and
+``norm_mode="frozen"``, holds those very weights and gets the images normalised as
+torchvision's transform normalises them. Before anything is timed, both sides'
+detections are checked equal (count, labels, boxes within 0.5 px); the run stops if
+they are not.
 
-Without ``--model v2``:
-
-Both sides see the same synthetic images (random, in [0, 1]) at size x size, and the
-run gives two tables from one interleaved timing:
-
-1. **Same weights, same work** (the figure to quote). torchvision's
-   ``FasterRCNN(resnet_fpn_backbone("resnet101"), num_classes=21, min_size=size,
-   max_size=size)`` with realistic random weights (non-trivial frozen BN statistics,
-   damped residual branches, RPN and classifier spread so that about 100 detections
-   pass the 0.05 threshold), and ours built with ``TORCHVISION_FASTER_RCNN`` and
-   ``norm_mode="frozen"`` holding those very weights. Before anything is timed, both
-   sides' detections are checked equal (count, labels, boxes within 0.5 px); the run
-   stops if they are not. Ours gets the images normalised as torchvision's
-   transform normalises them.
-2. **Default configurations** (labelled as such): our seed model
-   (``faster_rcnn_resnet_101_fpn()``: 9 anchors on P2..P5, 300 proposals) with its own
-   random weights and the classifier spread alike, against the same torchvision model.
+1. **Each side alone** (the headline figure). A fresh process per side, alternating
+   ours, torchvision, ours, ... for ``--rounds`` rounds; each child builds its side,
+   makes a first call, times ``--child-steps`` more and reports their median and its
+   peak RSS (the ours child loads the weights from a file and never imports torch).
+   The ratio ours / torchvision is the median of the per-round ratios. The first
+   round's ours child also times a user's plain
+   ``jax.jit(lambda v, x: model.apply(v, x, method="predict"))`` against
+   ``make_predict_fn`` (the library's, with its compiler options), alternating.
+2. **Interleaved in one process** (a second figure, labelled as such, skipped by
+   ``--no-interleaved``): ``--steps`` calls per function, ours and torchvision's
+   alternating in this process, and a second table comparing the default
+   configurations, which do not do the same work: our seed model
+   (``faster_rcnn_resnet_101_fpn()``: 9 anchors on P2..P5, 300 proposals) with its
+   own random weights, the classifier spread alike, against the same torchvision model.
 
 ours: ``lucid_jax.inference.make_predict_fn(model)`` (RPN, box head, softmax, per-class
 decode, score threshold 0.05, per-class NMS 0.5, top 100, padded). torchvision: eval
-mode under ``torch.inference_mode()``; ``min_size = max_size = size`` keeps the
-batch at size x size (the default 800 would upsample it), which the script checks.
+mode under ``torch.inference_mode()``.
 
-Reported: medians over ``--steps`` calls per function, interleaved in this process
-(after ``--warmup`` untimed calls), the ratio ours / torchvision as the median of
-the per-round ratios (and of the medians), our compile times, peak RSS per side
-from a fresh child process (``--side ours|torchvision``: build, first call,
-``--child-steps`` more, then ``getrusage(RUSAGE_SELF).ru_maxrss``; the ours child
-loads the same weights from a file and never imports torch), GFLOP per call (XLA
-cost_analysis; torchvision's FlopCounterMode, matmuls and convolutions only),
-achieved GFLOP/s and a float32 matmul ceiling. ``--profile`` adds where our
-predict's time goes (jax.profiler trace, per component).
+Also reported: GFLOP per call (ours: XLA's ``cost_analysis`` of the compiled
+predict, which counts every HLO op, elementwise work included; torchvision's:
+FlopCounterMode, matmuls and convolutions only), the achieved GFLOP/s and its share
+of a float32 matmul ceiling (the best of a few 4096^3 products, jnp.dot and
+torch.mm), and our compile times. ``--profile`` adds where our predict's time goes
+(jax.profiler trace, per component).
+
+``--model v2`` compares torchvision's ``fasterrcnn_resnet50_fpn_v2`` (91 classes)
+with ours, ``faster_rcnn_resnet_50_fpn_v2_torchvision``, on the same realistic
+random weights (every BatchNorm's statistics random, the residual branches damped,
+the RPN and the classifier spread): detections are checked equal first, then each
+side runs alone in its own process as above.
 """
 
 import argparse
@@ -61,13 +64,15 @@ import _profile as P  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=int, default=512, help="image height and width (multiple of 32)")
+    p.add_argument("--size", type=C.parse_size, default=(512, 512), help="S or HxW, multiples of 32 (512, 800x1344)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=5, help="timed calls per function (interleaved)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of (ours, torchvision) children, each side alone")
+    p.add_argument("--child-steps", type=int, default=3, help="timed calls after the first one in each child")
+    p.add_argument("--steps", type=int, default=5, help="timed calls per function, interleaved in one process")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per function after the first one")
+    p.add_argument("--no-interleaved", action="store_true", help="only the each-side-alone figures")
+    p.add_argument("--no-plain-check", action="store_true", help="skip timing a plain jax.jit against ours")
     p.add_argument("--weights-file", default=None, help="internal: the ours child's weights (.npz)")
-    p.add_argument("--no-rss", action="store_true", help="skip the per-side child processes")
-    p.add_argument("--child-steps", type=int, default=3, help="calls after the first one in each child")
     p.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling")
     p.add_argument("--profile", action="store_true", help="also profile where our predict's time goes")
     p.add_argument(
@@ -76,19 +81,21 @@ def parse_args(argv=None):
         default="r101",
         help="r101: the ResNet-101 FPN tables below; v2: torchvision's v2 ResNet-50 FPN, each side alone",
     )
-    p.add_argument("--rounds", type=int, default=3, help="--model v2: rounds of (ours, torchvision) children")
     p.add_argument("--profile-steps", type=int, default=2)
+    p.add_argument("--plain-check", action="store_true", help=argparse.SUPPRESS)
     p.add_argument(
         "--side",
         choices=("both", "ours", "torchvision", "weights", "check"),
         default="both",
-        help="internal: 'ours'/'torchvision' run one side alone (for its peak RSS); 'weights' writes the "
-        "weights; 'check' compares both sides' detections (--model v2)",
+        help="internal: 'ours'/'torchvision' run one side alone; 'weights' writes the weights; "
+        "'check' compares both sides' detections",
     )
     args = p.parse_args(argv)
     multiple = C.ours_model().backbone.size_divisibility
-    if args.size % multiple:
-        p.error(f"--size must be a multiple of {multiple} (the backbone's largest stride), got {args.size}")
+    if any(x % multiple for x in args.size):
+        p.error(f"--size must be multiples of {multiple} (the backbone's largest stride), got {args.size}")
+    if args.rounds < 1 or args.child_steps < 1:
+        p.error(f"--rounds and --child-steps must be at least 1, got {args.rounds} and {args.child_steps}")
     return args
 
 
@@ -155,7 +162,7 @@ def v2_torchvision(size, seed=0):
     from torchvision.models.detection import fasterrcnn_resnet50_fpn_v2
 
     torch.manual_seed(seed)
-    model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, min_size=size, max_size=size)
+    model = fasterrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **C.torchvision_sizes(size))
     C.realistic_weights(model, seed)
     return model.eval()
 
@@ -175,28 +182,76 @@ def v2_ours(weights_file):
     return model, state_dict.from_state_dict(template, flat, strict=False, model=model)
 
 
-def run_v2_child(args, images):
-    """One side of ``--model v2`` alone: build, first call, ``--child-steps`` timed calls."""
-    if args.side == "weights":
-        from lucid_jax import state_dict, state_dict_files
+def ours_same_weights(weights_file):
+    """Our TORCHVISION_FASTER_RCNN detector (frozen BN) with the weights file's weights."""
+    import jax
+    import jax.numpy as jnp
 
-        flat = state_dict.from_torchvision_faster_rcnn(v2_torchvision(args.size).state_dict())
-        state_dict_files.save_state_dict_file(flat, args.weights_file)
+    from lucid_jax import state_dict, state_dict_files
+
+    model = C.ours_model("torchvision", norm_mode="frozen")
+    template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
+    template = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), template)
+    return model, state_dict.from_state_dict(template, state_dict_files.load_state_dict_file(weights_file), model=model)
+
+
+def plain_jit_check(model, ours, steps):
+    """A user's plain ``jax.jit`` of ``model.apply(..., method="predict")`` against ours, alternating.
+
+    Checks the detections equal first. Returns {"plain_s", "library_s", "plain_ratio"}.
+    """
+    import jax
+
+    plain = jax.jit(lambda v, x: model.apply(v, x, method="predict"))
+    box = {}
+
+    def run_plain():
+        box["dets"] = jax.block_until_ready(plain(ours["variables"], ours["x"]))
+
+    run_plain()
+    for key in ("boxes", "scores", "labels", "valid"):
+        a, b = np.asarray(box["dets"][key]), np.asarray(ours["box"]["dets"][key])
+        if not np.allclose(a, b, atol=1e-3, rtol=0):
+            raise RuntimeError(f"a plain jax.jit's {key} differ from make_predict_fn's")
+    times = C.interleaved({"plain": run_plain, "library": ours["predict"]}, steps, warmup=0)
+    ratios = [a / b for a, b in zip(times["plain"], times["library"])]
+    return {
+        "plain_s": C.median(times["plain"]),
+        "library_s": C.median(times["library"]),
+        "plain_ratio": C.median(ratios),
+    }
+
+
+def run_child_side(args, images):
+    """One side alone (or the weights, or the check), in this fresh process; prints the JSON result."""
+    v2 = args.model == "v2"
+    if args.side == "weights":
+        if v2:
+            from lucid_jax import state_dict, state_dict_files
+
+            flat = state_dict.from_torchvision_faster_rcnn(v2_torchvision(args.size).state_dict())
+            state_dict_files.save_state_dict_file(flat, args.weights_file)
+        else:
+            C.write_same_weights(args.size, args.weights_file)
         return C.emit_result({"side": "weights"})
     if args.side == "check":
         import torch
 
+        tv = v2_torchvision(args.size) if v2 else build_torchvision(args, images)["model"].eval()
         with torch.inference_mode():
-            theirs = v2_torchvision(args.size)([torch.from_numpy(img) for img in images])
-        model, variables = v2_ours(args.weights_file)
+            theirs = tv([torch.from_numpy(img) for img in images])
+        del tv
+        model, variables = v2_ours(args.weights_file) if v2 else ours_same_weights(args.weights_file)
         ours = build_ours(model, variables, images)
         ours["predict"]()
         return C.emit_result(C.check_same_detections(ours["box"]["dets"], theirs))
+    result = {"side": args.side}
     if args.side == "ours":
-        model, variables = v2_ours(args.weights_file)
-        fn = build_ours(model, variables, images)["predict"]
-        del variables
-    else:
+        model, variables = v2_ours(args.weights_file) if v2 else ours_same_weights(args.weights_file)
+        ours = build_ours(model, variables, images)
+        del variables  # the device copy serves; torchvision's model holds one copy too
+        fn = ours["predict"]
+    elif v2:
         import torch
 
         tv = v2_torchvision(args.size)
@@ -206,32 +261,40 @@ def run_v2_child(args, images):
         def fn():
             with torch.inference_mode():
                 tv(batch)
+    else:
+        tv = build_torchvision(args, images)
+        fn = tv["run"]
+    result["first_call_s"] = C.time_call(fn)
+    result["times_s"] = [C.time_call(fn) for _ in range(args.child_steps)]
+    result["median_s"] = C.median(result["times_s"])
+    result["peak_rss_mib"] = C.peak_rss_mib()
+    if args.side == "ours":
+        compiled = ours["jit_predict"].lower(ours["variables"], ours["x"], None).compile()
+        result["gflop"] = C.xla_cost(compiled)[0] / 1e9
+        del compiled
+        if args.plain_check:
+            result.update(plain_jit_check(model, ours, args.child_steps))
+    else:
+        from torch.utils.flop_counter import FlopCounterMode
 
-    first = C.time_call(fn)
-    times = [C.time_call(fn) for _ in range(args.child_steps)]
-    C.emit_result(
-        {"side": args.side, "first_call_s": first, "median_s": C.median(times), "peak_rss_mib": C.peak_rss_mib()}
-    )
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        result["gflop"] = float(counter.get_total_flops()) / 1e9
+    C.emit_result(result)
 
 
-def main_v2(args, images):
-    """``--model v2``: detections checked equal, then each side alone, alternating."""
-    print(
-        f"# bench_predict --model v2: torchvision's Faster R-CNN v2 ResNet-50 FPN, "
-        f"{args.batch}x3x{args.size}x{args.size}"
-    )
-    print(C.environment_line())
+def headline(args, label):
+    """Weights and the equality check in children, then each side alone; the figures."""
     script = os.path.abspath(__file__)
-    weights = os.path.join(tempfile.mkdtemp(prefix="bench_predict_v2_"), "weights.npz")
-    argv_child = ["--model", "v2", "--size", str(args.size), "--batch", str(args.batch)]
-    argv_child += ["--child-steps", str(args.child_steps), "--weights-file", weights]
-    if C.run_child(script, argv_child, "weights") is None:
+    weights = os.path.join(tempfile.mkdtemp(prefix="bench_predict_"), "weights.npz")
+    argv = ["--model", args.model, "--size", C.size_text(args.size), "--batch", str(args.batch)]
+    argv += ["--child-steps", str(args.child_steps), "--weights-file", weights]
+    if C.run_child(script, argv, "weights") is None:
         sys.exit("could not write the shared weights")
-
     # Checked in a child too: Linux keeps a process's peak RSS across fork and exec, so
     # this process stays small for the measuring children it starts.
     print("checking both sides' detections on the same weights ...", flush=True)
-    check = C.run_child(script, argv_child, "check")
+    check = C.run_child(script, argv, "check")
     if check is None:
         sys.exit("the two sides' detections differ (see above); nothing is timed")
     print(
@@ -239,69 +302,52 @@ def main_v2(args, images):
         f"{check['max_box_diff']:.2g} px, {check['swapped']} near-tie rank swaps",
         flush=True,
     )
-
     results = {"ours": [], "torchvision": []}
     for r in range(args.rounds):
-        for side in ("ours", "torchvision"):
-            print(f"round {r + 1}/{args.rounds}: the '{side}' child ...", flush=True)
-            res = C.run_child(script, argv_child, side)
-            if res is None:
-                sys.exit(f"the {side} child failed")
-            results[side].append(res)
-    ratios = [o["median_s"] / t["median_s"] for o, t in zip(results["ours"], results["torchvision"])]
-    rss = [o["peak_rss_mib"] / t["peak_rss_mib"] for o, t in zip(results["ours"], results["torchvision"])]
-    print(f"\n## Each side alone ({args.rounds} rounds, {args.child_steps} timed calls per child, same weights)")
-    rows = [
-        (
-            side,
-            f"{C.median([x['median_s'] for x in results[side]]):.3f}",
-            ", ".join(f"{x['median_s']:.3f}" for x in results[side]),
-            f"{C.median([x['first_call_s'] for x in results[side]]):.1f}",
-            f"{C.median([x['peak_rss_mib'] for x in results[side]]):.0f}",
+        extra = ["--plain-check"] if r == 0 and args.model == "r101" and not args.no_plain_check else []
+        for side, res in C.alone_rounds(script, argv + extra, 1).items():
+            results[side] += res
+        print(
+            f"round {r + 1}: ours {results['ours'][-1]['median_s']:.3f} s, "
+            f"torchvision {results['torchvision'][-1]['median_s']:.3f} s",
+            flush=True,
         )
-        for side in ("ours", "torchvision")
-    ]
-    C.print_table(rows, ["side", "median s", "per round s", "first call s", "peak RSS MiB"])
+    out = C.report_alone(
+        results,
+        f"{label}: each side alone in its own process (the headline; {args.rounds} rounds, "
+        f"{args.child_steps} timed calls per child after its first; {check['detections']} detections per "
+        "image on both sides, checked equal)",
+    )
+    out["detections"] = check["detections"]
+    out["gflop"] = {side: results[side][0]["gflop"] for side in results}
+    plain = results["ours"][0]
+    if "plain_ratio" in plain:
+        out["plain_ratio"] = plain["plain_ratio"]
+        print(
+            f"a plain jax.jit(lambda v, x: model.apply(v, x, method='predict')) in the first ours child: "
+            f"{plain['plain_s']:.3f} s against make_predict_fn's {plain['library_s']:.3f} s, "
+            f"{plain['plain_ratio']:.2f}x (median of {args.child_steps} alternating pairs; same detections)"
+        )
+    return out
+
+
+def print_ceiling_share(alone, ceiling):
+    """GFLOP per call, achieved GFLOP/s and the share of the matmul ceiling, each side alone."""
+    best = max(v for v in ceiling.values() if v) if ceiling else None
+    rows = []
+    for side in ("ours", "torchvision"):
+        gflop, sec = alone["gflop"][side], alone[f"{side}_s"]
+        share = f"{100 * gflop / sec / best:.0f}%" if best else "-"
+        rows.append((side, f"{gflop:.0f}", f"{gflop / sec:.0f}", share))
+    C.print_table(rows, ["side", "GFLOP/call", "GFLOP/s", "of ceiling"])
     print(
-        f"ours / torchvision: {C.median(ratios):.2f}x time (median of per-round ratios "
-        f"{', '.join(f'{x:.2f}' for x in ratios)}), {C.median(rss):.2f}x peak RSS"
+        "GFLOP: ours from XLA's cost_analysis of the compiled predict (every HLO op, elementwise "
+        "work included, so it overstates the matmul work), torchvision from FlopCounterMode "
+        "(matmuls and convolutions only)."
     )
-    return {"ratio": C.median(ratios), "rss_ratio": C.median(rss), "detections": check["detections"]}
-
-
-def run_child_side(args, images):
-    if args.model == "v2":
-        return run_v2_child(args, images)
-    if args.side == "weights":
-        C.write_same_weights(args.size, args.weights_file)
-        return C.emit_result({"side": "weights"})
-    if args.side == "ours":
-        import jax
-        import jax.numpy as jnp
-
-        from lucid_jax import state_dict, state_dict_files
-
-        model = C.ours_model("torchvision", norm_mode="frozen")
-        template = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3, 64, 64)))
-        template = jax.tree_util.tree_map(lambda a: np.zeros(a.shape, a.dtype), template)
-        variables = state_dict.from_state_dict(
-            template, state_dict_files.load_state_dict_file(args.weights_file), model=model
-        )
-        fn = build_ours(model, variables, images)["predict"]
-        del variables  # the device copy serves; torchvision's model holds one copy too
-    else:
-        fn = build_torchvision(args, images)["run"]
-    first = C.time_call(fn)
-    times = [C.time_call(fn) for _ in range(args.child_steps)]
-    C.emit_result(
-        {
-            "side": args.side,
-            "first_call_s": first,
-            "times_s": times,
-            "median_s": C.median(times),
-            "peak_rss_mib": C.peak_rss_mib(),
-        }
-    )
+    if ceiling:
+        tv_part = f", torch.mm {ceiling['torch']:.0f}" if ceiling.get("torch") else ""
+        print(f"float32 ceiling (best 4096^3 matmul): jnp.dot {ceiling['jax']:.0f} GFLOP/s{tv_part}")
 
 
 def main(argv=None):
@@ -315,32 +361,24 @@ def main(argv=None):
     images = C.synthetic_batch(args.batch, args.size)["images"]
     if args.side != "both":
         return run_child_side(args, images)
+    shape = f"{args.batch}x3x{C.size_text(args.size)}"
     if args.model == "v2":
-        return main_v2(args, images)
+        print(f"# bench_predict --model v2: torchvision's Faster R-CNN v2 ResNet-50 FPN, {shape}")
+        print(C.environment_line())
+        alone = headline(args, "Predict, v2")
+        if not args.no_ceiling:
+            print_ceiling_share(alone, C.matmul_ceiling())
+        return alone
 
-    print(f"# bench_predict: Faster R-CNN ResNet-101 FPN inference, {args.batch}x3x{args.size}x{args.size}")
+    print(f"# bench_predict: Faster R-CNN ResNet-101 FPN inference, {shape}")
     print(C.environment_line())
+    alone = headline(args, "Predict, same weights, same work")  # first, while this process is small
+    ceiling = None if args.no_ceiling else C.matmul_ceiling()
+    print_ceiling_share(alone, ceiling)
+    if args.no_interleaved and not args.profile:
+        return alone
 
-    children = {}
-    if not args.no_rss:  # first, while this process is small: Linux keeps peak RSS across exec
-        script = os.path.abspath(__file__)
-        weights = os.path.join(tempfile.mkdtemp(prefix="bench_predict_"), "weights.npz")
-        argv_child = [
-            "--size",
-            str(args.size),
-            "--batch",
-            str(args.batch),
-            "--child-steps",
-            str(args.child_steps),
-            "--weights-file",
-            weights,
-        ]
-        if C.run_child(script, argv_child, "weights") is not None:
-            for side in ("ours", "torchvision"):
-                print(f"running the '{side}' child for its peak RSS ...", flush=True)
-                children[side] = C.run_child(script, argv_child, side)
-
-    print("building torchvision (realistic random weights) and ours with the same weights ...", flush=True)
+    print("\nbuilding torchvision (realistic random weights) and ours with the same weights ...", flush=True)
     tv = build_torchvision(args, images)
     tv_first_s = C.time_call(tv["run"])
     start = time.perf_counter()
@@ -348,124 +386,65 @@ def main(argv=None):
     import_s = time.perf_counter() - start
     same = build_ours(model, variables, images)
     predict_first_s = C.time_call(same["predict"])  # trace + compile + run
-    check = C.check_same_detections(same["box"]["dets"], tv["box"]["dets"])
-    print(
-        f"same detections on both sides: {check['detections']} per image, boxes within "
-        f"{check['max_box_diff']:.2g} px, {check['swapped']} near-tie rank swaps",
-        flush=True,
-    )
-
-    default_model, default_variables, init_s = ours_default()
-    default = build_ours(default_model, default_variables, images)
-    default_first_s = C.time_call(default["predict"])
-    forward_first_s = C.time_call(default["forward"])
+    C.check_same_detections(same["box"]["dets"], tv["box"]["dets"])
     compiled = same["jit_predict"].lower(same["variables"], same["x"], None).compile()
-    flops, bytes_accessed = C.xla_cost(compiled)
     compiled_text = compiled.as_text() if args.profile else None
     del compiled
 
-    print(f"timing {args.steps} interleaved calls per function ...", flush=True)
-    fns = {
-        "ours predict, same weights": same["predict"],
-        "ours predict, default config": default["predict"],
-        "ours seed forward, default config": default["forward"],
-        "torchvision": tv["run"],
-    }
-    times = C.interleaved(fns, args.steps, warmup=args.warmup)
+    if not args.no_interleaved:
+        default_model, default_variables, init_s = ours_default()
+        default = build_ours(default_model, default_variables, images)
+        default_first_s = C.time_call(default["predict"])
+        forward_first_s = C.time_call(default["forward"])
+        print(f"timing {args.steps} interleaved calls per function ...", flush=True)
+        fns = {
+            "ours predict, same weights": same["predict"],
+            "ours predict, default config": default["predict"],
+            "ours seed forward, default config": default["forward"],
+            "torchvision": tv["run"],
+        }
+        times = C.interleaved(fns, args.steps, warmup=args.warmup)
 
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        tv["run"]()
-    tv_flops = float(counter.get_total_flops())
-    ceiling = None if args.no_ceiling else C.matmul_ceiling()
-    best_ceiling = max(v for v in ceiling.values() if v) if ceiling else None
-
-    def table(title, names):
-        print(f"\n## {title}")
-        tv_med = C.median(times["torchvision"])
-        rows = []
-        for name in names:
-            med = C.median(times[name])
-            fl = tv_flops if name == "torchvision" else (flops if name == "ours predict, same weights" else None)
-            gf = f"{fl / 1e9:.0f}" if fl else "-"
-            achieved = f"{fl / med / 1e9:.0f}" if fl else "-"
-            share = f"{100 * fl / med / 1e9 / best_ceiling:.0f}%" if fl and best_ceiling else "-"
-            per_round = [a / b for a, b in zip(times[name], times["torchvision"])]
-            rows.append(
-                (
-                    name,
-                    f"{med:.3f}",
-                    C.spread(times[name]),
-                    f"{C.median(per_round):.2f}x",
-                    f"{med / tv_med:.2f}x",
-                    gf,
-                    achieved,
-                    share,
+        def table(title, names):
+            print(f"\n## {title}")
+            tv_med = C.median(times["torchvision"])
+            rows = []
+            for name in names:
+                med = C.median(times[name])
+                per_round = [a / b for a, b in zip(times[name], times["torchvision"])]
+                rows.append(
+                    (name, f"{med:.3f}", C.spread(times[name]), f"{C.median(per_round):.2f}x", f"{med / tv_med:.2f}x")
                 )
-            )
-        C.print_table(
-            rows,
-            [
-                "function",
-                "median s",
-                "min..max s",
-                "vs tv (per round)",
-                "vs tv (medians)",
-                "GFLOP",
-                "GFLOP/s",
-                "of ceiling",
-            ],
+            C.print_table(rows, ["function", "median s", "min..max s", "vs tv (per round)", "vs tv (medians)"])
+
+        n_default = [int(v) for v in np.asarray(default["box"]["dets"]["valid"]).sum(-1)]
+        table(
+            f"Interleaved in one process (a second figure, not the headline: {args.steps} calls per function, "
+            f"after {args.warmup} warm-up; same weights, same work)",
+            ["ours predict, same weights", "torchvision"],
         )
-
-    n_default = [int(v) for v in np.asarray(default["box"]["dets"]["valid"]).sum(-1)]
-    table(
-        f"Same weights, same work ({args.steps} calls per function, interleaved, after {args.warmup} warm-up; "
-        f"{check['detections']} detections per image on both sides, checked equal)",
-        ["ours predict, same weights", "torchvision"],
-    )
-    table(
-        f"Default configurations (not the same work: our seed model, 300 proposals, its own weights, "
-        f"{n_default} detections per image, against torchvision's defaults, 1000 proposals)",
-        ["ours predict, default config", "ours seed forward, default config", "torchvision"],
-    )
-    print(
-        "GFLOP: ours from XLA cost_analysis of predict (every HLO op), torchvision from FlopCounterMode "
-        "(matmuls and convolutions only)."
-    )
-    print(f"our predict's bytes accessed (XLA): {bytes_accessed / 2**30:.2f} GiB")
-    if ceiling:
-        tv_part = f", torch.mm {ceiling['torch']:.0f}" if ceiling.get("torch") else ""
-        print(f"float32 ceiling (best 4096^3 matmul): jnp.dot {ceiling['jax']:.0f} GFLOP/s{tv_part}")
-
-    print("\n## Compile time and memory")
-    rows = [
-        ("ours: torchvision's weights imported", f"{import_s:.1f} s"),
-        ("ours: predict (same weights), first call (trace + compile + run)", f"{predict_first_s:.1f} s"),
-        ("ours: init of the default config (jit(model.init) at 64x64)", f"{init_s:.1f} s"),
-        ("ours: predict (default config), first call", f"{default_first_s:.1f} s"),
-        ("ours: seed forward (default config), first call", f"{forward_first_s:.1f} s"),
-        ("torchvision: first call", f"{tv_first_s:.2f} s"),
-    ]
-    for side in ("ours", "torchvision"):
-        res = children.get(side)
-        if res:
-            rows += [
-                (f"{side} child (same weights): peak RSS", f"{res['peak_rss_mib']:.0f} MiB"),
-                (f"{side} child: first call", f"{res['first_call_s']:.1f} s"),
-                (f"{side} child: median of {len(res['times_s'])} more calls (alone)", f"{res['median_s']:.3f} s"),
-            ]
-        elif not args.no_rss:
-            rows.append((f"{side} child", "failed (see stderr)"))
-    C.print_table(rows, ["what", "value"])
-    if children.get("ours") and children.get("torchvision"):
-        ratio = children["ours"]["peak_rss_mib"] / children["torchvision"]["peak_rss_mib"]
-        print(f"peak RSS ours / torchvision: {ratio:.2f}x (each side in its own process; ours includes XLA's compile)")
-    ours = same
+        table(
+            f"Default configurations, interleaved (not the same work: our seed model, 300 proposals, its own "
+            f"weights, {n_default} detections per image, against torchvision's defaults, 1000 proposals)",
+            ["ours predict, default config", "ours seed forward, default config", "torchvision"],
+        )
+        print("\n## Compile time")
+        rows = [
+            ("ours: torchvision's weights imported", f"{import_s:.1f} s"),
+            ("ours: predict (same weights), first call (trace + compile + run)", f"{predict_first_s:.1f} s"),
+            ("ours: init of the default config (jit(model.init) at 64x64)", f"{init_s:.1f} s"),
+            ("ours: predict (default config), first call", f"{default_first_s:.1f} s"),
+            ("ours: seed forward (default config), first call", f"{forward_first_s:.1f} s"),
+            ("torchvision: first call", f"{tv_first_s:.2f} s"),
+        ]
+        C.print_table(rows, ["what", "value"])
+        alone["interleaved_ratio"] = C.median(
+            [a / b for a, b in zip(times["ours predict, same weights"], times["torchvision"])]
+        )
 
     if args.profile:
         op_times, wall = P.trace_op_times(
-            ours["predict"], args.profile_steps, tempfile.mkdtemp(prefix="bench_predict_trace_")
+            same["predict"], args.profile_steps, tempfile.mkdtemp(prefix="bench_predict_trace_")
         )
         rows, kinds, top = P.op_breakdown(compiled_text, op_times)
         busy = sum(op_times.values())
@@ -482,8 +461,13 @@ def main(argv=None):
             [(k, f"{1e3 * s:.0f}", f"{100 * s / busy:.1f}") for k, s in sorted(kinds.items(), key=lambda kv: -kv[1])],
             ["kind", "ms/call", "%"],
         )
+        print("\nLargest single ops:")
+        C.print_table(
+            [(name, comp, kind, f"{1e3 * s:.1f}") for s, name, comp, d, kind in top[:20]],
+            ["hlo op", "component", "kind", "ms/call"],
+        )
         P.profile_torch(tv["run"], "torchvision's top ops over one call")
-    return {name: C.median(t) for name, t in times.items()}
+    return alone
 
 
 if __name__ == "__main__":
