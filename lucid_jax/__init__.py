@@ -7,7 +7,10 @@ and TPU, and its variables convert to and from Lucid's state-dict names.
 import jax
 import numpy as np
 
-from lucid_jax import models, ops, state_dict
+from lucid_jax import host_memory, models, ops, state_dict
+
+# Return the compiler's freed memory to the system after each large compile (see host_memory).
+host_memory.install()
 
 __version__ = "0.1.0"
 
@@ -24,4 +27,4 @@ def count_params(params) -> int:
     return int(sum(np.prod(np.shape(leaf)) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-__all__ = ["count_params", "models", "ops", "state_dict", "__version__"]
+__all__ = ["count_params", "host_memory", "models", "ops", "state_dict", "__version__"]
