@@ -362,7 +362,7 @@ def profile_ours(ours, compiled_text, steps):
     )
     print("\nLargest single ops:")
     C.print_table(
-        [(name, comp, d or "-", kind, f"{1e3 * s:.0f}") for s, name, comp, d, kind in top[:15]],
+        [(name, comp, d or "-", kind, f"{1e3 * s:.0f}") for s, name, comp, d, kind in top[:40]],
         ["hlo op", "component", "pass", "kind", "ms/step"],
     )
 
