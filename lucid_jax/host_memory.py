@@ -2,10 +2,11 @@
 
 Compiling the ResNet-101 FPN training step takes XLA's CPU compiler about a
 gigabyte of host memory, which it frees when it is done. glibc keeps freed memory
-in its heap for later allocations, but the compiler leaves that heap fragmented,
-and the step's own temporaries (1.3 GiB at 512x512, batch 2) do not fit in the
-holes: they are mapped on top of it, and the process carries both for as long as it
-trains. ``malloc_trim(0)`` returns every free page of glibc's heaps to the system.
+in its heap for later allocations, and the compiler leaves that heap fragmented, so
+it keeps nearly all of it. The step's own temporaries (1.3 GiB at 512x512, batch 2)
+do not come from that heap: XLA maps them afresh on every call, so the process
+carries both for as long as it trains. ``malloc_trim(0)`` returns every free page
+of glibc's heaps to the system.
 
 ``install()`` (done by ``import lucid_jax``) listens to ``jax.monitoring``'s
 backend-compile event and trims after every compilation that took at least
