@@ -376,21 +376,42 @@ def run_child(script, argv, side, timeout=1800):
     return None
 
 
-def alone_rounds(script, argv, rounds, sides=("ours", "torchvision")):
+def check_in_child(script, argv):
+    """Both sides' detections on the same weights, compared in a child (``--side check``); printed.
+
+    In a child, so that this process stays small for the measuring children it
+    starts (Linux keeps a process's peak RSS across fork and exec). Exits if they differ.
+    """
+    print("checking both sides' detections on the same weights ...", flush=True)
+    check = run_child(script, argv, "check")
+    if check is None:
+        sys.exit("the two sides' detections differ (see above); nothing is timed")
+    print(
+        f"same detections on both sides: {check['detections']} per image, boxes within "
+        f"{check['max_box_diff']:.2g} px, {check['swapped']} near-tie rank swaps",
+        flush=True,
+    )
+    return check
+
+
+def alone_rounds(script, argv, rounds, first_round_extra=(), sides=("ours", "torchvision")):
     """Each side alone in a fresh process, alternating A B A B for ``rounds`` rounds.
 
-    Each child runs ``script ARGV --side SIDE`` and prints its JSON result (with at
-    least "median_s", "first_call_s" and "peak_rss_mib"). Returns side -> list of
-    results, one per round; exits if a child fails.
+    Each child runs ``script ARGV --side SIDE`` (plus ``first_round_extra`` in the
+    first round) and prints its JSON result (with at least "median_s",
+    "first_call_s" and "peak_rss_mib"). Returns side -> list of results, one per
+    round; exits if a child fails.
     """
     results = {side: [] for side in sides}
     for r in range(rounds):
+        extra = list(first_round_extra) if r == 0 else []
         for side in sides:
             print(f"round {r + 1}/{rounds}: '{side}' alone in its own process ...", flush=True)
-            res = run_child(script, argv, side)
+            res = run_child(script, [*argv, *extra], side)
             if res is None:
                 sys.exit(f"the '{side}' child failed (see above)")
             results[side].append(res)
+        print(f"round {r + 1}: " + ", ".join(f"{side} {results[side][-1]['median_s']:.3f} s" for side in sides))
     return results
 
 
@@ -435,6 +456,30 @@ def report_alone(results, title, rss_keys=(("peak_rss_mib", "peak RSS"),)):
             line += f", {out[f'{key}_ratio']:.2f}x {name}"
     print(line, flush=True)
     return out
+
+
+def print_ceiling_share(alone, ceiling, per="call"):
+    """GFLOP per call, GFLOP/s and the share of the best matmul ceiling, per side.
+
+    Args:
+      alone: ``report_alone``'s figures with "gflop": side -> GFLOP per call (None if not counted).
+      ceiling: ``matmul_ceiling()``'s result, or None.
+    """
+    best = max(v for v in ceiling.values() if v) if ceiling else None
+    rows = []
+    for side, fl in alone["gflop"].items():
+        rate = fl / alone[f"{side}_s"] if fl else None
+        share = f"{100 * rate / best:.0f}%" if rate and best else "-"
+        rows.append((side, f"{fl:.0f}" if fl else "-", f"{rate:.0f}" if rate else "-", share))
+    print_table(rows, ["side", f"GFLOP/{per}", "GFLOP/s", "of ceiling"])
+    print(
+        "GFLOP: ours from XLA's cost_analysis of the compiled program (every HLO op, elementwise work "
+        "included, so it overstates the matmul work), torchvision from FlopCounterMode (matmuls and "
+        "convolutions only)."
+    )
+    if ceiling:
+        tv_part = f", torch.mm {ceiling['torch']:.0f}" if ceiling.get("torch") else ""
+        print(f"float32 ceiling (best 4096^3 matmul): jnp.dot {ceiling['jax']:.0f} GFLOP/s{tv_part}")
 
 
 def xla_cost(compiled):

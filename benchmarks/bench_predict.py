@@ -291,27 +291,9 @@ def headline(args, label):
     argv += ["--child-steps", str(args.child_steps), "--weights-file", weights]
     if C.run_child(script, argv, "weights") is None:
         sys.exit("could not write the shared weights")
-    # Checked in a child too: Linux keeps a process's peak RSS across fork and exec, so
-    # this process stays small for the measuring children it starts.
-    print("checking both sides' detections on the same weights ...", flush=True)
-    check = C.run_child(script, argv, "check")
-    if check is None:
-        sys.exit("the two sides' detections differ (see above); nothing is timed")
-    print(
-        f"same detections on both sides: {check['detections']} per image, boxes within "
-        f"{check['max_box_diff']:.2g} px, {check['swapped']} near-tie rank swaps",
-        flush=True,
-    )
-    results = {"ours": [], "torchvision": []}
-    for r in range(args.rounds):
-        extra = ["--plain-check"] if r == 0 and args.model == "r101" and not args.no_plain_check else []
-        for side, res in C.alone_rounds(script, argv + extra, 1).items():
-            results[side] += res
-        print(
-            f"round {r + 1}: ours {results['ours'][-1]['median_s']:.3f} s, "
-            f"torchvision {results['torchvision'][-1]['median_s']:.3f} s",
-            flush=True,
-        )
+    check = C.check_in_child(script, argv)
+    plain = ["--plain-check"] if args.model == "r101" and not args.no_plain_check else []
+    results = C.alone_rounds(script, argv, args.rounds, first_round_extra=plain)
     out = C.report_alone(
         results,
         f"{label}: each side alone in its own process (the headline; {args.rounds} rounds, "
@@ -331,25 +313,6 @@ def headline(args, label):
     return out
 
 
-def print_ceiling_share(alone, ceiling):
-    """GFLOP per call, achieved GFLOP/s and the share of the matmul ceiling, each side alone."""
-    best = max(v for v in ceiling.values() if v) if ceiling else None
-    rows = []
-    for side in ("ours", "torchvision"):
-        gflop, sec = alone["gflop"][side], alone[f"{side}_s"]
-        share = f"{100 * gflop / sec / best:.0f}%" if best else "-"
-        rows.append((side, f"{gflop:.0f}", f"{gflop / sec:.0f}", share))
-    C.print_table(rows, ["side", "GFLOP/call", "GFLOP/s", "of ceiling"])
-    print(
-        "GFLOP: ours from XLA's cost_analysis of the compiled predict (every HLO op, elementwise "
-        "work included, so it overstates the matmul work), torchvision from FlopCounterMode "
-        "(matmuls and convolutions only)."
-    )
-    if ceiling:
-        tv_part = f", torch.mm {ceiling['torch']:.0f}" if ceiling.get("torch") else ""
-        print(f"float32 ceiling (best 4096^3 matmul): jnp.dot {ceiling['jax']:.0f} GFLOP/s{tv_part}")
-
-
 def main(argv=None):
     args = parse_args(argv)
     if args.side != "ours":  # the ours child never imports torch, whose libraries alone take 600 MiB
@@ -367,14 +330,15 @@ def main(argv=None):
         print(C.environment_line())
         alone = headline(args, "Predict, v2")
         if not args.no_ceiling:
-            print_ceiling_share(alone, C.matmul_ceiling())
+            ceiling = C.matmul_ceiling()
+            C.print_ceiling_share(alone, ceiling)
         return alone
 
     print(f"# bench_predict: Faster R-CNN ResNet-101 FPN inference, {shape}")
     print(C.environment_line())
     alone = headline(args, "Predict, same weights, same work")  # first, while this process is small
     ceiling = None if args.no_ceiling else C.matmul_ceiling()
-    print_ceiling_share(alone, ceiling)
+    C.print_ceiling_share(alone, ceiling)
     if args.no_interleaved and not args.profile:
         return alone
 

@@ -312,25 +312,8 @@ def headline(args, what):
         argv += ["--weights-file", weights]
         if C.run_child(script, argv, "weights") is None:
             sys.exit("could not write the shared weights")
-        print("checking both sides' detections on the same weights before training ...", flush=True)
-        check = C.run_child(script, argv, "check")
-        if check is None:
-            sys.exit("the two sides' detections differ (see above); nothing is timed")
-        print(
-            f"same detections on both sides: {check['detections']} per image, boxes within "
-            f"{check['max_box_diff']:.2g} px, {check['swapped']} near-tie rank swaps",
-            flush=True,
-        )
-    results = {"ours": [], "torchvision": []}
-    for r in range(args.rounds):
-        extra = ["--flops"] if r == 0 else []
-        for side, res in C.alone_rounds(script, argv + extra, 1).items():
-            results[side] += res
-        print(
-            f"round {r + 1}: ours {results['ours'][-1]['median_s']:.2f} s, "
-            f"torchvision {results['torchvision'][-1]['median_s']:.2f} s",
-            flush=True,
-        )
+        C.check_in_child(script, argv)
+    results = C.alone_rounds(script, argv, args.rounds, first_round_extra=["--flops"])
     out = C.report_alone(
         results,
         f"Step time, {what}: each side alone in its own process (the headline; {args.rounds} rounds, "
@@ -387,20 +370,7 @@ def main(argv=None):
     print(C.environment_line())
     alone = headline(args, what)  # first, while this process is small: Linux keeps peak RSS across exec
     ceiling = None if args.no_ceiling else C.matmul_ceiling()
-    best_ceiling = max(v for v in ceiling.values() if v) if ceiling else None
-    rows = []
-    for side in ("ours", "torchvision"):
-        gflop, sec = alone["gflop"][side], alone[f"{side}_s"]
-        share = f"{100 * gflop / sec / best_ceiling:.0f}%" if gflop and best_ceiling else "-"
-        rows.append((side, f"{gflop:.0f}" if gflop else "-", f"{gflop / sec:.0f}" if gflop else "-", share))
-    C.print_table(rows, ["side", "GFLOP/step", "GFLOP/s", "of ceiling"])
-    print(
-        "GFLOP/step: ours from XLA's cost_analysis (every HLO op, elementwise work included, so it overstates "
-        "the matmul work), torchvision from FlopCounterMode (matmuls and convolutions only)."
-    )
-    if ceiling:
-        tv_part = f", torch.mm {ceiling['torch']:.0f}" if ceiling.get("torch") else ""
-        print(f"float32 ceiling (best 4096^3 matmul): jnp.dot {ceiling['jax']:.0f} GFLOP/s{tv_part}")
+    C.print_ceiling_share(alone, ceiling, per="step")
     if args.no_interleaved and not args.profile:
         return alone
 

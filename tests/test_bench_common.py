@@ -47,17 +47,19 @@ def test_torchvision_keeps_the_canvas_it_is_given(C):
 
 
 def test_alone_rounds_alternate_and_the_ratio_is_the_median_of_per_round_ratios(C, monkeypatch, capsys):
-    calls = []
+    calls, argvs = [], []
     times = {"ours": iter([1.0, 3.0, 2.0]), "torchvision": iter([2.0, 2.0, 5.0])}
     rss = {"ours": 100.0, "torchvision": 200.0}
 
     def fake_child(script, argv, side, timeout=1800):
         calls.append(side)
+        argvs.append(argv)
         return {"median_s": next(times[side]), "first_call_s": 0.5, "peak_rss_mib": rss[side]}
 
     monkeypatch.setattr(C, "run_child", fake_child)
-    results = C.alone_rounds("script.py", ["--size", "512"], 3)
+    results = C.alone_rounds("script.py", ["--size", "512"], 3, first_round_extra=["--flops"])
     assert calls == ["ours", "torchvision"] * 3  # A B A B A B
+    assert argvs == [["--size", "512", "--flops"]] * 2 + [["--size", "512"]] * 4  # the extra in round 1 only
     out = C.report_alone(results, "title")
     # per-round ratios 0.5, 1.5, 0.4: their median, not the ratio of the medians (2.0 / 2.0)
     assert out["ratios"] == [0.5, 1.5, 0.4] and out["ratio"] == 0.5
@@ -82,3 +84,10 @@ def test_a_child_result_is_read_from_its_last_tagged_line(C, tmp_path):
     )
     assert C.run_child(str(script), [], "ours") == {"side": "ours", "median_s": 1.5}
     assert json.loads(json.dumps(C.run_child(str(script), [], "torchvision")))["side"] == "torchvision"
+
+
+def test_ceiling_share(C, capsys):
+    alone = {"gflop": {"ours": 160.0, "torchvision": None}, "ours_s": 0.8, "torchvision_s": 1.0}
+    C.print_ceiling_share(alone, {"jax": 250.0, "torch": 320.0})
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:4]}
+    assert rows == {"ours": ["160", "200", "62%"], "torchvision": ["-", "-", "-"]}  # 200 / 320, the best
