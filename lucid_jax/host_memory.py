@@ -25,7 +25,8 @@ import sys
 
 import jax
 
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+from lucid_jax.compile_count import BACKEND_COMPILE_EVENT
+
 MIN_SECONDS = 1.0
 
 _state: dict = {"listener": None}
@@ -56,6 +57,8 @@ def install(min_seconds: float = MIN_SECONDS, trim=None) -> bool:
       min_seconds: the shortest compile (the event's duration) that is followed by a trim.
       trim: the function called with 0 to trim (glibc's ``malloc_trim`` by default).
     """
+    if min_seconds < 0:
+        raise ValueError(f"min_seconds must be >= 0, got {min_seconds}")
     trim = trim or _glibc_trim()
     uninstall()
     if trim is None:
@@ -72,7 +75,6 @@ def install(min_seconds: float = MIN_SECONDS, trim=None) -> bool:
 
 def uninstall() -> None:
     """Stop trimming after compiles (a no-op when nothing is installed)."""
-    listener = _state.pop("listener", None)
-    _state["listener"] = None
+    listener, _state["listener"] = _state["listener"], None
     if listener is not None:
         jax.monitoring.unregister_event_duration_listener(listener)

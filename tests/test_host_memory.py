@@ -36,6 +36,11 @@ def test_trims_after_long_compiles_only(trims):
     assert trims == [0]
 
 
+def test_a_negative_threshold_is_refused(trims):
+    with pytest.raises(ValueError, match="min_seconds must be >= 0, got -1"):
+        host_memory.install(min_seconds=-1, trim=trims.append)
+
+
 def test_the_trim_runs_before_the_program():
     order = []
     x = jnp.ones(3)
