@@ -23,7 +23,7 @@ import numpy as np
 from lucid_jax.data.canvases import Canvases
 from lucid_jax.export import read_artifact
 from lucid_jax.inference import detect_on_canvases
-from lucid_jax.tiling import detect_tiled
+from lucid_jax.tiling import DEFAULT_OVERLAP, detect_tiled
 
 DEFAULT_BATCH = 8  # images per call when the artifact's batch dimension is symbolic
 
@@ -67,7 +67,7 @@ class Detector:
         score_thresh: float = 0.0,
         *,
         tile: int | None = None,
-        overlap: float = 0.25,
+        overlap: float = DEFAULT_OVERLAP,
     ) -> list[dict]:
         """Detections per image.
 

@@ -36,6 +36,7 @@ import numpy as np
 
 # A box edge within this many pixels of an inner window edge counts as cut there.
 EDGE_TOLERANCE_PX = 1.0
+DEFAULT_OVERLAP = 0.25  # the share of a window its neighbour sees too, unless told otherwise
 
 
 def tile_windows(height: int, width: int, tile: int, overlap: float) -> np.ndarray:
@@ -192,7 +193,7 @@ def detect_tiled(
     image: np.ndarray,
     detect: Callable[[list[np.ndarray]], list[dict]],
     tile: int,
-    overlap: float = 0.25,
+    overlap: float = DEFAULT_OVERLAP,
     *,
     nms_thresh: float = 0.5,
     batch_size: int = 8,

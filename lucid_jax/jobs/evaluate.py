@@ -19,7 +19,7 @@ from lucid_jax.inference import canvas_detector, coco_results, make_predict_fn, 
 from lucid_jax.jobs.config import JobError, TrainConfig, canvases, check_tiling, output_file
 from lucid_jax.jobs.data import make_loader, open_dataset
 from lucid_jax.jobs.state import load_trained
-from lucid_jax.tiling import detect_tiled
+from lucid_jax.tiling import DEFAULT_OVERLAP, detect_tiled
 
 
 def evaluate_checkpoint(
@@ -36,7 +36,7 @@ def evaluate_checkpoint(
     compute_dtype: str | None = None,
     max_detections: int | None = None,
     tile: int | None = None,
-    overlap: float = 0.25,
+    overlap: float = DEFAULT_OVERLAP,
 ) -> dict | None:
     """The eval job: a trained run's metrics on a dataset (see :func:`evaluate`).
 
@@ -109,7 +109,7 @@ def evaluate_tiled(
     config: TrainConfig,
     *,
     tile: int,
-    overlap: float = 0.25,
+    overlap: float = DEFAULT_OVERLAP,
     progress: bool = True,
     results: str | os.PathLike | None = None,
     ground_truth: str | os.PathLike | None = None,

@@ -8,6 +8,7 @@ Each field's metadata holds its flag's help and argparse keywords (see
 import dataclasses
 
 from lucid_jax.jobs.config import COMPUTE_DTYPES, REQUIRED, flag, parse_names
+from lucid_jax.tiling import DEFAULT_OVERLAP
 
 _CHECKPOINT = "a train --out directory"
 _MODEL = "the architecture expected in the checkpoint"
@@ -57,7 +58,7 @@ class EvalOptions:
         None, "write the matching COCO ground truth (for VOC and shapes; VOC difficult objects as iscrowd 1)"
     )
     tile: int | None = flag(None, _TILE, type=int, metavar="SIZE", shown="each image whole")
-    overlap: float = flag(0.25, _OVERLAP, type=float)
+    overlap: float = flag(DEFAULT_OVERLAP, _OVERLAP, type=float)
     no_progress: bool = flag(False, "no progress bar", action="store_true")
 
 
@@ -99,7 +100,7 @@ class PredictOptions:
         "category ids = labels, [x, y, w, h] in the file's pixels",
     )
     tile: int | None = flag(None, _TILE, type=int, metavar="SIZE", shown="each image whole")
-    overlap: float = flag(0.25, _OVERLAP, type=float)
+    overlap: float = flag(DEFAULT_OVERLAP, _OVERLAP, type=float)
     num_workers: int = flag(4, "image decoding threads", type=int)
     no_progress: bool = flag(False, "no progress bar", action="store_true")
 

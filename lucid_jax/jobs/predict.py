@@ -36,7 +36,7 @@ from lucid_jax.files import atomic_path, write_atomically
 from lucid_jax.inference import canvas_detector, coco_rows
 from lucid_jax.jobs.config import JobError, canvases, check_tiling, output_file, output_folder
 from lucid_jax.jobs.state import load_trained
-from lucid_jax.tiling import detect_tiled
+from lucid_jax.tiling import DEFAULT_OVERLAP, detect_tiled
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # A results file is scored by COCO's evaluation, which keeps low-scoring detections.
@@ -146,7 +146,7 @@ def predict_files(
         before anything is written).
     """
     if kwargs.get("tile") is not None:
-        check_tiling(kwargs["tile"], kwargs.get("overlap", 0.25))
+        check_tiling(kwargs["tile"], kwargs.get("overlap", DEFAULT_OVERLAP))
     out = output_folder(out)
     if kwargs.get("results") is not None:
         kwargs["results"] = output_file(kwargs["results"], "--results", folder_exists=True)
@@ -173,7 +173,7 @@ def detect_files(
     num_workers: int = 4,
     progress: bool = True,
     tile: int | None = None,
-    overlap: float = 0.25,
+    overlap: float = DEFAULT_OVERLAP,
 ) -> PredictReport:
     """Detect objects in image files with a model and its variables.
 
