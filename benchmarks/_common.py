@@ -17,6 +17,7 @@ Both scripts compare lucid_jax's Faster R-CNN ResNet-101 FPN with torchvision's
 Per-op profiles (XLA's HLO and torch.profiler) are in ``_profile.py``.
 """
 
+import argparse
 import json
 import os
 import resource
@@ -41,6 +42,14 @@ def parse_size(text):
         raise ValueError(f"expected SIZE or HEIGHTxWIDTH in pixels, e.g. 512 or 800x1344, got {text!r}")
     h, w = (int(p) for p in parts) if len(parts) == 2 else (int(parts[0]),) * 2
     return h, w
+
+
+def size_arg(text):
+    """:func:`parse_size` for argparse: a bad size is a one-line usage error with its reason."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def size_text(size):

@@ -64,7 +64,7 @@ import _profile as P  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=C.parse_size, default=(512, 512), help="S or HxW, multiples of 32 (512, 800x1344)")
+    p.add_argument("--size", type=C.size_arg, default=(512, 512), help="S or HxW, multiples of 32 (512, 800x1344)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3, help="rounds of (ours, torchvision) children, each side alone")
     p.add_argument("--child-steps", type=int, default=3, help="timed calls after the first one in each child")

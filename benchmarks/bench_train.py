@@ -81,7 +81,7 @@ TRAIN_SPREAD = 1.0
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", type=C.parse_size, default=(512, 512), help="S or HxW, multiples of 32")
+    p.add_argument("--size", type=C.size_arg, default=(512, 512), help="S or HxW, multiples of 32")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3, help="rounds of (ours, torchvision) children, each side alone")
     p.add_argument("--child-steps", type=int, default=3, help="timed steps after the first one in each child")

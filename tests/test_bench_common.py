@@ -91,3 +91,33 @@ def test_ceiling_share(C, capsys):
     C.print_ceiling_share(alone, {"jax": 250.0, "torch": 320.0})
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[2:4]}
     assert rows == {"ours": ["160", "200", "62%"], "torchvision": ["-", "-", "-"]}  # 200 / 320, the best
+
+
+def test_the_documented_commands_parse_and_a_bad_size_is_one_line(C):
+    """Every bench_predict.py and bench_train.py command docs/benchmarks.md shows parses as
+    written; a bad --size exits 2 with the reason, before anything is built."""
+    import re
+    import shlex
+    import subprocess
+
+    text = (BENCHMARKS.parent / "docs" / "benchmarks.md").read_text()
+    commands = re.findall(r"python (benchmarks/bench_(?:predict|train)\.py[^`#\n]*)", text)
+    assert len(commands) >= 6
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        scripts = {name: load_benchmark(name) for name in ("bench_predict", "bench_train")}
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    for command in commands:
+        path, *argv = shlex.split(command)
+        args = scripts[path.split("/")[-1][:-3]].parse_args(argv)
+        assert args.size in ((512, 512), (800, 1344)), command
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_predict.py"), "--size", "800x"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("argument --size: expected SIZE or HEIGHTxWIDTH in pixels, e.g. 512 or 800x1344, got '800x'")
+    )
