@@ -41,11 +41,16 @@ def residual_relu(x: jax.Array) -> jax.Array:
     predicate, so XLA stores each block's output once and the consumers read it.
     The zero is a scalar (the same compiled program as ``zeros_like``): jax2onnx
     would store a full-size zero tensor per block in an ONNX graph.
+
+    The derivative reads the sign of the output, which is the input's: the next
+    block keeps the output for its own gradient anyway, so XLA keeps no mask of
+    the input sum per block (43 MiB less scratch in the recipe's training step at
+    512x512, batch 2, and 48 MiB less peak RSS).
     """
     return jnp.where(x <= 0, jnp.zeros((), x.dtype), x)
 
 
-residual_relu.defjvps(lambda g, ans, x: jnp.where(x > 0, g, jnp.zeros_like(g)))
+residual_relu.defjvps(lambda g, ans, x: jnp.where(ans > 0, g, jnp.zeros_like(g)))
 
 
 class ConvNorm(nn.Module):
