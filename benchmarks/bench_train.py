@@ -64,6 +64,7 @@ What it reports:
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -278,7 +279,9 @@ def run_child_side(args):
         side = build_torchvision(args, batch)
     first = C.time_call(side["run"])
     windowed = C.reset_peak_rss()  # from here on: the steps' own peak, compile and first call excluded
+    before = resource.getrusage(resource.RUSAGE_SELF)
     times = [C.time_call(side["run"]) for _ in range(args.child_steps)]
+    after = resource.getrusage(resource.RUSAGE_SELF)
     result = {
         "side": args.side,
         "first_call_s": first,
@@ -286,6 +289,9 @@ def run_child_side(args):
         "median_s": C.median(times),
         "peak_rss_mib": C.peak_rss_mib(),
         "steps_peak_rss_mib": C.window_peak_rss_mib() if windowed else None,
+        # first touches of fresh pages, and the kernel's time (all threads) for them and the rest
+        "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / args.child_steps,
+        "system_s_per_step": (after.ru_stime - before.ru_stime) / args.child_steps,
     }
     if args.flops:  # after the memory figures: our cost analysis compiles the step again
         if args.side == "ours":
@@ -321,6 +327,12 @@ def headline(args, what):
         rss_keys=(("peak_rss_mib", "peak RSS"), ("steps_peak_rss_mib", "steps' peak RSS")),
     )
     out["gflop"] = {side: results[side][0].get("gflop") for side in results}
+    faults = {side: C.median([r["minor_faults_per_step"] for r in results[side]]) for side in results}
+    system = {side: C.median([r["system_s_per_step"] for r in results[side]]) for side in results}
+    print(
+        "minor page faults per step (kernel time per step, all threads): "
+        + ", ".join(f"{side} {faults[side]:,.0f} ({system[side]:.2f} s)" for side in results)
+    )
     return out
 
 
