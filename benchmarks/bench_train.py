@@ -35,8 +35,9 @@ What it reports:
   first step (ours: trace and compile), times ``--child-steps`` more and reports
   their median, its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``, our compile
   included) and the peak over the timed steps alone (Linux's VmHWM, reset after the
-  first step). The ours child never imports torch. The ratios ours / torchvision
-  are the medians of the per-round ratios;
+  first step), and its minor page faults and kernel time per timed step
+  (``ru_minflt``, ``ru_stime``). The ours child never imports torch. The ratios
+  ours / torchvision are the medians of the per-round ratios;
 - a second figure, labelled as such (skipped by ``--no-interleaved``): step times
   taken in this process with the two sides interleaved (after ``--warmup``
   untimed steps each): ``--interleaved-rounds`` rounds, each running ``--block``
